@@ -1,0 +1,395 @@
+"""Datasets as in-memory tensors of flattened images, and where they come from.
+
+Every dataset is a :class:`Dataset` with ``train``/``valid``/``test`` splits of shape
+``(N, D)`` (float32, D = C·H·W) and its ``image_shape`` ``(C, H, W)``. Splits live on the
+training device as plain tensors and are batched by index, with no DataLoader.
+
+Data directory: ``--data-dir``, else ``$PPL_VAE_DATA``, else ``$XDG_CACHE_HOME/ppl_vae``
+(``~/.cache/ppl_vae``). Downloads (torchvision datasets, binarized MNIST) go there.
+
+Binarization (``--binarize``): ``none`` keeps greyscale; ``dynamic`` draws x ~ Bernoulli(pixel)
+afresh for every training batch and once, with a fixed seed, for valid/test;
+``static`` draws once, with a fixed seed, for every split; ``auto`` is ``dynamic`` for
+greyscale data under a likelihood that needs 0/1 data (``bernoulli``) and ``none`` otherwise.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+DATASETS = ("auto", *TORCHVISION_DATASETS, "binarized-mnist", "mnist-t10k", "digits", "circles")
+BINARIZE = ("auto", "none", "dynamic", "static")
+BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
+SPLIT_SEED = 1234  # seeds every split/binarization below, so a dataset is the same on every machine
+
+
+@dataclass
+class Dataset:
+    """Splits ``(N, D)`` float32, their image shape ``(C, H, W)``, and side information.
+
+    ``labels[split]`` holds class labels ``(N,)`` when known; ``factors[split]`` holds the
+    true generative factors ``(N, F)`` (e.g. x, y, radius of the circles dataset).
+    ``binarize`` is the resolved mode (``none``, ``dynamic`` or ``static``).
+    """
+
+    name: str
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    image_shape: tuple[int, int, int]
+    binarize: str = "none"
+    labels: dict = field(default_factory=dict)
+    factors: dict = field(default_factory=dict)
+    factor_names: tuple = ()
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in ("train", "valid", "test"):
+            raise DataError(f"unknown split {name!r}; choose train, valid or test")
+        return getattr(self, name)
+
+    def to(self, device) -> "Dataset":
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Dataset(self.name, self.train.to(device), self.valid.to(device), self.test.to(device),
+                       self.image_shape, self.binarize, move(self.labels), move(self.factors),
+                       self.factor_names)
+
+    def train_batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Training batch ``(B, D)`` at indices ``idx``; binarized afresh under ``dynamic``."""
+        x = self.train[idx]
+        return torch.bernoulli(x) if self.binarize == "dynamic" else x
+
+
+# --------------------------------------------------------------------------- locations
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir``, else ``$PPL_VAE_DATA``, else the per-user cache directory."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get("PPL_VAE_DATA"):
+        return Path(os.environ["PPL_VAE_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ppl_vae"
+
+
+def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Fetch ``url`` into ``dest`` atomically (a partial download never looks complete)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+    os.replace(tmp, dest)
+
+
+# --------------------------------------------------------------------------- readers
+
+def read_amat(path: Path) -> torch.Tensor:
+    """A binarized-MNIST ``.amat`` (or ``.amat.gz``) file: one image per line, 784 values
+    ``0``/``1`` separated by spaces. Returns ``(N, 784)`` float32."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    try:
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 2 * 784)  # fixed-width fast path
+        if not (rows[:, 1::2] <= 32).all():  # separators are spaces / newline
+            raise ValueError
+        arr = rows[:, 0::2] - ord("0")  # (N, 784)
+    except ValueError:
+        arr = np.loadtxt(raw.decode().splitlines(), dtype=np.float32, ndmin=2)
+    if arr.ndim != 2 or arr.shape[1] != 784 or arr.shape[0] == 0 or not np.isin(arr, (0, 1)).all():
+        raise DataError(f"{path} is not a binarized-MNIST .amat file (expected lines of 784 values 0/1)")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), optionally gzip-compressed, as a NumPy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find(root: Path, names: list[str]) -> Path | None:
+    for n in names:
+        for cand in (root / n, root / (n + ".gz")):
+            if cand.exists():
+                return cand
+    return None
+
+
+# --------------------------------------------------------------------------- splitting
+
+def _seeded_split(n: int, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    perm = torch.randperm(n, generator=g)
+    out, start = [], 0
+    for s in sizes:
+        out.append(perm[start:start + s])
+        start += s
+    return out
+
+
+def _split_three(x: torch.Tensor, labels=None, factors=None, frac=(0.8, 0.1)):
+    n = x.shape[0]
+    if n < 3:
+        raise DataError(f"need at least 3 datapoints to make train/valid/test splits, got {n}")
+    n_tr = max(1, int(round(frac[0] * n)))
+    n_va = max(1, int(round(frac[1] * n)))
+    n_tr = min(n_tr, n - n_va - 1)
+    idx = _seeded_split(n, (n_tr, n_va, n - n_tr - n_va))
+    pick = lambda t: None if t is None else dict(zip(("train", "valid", "test"), (t[i] for i in idx)))  # noqa: E731
+    return [x[i] for i in idx], pick(labels), pick(factors)
+
+
+# --------------------------------------------------------------------------- loaders
+
+def load_binarized_mnist(root: Path, download: bool = True) -> Dataset:
+    """Static binarized MNIST (50k/10k/10k) from ``root/binarized_mnist/*.amat[.gz]``."""
+    folder = root / "binarized_mnist"
+    splits = {}
+    for split in ("train", "valid", "test"):
+        name = f"binarized_mnist_{split}.amat"
+        path = _find(folder, [name])
+        if path is None and download:
+            try:
+                _download(BINARIZED_MNIST_URL.format(split), folder / name)
+                path = folder / name
+            except OSError as e:
+                raise DataError(
+                    f"binarized MNIST file {name}(.gz) is not in {folder} and could not be downloaded "
+                    f"({e.__class__.__name__}); put the three binarized_mnist_{{train,valid,test}}.amat "
+                    f"files there, or point --data-dir / $PPL_VAE_DATA at a folder holding "
+                    f"binarized_mnist/") from None
+        if path is None:
+            raise DataError(f"binarized MNIST file {name}(.gz) is not in {folder}")
+        splits[split] = read_amat(path)
+    return Dataset("binarized-mnist", splits["train"], splits["valid"], splits["test"], (1, 28, 28), "none")
+
+
+def load_torchvision(name: str, root: Path, download: bool = True) -> Dataset:
+    """MNIST / Fashion-MNIST / KMNIST through torchvision (train 60k → 50k train + 10k valid by a
+    seeded split; the official 10k test set), greyscale in [0, 1]."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except (RuntimeError, OSError) as e:
+        raise DataError(
+            f"{name} is not in {root / cls.__name__ / 'raw'} and could not be downloaded ({e.__class__.__name__}); "
+            f"run once with internet access, copy torchvision's {cls.__name__}/raw files there, or use "
+            f"--data-dir / $PPL_VAE_DATA" + ("; offline, --dataset binarized-mnist or mnist-t10k read local "
+                                            "files" if name == "mnist" else "")) from None
+    x_all = train.data.reshape(len(train.data), -1).float() / 255.0  # (60000, 784)
+    tr, va = _seeded_split(len(x_all), (len(x_all) - 10000, 10000))
+    return Dataset(name, x_all[tr], x_all[va], test.data.reshape(len(test.data), -1).float() / 255.0,
+                   (1, 28, 28), labels={"train": train.targets[tr], "valid": train.targets[va],
+                                        "test": test.targets})
+
+
+def load_mnist_t10k(root: Path) -> Dataset:
+    """The greyscale MNIST *test* images alone (10k), split 8k/1k/1k by a seeded permutation:
+    for machines that have only those files (``mnist_t10k/`` or torchvision's ``MNIST/raw/``)."""
+    folders = [root / "mnist_t10k", root / "MNIST" / "raw"]
+    for folder in folders:
+        img = _find(folder, ["t10k-images-idx3-ubyte"])
+        lab = _find(folder, ["t10k-labels-idx1-ubyte"])
+        if img and lab:
+            x = torch.from_numpy(read_idx(img).reshape(-1, 784).astype(np.float32) / 255.0)
+            y = torch.from_numpy(read_idx(lab).astype(np.int64))
+            (tr, va, te), labels, _ = _split_three(x, labels=y)
+            return Dataset("mnist-t10k", tr, va, te, (1, 28, 28), labels=labels)
+    raise DataError(f"MNIST test files t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz) are not "
+                    f"in {folders[0]} or {folders[1]}; point --data-dir / $PPL_VAE_DATA at a folder holding them")
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), greyscale in [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0  # (1797, 64)
+    (tr, va, te), labels, _ = _split_three(x, labels=torch.tensor(d.target))
+    return Dataset("digits", tr, va, te, (1, 8, 8), labels=labels)
+
+
+def make_circles(n: int, size: int = 28, r_min: float = 3.0, r_max: float = 8.0, seed: int = 0):
+    """``n`` binary images ``(n, size·size)`` of one filled circle each, and their factors
+    ``(n, 3)`` = (x, y, radius) in pixels, drawn uniformly (the centre keeps the whole circle
+    inside the image). A pixel is 1 when its centre lies within the circle."""
+    g = torch.Generator().manual_seed(seed)
+    r = r_min + (r_max - r_min) * torch.rand(n, generator=g)  # (n,)
+    cx = r + (size - 2 * r) * torch.rand(n, generator=g)  # (n,)
+    cy = r + (size - 2 * r) * torch.rand(n, generator=g)  # (n,)
+    grid = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centres
+    dx2 = (grid[None, None, :] - cx[:, None, None]) ** 2  # (n, 1, W)
+    dy2 = (grid[None, :, None] - cy[:, None, None]) ** 2  # (n, H, 1)
+    img = (dx2 + dy2 <= r[:, None, None] ** 2).float()  # (n, H, W)
+    return img.reshape(n, size * size), torch.stack([cx, cy, r], dim=-1)
+
+
+def load_circles(n_train: int = 20000, n_valid: int = 2000, n_test: int = 2000) -> Dataset:
+    """The toy world of circle images with known factors (x, y, radius)."""
+    parts = [make_circles(n, seed=SPLIT_SEED + i) for i, n in enumerate((n_train, n_valid, n_test))]
+    return Dataset("circles", parts[0][0], parts[1][0], parts[2][0], (1, 28, 28),
+                   factors={s: p[1] for s, p in zip(("train", "valid", "test"), parts)},
+                   factor_names=("x", "y", "radius"))
+
+
+def load_array_file(path: Path) -> Dataset:
+    """A user's ``.npy`` / ``.npz`` of images in [0, 1], shape ``(N, H, W)``, ``(N, 1, H, W)`` or
+    ``(N, D)``; split 80/10/10 by a seeded permutation."""
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot read {path} as a NumPy .npy/.npz file: {e}") from None
+    if isinstance(obj, np.lib.npyio.NpzFile):
+        keys = list(obj.keys())
+        usable = [k for k in keys if obj[k].ndim >= 2 and obj[k].dtype.kind in "fiub"]
+        pref = [k for k in ("x", "images", "data", "arr_0") if k in usable]
+        if pref:
+            key = pref[0]
+        elif len(usable) == 1:
+            key = usable[0]
+        else:
+            raise DataError(f"{path} holds no usable image array (arrays: {keys or 'none'}); save one numeric "
+                            f"array of shape (N, H, W) or (N, D) named 'x' or 'images'")
+        arr = obj[key]
+    else:
+        arr = obj
+    return dataset_from_array(arr, name=str(path))
+
+
+def dataset_from_array(arr, name: str = "array") -> Dataset:
+    """Validate an image array and split it (see :func:`load_array_file`)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiub":
+        raise DataError(f"{name}: images must be numeric, got dtype {arr.dtype}")
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim == 3:
+        image_shape = (1, arr.shape[1], arr.shape[2])
+    elif arr.ndim == 2:
+        side = math.isqrt(arr.shape[1])
+        image_shape = (1, side, side) if side * side == arr.shape[1] else (1, 1, arr.shape[1])
+    else:
+        raise DataError(f"{name}: images must have shape (N, H, W) or (N, D), got {arr.shape}")
+    if arr.shape[0] == 0 or math.prod(image_shape) == 0:
+        raise DataError(f"{name}: the dataset is empty (shape {arr.shape})")
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(arr.shape[0], -1)
+    check_values(x, name, (0.0, 1.0))
+    (tr, va, te), _, _ = _split_three(x)
+    return Dataset(name, tr, va, te, image_shape)
+
+
+# --------------------------------------------------------------------------- validation
+
+def check_values(x: torch.Tensor, name: str, support=(0.0, 1.0)) -> None:
+    """Refuse empty data, NaN/inf and values outside ``support``, naming how to fix it."""
+    if x.numel() == 0:
+        raise DataError(f"{name}: the dataset is empty")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise DataError(f"{name}: {bad} pixel values are NaN or infinite; clean the data first")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < support[0] or hi > support[1]:
+        hint = " (images in 0..255? divide by 255)" if hi > 1 and hi <= 255 and support == (0.0, 1.0) else ""
+        raise DataError(f"{name}: pixel values must lie in [{support[0]}, {support[1]}], found [{lo:g}, {hi:g}]{hint}")
+
+
+def check_for_likelihood(ds: Dataset, likelihood) -> None:
+    """Data must lie in the likelihood's support, and be 0/1 for a Bernoulli unless binarized."""
+    for split in ("train", "valid", "test"):
+        x = ds.split(split)
+        check_values(x, f"{ds.name} ({split} split)", likelihood.support)
+        if likelihood.binary_data and ds.binarize != "dynamic" and not ((x == 0) | (x == 1)).all():
+            raise DataError(
+                f"{ds.name} is greyscale (values strictly between 0 and 1) but --likelihood {likelihood.name} "
+                f"needs 0/1 data: pass --binarize dynamic (or static), or use --likelihood continuous-bernoulli")
+
+
+def _binarize(ds: Dataset, mode: str) -> Dataset:
+    """Apply ``static`` (all splits) or ``dynamic`` (valid/test now, train per batch) binarization."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    draw = lambda x: torch.bernoulli(x, generator=g)  # noqa: E731
+    ds.binarize = mode
+    if mode == "static":
+        ds.train = draw(ds.train)
+    if mode in ("static", "dynamic"):
+        ds.valid, ds.test = draw(ds.valid), draw(ds.test)
+    return ds
+
+
+def _is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def load_dataset(name: str, data_dir=None, binarize: str = "auto", likelihood=None,
+                 download: bool = True) -> Dataset:
+    """Load dataset ``name`` (one of :data:`DATASETS` or a path to a ``.npy``/``.npz``),
+    binarize it as asked, and check it suits ``likelihood`` (when given).
+
+    ``auto`` is MNIST when it is present or downloadable, else static binarized MNIST when its
+    files are present, else scikit-learn's digits, with a warning saying what happened.
+    """
+    if binarize not in BINARIZE:
+        raise DataError(f"unknown --binarize {binarize!r}; choose one of {', '.join(BINARIZE)}")
+    root = resolve_data_dir(data_dir)
+    if name == "auto":
+        ds = _load_auto(root, download)
+    elif name in TORCHVISION_DATASETS:
+        ds = load_torchvision(name, root, download)
+    elif name == "binarized-mnist":
+        ds = load_binarized_mnist(root, download)
+    elif name == "mnist-t10k":
+        ds = load_mnist_t10k(root)
+    elif name == "digits":
+        ds = load_digits()
+    elif name == "circles":
+        ds = load_circles()
+    elif name.endswith((".npy", ".npz")):
+        if not Path(name).exists():
+            raise DataError(f"data file {name} does not exist")
+        ds = load_array_file(Path(name))
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
+                        f"or give a path to a .npy/.npz file of images in [0, 1]")
+    binary = _is_binary(ds.train)
+    if binarize == "auto":
+        binarize = "dynamic" if (likelihood is not None and likelihood.binary_data and not binary) else "none"
+    if binarize != "none":
+        if binary:
+            binarize = "none"  # already 0/1: nothing to draw
+        _binarize(ds, binarize)
+    if likelihood is not None:
+        check_for_likelihood(ds, likelihood)
+    return ds
+
+
+def _load_auto(root: Path, download: bool) -> Dataset:
+    try:
+        return load_torchvision("mnist", root, download)
+    except DataError as mnist_error:
+        if _find(root / "binarized_mnist", ["binarized_mnist_train.amat"]):
+            warnings.warn(f"MNIST is not available ({mnist_error}); using the static binarized MNIST found "
+                          f"in {root / 'binarized_mnist'} instead", stacklevel=3)
+            return load_binarized_mnist(root, download=False)
+        warnings.warn(f"MNIST is not available offline and not in {root}; falling back to scikit-learn's "
+                      f"8x8 digits. To train on MNIST, run once with internet access or set --data-dir / "
+                      f"$PPL_VAE_DATA to a folder holding torchvision's MNIST/raw or binarized_mnist/",
+                      stacklevel=3)
+        return load_digits()

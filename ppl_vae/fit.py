@@ -1,0 +1,136 @@
+"""``python -m ppl_vae.fit``: train a VAE with SVI and write a run directory.
+
+Examples::
+
+    python -m ppl_vae.fit --elbo=trace                       # MNIST if available, else digits
+    python -m ppl_vae.fit --dataset binarized-mnist --epochs 10 --out runs/bmnist
+    python -m ppl_vae.fit --dataset mnist --likelihood continuous-bernoulli --arch conv
+    python -m ppl_vae.fit --elbo iwae --num-particles 50 --dataset binarized-mnist
+    python -m ppl_vae.fit --out runs/bmnist --resume --epochs 20   # continue a run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from .cli import ArgumentParser, int_list, user_errors
+from .config import FitConfig
+from .data import BINARIZE, DATASETS
+from .likelihoods import LIKELIHOODS
+from .nets import ACTIVATIONS, ARCHS
+from .objectives import OBJECTIVES
+
+S = argparse.SUPPRESS  # only flags given on the command line appear, so --resume can merge them
+
+
+def _opt_float(text):
+    return None if text.lower() == "none" else float(text)
+
+
+def _opt_int(text):
+    return None if text.lower() == "none" else int(text)
+
+
+def build_parser() -> ArgumentParser:
+    d = FitConfig()
+    p = ArgumentParser(prog="python -m ppl_vae.fit", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=S, help=f"one of {', '.join(DATASETS)}, or a .npy/.npz file of images in "
+                   f"[0, 1] shaped (N, H, W) or (N, D) (default: auto = MNIST if present or downloadable, else "
+                   f"binarized MNIST if present, else scikit-learn's 8x8 digits)")
+    g.add_argument("--data-dir", default=S, help="where datasets are read/downloaded (default: $PPL_VAE_DATA, "
+                   "else ~/.cache/ppl_vae)")
+    g.add_argument("--binarize", choices=BINARIZE, default=S, help="greyscale → 0/1 (default: auto = dynamic for "
+                   "greyscale data under --likelihood bernoulli, none otherwise; binarized-mnist is already 0/1)")
+    g = p.add_argument_group("model")
+    g.add_argument("--likelihood", choices=list(LIKELIHOODS), default=S, help=f"p(x|z) (default: {d.likelihood})")
+    g.add_argument("--sigma", type=float, default=S, help=f"fixed σ of --likelihood gaussian (default: {d.sigma}; "
+                   f"σ = 1 is the MSE loss)")
+    g.add_argument("--sigma-floor", type=float, default=S, help=f"lower bound on the learned σ of "
+                   f"gaussian-learned (default: {d.sigma_floor})")
+    g.add_argument("--arch", choices=ARCHS, default=S, help=f"networks (default: {d.arch}; conv needs 28x28 images)")
+    g.add_argument("--hidden", type=int_list, default=S, help="hidden widths of the MLP, comma-separated "
+                   "(default: 400)")
+    g.add_argument("--z-dim", type=int, default=S, help=f"latent dimension (default: {d.z_dim})")
+    g.add_argument("--activation", choices=list(ACTIVATIONS), default=S, help=f"(default: {d.activation})")
+    g = p.add_argument_group("objective")
+    g.add_argument("--elbo", choices=OBJECTIVES, default=S, help="trace = Trace_ELBO (Monte Carlo KL), meanfield = "
+                   "TraceMeanField_ELBO (analytic KL), iwae = importance-weighted bound (default: trace)")
+    g.add_argument("--num-particles", type=int, default=S, help="K particles per datapoint, vectorized "
+                   "(default: 1)")
+    g.add_argument("--beta", type=float, default=S, help="β-VAE: weight of the KL term (default: 1)")
+    g.add_argument("--kl-warmup", type=float, default=S, help="epochs of linear β warm-up (default: 0, off)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=S, help=f"(default: {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=S, help=f"(default: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default: {d.lr})")
+    g.add_argument("--weight-decay", type=float, default=S, help="Adam weight decay (default: 0)")
+    g.add_argument("--lr-decay", type=float, default=S, help="multiply the lr by this each epoch (default: 1)")
+    g.add_argument("--grad-clip", type=_opt_float, default=S, help="clip the gradient norm (default: off)")
+    g.add_argument("--patience", type=_opt_int, default=S, help="early stop after this many epochs without a "
+                   "better validation ELBO (default: off)")
+    g.add_argument("--seed", type=int, default=S, help="(default: 0)")
+    g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
+    g.add_argument("--log-every", type=int, default=S, help=f"steps between progress updates (default: "
+                   f"{d.log_every})")
+    g.add_argument("--final-iwae-k", type=int, default=S, help=f"K of the validation IWAE bound reported at the "
+                   f"end (default: {d.final_iwae_k}; 0 skips it)")
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<elbo>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    return p
+
+
+RUN_FLAGS = ("out", "resume", "overwrite", "quiet")
+
+
+def config_from_args(args: argparse.Namespace, base: FitConfig | None = None) -> FitConfig:
+    """``base`` (defaults, or the saved config on --resume) updated with the flags given."""
+    given = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+    return dataclasses.replace(base or FitConfig(), **given)
+
+
+def main(argv=None) -> int:
+    from .errors import UserError
+    from .train import Interrupted, NonFiniteLoss, Trainer
+
+    prog = "python -m ppl_vae.fit"
+    args = build_parser().parse_args(argv)
+    with user_errors(prog):
+        if args.resume and args.overwrite:
+            raise UserError("--resume and --overwrite contradict each other; pick one")
+        if args.resume and not args.out:
+            raise UserError("--resume needs --out, the run directory to continue")
+        base = None
+        if args.resume:
+            cfg_path = Path(args.out) / "config.json"
+            if not cfg_path.exists():
+                raise UserError(f"--resume: {args.out} holds no run (no config.json)")
+            base = FitConfig.load(cfg_path)
+        cfg = config_from_args(args, base)
+        out = args.out or f"runs/{Path(cfg.dataset).stem}-{cfg.elbo}-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+            summary = trainer.run()
+        except Interrupted as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return e.exit_code
+        except NonFiniteLoss as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
+    best = summary["best_valid_elbo"]
+    print(f"run directory: {out}")
+    print(f"best validation ELBO: {best:.3f} nats per datapoint" + (
+        f"; validation IWAE (K={summary['valid_iwae_k']}): {summary['valid_iwae']:.3f}" if "valid_iwae" in summary
+        else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

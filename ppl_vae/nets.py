@@ -1,0 +1,130 @@
+"""Encoder and decoder networks.
+
+An encoder maps a batch of flattened images ``x`` of shape ``(N, D)`` to the parameters
+of the diagonal Gaussian q(z|x): ``z_loc`` and ``z_logvar`` (log σ², the log-variance
+head), each ``(N, z_dim)``. A decoder maps latents ``z`` of shape ``(..., z_dim)`` to the
+likelihood's parameters ``(..., out_dim)`` (logits for a Bernoulli, means for a Gaussian).
+Leading sample dimensions are allowed in the decoder so that vectorized particles
+``(K, N, z_dim)`` decode in one call.
+
+Two architectures:
+
+* ``mlp``: ``D → hidden → … → 2·z_dim`` and back (the classic 784-400-20 VAE).
+* ``conv``: a small convolutional pair for single-channel 28x28 images
+  (two stride-2 convolutions 28→14→7 and their transposes).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+ARCHS = ("mlp", "conv")
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus}
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """Fully connected layers ``sizes[0] → … → sizes[-1]``, activation between, none last."""
+    act = ACTIVATIONS[activation]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """q_φ(z|x) parameters: ``x (N, D) → (z_loc, z_logvar)``, each ``(N, z_dim)``."""
+
+    def __init__(self, body: nn.Module, z_dim: int):
+        super().__init__()
+        self.body = body  # ends in 2·z_dim outputs
+        self.z_dim = z_dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)  # (N, 2·z_dim)
+        z_loc, z_logvar = h.split(self.z_dim, dim=-1)  # (N, z_dim) each
+        return z_loc, z_logvar
+
+
+class Decoder(nn.Module):
+    """p_θ(x|z) parameters: ``z (..., z_dim) → (..., out_dim)``."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(z)
+
+
+class _ConvEncoderBody(nn.Module):
+    def __init__(self, image_shape: Sequence[int], z_dim: int, channels: int = 32, hidden: int = 256):
+        super().__init__()
+        c, h, w = image_shape
+        self.image_shape = (c, h, w)
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, channels, 4, stride=2, padding=1), nn.ReLU(),  # (N, ch, 14, 14)
+            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), nn.ReLU(),  # (N, 2ch, 7, 7)
+        )
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4), hidden),
+                                nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
+
+    def forward(self, x):
+        x = x.reshape(-1, *self.image_shape)  # (N, C, H, W)
+        return self.fc(self.conv(x))  # (N, 2·z_dim)
+
+
+class _ConvDecoderBody(nn.Module):
+    def __init__(self, image_shape: Sequence[int], z_dim: int, out_channels: int, channels: int = 32,
+                 hidden: int = 256):
+        super().__init__()
+        c, h, w = image_shape
+        self.hw = (h // 4, w // 4)
+        self.channels = channels
+        self.out_shape = (out_channels, h, w)
+        self.fc = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(),
+                                nn.Linear(hidden, 2 * channels * self.hw[0] * self.hw[1]), nn.ReLU())
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1), nn.ReLU(),  # (·, ch, 14, 14)
+            nn.ConvTranspose2d(channels, out_channels, 4, stride=2, padding=1),  # (·, C_out, 28, 28)
+        )
+
+    def forward(self, z):
+        batch = z.shape[:-1]
+        h = self.fc(z.reshape(-1, z.shape[-1]))  # (B, 2ch·7·7) with B = prod(batch)
+        h = h.reshape(-1, 2 * self.channels, *self.hw)  # (B, 2ch, 7, 7)
+        out = self.deconv(h)  # (B, C_out, H, W)
+        return out.reshape(*batch, math.prod(self.out_shape))  # (..., C_out·H·W)
+
+
+def check_conv_shape(image_shape: Sequence[int]) -> None:
+    """The conv pair needs ``(C, H, W)`` images with H and W divisible by 4 (28x28 MNIST)."""
+    if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4 or image_shape[1] < 8:
+        raise ValueError(
+            f"--arch conv needs images of shape (C, H, W) with H and W divisible by 4 (e.g. 1x28x28), "
+            f"but this dataset has shape {tuple(image_shape)}; use --arch mlp")
+
+
+def build_networks(arch: str, image_shape: Sequence[int], z_dim: int, hidden: Sequence[int],
+                   out_dim: int, activation: str = "relu") -> tuple[Encoder, Decoder]:
+    """Encoder and decoder for images of ``image_shape``; the decoder emits ``out_dim`` values
+    per datapoint (the likelihood decides how many it needs, e.g. 2·D for a learned σ)."""
+    d = math.prod(image_shape)
+    if arch == "mlp":
+        hidden = list(hidden)
+        enc = mlp([d, *hidden, 2 * z_dim], activation)
+        dec = mlp([z_dim, *reversed(hidden), out_dim], activation)
+    elif arch == "conv":
+        check_conv_shape(image_shape)
+        out_channels = out_dim // d * image_shape[0]
+        if out_channels * d // image_shape[0] != out_dim:
+            raise ValueError(f"conv decoder cannot emit {out_dim} values for images of {d} pixels")
+        enc = _ConvEncoderBody(image_shape, z_dim)
+        dec = _ConvDecoderBody(image_shape, z_dim, out_channels)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return Encoder(enc, z_dim), Decoder(dec)

@@ -1,0 +1,92 @@
+"""Training objectives: the negative bound that SVI minimizes, as a differentiable scalar.
+
+``--elbo trace``     Pyro's ``Trace_ELBO``: −E_q[log p(x, z) − log q(z|x)], KL by Monte Carlo.
+``--elbo meanfield`` Pyro's ``TraceMeanField_ELBO``: −E_q[log p(x|z)] + KL(q ‖ p) in closed form.
+``--elbo iwae``      −IWAE_K (Burda et al. 2016) from :func:`ppl_vae.estimators.iwae_loss`.
+
+Every loss carries the data plate's scaling (full size / batch size), so it is an unbiased
+estimate of the full-data negative bound; divide by the dataset size for nats per datapoint.
+
+The two ELBO classes below are Pyro's, with one change for speed: the loss stays a device
+tensor. Stock ``differentiable_loss`` reads each particle's value back to the host
+(``torch_item``) and checks it for NaN there (``warn_if_nan``), one synchronization per step;
+the training loop checks finiteness itself once per log interval instead. They assume a fully
+reparameterized guide (checked once, on the first call), where Pyro's surrogate loss equals
+the loss itself.
+"""
+from __future__ import annotations
+
+import pyro.infer
+from pyro.distributions.util import scale_and_mask
+from torch.distributions import kl_divergence
+
+from .estimators import iwae_loss
+
+OBJECTIVES = ("trace", "meanfield", "iwae")
+
+
+def _check_reparameterized(guide_trace):
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["fn"].has_rsample:
+            raise ValueError(f"guide site {name!r} ({type(site['fn']).__name__}) is not reparameterizable; "
+                             f"ppl_vae's fast ELBOs need z = μ + σ·ε style sites (use pyro.infer.Trace_ELBO)")
+
+
+class DeviceTrace_ELBO(pyro.infer.Trace_ELBO):
+    """``Trace_ELBO`` without host synchronization: loss = −(log p(x,z) − log q(z|x)), scaled by the
+    plates, averaged over particles (vectorized when ``vectorize_particles=True``)."""
+
+    _checked = False
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            if not self._checked:
+                _check_reparameterized(guide_trace)
+                self._checked = True
+            loss = loss - (model_trace.log_prob_sum() - guide_trace.log_prob_sum()) / self.num_particles
+        return loss
+
+
+class DeviceTraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` without host synchronization: loss = −Σ log p(x|z) + Σ KL(q ‖ p), each
+    KL in closed form (scaled like its site), Monte Carlo where none is registered."""
+
+    _checked = False
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            if not self._checked:
+                _check_reparameterized(guide_trace)
+                self._checked = True
+            elbo = 0.0
+            for name, site in model_trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                if site["is_observed"]:
+                    elbo = elbo + site["log_prob_sum"]
+                    continue
+                g = guide_trace.nodes[name]
+                try:
+                    kl = scale_and_mask(kl_divergence(g["fn"], site["fn"]), scale=g["scale"], mask=g["mask"])
+                    elbo = elbo - kl.sum()
+                except NotImplementedError:
+                    elbo = elbo + site["log_prob_sum"] - g["log_prob_sum"]
+            loss = loss - elbo / self.num_particles
+        return loss
+
+
+def make_objective(name: str, num_particles: int = 1):
+    """``loss_fn(model, guide, x, size=..., beta=...) → scalar tensor`` for ``--elbo name``."""
+    if name == "trace":
+        return DeviceTrace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                                max_plate_nesting=1).differentiable_loss
+    if name == "meanfield":
+        return DeviceTraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                                         max_plate_nesting=1).differentiable_loss
+    if name == "iwae":
+        def loss_fn(model, guide, x, size=None, beta=1.0):
+            return iwae_loss(model, guide, x, num_particles, size=size, nesting=1)
+        return loss_fn
+    raise ValueError(f"unknown --elbo {name!r}; choose one of {', '.join(OBJECTIVES)}")

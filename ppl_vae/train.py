@@ -1,0 +1,354 @@
+"""The training loop: SVI on Pyro's ELBO as a differentiable loss with one torch optimizer.
+
+Per step: a batch ``x_b = x[idx]`` of B indices drawn from a per-epoch permutation (data
+already on the device), ``loss = objective(model, guide, x_b, size=N, beta=β)`` (the data
+plate scales it to the full dataset), ``loss.backward()``, one fused/foreach Adam step.
+The host reads the running loss back only every ``log_every`` steps (progress bar, NaN
+check), so a GPU is never stalled per step.
+
+Run directory (``out``): ``config.json``, ``checkpoint.pt`` (latest), ``best.pt`` (best
+validation ELBO), ``metrics.jsonl`` (one JSON object per epoch), and figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import pyro.infer.util
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, checkpoint, estimators
+from .config import MODEL_KEYS, FitConfig
+from .data import Dataset, load_dataset
+from .errors import CheckpointError, UserError
+from .likelihoods import make_likelihood
+from .model import VAE
+from .objectives import make_objective
+
+RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json",
+             "reconstructions.png", "samples.png", "training_curve.png")
+VALID_SEED = 271828  # validation draws are the same every epoch, so epochs compare fairly
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` = 128 + signal number."""
+
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved to {path}; "
+                         f"continue with --resume")
+        self.exit_code = 128 + signum
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: FitConfig) -> VAE:
+    likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
+    return VAE(cfg.image_shape, cfg.z_dim, cfg.hidden, likelihood, cfg.arch, cfg.activation)
+
+
+def make_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:
+    """One Adam over all parameters: fused kernels on CUDA, multi-tensor (foreach) on CPU."""
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
+
+
+def beta_at(cfg: FitConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """β-VAE weight, linearly warmed up from β/(warm-up steps) to β over ``kl_warmup`` epochs."""
+    if cfg.kl_warmup <= 0:
+        return cfg.beta
+    t = (epoch * steps_per_epoch + step + 1) / (cfg.kl_warmup * steps_per_epoch)
+    return cfg.beta * min(1.0, t)
+
+
+@torch.no_grad()
+def bound_on(vae: VAE, x: torch.Tensor, kind: str = "elbo", k: int = 1, batch: int = 10000,
+             seed: int = VALID_SEED) -> float:
+    """Mean bound over ``x`` in nats per datapoint: the analytic-KL ELBO (``kind="elbo"``)
+    or IWAE_k (``kind="iwae"``), with fixed draws (``seed``)."""
+    total = 0.0
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch]
+        if kind == "elbo":
+            est = estimators.elbo(vae.model, vae.guide, xb, num_samples=k, analytic_kl=True, seed=seed + i)
+        else:
+            est = estimators.iwae(vae.model, vae.guide, xb, k, seed=seed + i)
+        total += est.value.sum().item()
+    return total / x.shape[0]
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over an earlier run unless ``resume`` or ``overwrite`` says so."""
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if resume:
+        if not (out / "checkpoint.pt").exists():
+            raise UserError(f"--resume: there is no checkpoint.pt in {out} to resume from")
+        return
+    if existing and not overwrite:
+        raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                        f"--overwrite to replace it, or choose another --out")
+    if existing and overwrite:
+        for f in existing:
+            (out / f).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def _signals_to_flag(flag: dict):
+    """While training, SIGINT/SIGTERM only set ``flag['signum']``; the loop saves and stops at
+    the next step boundary. Handlers are installed only in the main thread."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        flag["signum"] = signum
+
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class _State:
+    epoch: int = 0          # epochs completed
+    step: int = 0           # steps done in the current epoch (mid-epoch checkpoint)
+    perm: torch.Tensor | None = None
+    loss_sum: float = 0.0   # Σ loss over the current epoch's steps so far
+    best: float = -math.inf
+    bad_epochs: int = 0
+
+
+class Trainer:
+    """Holds model, data, optimizer and run directory; :meth:`run` trains to ``cfg.epochs``."""
+
+    def __init__(self, cfg: FitConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+                 quiet: bool = False, dataset: Dataset | None = None):
+        cfg.validate()
+        self.out = Path(out)
+        self.quiet = quiet
+        prepare_run_dir(self.out, resume, overwrite)
+        if resume:
+            saved = FitConfig.load(self.out / "config.json")
+            checkpoint.check_config_matches(saved.to_dict(), {**cfg.to_dict(), "image_shape": saved.image_shape},
+                                            [k for k in MODEL_KEYS if k != "image_shape"] + ["dataset"])
+            cfg.image_shape = saved.image_shape
+        self.device = resolve_device(cfg.device)
+        pyro.set_rng_seed(cfg.seed)
+        likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
+        ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize, likelihood)
+        if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
+            raise CheckpointError(f"the data have image shape {list(ds.image_shape)} but the run was trained on "
+                                  f"{cfg.image_shape}")
+        cfg.image_shape = list(ds.image_shape)
+        if cfg.dataset == "auto":
+            cfg.dataset = ds.name
+        cfg.binarize = ds.binarize
+        self.cfg = cfg
+        self.data = ds.to(self.device)
+        self.model = build_model(cfg).to(self.device)
+        self.optim = make_optimizer(self.model.parameters(), cfg, self.device)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=cfg.lr_decay)
+        self.objective = make_objective(cfg.elbo, cfg.num_particles)
+        self.state = _State()
+        if resume:
+            self._restore(checkpoint.load(self.out / "checkpoint.pt", map_location=self.device))
+        else:
+            cfg.save(self.out / "config.json")
+
+    # ---- checkpoints
+
+    def _checkpoint(self) -> dict:
+        s = self.state
+        return {"format_version": checkpoint.FORMAT_VERSION, "package_version": __version__,
+                "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optim.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": s.epoch, "step": s.step, "perm": s.perm, "loss_sum": s.loss_sum,
+                "best_valid_elbo": s.best, "bad_epochs": s.bad_epochs, "rng": checkpoint.rng_state()}
+
+    def _restore(self, ckpt: dict) -> None:
+        checkpoint.check_config_matches(ckpt["config"], self.cfg.to_dict(), MODEL_KEYS)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optim.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
+        perm = ckpt["perm"]
+        self.state = _State(ckpt["epoch"], ckpt["step"], None if perm is None else perm.to(self.device),
+                            ckpt["loss_sum"], ckpt["best_valid_elbo"], ckpt["bad_epochs"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        self._truncate_metrics(self.state.epoch)
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        """Drop metric lines of epochs after the checkpoint (they will be redone)."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def save(self, best: bool = False) -> None:
+        ckpt = self._checkpoint()
+        checkpoint.atomic_save(ckpt, self.out / "checkpoint.pt")
+        if best:
+            checkpoint.atomic_save(ckpt, self.out / "best.pt")
+
+    # ---- the loop
+
+    def _log(self, msg: str) -> None:
+        if not self.quiet:
+            tqdm.write(msg, file=sys.stderr)
+
+    def run(self) -> dict:
+        cfg, s, x = self.cfg, self.state, self.data.train
+        n = x.shape[0]
+        b = min(cfg.batch_size, n)
+        steps = math.ceil(n / b)
+        flag: dict = {}
+        bar = tqdm(total=steps * cfg.epochs, initial=min(s.epoch * steps + s.step, steps * cfg.epochs),
+                   disable=self.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+        validation = pyro.infer.util.is_validation_enabled()
+        pyro.enable_validation(False)  # data were validated at load time; keep the hot loop lean
+        self.model.train()
+        try:
+            with _signals_to_flag(flag):
+                while s.epoch < cfg.epochs:
+                    self._run_epoch(steps, b, n, bar, flag)
+                    if self._end_epoch(steps):
+                        break
+        finally:
+            bar.close()
+            pyro.enable_validation(validation)
+        return self._finish()
+
+    def _run_epoch(self, steps, b, n, bar, flag):
+        cfg, s = self.cfg, self.state
+        if s.perm is None:
+            s.perm = torch.randperm(n, device=self.device)
+            s.step, s.loss_sum = 0, 0.0
+        t0 = time.perf_counter()
+        running = torch.zeros((), device=self.device)  # Σ loss since the last host sync
+        since = 0
+        while s.step < steps:
+            idx = s.perm[s.step * b:(s.step + 1) * b]
+            xb = self.data.train_batch(idx)  # (B, D)
+            beta = beta_at(cfg, s.epoch, s.step, steps)
+            loss = self.objective(self.model.model, self.model.guide, xb, size=n, beta=beta)
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+            self.optim.step()
+            running = running + loss.detach()
+            s.step += 1
+            since += 1
+            if since == cfg.log_every or s.step == steps or flag:
+                total = running.item()  # the one host sync per log interval
+                if not math.isfinite(total):
+                    raise NonFiniteLoss(
+                        f"the loss became {total} at epoch {s.epoch + 1}, within steps {s.step - since + 1}-{s.step} "
+                        f"of {steps}; the last good checkpoint ({self.out / 'checkpoint.pt'}, epoch {s.epoch}) is "
+                        f"kept; try a lower --lr or --grad-clip")
+                s.loss_sum += total
+                bar.update(since)
+                bar.set_postfix(epoch=s.epoch + 1, elbo=f"{-total / since / n:.2f}")
+                running = torch.zeros((), device=self.device)
+                since = 0
+                if flag:
+                    self.save()
+                    raise Interrupted(flag["signum"], self.out / "checkpoint.pt")
+        self._epoch_seconds = time.perf_counter() - t0
+
+    def _end_epoch(self, steps) -> bool:
+        """Validate, log, checkpoint; True when early stopping says stop."""
+        cfg, s = self.cfg, self.state
+        n = self.data.train.shape[0]
+        train_elbo = -s.loss_sum / steps / n
+        self.model.eval()
+        valid_elbo = bound_on(self.model, self.data.valid)
+        self.model.train()
+        s.epoch += 1
+        s.perm, s.step, s.loss_sum = None, 0, 0.0
+        improved = valid_elbo > s.best
+        if improved:
+            s.best, s.bad_epochs = valid_elbo, 0
+        else:
+            s.bad_epochs += 1
+        self.scheduler.step()
+        row = {"epoch": s.epoch, "train_elbo": train_elbo, "valid_elbo": valid_elbo,
+               "epoch_seconds": self._epoch_seconds, "beta": beta_at(cfg, s.epoch - 1, steps - 1, steps),
+               "lr": self.optim.param_groups[0]["lr"]}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._log(f"epoch {s.epoch:>3}/{cfg.epochs}  train ELBO {train_elbo:9.3f}  valid ELBO {valid_elbo:9.3f}"
+                  f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
+        self.save(best=improved)
+        return cfg.patience is not None and s.bad_epochs >= cfg.patience
+
+    def _finish(self) -> dict:
+        from . import plots
+
+        metrics = read_metrics(self.out)
+        summary = {"epochs": self.state.epoch, "best_valid_elbo": self.state.best,
+                   "final": metrics[-1] if metrics else None}
+        if self.cfg.final_iwae_k and self.state.epoch > 0:
+            self.model.eval()
+            summary["valid_iwae"] = bound_on(self.model, self.data.valid, "iwae", self.cfg.final_iwae_k,
+                                             batch=max(1, 100_000 // self.cfg.final_iwae_k))
+            summary["valid_iwae_k"] = self.cfg.final_iwae_k
+            self._log(f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['valid_iwae']:.3f} nats/datapoint")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plots.run_figures(self.model, self.data, metrics, self.out)
+        return summary
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def load_run(run_dir: str | Path, which: str = "best", device="cpu") -> tuple[VAE, FitConfig]:
+    """The trained model of a run directory (``best.pt`` or ``checkpoint.pt``) and its config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise UserError(f"{run_dir} is not a ppl_vae run directory (no config.json); pass the --out of a fit")
+    cfg = FitConfig.load(run_dir / "config.json")
+    path = run_dir / f"{which}.pt"
+    if not path.exists() and which == "best":
+        path = run_dir / "checkpoint.pt"
+    ckpt = checkpoint.load(path, map_location=device)
+    checkpoint.check_config_matches(ckpt["config"], cfg.to_dict(), MODEL_KEYS)
+    vae = build_model(cfg)
+    try:
+        vae.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the model of {run_dir / 'config.json'}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return vae.to(device).eval(), cfg
