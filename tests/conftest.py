@@ -1,0 +1,42 @@
+"""Test setup: every test starts seeded, with an empty Pyro param store and validation on.
+
+Real data: tests that need ``../shared/data`` (static binarized MNIST, the MNIST test set)
+take the ``data_dir`` fixture. Without the data they skip, except when ``CI=true`` or
+``PPL_VAE_REQUIRE_DATA=1``: then missing data fail the test.
+"""
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    torch.set_default_dtype(torch.float32)
+    yield
+    pyro.clear_param_store()
+
+
+def _require_data() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get("PPL_VAE_REQUIRE_DATA") == "1"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared real-data folder: $PPL_VAE_DATA, else ../shared/data beside the repo."""
+    d = Path(os.environ.get("PPL_VAE_DATA") or REPO.parent / "shared" / "data")
+    needed = [d / "binarized_mnist" / "binarized_mnist_train.amat.gz", d / "mnist_t10k" / "t10k-images-idx3-ubyte.gz"]
+    missing = [str(p) for p in needed if not p.exists() and not p.with_suffix("").exists()]
+    if missing:
+        msg = f"real data missing: {', '.join(missing)} (set PPL_VAE_DATA to the shared data folder)"
+        if _require_data():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return d
