@@ -1,8 +1,11 @@
-"""Shared plumbing of the command-line modules: one clear line and exit code 2 for bad input."""
+"""Shared plumbing of the command-line modules: one clear line and a meaningful exit code for
+bad input (2), runtime faults (1) and interrupts (130/143), never a traceback for those."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 from .errors import UserError
@@ -22,11 +25,38 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's ``KeyboardInterrupt`` so that ``finally`` blocks still run."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 @contextmanager
 def user_errors(prog: str):
-    """Turn :class:`UserError` into one line on stderr and exit code 2 (no traceback)."""
+    """Report, on one line of stderr and without a traceback:
+
+    * :class:`UserError` (bad input) → exit 2;
+    * ``OSError`` (a full disk, a permission denied while writing) → exit 1;
+    * Ctrl-C / SIGTERM arriving outside a training loop (which saves a checkpoint itself) →
+      exit 130 / 143. SIGTERM is turned into :class:`Terminated` while the block runs
+      (main thread only), so a killed job unwinds like an interrupted one.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         yield
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+        print(f"{prog}: interrupted by {name}", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)

@@ -6,7 +6,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import BINARIZE
 from .errors import UserError
+from .likelihoods import LIKELIHOODS
+from .nets import ACTIVATIONS, ARCHS
+from .objectives import OBJECTIVES
 
 # Settings that define the model's parameters: a checkpoint only loads into the same ones.
 MODEL_KEYS = ("likelihood", "arch", "hidden", "z_dim", "activation", "image_shape")
@@ -50,6 +54,10 @@ class FitConfig:
         def need(cond, msg):
             if not cond:
                 raise UserError(msg)
+        for flag, value, choices in (("--likelihood", self.likelihood, LIKELIHOODS), ("--arch", self.arch, ARCHS),
+                                     ("--activation", self.activation, ACTIVATIONS), ("--elbo", self.elbo, OBJECTIVES),
+                                     ("--binarize", self.binarize, BINARIZE)):
+            need(value in choices, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")

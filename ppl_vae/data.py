@@ -19,6 +19,7 @@ import math
 import os
 import urllib.request
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,26 +253,34 @@ def load_circles(n_train: int = 20000, n_valid: int = 2000, n_test: int = 2000) 
 
 def load_array_file(path: Path) -> Dataset:
     """A user's ``.npy`` / ``.npz`` of images in [0, 1], shape ``(N, H, W)``, ``(N, 1, H, W)`` or
-    ``(N, D)``; split 80/10/10 by a seeded permutation."""
+    ``(N, D)``; split 80/10/10 by a seeded permutation. From a ``.npz``: the array named ``x``,
+    ``images``, ``data`` or ``arr_0``, else its only numeric array with ≥ 2 dimensions. Pickled
+    objects are never loaded (``allow_pickle=False``)."""
+    unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile)
     try:
         obj = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot read {path} as a NumPy .npy/.npz file: {e}") from None
-    if isinstance(obj, np.lib.npyio.NpzFile):
-        keys = list(obj.keys())
-        usable = [k for k in keys if obj[k].ndim >= 2 and obj[k].dtype.kind in "fiub"]
-        pref = [k for k in ("x", "images", "data", "arr_0") if k in usable]
-        if pref:
-            key = pref[0]
-        elif len(usable) == 1:
-            key = usable[0]
-        else:
-            raise DataError(f"{path} holds no usable image array (arrays: {keys or 'none'}); save one numeric "
-                            f"array of shape (N, H, W) or (N, D) named 'x' or 'images'")
-        arr = obj[key]
-    else:
-        arr = obj
-    return dataset_from_array(arr, name=str(path))
+    except unreadable as e:
+        why = ("another format, or pickled Python objects, which ppl_vae never loads" if "pickle" in str(e).lower()
+               else f"{e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}")
+        raise DataError(f"cannot read {path} as a NumPy .npy/.npz file of numbers ({why}); save the images "
+                        f"with numpy.save / numpy.savez") from None
+    if not isinstance(obj, np.lib.npyio.NpzFile):
+        return dataset_from_array(obj, name=str(path))
+    with obj:
+        arrays = {}
+        for k in obj.files:
+            try:
+                arrays[k] = obj[k]
+            except unreadable:  # an object array or a damaged member: not usable
+                pass
+    usable = [k for k, a in arrays.items() if a.ndim >= 2 and a.dtype.kind in "fiub"]
+    pref = [k for k in ("x", "images", "data", "arr_0") if k in usable]
+    if pref or len(usable) == 1:
+        return dataset_from_array(arrays[(pref or usable)[0]], name=str(path))
+    found = (f"several candidates ({', '.join(usable)}) and none named x or images" if usable else
+             f"arrays: {', '.join(obj.files) or 'none'}")
+    raise DataError(f"{path} holds no usable image array ({found}); save one numeric array of shape (N, H, W) "
+                    f"or (N, D) named 'x' or 'images'")
 
 
 def dataset_from_array(arr, name: str = "array") -> Dataset:
@@ -290,6 +299,8 @@ def dataset_from_array(arr, name: str = "array") -> Dataset:
         raise DataError(f"{name}: images must have shape (N, H, W) or (N, D), got {arr.shape}")
     if arr.shape[0] == 0 or math.prod(image_shape) == 0:
         raise DataError(f"{name}: the dataset is empty (shape {arr.shape})")
+    if arr.shape[0] < 3:
+        raise DataError(f"{name}: need at least 3 images to make train/valid/test splits, got {arr.shape[0]}")
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(arr.shape[0], -1)
     check_values(x, name, (0.0, 1.0))
     (tr, va, te), _, _ = _split_three(x)

@@ -1,7 +1,14 @@
-"""Errors that mean "the user asked for something we cannot do", as opposed to bugs.
+"""Errors that mean "the user asked for something we cannot do", as opposed to bugs, and the
+runtime faults that the command-line modules report on one line.
 
-The command-line modules print their message on one line and exit with code 2; library
-callers can catch :class:`UserError` (a ``ValueError``).
+Exit codes of every command-line module (``ppl_vae.cli.user_errors``):
+
+* 2: :class:`UserError`: a bad flag value, data file, run directory or checkpoint;
+* 1: a runtime fault: :class:`CheckpointWriteError` (or any ``OSError``, e.g. a full disk),
+  a non-finite loss;
+* 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM (128 + signal number).
+
+Library callers can catch :class:`UserError` (a ``ValueError``).
 """
 
 
@@ -15,3 +22,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is unsafe, corrupt, of another format, or of another model."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""

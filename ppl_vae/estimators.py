@@ -4,17 +4,28 @@ Every function takes ``(model, guide, x)`` where ``model(x)`` and ``guide(x)`` f
 conventions of :mod:`ppl_vae.model`: all sample sites inside ``pyro.plate("data", N)``, every
 site with its event dims declared. Results are per datapoint, shape ``(N,)``, in nats, with
 the sign of a log-density (an ELBO, not a loss). Sampling is vectorized over an outer plate
-of particles placed left of the model's plates; pass ``seed`` for reproducible draws.
+of particles placed left of the model's plates. Log-densities are *unscaled*: the data
+plate's ``size / N`` factor and any ``poutine.scale`` (β) are ignored, so the numbers are
+bounds on log p(x) of one datapoint (masks are ignored too).
 
 With importance weights w_k = p(x, z_k) / q(z_k | x), z_k ~ q(z | x):
 
-* ELBO   = E_q[log w]  ≤  IWAE_K = E[log (1/K) Σ_k w_k]  ≤  log p(x),  and IWAE_K ↑ in K
+* ELBO = E_q[log w] ≤ E[IWAE_K] = E[log (1/K) Σ_k w_k] ≤ log p(x), and E[IWAE_K] ↑ in K
   (Burda et al. 2016, Thm. 1); the ELBO gap is KL(q(z|x) ‖ p(z|x)).
 * ``elbo(analytic_kl=True)`` replaces E_q[log p(z) − log q(z|x)] by −KL(q ‖ p) in closed
   form (``torch.distributions.kl_divergence``), leaving only E_q log p(x|z) to sample.
 * ``psis_diagnostics`` fits a generalized Pareto to the largest weights (Vehtari et al.
   2024, via ``arviz.psislw``): k̂ > 0.7 means the weights are too heavy-tailed for the IWAE
   estimate of that datapoint to be trusted.
+
+Reproducibility: with ``seed`` given, the K draws come in units of :data:`SAMPLE_UNIT`
+particles, unit j drawn from the torch RNG seeded with ``derive_seed(seed, j)``. A pass over
+the data draws whole units, so the estimates do not depend on ``chunk_size`` (up to float
+rounding) and the caller's RNG stream is left untouched. The draws for datapoint i still
+depend on the whole batch ``x`` (the guide draws (u, N, ...) at once): fix the batches too
+(as :mod:`ppl_vae.evaluate` does) when results must not depend on how work is split.
+
+See ``docs/estimators.md`` for the bias, variance and standard errors of each estimator.
 """
 from __future__ import annotations
 
@@ -22,21 +33,24 @@ import math
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
 DATA_PLATE = "data"
-DEFAULT_CHUNK = 100_000  # samples × datapoints per vectorized pass: bounds memory, not K
+DEFAULT_CHUNK = 100_000  # particles × datapoints per vectorized pass: bounds memory, not K
+SAMPLE_UNIT = 100  # particles per seeded draw; a pass holds whole units (memory ≥ SAMPLE_UNIT·N)
 
 
 @dataclass
 class Estimate:
     """A per-datapoint estimate ``value (N,)`` with its Monte Carlo standard error ``stderr (N,)``
-    (NaN where a single draw gives no error estimate)."""
+    (NaN where the draws give no error estimate, e.g. a single sample)."""
 
     value: torch.Tensor
     stderr: torch.Tensor
@@ -46,8 +60,31 @@ class Estimate:
         return self.value.mean().item()
 
     def mean_stderr(self) -> float:
-        """Monte Carlo standard error of :meth:`mean`: √(Σ_i se_i²) / N (draws independent across i)."""
+        """Monte Carlo standard error of :meth:`mean`: √(Σ_i se_i²) / N (draws independent across
+        i). It says how far more samples could move the number on *these* datapoints."""
         return (self.stderr.pow(2).sum().sqrt() / self.stderr.numel()).item()
+
+    def across_datapoints_stderr(self) -> float:
+        """std_i(value_i) / √N: the standard error of :meth:`mean` as an estimate of the
+        population mean E_x[·] (the datapoints are a sample; Monte Carlo noise included)."""
+        n = self.value.numel()
+        return (self.value.std() / math.sqrt(n)).item() if n > 1 else math.nan
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for stream ``keys`` of ``seed`` (NumPy ``SeedSequence``): independent,
+    reproducible streams for sample units and datapoint blocks."""
+    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(np.random.SeedSequence([int(seed), *map(int, keys)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@contextmanager
+def _rng_fork():
+    """Restore the torch RNG (CPU and the current CUDA device) on exit."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 @contextmanager
@@ -57,8 +94,7 @@ def seeded(seed: int | None):
     if seed is None:
         yield
         return
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    with _rng_fork():
         torch.manual_seed(seed)
         yield
 
@@ -72,9 +108,10 @@ def _data_dim(site) -> int:
 
 
 def max_plate_nesting(model, guide, x, **kwargs) -> int:
-    """How many plate dims the model and guide use (traced once on a single datapoint)."""
+    """How many plate dims the model and guide use (traced once on a single datapoint, without
+    touching the caller's RNG)."""
     x1 = x[:1]
-    with poutine.block():
+    with _rng_fork(), poutine.block():
         guide_tr = poutine.trace(guide).get_trace(x1, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x1, **kwargs)
     dims = [-f.dim for tr in (guide_tr, model_tr) for s in tr.nodes.values() if s["type"] == "sample"
@@ -82,10 +119,43 @@ def max_plate_nesting(model, guide, x, **kwargs) -> int:
     return max(dims, default=0)
 
 
-def _traces(model, guide, x, num_samples: int, nesting: int, **kwargs):
-    """Guide and model traces with ``num_samples`` particles in an outer plate at dim −nesting−1."""
-    with poutine.block(), pyro.plate("_particles", num_samples, dim=-nesting - 1):
-        guide_tr = poutine.trace(guide).get_trace(x, **kwargs)
+def _check_k(k):
+    if not (isinstance(k, (int, np.integer)) and k >= 1):
+        raise ValueError(f"the number of samples K must be an integer >= 1, got {k!r}")
+
+
+# --------------------------------------------------------------------------- drawing
+
+def _guide_trace(guide, x, k, nesting, kwargs):
+    with poutine.block(), pyro.plate("_particles", k, dim=-nesting - 1):
+        return poutine.trace(guide).get_trace(x, **kwargs)
+
+
+def _cat_units(traces, nesting) -> poutine.Trace:
+    """The latent values of several guide traces joined along the particle dim, for replay."""
+    out = poutine.Trace()
+    for name, site in traces[0].nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        dim = site["value"].dim() - site["fn"].event_dim - nesting - 1  # the particle dim
+        out.add_node(name, type="sample", is_observed=False, infer=site["infer"],
+                     value=torch.cat([t.nodes[name]["value"] for t in traces], dim))  # (k, ..., N, ...)
+    return out
+
+
+def _pass_traces(model, guide, x, units, nesting, kwargs):
+    """Model and guide traces of one pass over ``units`` = [(size, seed or None)]: each unit's
+    latents are drawn by its own (seeded) guide run, then the guide and model are replayed
+    once, vectorized over all the pass's particles."""
+    traces = []
+    for size, seed in units:
+        if seed is not None:
+            torch.manual_seed(seed)
+        traces.append(_guide_trace(guide, x, size, nesting, kwargs))
+    k = sum(size for size, _ in units)
+    guide_tr = traces[0] if len(traces) == 1 else \
+        _guide_trace(poutine.replay(guide, trace=_cat_units(traces, nesting)), x, k, nesting, kwargs)
+    with poutine.block(), pyro.plate("_particles", k, dim=-nesting - 1):
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **kwargs)
     return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
 
@@ -101,71 +171,173 @@ def _per_datapoint(site, log_prob: torch.Tensor, nesting: int) -> torch.Tensor:
     return lp.reshape(lp.shape[0], lp.shape[data_dim])  # (K, N)
 
 
-def _log_weight_chunk(model, guide, x, k, nesting, analytic_kl=False, **kwargs) -> torch.Tensor:
-    """log p(x, z_k) − log q(z_k|x) ``(k, N)``; with ``analytic_kl`` the latent terms are −KL."""
-    model_tr, guide_tr = _traces(model, guide, x, k, nesting, **kwargs)
-    n = x.shape[0]
-    total = x.new_zeros(k, n)  # (K, N)
+def _describe(fn) -> str:
+    """``Independent(StudentT)``: a distribution's class with those it wraps."""
+    base = getattr(fn, "base_dist", None)
+    return type(fn).__name__ + (f"({_describe(base)})" if base is not None else "")
+
+
+def _kl(guide_site, model_site) -> torch.Tensor:
+    try:
+        return kl_divergence(guide_site["fn"], model_site["fn"])
+    except NotImplementedError:
+        raise NotImplementedError(
+            f"no closed-form KL is registered for site {model_site['name']!r}: "
+            f"KL({_describe(guide_site['fn'])} || {_describe(model_site['fn'])}); use analytic_kl=False "
+            f"(Monte Carlo KL) or register one with torch.distributions.kl.register_kl") from None
+
+
+class Draws(NamedTuple):
+    """One pass of draws: ``log_w (k, N)`` = log p(x, z_k) − log q(z_k|x), and, when asked for,
+    ``elbo_analytic (k, N)`` = log p(x|z_k) − Σ_sites KL(q ‖ p) (per-draw terms of the
+    analytic-KL ELBO), else ``None``."""
+
+    log_w: torch.Tensor
+    elbo_analytic: torch.Tensor | None
+
+
+def _pass_terms(model_tr, guide_tr, n, nesting, analytic_kl) -> Draws:
+    obs = latent_mc = latent_kl = 0.0  # each becomes (k, N)
     for name, site in model_tr.nodes.items():
         if site["type"] != "sample":
             continue
         if site["is_observed"]:
-            total = total + _per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
-            continue
-        g = guide_tr.nodes[name]
-        if analytic_kl:
-            try:
-                kl = kl_divergence(g["fn"], site["fn"])
-            except NotImplementedError:
-                raise NotImplementedError(
-                    f"no closed-form KL is registered for site {name!r}: KL({type(g['fn']).__name__} || "
-                    f"{type(site['fn']).__name__}); use analytic_kl=False (Monte Carlo KL) or register one "
-                    f"with torch.distributions.kl.register_kl") from None
-            total = total - _per_datapoint(site, kl, nesting)
-        else:
-            total = (total + _per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
-                     - _per_datapoint(g, g["fn"].log_prob(g["value"]), nesting))
+            obs = obs + _per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
+        elif name in guide_tr.nodes:  # a model-only latent is drawn from its prior: p/q cancel
+            g = guide_tr.nodes[name]
+            latent_mc = (latent_mc + _per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
+                         - _per_datapoint(g, g["fn"].log_prob(g["value"]), nesting))
+            if analytic_kl:
+                latent_kl = latent_kl - _per_datapoint(site, _kl(g, site), nesting)
+    aux = 0.0
     for name, g in guide_tr.nodes.items():  # auxiliary guide-only sites contribute −log q
-        if g["type"] == "sample" and name not in model_tr.nodes:
-            total = total - _per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
-    return total  # (K, N)
+        if g["type"] == "sample" and not g["is_observed"] and name not in model_tr.nodes:
+            aux = aux - _per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
+    log_w = obs + latent_mc + aux
+    if not torch.is_tensor(log_w):
+        raise ValueError("the model and guide have no sample sites to weigh")
+    # + zeros: terms constant over particles broadcast to (k, N)
+    analytic = obs + latent_kl + aux + torch.zeros_like(log_w) if analytic_kl else None
+    return Draws(log_w, analytic)
 
 
-def _chunks(num_samples: int, n: int, chunk_size: int):
-    k = max(1, min(num_samples, chunk_size // max(n, 1)))
-    done = 0
-    while done < num_samples:
-        yield min(k, num_samples - done)
-        done += k
+def _plan(num_samples: int, n: int, chunk_size: int, seed: int | None):
+    """Passes, each a list of units (size, seed). Unseeded: one unit per pass of about
+    ``chunk_size / n`` particles. Seeded: fixed units of SAMPLE_UNIT particles (the last may be
+    smaller), as many whole units per pass as ``chunk_size`` allows (at least one)."""
+    per_pass = max(1, min(num_samples, chunk_size // max(n, 1)))
+    if seed is None:
+        for start in range(0, num_samples, per_pass):
+            yield [(min(per_pass, num_samples - start), None)]
+        return
+    units = [(min(SAMPLE_UNIT, num_samples - start), derive_seed(seed, j))
+             for j, start in enumerate(range(0, num_samples, SAMPLE_UNIT))]
+    step = max(1, per_pass // SAMPLE_UNIT)
+    for i in range(0, len(units), step):
+        yield units[i:i + step]
+
+
+def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None, chunk_size: int = DEFAULT_CHUNK,
+                     analytic_kl: bool = False, nesting: int | None = None, **kwargs):
+    """Yield :class:`Draws` pass by pass, ``num_samples`` particles in all, about ``chunk_size``
+    particles × datapoints per pass (see the module docstring for ``seed``). Differentiable
+    (no ``no_grad`` here). ``nesting`` (plate dims of model and guide) is traced when not given;
+    ``kwargs`` go to model and guide."""
+    _check_k(num_samples)
+    if nesting is None:
+        nesting = max_plate_nesting(model, guide, x, **kwargs)
+    with _rng_fork() if seed is not None else nullcontext():
+        for units in _plan(num_samples, x.shape[0], chunk_size, seed):
+            model_tr, guide_tr = _pass_traces(model, guide, x, units, nesting, kwargs)
+            yield _pass_terms(model_tr, guide_tr, x.shape[0], nesting, analytic_kl)
 
 
 def log_importance_weights(model, guide, x, num_samples: int, seed: int | None = None,
                            chunk_size: int = DEFAULT_CHUNK, nesting: int | None = None,
                            **kwargs) -> torch.Tensor:
-    """log w_k = log p(x, z_k) − log q(z_k | x) for z_k ~ q(z|x): shape ``(num_samples, N)``.
-
-    Differentiable (no ``no_grad`` here) so it also serves the IWAE training objective; the
-    samples are drawn in chunks of about ``chunk_size / N`` particles. ``nesting`` (the
-    number of plate dims of model and guide) is found by a trace when not given.
-    """
-    _check_k(num_samples)
-    if nesting is None:
-        nesting = max_plate_nesting(model, guide, x, **kwargs)
-    with seeded(seed):
-        parts = [_log_weight_chunk(model, guide, x, k, nesting, False, **kwargs)
-                 for k in _chunks(num_samples, x.shape[0], chunk_size)]
-    return torch.cat(parts, 0)  # (K, N)
+    """log w_k = log p(x, z_k) − log q(z_k | x) for z_k ~ q(z|x): shape ``(num_samples, N)``,
+    nats. Differentiable, so it also serves the IWAE training objective."""
+    return torch.cat([d.log_w for d in iter_log_weights(model, guide, x, num_samples, seed, chunk_size,
+                                                        nesting=nesting, **kwargs)], 0)  # (K, N)
 
 
-def _check_k(k):
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"the number of samples K must be an integer >= 1, got {k!r}")
+# --------------------------------------------------------------------------- streaming summaries
+
+class _Moments:
+    """Running per-datapoint mean and sum of squared deviations over rows of ``(c, N)`` chunks
+    (Chan et al.'s pairwise merge: no cancellation when the spread is tiny next to the mean)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, v: torch.Tensor):  # v (c, N)
+        c = v.shape[0]
+        mean = v.mean(0)  # (N,)
+        m2 = (v - mean).pow(2).sum(0)  # (N,)
+        total = self.count + c
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * c / total)
+        self.mean = self.mean + delta * (c / total)
+        self.count = total
+
+    def estimate(self) -> Estimate:
+        """Mean ``(N,)`` with stderr = sample std / √count (NaN for a single row)."""
+        if self.count < 2:
+            return Estimate(self.mean, torch.full_like(self.mean, math.nan))
+        return Estimate(self.mean, (self.m2 / (self.count - 1) / self.count).sqrt())
 
 
-def _mean_and_stderr(samples: torch.Tensor) -> Estimate:
-    k = samples.shape[0]
-    se = samples.std(0, unbiased=True) / math.sqrt(k) if k > 1 else torch.full_like(samples[0], math.nan)
-    return Estimate(samples.mean(0), se)
+class _GroupedLSE:
+    """IWAE_k over consecutive groups of ``k`` samples, streamed chunk by chunk: per finished
+    group g, IWAE_k^(g) = logsumexp(log w in g) − log k and its delta-method variance (see
+    :func:`iwae`). Memory ``O(N)`` whatever k and the number of samples."""
+
+    def __init__(self, k: int):
+        self.k, self.pos = k, 0
+        self.lse = self.lse2 = -math.inf  # open group's log Σw, log Σw² (become (N,))
+        self.values = _Moments()
+        self.delta_var = 0.0  # Σ over groups of the delta-method variance (becomes (N,))
+
+    def _close(self, lse, lse2):  # (G, N) each: finished groups
+        self.values.update(lse - math.log(self.k))
+        if self.k > 1:
+            ratio = torch.exp(lse2 - 2 * lse + math.log(self.k))  # k Σw² / (Σw)² ∈ [1, k]
+            self.delta_var = self.delta_var + ((ratio - 1).clamp_min(0) / (self.k - 1)).sum(0)
+
+    def update(self, lw: torch.Tensor):  # lw (c, N)
+        while lw.shape[0]:
+            if self.pos == 0 and lw.shape[0] >= self.k:  # whole groups at once
+                g = lw.shape[0] // self.k
+                full = lw[:g * self.k].reshape(g, self.k, lw.shape[1])  # (G, k, N)
+                self._close(torch.logsumexp(full, 1), torch.logsumexp(2 * full, 1))  # (G, N)
+                lw = lw[g * self.k:]
+                continue
+            part = lw[:self.k - self.pos]  # (≤ k − pos, N)
+            self.lse = torch.logaddexp(torch.as_tensor(self.lse), torch.logsumexp(part, 0))  # (N,)
+            self.lse2 = torch.logaddexp(torch.as_tensor(self.lse2), torch.logsumexp(2 * part, 0))
+            self.pos += part.shape[0]
+            lw = lw[part.shape[0]:]
+            if self.pos == self.k:
+                self._close(self.lse[None], self.lse2[None])
+                self.lse = self.lse2 = -math.inf
+                self.pos = 0
+
+    def estimate(self) -> Estimate:
+        """Mean of the groups' IWAE_k. stderr: std over groups / √groups with ≥ 2 groups; with
+        one group, its delta-method standard error (NaN for k = 1)."""
+        g = self.values.count
+        if g >= 2 or self.k == 1:
+            return self.values.estimate()
+        return Estimate(self.values.mean, torch.as_tensor(self.delta_var).sqrt())
+
+
+def _check_ks(ks, num_samples) -> list[int]:
+    ks = sorted(set(ks or []))
+    for k in ks:
+        _check_k(k)
+        if k > num_samples:
+            raise ValueError(f"ks: every k must be <= num_samples = {num_samples}, got {k}")
+    return ks
 
 
 @torch.no_grad()
@@ -175,55 +347,10 @@ def elbo(model, guide, x, num_samples: int = 1, analytic_kl: bool = False, seed:
     draws; ``stderr`` = sample std / √K. With ``analytic_kl`` each latent site's
     E_q[log p(z) − log q(z|x)] is −KL(q ‖ p) in closed form (raises ``NotImplementedError``
     where none is registered: no silent fallback)."""
-    _check_k(num_samples)
-    nesting = max_plate_nesting(model, guide, x, **kwargs)
-    with seeded(seed):
-        parts = [_log_weight_chunk(model, guide, x, k, nesting, analytic_kl, **kwargs)
-                 for k in _chunks(num_samples, x.shape[0], chunk_size)]
-    return _mean_and_stderr(torch.cat(parts, 0))  # over (K, N)
-
-
-class _GroupedLSE:
-    """Streams log-weights through consecutive groups of ``k`` samples and collects
-    IWAE_k = logsumexp(group) − log k for every completed group (per datapoint)."""
-
-    def __init__(self, k: int, n: int, device, dtype):
-        self.k, self.pos = k, 0
-        self.carry = torch.full((n,), -math.inf, device=device, dtype=dtype)  # (N,) open group's lse
-        self.count, self.sum, self.sumsq = 0, torch.zeros(n, device=device, dtype=dtype), \
-            torch.zeros(n, device=device, dtype=dtype)
-
-    def _close(self, lse):  # lse (G, N): finished groups
-        vals = lse - math.log(self.k)
-        self.count += vals.shape[0]
-        self.sum += vals.sum(0)
-        self.sumsq += vals.pow(2).sum(0)
-
-    def update(self, lw: torch.Tensor):  # lw (c, N)
-        c = lw.shape[0]
-        first = min(c, self.k - self.pos)  # samples that complete the open group
-        self.carry = torch.logaddexp(self.carry, torch.logsumexp(lw[:first], 0))
-        self.pos += first
-        if self.pos == self.k:
-            self._close(self.carry[None])
-            self.carry.fill_(-math.inf)
-            self.pos = 0
-        rest = lw[first:]
-        full = (rest.shape[0] // self.k) * self.k
-        if full:
-            self._close(torch.logsumexp(rest[:full].reshape(-1, self.k, rest.shape[1]), 1))  # (G, N)
-        tail = rest[full:]
-        if tail.shape[0]:
-            self.carry = torch.logsumexp(tail, 0)
-            self.pos = tail.shape[0]
-
-    def estimate(self) -> Estimate:
-        g = self.count
-        mean = self.sum / g
-        if g < 2:
-            return Estimate(mean, torch.full_like(mean, math.nan))
-        var = (self.sumsq - g * mean.pow(2)).clamp_min(0) / (g - 1)
-        return Estimate(mean, (var / g).sqrt())
+    moments = _Moments()
+    for d in iter_log_weights(model, guide, x, num_samples, seed, chunk_size, analytic_kl, **kwargs):
+        moments.update(d.elbo_analytic if analytic_kl else d.log_w)  # (k, N)
+    return moments.estimate()
 
 
 @torch.no_grad()
@@ -232,47 +359,55 @@ def iwae(model, guide, x, num_samples: int, seed: int | None = None, chunk_size:
     r"""IWAE_K(x) = log (1/K) Σ_k w_k per datapoint, ``(N,)`` nats: the importance-weighted
     estimate of log p(x) (a lower bound in expectation, tight as K → ∞).
 
-    Memory is bounded by ``chunk_size`` (samples × datapoints per pass), independent of K:
-    log Σ w and log Σ w² are accumulated by a streaming log-sum-exp.
+    Memory is bounded by ``chunk_size`` (particles × datapoints per pass), independent of K:
+    log Σw and log Σw² are accumulated by a streaming log-sum-exp.
 
     Standard error (delta method): with m̂ = (1/K) Σ w_k and v̂ the sample variance of the
     w_k, Var(log m̂) ≈ v̂ / (K m̂²), i.e. ``stderr = sqrt((K Σw² / (Σw)² − 1) / (K − 1))``.
     It is only as good as the weights' variance is finite: check :func:`psis_diagnostics`.
 
-    :param ks: optional sample sizes k < K for the convergence curve. Each is estimated from
-        the same K draws split into ⌊K/k⌋ consecutive groups: the mean of the groups' IWAE_k
-        (unbiased for E[IWAE_k]), with stderr = std over groups / √groups. Then the return
-        value is ``(estimate, {k: Estimate})``.
+    :param ks: optional sample sizes 1 ≤ k ≤ K for the convergence curve. Each is estimated
+        from the same K draws split into ⌊K/k⌋ consecutive groups: the mean of the groups'
+        IWAE_k (unbiased for E[IWAE_k]), with stderr = std over groups / √groups (the
+        delta-method stderr when there is one group). Then the return value is
+        ``(estimate, {k: Estimate})``.
     """
-    _check_k(num_samples)
-    nesting = max_plate_nesting(model, guide, x, **kwargs)
-    n = x.shape[0]
-    lse = lse2 = None
-    groups = {k: None for k in (ks or []) if k <= num_samples}
-    with seeded(seed):
-        for k in _chunks(num_samples, n, chunk_size):
-            lw = _log_weight_chunk(model, guide, x, k, nesting, False, **kwargs)  # (k, N)
-            c, c2 = torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0)  # (N,)
-            lse = c if lse is None else torch.logaddexp(lse, c)
-            lse2 = c2 if lse2 is None else torch.logaddexp(lse2, c2)
-            for kk in groups:
-                if groups[kk] is None:
-                    groups[kk] = _GroupedLSE(kk, n, lw.device, lw.dtype)
-                groups[kk].update(lw)
-    K = num_samples
-    value = lse - math.log(K)
-    if K > 1:
-        ratio = torch.exp(lse2 - 2 * lse + math.log(K))  # K Σw² / (Σw)²  ∈ [1, K]
-        se = ((ratio - 1).clamp_min(0) / (K - 1)).sqrt()
-    else:
-        se = torch.full_like(value, math.nan)
-    est = Estimate(value, se)
+    curve = _check_ks(ks, num_samples)
+    groups = {k: _GroupedLSE(k) for k in {*curve, num_samples}}
+    for d in iter_log_weights(model, guide, x, num_samples, seed, chunk_size, **kwargs):
+        for g in groups.values():
+            g.update(d.log_w)  # (k, N)
+    est = groups[num_samples].estimate()
     if ks is None:
         return est
-    curve = {kk: g.estimate() for kk, g in groups.items()}
-    if K in curve:
-        curve[K] = est
-    return est, curve
+    return est, {k: groups[k].estimate() for k in curve}
+
+
+@torch.no_grad()
+def estimate_all(model, guide, x, num_samples: int, ks=(), seed: int | None = None,
+                 chunk_size: int = DEFAULT_CHUNK, analytic_kl: bool = True, psis: bool = True, **kwargs) -> dict:
+    """Every estimate from one set of K draws per datapoint (what ``evaluate`` reports):
+    ``elbo_mc``, ``elbo_analytic`` (when ``analytic_kl``), ``iwae`` (IWAE_K) as
+    :class:`Estimate` ``(N,)``; ``iwae_by_k`` {k: Estimate}; and, when ``psis``, ``khat`` and
+    ``ess`` ``(N,)`` float64 (this keeps the K × N log-weights, not the decoder outputs)."""
+    curve = _check_ks(ks, num_samples)
+    groups = {k: _GroupedLSE(k) for k in {*curve, num_samples}}
+    mc, analytic, kept = _Moments(), _Moments(), []
+    for d in iter_log_weights(model, guide, x, num_samples, seed, chunk_size, analytic_kl, **kwargs):
+        mc.update(d.log_w)  # (k, N)
+        if analytic_kl:
+            analytic.update(d.elbo_analytic)
+        for g in groups.values():
+            g.update(d.log_w)
+        if psis:
+            kept.append(d.log_w)
+    out = {"elbo_mc": mc.estimate(), "iwae": groups[num_samples].estimate(),
+           "iwae_by_k": {k: groups[k].estimate() for k in curve}}
+    if analytic_kl:
+        out["elbo_analytic"] = analytic.estimate()
+    if psis:
+        out["khat"], out["ess"] = psis_from_log_weights(torch.cat(kept, 0))  # from (K, N)
+    return out
 
 
 def iwae_loss(model, guide, x, num_particles: int, size: int | None = None, nesting: int | None = None,
@@ -287,25 +422,28 @@ def iwae_loss(model, guide, x, num_particles: int, size: int | None = None, nest
     return -bound.sum() * ((size or n) / n)
 
 
+def psis_from_log_weights(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pareto k̂ ``(N,)`` and PSIS effective sample size ``(N,)`` (float64) of log-weights
+    ``(K, N)``. ESS = 1 / Σ_k w̃_k² with w̃ the normalized Pareto-smoothed weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import arviz
+
+        arr = log_w.detach().double().T.cpu().numpy().copy()  # (N, K): arviz wants samples last
+        smoothed, khat = arviz.psislw(arr, reff=1.0)  # reff = 1: the draws are independent
+    w = np.exp(smoothed)  # normalized: rows sum to 1
+    ess = 1.0 / (w ** 2).sum(-1)
+    return torch.as_tensor(np.asarray(khat, dtype=np.float64)), torch.as_tensor(ess, dtype=torch.float64)
+
+
 def psis_diagnostics(model, guide, x, num_samples: int, seed: int | None = None,
                      chunk_size: int = DEFAULT_CHUNK, **kwargs):
     """Pareto k̂ ``(N,)`` and PSIS effective sample size ``(N,)`` of the importance weights.
 
     k̂ < 0.5: variance finite, IWAE reliable; 0.5–0.7: usable; > 0.7: the estimate of log p(x)
-    for that datapoint is unreliable. ESS = 1 / Σ_k w̃_k² with w̃ the normalized smoothed weights.
+    for that datapoint is unreliable (Vehtari et al. 2024, §3).
     """
-    import numpy as np
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import arviz
-
     with torch.no_grad():
         lw = log_importance_weights(model, guide, x, num_samples, seed=seed, chunk_size=chunk_size,
                                     **kwargs)  # (K, N)
-    arr = lw.double().T.cpu().numpy()  # (N, K): arviz wants samples last
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        smoothed, khat = arviz.psislw(arr.copy(), reff=1.0)
-    w = np.exp(smoothed)  # normalized: rows sum to 1
-    ess = 1.0 / (w ** 2).sum(-1)
-    return torch.as_tensor(np.asarray(khat), dtype=torch.float64), torch.as_tensor(ess, dtype=torch.float64)
+    return psis_from_log_weights(lw)

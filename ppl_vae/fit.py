@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from .cli import ArgumentParser, int_list, user_errors
 from .config import FitConfig
 from .data import BINARIZE, DATASETS
+from .errors import UserError
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, ARCHS
 from .objectives import OBJECTIVES
@@ -93,11 +95,13 @@ RUN_FLAGS = ("out", "resume", "overwrite", "quiet")
 def config_from_args(args: argparse.Namespace, base: FitConfig | None = None) -> FitConfig:
     """``base`` (defaults, or the saved config on --resume) updated with the flags given."""
     given = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+    for k, v in given.items():  # argparse's float() accepts "inf" and "nan"; no setting means them
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"--{k.replace('_', '-')} must be a finite number, got {v}")
     return dataclasses.replace(base or FitConfig(), **given)
 
 
 def main(argv=None) -> int:
-    from .errors import UserError
     from .train import Interrupted, NonFiniteLoss, Trainer
 
     prog = "python -m ppl_vae.fit"

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .errors import UserError
+
 ARCHS = ("mlp", "conv")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus}
 
@@ -104,7 +106,7 @@ class _ConvDecoderBody(nn.Module):
 def check_conv_shape(image_shape: Sequence[int]) -> None:
     """The conv pair needs ``(C, H, W)`` images with H and W divisible by 4 (28x28 MNIST)."""
     if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4 or image_shape[1] < 8:
-        raise ValueError(
+        raise UserError(  # a ValueError: bad input, reported on one line by the CLI
             f"--arch conv needs images of shape (C, H, W) with H and W divisible by 4 (e.g. 1x28x28), "
             f"but this dataset has shape {tuple(image_shape)}; use --arch mlp")
 

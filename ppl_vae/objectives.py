@@ -50,7 +50,8 @@ class DeviceTrace_ELBO(pyro.infer.Trace_ELBO):
 
 class DeviceTraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` without host synchronization: loss = −Σ log p(x|z) + Σ KL(q ‖ p), each
-    KL in closed form (scaled like its site), Monte Carlo where none is registered."""
+    KL in closed form (scaled like its site), Monte Carlo where none is registered; guide-only
+    (auxiliary) sites add −log q, as in Pyro's."""
 
     _checked = False
 
@@ -73,6 +74,9 @@ class DeviceTraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
                     elbo = elbo - kl.sum()
                 except NotImplementedError:
                     elbo = elbo + site["log_prob_sum"] - g["log_prob_sum"]
+            for name, g in guide_trace.nodes.items():  # auxiliary guide-only sites contribute −log q
+                if g["type"] == "sample" and name not in model_trace.nodes:
+                    elbo = elbo - g["log_prob_sum"]
             loss = loss - elbo / self.num_particles
         return loss
 

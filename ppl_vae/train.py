@@ -95,8 +95,12 @@ def bound_on(vae: VAE, x: torch.Tensor, kind: str = "elbo", k: int = 1, batch: i
     return total / x.shape[0]
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over an earlier run unless ``resume`` or ``overwrite`` says so."""
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, clear: bool = True) -> None:
+    """Refuse to write over an earlier run unless ``resume`` or ``overwrite`` says so. With
+    ``clear`` (not resuming): delete the earlier run's files under ``overwrite`` and create ``out``;
+    ``clear=False`` only checks, so that bad input found later leaves an earlier run untouched."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run directory; choose another --out")
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if resume:
         if not (out / "checkpoint.pt").exists():
@@ -105,10 +109,14 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if existing and not overwrite:
         raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                         f"--overwrite to replace it, or choose another --out")
-    if existing and overwrite:
+    if not clear:
+        return
+    try:
         for f in existing:
             (out / f).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot prepare run directory {out} ({e.strerror or e}); choose another --out") from None
 
 
 @contextmanager
@@ -147,17 +155,21 @@ class Trainer:
     """Holds model, data, optimizer and run directory; :meth:`run` trains to ``cfg.epochs``."""
 
     def __init__(self, cfg: FitConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-                 quiet: bool = False, dataset: Dataset | None = None):
+                 quiet: bool = False, dataset: Dataset | None = None, model: VAE | None = None):
+        """``dataset`` replaces loading ``cfg.dataset``; ``model`` replaces ``build_model(cfg)`` (e.g. a
+        VAE subclass with another model/guide pair; it must have the parameters ``cfg`` describes)."""
         cfg.validate()
         self.out = Path(out)
         self.quiet = quiet
-        prepare_run_dir(self.out, resume, overwrite)
+        prepare_run_dir(self.out, resume, overwrite, clear=False)  # cleared below, once the input is valid
         if resume:
             saved = FitConfig.load(self.out / "config.json")
             checkpoint.check_config_matches(saved.to_dict(), {**cfg.to_dict(), "image_shape": saved.image_shape},
                                             [k for k in MODEL_KEYS if k != "image_shape"] + ["dataset"])
             cfg.image_shape = saved.image_shape
         self.device = resolve_device(cfg.device)
+        # a bad checkpoint is refused before the data are loaded
+        ckpt = checkpoint.load(self.out / "checkpoint.pt", map_location=self.device) if resume else None
         pyro.set_rng_seed(cfg.seed)
         likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
         ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize, likelihood)
@@ -170,15 +182,16 @@ class Trainer:
         cfg.binarize = ds.binarize
         self.cfg = cfg
         self.data = ds.to(self.device)
-        self.model = build_model(cfg).to(self.device)
+        self.model = (build_model(cfg) if model is None else model).to(self.device)
         self.optim = make_optimizer(self.model.parameters(), cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=cfg.lr_decay)
         self.objective = make_objective(cfg.elbo, cfg.num_particles)
         self.state = _State()
+        self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the checkpoint on disk
         if resume:
-            self._restore(checkpoint.load(self.out / "checkpoint.pt", map_location=self.device))
-        else:
-            cfg.save(self.out / "config.json")
+            self._restore(ckpt)
+        prepare_run_dir(self.out, resume, overwrite)
+        cfg.save(self.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
 
     # ---- checkpoints
 
@@ -192,31 +205,64 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         checkpoint.check_config_matches(ckpt["config"], self.cfg.to_dict(), MODEL_KEYS)
+        cfg, saved, perm, n = self.cfg, ckpt["config"], ckpt["perm"], self.data.train.shape[0]
+        if perm is not None and perm.numel() != n:
+            raise CheckpointError(f"the checkpoint is {ckpt['step']} steps into an epoch over {perm.numel()} "
+                                  f"training points, but the data now have {n}; the data changed since the run "
+                                  f"started")
+        if perm is not None and saved.get("batch_size") != cfg.batch_size:
+            raise UserError(f"the checkpoint is {ckpt['step']} steps into an epoch of batches of "
+                            f"{saved.get('batch_size')}; resume with that --batch-size (change it at an epoch end)")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optim.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as e:
+            checkpoint.set_rng_state(ckpt["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
-        perm = ckpt["perm"]
+        # optimizer settings given anew with --resume apply from here on (the loaded state holds the old ones)
+        for g in self.optim.param_groups:
+            if saved.get("lr") != cfg.lr:
+                g["lr"] = g["initial_lr"] = cfg.lr
+            g["weight_decay"] = cfg.weight_decay
+        self.scheduler.gamma = cfg.lr_decay
         self.state = _State(ckpt["epoch"], ckpt["step"], None if perm is None else perm.to(self.device),
                             ckpt["loss_sum"], ckpt["best_valid_elbo"], ckpt["bad_epochs"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        self._saved_at = (self.state.epoch, self.state.step)
         self._truncate_metrics(self.state.epoch)
 
     def _truncate_metrics(self, epochs_done: int) -> None:
-        """Drop metric lines of epochs after the checkpoint (they will be redone)."""
+        """Drop metric lines of epochs after the checkpoint (they will be redone), and a line cut
+        short by a crash; rewritten atomically."""
         path = self.out / "metrics.jsonl"
         if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["epoch"] <= epochs_done:
+                        keep.append(ln)
+                except (ValueError, KeyError, TypeError):
+                    pass
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
 
     def save(self, best: bool = False) -> None:
         ckpt = self._checkpoint()
         checkpoint.atomic_save(ckpt, self.out / "checkpoint.pt")
+        self._saved_at = (self.state.epoch, self.state.step)
         if best:
             checkpoint.atomic_save(ckpt, self.out / "best.pt")
+
+    def _non_finite(self, what: str, value: float, where: str) -> NonFiniteLoss:
+        """The error for a NaN/inf ``what`` (nothing has been saved since the last good checkpoint)."""
+        if self._saved_at is None:
+            kept = "no checkpoint had been written yet"
+        else:
+            epoch, step = self._saved_at
+            kept = (f"the last good checkpoint {self.out / 'checkpoint.pt'} (after epoch {epoch}"
+                    f"{f' and {step} steps' if step else ''}) is kept")
+        return NonFiniteLoss(f"the {what} became {value} {where}; {kept}; try a lower --lr or --grad-clip")
 
     # ---- the loop
 
@@ -270,10 +316,8 @@ class Trainer:
             if since == cfg.log_every or s.step == steps or flag:
                 total = running.item()  # the one host sync per log interval
                 if not math.isfinite(total):
-                    raise NonFiniteLoss(
-                        f"the loss became {total} at epoch {s.epoch + 1}, within steps {s.step - since + 1}-{s.step} "
-                        f"of {steps}; the last good checkpoint ({self.out / 'checkpoint.pt'}, epoch {s.epoch}) is "
-                        f"kept; try a lower --lr or --grad-clip")
+                    at = f"step {s.step}" if since == 1 else f"steps {s.step - since + 1}-{s.step}"
+                    raise self._non_finite("training loss", total, f"at epoch {s.epoch + 1}, {at} of {steps}")
                 s.loss_sum += total
                 bar.update(since)
                 bar.set_postfix(epoch=s.epoch + 1, elbo=f"{-total / since / n:.2f}")
@@ -291,6 +335,8 @@ class Trainer:
         train_elbo = -s.loss_sum / steps / n
         self.model.eval()
         valid_elbo = bound_on(self.model, self.data.valid)
+        if not math.isfinite(valid_elbo):  # the last step's update broke the parameters: do not save them
+            raise self._non_finite("validation ELBO", valid_elbo, f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
         self.model.train()
         s.epoch += 1
         s.perm, s.step, s.loss_sum = None, 0, 0.0

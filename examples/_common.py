@@ -1,0 +1,138 @@
+"""Plumbing shared by the example scripts: flags, data with an offline fallback, one fit.
+
+The examples are scripts (``python examples/NAME.py``), so this module is imported as
+``_common`` from their folder. Training always goes through :class:`ppl_vae.train.Trainer`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ppl_vae import estimators
+from ppl_vae.config import FitConfig
+from ppl_vae.data import Dataset, load_dataset, resolve_data_dir
+from ppl_vae.errors import DataError
+from ppl_vae.likelihoods import make_likelihood
+from ppl_vae.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET_SEED = 4321  # seeds every subset below (the binarized-MNIST test file is ordered by class)
+
+# What `--dataset auto` tries, in order: local files first, so an offline machine never waits
+# on a download; then MNIST through torchvision's download.
+AUTO_CHAIN = (("mnist", False), ("mnist-t10k", False), ("binarized-mnist", False), ("mnist", True))
+DESCRIBE = {
+    "mnist": "MNIST (50k train / 10k valid / 10k test)",
+    "mnist-t10k": "the 10k greyscale MNIST test images alone, split 8k/1k/1k (MNIST's training files "
+                  "are not in the data folder)",
+    "binarized-mnist": "static binarized MNIST (50k / 10k / 10k)",
+}
+
+
+def parser(description: str, name: str, dataset: str = "auto") -> argparse.ArgumentParser:
+    """The flags every example has: ``--quick``, ``--out``, ``--data-dir``, ``--dataset``, ``--seed``."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a args.quick, fast version (well under 2 minutes on a CPU)")
+    p.add_argument("--out", default=str(REPO / "runs" / "examples" / name),
+                   help=f"output folder for figures, results.json and runs (default: runs/examples/{name})")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)")
+    p.add_argument("--dataset", default=dataset, help=f"dataset name (default: {dataset}; auto = MNIST when "
+                   f"present, else the local MNIST test set (mnist-t10k), else binarized MNIST, else download "
+                   f"MNIST)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and evaluation (default: 0)")
+    return p
+
+
+def setup(args) -> Path:
+    """Make ``--out``, seed everything, and say where results go."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    warnings.filterwarnings("ignore", message=".*TorchScript.*")
+    return out
+
+
+def load_data(name: str, data_dir=None, likelihood: str = "bernoulli", announce: bool = True) -> Dataset:
+    """``name`` loaded for ``likelihood`` (greyscale data are binarized dynamically for a Bernoulli).
+    ``auto`` walks :data:`AUTO_CHAIN` and prints which dataset it used and why."""
+    lik = make_likelihood(likelihood)
+    if name != "auto":
+        ds = load_dataset(name, data_dir, "auto", lik)
+    else:
+        errors = []
+        for cand, download in AUTO_CHAIN:
+            try:
+                ds = load_dataset(cand, data_dir, "auto", lik, download=download)
+                break
+            except DataError as e:
+                errors.append(f"{cand}: {e}")
+        else:
+            raise DataError("no MNIST variant found and none could be downloaded:\n  " + "\n  ".join(errors))
+    if announce:
+        where = resolve_data_dir(data_dir)
+        print(f"data: {ds.name} = {DESCRIBE.get(ds.name, ds.name)}, from {where}; binarization: {ds.binarize}")
+    return ds
+
+
+def subset(ds: Dataset, n_train: int | None = None, n_valid: int | None = None, n_test: int | None = None) -> Dataset:
+    """A seeded random subset of each split (``None`` keeps the split whole), labels and factors alike."""
+    g = torch.Generator().manual_seed(SUBSET_SEED)
+    parts, labels, factors = {}, {}, {}
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        x = ds.split(split)
+        idx = torch.randperm(x.shape[0], generator=g)[:n] if n is not None and n < x.shape[0] else \
+            torch.arange(x.shape[0])
+        parts[split] = x[idx]
+        if split in ds.labels:
+            labels[split] = ds.labels[split][idx]
+        if split in ds.factors:
+            factors[split] = ds.factors[split][idx]
+    return replace(ds, train=parts["train"], valid=parts["valid"], test=parts["test"], labels=labels,
+                   factors=factors)
+
+
+def fit(data: Dataset, out: Path, model=None, **cfg) -> tuple:
+    """Train with :class:`~ppl_vae.train.Trainer` on ``data`` into run directory ``out``
+    (replacing an earlier run there). ``cfg`` are :class:`~ppl_vae.config.FitConfig` fields;
+    ``model`` optionally a VAE subclass to train instead of the plain VAE.
+    Returns ``(trained model in eval mode, summary dict, trainer)``."""
+    config = FitConfig(dataset=data.name, device="cpu", **cfg)
+    trainer = Trainer(config, out, overwrite=True, quiet=True, dataset=data, model=model)
+    summary = trainer.run()
+    return trainer.model.eval(), summary, trainer
+
+
+def save_json(obj: dict, path: Path) -> None:
+    """Write ``obj`` as indented JSON (NaN → null, so any JSON reader accepts it)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    Path(path).write_text(json.dumps(clean(obj), indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+@torch.no_grad()
+def held_out(vae, x: torch.Tensor, k: int, seed: int = 0, guide=None) -> dict:
+    """Analytic-KL ELBO and IWAE_k of ``x``: means over the N datapoints (nats per datapoint), each
+    with its standard error over datapoints (std / √N: how much another test sample would move
+    it). ``guide`` replaces ``vae.guide`` as the IWAE proposal (then no ELBO is reported)."""
+    n = x.shape[0]
+    se = lambda est: (est.value.std() / math.sqrt(n)).item()  # noqa: E731
+    out = {"n": int(n), "k": k}
+    if guide is None:
+        e = estimators.elbo(vae.model, vae.guide, x, num_samples=1, analytic_kl=True, seed=seed)
+        out["elbo"], out["elbo_se"] = e.mean(), se(e)
+    w = estimators.iwae(vae.model, guide or vae.guide, x, k, seed=seed + 1)
+    out["iwae"], out["iwae_se"] = w.mean(), se(w)
+    return out

@@ -1,0 +1,125 @@
+"""Swap the likelihood: the same VAE with four decoders p_θ(x|z) on MNIST.
+
+* ``bernoulli``: x ∈ {0, 1}; greyscale images are binarized (dynamically) first;
+* ``gaussian`` with σ = 1: log p(x|z) = −½‖x − μ‖² − (D/2) log 2π, i.e. the MSE loss;
+* ``gaussian-learned``: a per-pixel σ_θ(z) from the decoder, bounded below by a floor;
+* ``continuous-bernoulli``: the Bernoulli made a proper density on [0, 1] (Loaiza-Ganem &
+  Cunningham 2019).
+
+Same networks, same data, same seed: only the likelihood changes (``likelihood=`` in
+:class:`~ppl_vae.config.FitConfig`, ``--likelihood`` on the command line).
+
+Held-out log p(x) (IWAE) is comparable between the three models of greyscale x (all are
+densities on the same space), not with the Bernoulli (a probability of binarized images).
+Two more runs explain two warnings:
+
+* the Bernoulli formula at greyscale x is not a density: ∫₀¹ λˣ(1 − λ)¹⁻ˣ dx = 1/C(λ) < 1, so
+  the "likelihood" of BCE-on-greyscale VAEs misses Σ_d log C(λ_d) nats of normalization
+  (printed below for the trained decoder); the continuous Bernoulli adds exactly that term;
+* a learned σ without a floor collapses on pixels that are exactly 0 (MNIST's background):
+  the density at x = μ grows like 1/σ without bound, so the ELBO climbs by shrinking σ.
+
+    python examples/likelihoods.py            # 30 epochs per model, a few minutes on a CPU
+    python examples/likelihoods.py --quick    # seconds
+
+Writes to ``--out``: ``likelihoods.png`` (data, reconstructions and samples per likelihood),
+``results.json`` and one run per likelihood.
+"""
+from __future__ import annotations
+
+import sys
+
+import _common
+import torch
+import torch.nn.functional as F
+from torch.distributions import ContinuousBernoulli
+
+from ppl_vae import plots
+from ppl_vae.train import NonFiniteLoss
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli")
+
+
+@torch.no_grad()
+def bernoulli_mass_missing(logits: torch.Tensor) -> torch.Tensor:
+    """log ∫_[0,1]^D Π_d λ_d^x (1 − λ_d)^(1−x) dx = −Σ_d log C(λ_d) per image ``(N,)`` (≤ 0): the
+    continuous Bernoulli's log-density minus the Bernoulli formula, at any x (here x = ½)."""
+    x = torch.full_like(logits, 0.5)
+    bern = -F.binary_cross_entropy_with_logits(logits, x, reduction="none")  # (N, D)
+    cb = ContinuousBernoulli(logits=logits).log_prob(x)  # (N, D) = bern + log C(λ)
+    return (bern - cb).sum(-1)  # (N,)
+
+
+@torch.no_grad()
+def sigma_stats(vae, x: torch.Tensor) -> dict:
+    """Decoded σ_θ(z = μ(x)) of a learned-σ Gaussian decoder over images ``x (N, D)``."""
+    sigma = vae.likelihood.split(vae.decoder(vae.encode(x)[0]))[1]  # (N, D)
+    return {"sigma_min": sigma.min().item(), "sigma_median": sigma.median().item(),
+            "share_of_pixels_sigma_below_0.02": (sigma < 0.02).float().mean().item()}
+
+
+def main(argv=None) -> int:
+    p = _common.parser(__doc__.split("\n\n")[0], "likelihoods")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default: 30; --quick: 3)")
+    args = p.parse_args(argv)
+    out = _common.setup(args)
+    epochs = args.epochs or (3 if args.quick else 30)
+    k = 100 if args.quick else 1000
+    sizes = (4000, 500, 500) if args.quick else (None, None, None)
+    results = {"epochs": epochs, "k": k, "models": {}}
+    panels = {"data": {}, "reconstructions": {}, "samples": {}}  # rows of the figure
+    for name in LIKELIHOODS:
+        data = _common.subset(_common.load_data(args.dataset, args.data_dir, name, announce=name == "bernoulli"),
+                              *sizes)
+        vae, summary, _ = _common.fit(data, out / name, likelihood=name, epochs=epochs, seed=args.seed,
+                                      final_iwae_k=0)
+        x = data.test
+        with torch.no_grad():
+            codes = vae.encode(x)[0]  # (N, z_dim)
+            panels["data"][name] = x[:16]  # as the model sees it (binarized for the Bernoulli)
+            panels["reconstructions"][name] = vae.reconstruct(x[:16])  # E[x | z = μ(x)]
+            panels["samples"][name] = vae.decode(plots.prior_draws(16, vae.z_dim, args.seed))  # E[x | z], z ~ N(0, I)
+        r = {"data": data.name, "binarize": data.binarize, "test": _common.held_out(vae, x, k, seed=args.seed),
+             # Burda et al. 2016: latent j is active when Var_x(E_q[z_j | x]) > 0.01
+             "active_units": int((codes.var(0) > 0.01).sum()), "z_dim": vae.z_dim}
+        if name == "gaussian-learned":
+            r.update(sigma_stats(vae, x))
+        if name == "bernoulli":
+            grey = _common.subset(_common.load_data(args.dataset, args.data_dir, "continuous-bernoulli",
+                                                    announce=False), *sizes).test
+            with torch.no_grad():
+                r["bernoulli_log_mass_on_greyscale"] = bernoulli_mass_missing(vae.decoder(vae.encode(grey)[0])).mean().item()
+        results["models"][name] = r
+        t = r["test"]
+        print(f"{name:>20}: test log p(x) ≥ {t['iwae']:8.2f} ± {t['iwae_se']:.2f} nats (IWAE_{k}), ELBO "
+              f"{t['elbo']:8.2f}; {r['active_units']}/{r['z_dim']} active latents"
+              + (" [binarized images: a probability, not comparable with the densities below]"
+                 if name == "bernoulli" else ""))
+
+    # The learned σ without a floor, trained the same way.
+    data = _common.subset(_common.load_data(args.dataset, args.data_dir, "gaussian-learned", announce=False), *sizes)
+    try:
+        vae, summary, _ = _common.fit(data, out / "gaussian-learned-nofloor", likelihood="gaussian-learned",
+                                      sigma_floor=0.0, epochs=epochs, seed=args.seed, final_iwae_k=0)
+        nofloor = {"finished": True, "best_valid_elbo": summary["best_valid_elbo"], **sigma_stats(vae, data.test)}
+    except NonFiniteLoss as e:
+        nofloor = {"finished": False, "error": str(e)}
+    results["gaussian_learned_without_floor"] = nofloor
+    results["gaussian_learned_with_floor_valid_elbo"] = results["models"]["gaussian-learned"]["test"]["elbo"]
+    print("gaussian-learned without a σ floor: " + (
+        f"valid ELBO {nofloor['best_valid_elbo']:.1f} nats, smallest σ {nofloor['sigma_min']:.2g}, "
+        f"{100 * nofloor['share_of_pixels_sigma_below_0.02']:.0f}% of pixels with σ < 0.02"
+        if nofloor["finished"] else f"training failed: {nofloor['error']}"))
+    print(f"Bernoulli formula at greyscale x integrates to exp({results['models']['bernoulli']['bernoulli_log_mass_on_greyscale']:.1f})"
+          " over [0, 1]^D: not a density")
+
+    plots.image_panels(panels, data.image_shape, nrow=8,
+                       title=f"One VAE, four likelihoods ({data.name}, {epochs} epochs): test images, "
+                             f"reconstructions E[x | z = μ(x)], samples E[x | z] with z ~ N(0, I)",
+                       path=out / "likelihoods.png")
+    _common.save_json(results, out / "results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

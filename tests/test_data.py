@@ -1,0 +1,326 @@
+"""Datasets: file readers, bundled and synthetic data, user arrays, the data directory,
+binarization, and the checks that refuse data a likelihood cannot model."""
+import gzip
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_vae import data
+from ppl_vae.data import load_dataset
+from ppl_vae.errors import DataError
+from ppl_vae.likelihoods import make_likelihood
+
+BERNOULLI = make_likelihood("bernoulli")
+
+
+def _is_binary(x):
+    return bool(((x == 0) | (x == 1)).all())
+
+
+# --------------------------------------------------------------------------- file readers
+
+def _write_amat(path, arr):
+    text = "".join(" ".join(str(int(v)) for v in row) + "\n" for row in arr)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize("suffix", [".amat", ".amat.gz"])
+def test_read_amat(tmp_path, suffix):
+    arr = np.random.default_rng(0).integers(0, 2, size=(3, 784))
+    path = tmp_path / f"tiny{suffix}"
+    _write_amat(path, arr)
+    x = data.read_amat(path)
+    assert x.dtype == torch.float32 and x.shape == (3, 784)
+    assert torch.equal(x, torch.tensor(arr, dtype=torch.float32))
+
+
+def test_read_amat_irregular_whitespace_uses_the_slow_path(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 2, size=(2, 784))
+    path = tmp_path / "crlf.amat"
+    path.write_text("".join("  ".join(str(v) for v in row) + " \r\n" for row in arr))
+    assert torch.equal(data.read_amat(path), torch.tensor(arr, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("bad", ["short", "greyscale", "empty"])
+def test_read_amat_refuses_malformed_files(tmp_path, bad):
+    path = tmp_path / "bad.amat"
+    if bad == "short":
+        _write_amat(path, np.zeros((2, 783)))
+    elif bad == "greyscale":
+        _write_amat(path, np.full((2, 784), 2))
+    else:
+        path.write_text("")
+    with pytest.raises(DataError, match="binarized-MNIST"):
+        data.read_amat(path)
+
+
+def test_load_binarized_mnist_from_a_folder_of_amat_files(tmp_path):
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    sizes = {"train": 5, "valid": 3, "test": 2}
+    for split, n in sizes.items():
+        suffix = ".amat.gz" if split == "train" else ".amat"  # both spellings are found
+        _write_amat(folder / f"binarized_mnist_{split}{suffix}", rng.integers(0, 2, size=(n, 784)))
+    ds = load_dataset("binarized-mnist", data_dir=tmp_path, likelihood=BERNOULLI, download=False)
+    assert (ds.train.shape[0], ds.valid.shape[0], ds.test.shape[0]) == (5, 3, 2)
+    assert ds.image_shape == (1, 28, 28) and ds.binarize == "none"
+
+
+def test_binarized_mnist_missing_without_download_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="binarized_mnist_train.amat"):
+        load_dataset("binarized-mnist", data_dir=tmp_path, download=False)
+
+
+def _write_idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx(tmp_path, suffix):
+    arr = np.random.default_rng(3).integers(0, 256, size=(4, 3, 5))
+    path = tmp_path / f"images-idx3-ubyte{suffix}"
+    _write_idx(path, arr)
+    out = data.read_idx(path)
+    assert out.shape == (4, 3, 5) and np.array_equal(out, arr)
+
+
+def test_mnist_t10k_from_idx_files(tmp_path):
+    folder = tmp_path / "mnist_t10k"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    imgs = rng.integers(0, 256, size=(20, 28, 28))
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", imgs)
+    _write_idx(folder / "t10k-labels-idx1-ubyte", rng.integers(0, 10, size=20))
+    ds = load_dataset("mnist-t10k", data_dir=tmp_path)
+    assert (ds.train.shape[0], ds.valid.shape[0], ds.test.shape[0]) == (16, 2, 2)
+    assert ds.image_shape == (1, 28, 28)
+    # the splits partition the images, scaled to [0, 1]
+    all_x = torch.cat([ds.train, ds.valid, ds.test])
+    expected = torch.tensor(imgs.reshape(20, 784) / 255.0, dtype=torch.float32)
+    assert torch.equal(all_x.sort(0).values, expected.sort(0).values)
+    assert ds.labels["train"].shape == (16,)
+
+
+# --------------------------------------------------------------------------- bundled and synthetic
+
+def test_digits():
+    ds = load_dataset("digits")
+    assert ds.image_shape == (1, 8, 8)
+    assert (ds.train.shape, ds.valid.shape, ds.test.shape) == ((1438, 64), (180, 64), (179, 64))
+    all_x = torch.cat([ds.train, ds.valid, ds.test])
+    assert all_x.min() == 0 and all_x.max() == 1 and not _is_binary(all_x)
+    assert {k: v.shape[0] for k, v in ds.labels.items()} == {"train": 1438, "valid": 180, "test": 179}
+    # seeded: the same split on every load
+    assert torch.equal(load_dataset("digits").valid, ds.valid)
+
+
+def test_circles_factors_match_pixels():
+    """Each image is a filled circle of its factors (x, y, r): pixel count ≈ πr² (off by less
+    than a quarter of the rim's 2πr pixels; unbiased, mean error < 0.5 px over 200 circles) and
+    pixel centroid ≈ (x, y) (within 0.25 px)."""
+    x, f = data.make_circles(200, seed=5)
+    img = x.reshape(200, 28, 28)
+    cx, cy, r = f.unbind(-1)
+    area = img.sum((1, 2))
+    err = area - math.pi * r ** 2
+    assert (err.abs() <= 0.5 * math.pi * r).all() and err.mean().abs() < 0.5
+    grid = torch.arange(28.0) + 0.5
+    mx = (img * grid[None, None, :]).sum((1, 2)) / area
+    my = (img * grid[None, :, None]).sum((1, 2)) / area
+    assert (mx - cx).abs().max() < 0.25 and (my - cy).abs().max() < 0.25
+    assert ((r >= 3) & (r <= 8)).all() and ((cx - r >= 0) & (cx + r <= 28)).all()
+
+
+def test_load_circles_dataset():
+    ds = load_dataset("circles", likelihood=BERNOULLI)
+    assert ds.image_shape == (1, 28, 28) and ds.factor_names == ("x", "y", "radius")
+    for split in ("train", "valid", "test"):
+        assert ds.factors[split].shape == (ds.split(split).shape[0], 3)
+    assert _is_binary(ds.train) and ds.binarize == "none"
+
+
+# --------------------------------------------------------------------------- user arrays
+
+@pytest.mark.parametrize("shape,image_shape", [((30, 6, 5), (1, 6, 5)), ((30, 1, 4, 4), (1, 4, 4)),
+                                               ((30, 16), (1, 4, 4)), ((30, 10), (1, 1, 10))])
+@pytest.mark.parametrize("ext", [".npy", ".npz"])
+def test_load_array_files(tmp_path, shape, image_shape, ext):
+    arr = np.random.default_rng(6).random(shape).astype(np.float32)
+    path = tmp_path / f"imgs{ext}"
+    if ext == ".npy":
+        np.save(path, arr)
+    else:
+        np.savez(path, labels=np.arange(30), images=arr)  # a named image array is preferred
+    ds = load_dataset(str(path))
+    assert ds.image_shape == image_shape
+    d = math.prod(image_shape)
+    assert (ds.train.shape, ds.valid.shape, ds.test.shape) == ((24, d), (3, d), (3, d))
+    all_x = torch.cat([ds.train, ds.valid, ds.test])
+    assert torch.equal(all_x.sort(0).values, torch.from_numpy(arr.reshape(30, d)).sort(0).values)
+
+
+@pytest.mark.parametrize("arr,match", [
+    (np.random.default_rng(0).random(30), "shape"),
+    (np.random.default_rng(0).random((3, 3, 4, 4)), "shape"),
+    (np.zeros((0, 4, 4)), "empty"),
+    (np.full((10, 4, 4), 255.0), "divide by 255"),
+    (np.full((10, 4, 4), -0.5), r"\[0.0, 1.0\]"),
+    (np.full((10, 4, 4), np.nan), "NaN"),
+    (np.array([["a", "b"]] * 5), "numeric"),
+])
+def test_bad_arrays_refused(tmp_path, arr, match):
+    path = tmp_path / "bad.npy"
+    np.save(path, arr)
+    with pytest.raises(DataError, match=match):
+        load_dataset(str(path))
+
+
+def test_bad_files_refused(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(str(tmp_path / "missing.npy"))
+    (tmp_path / "junk.npy").write_text("not numpy")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(str(tmp_path / "junk.npy"))
+    np.savez(tmp_path / "two.npz", a=np.zeros((4, 4, 4)), b=np.zeros((4, 4, 4)))
+    with pytest.raises(DataError, match="no usable image array"):
+        load_dataset(str(tmp_path / "two.npz"))
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+# --------------------------------------------------------------------------- data directory
+
+def test_data_dir_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPL_VAE_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data.resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert data.resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("PPL_VAE_DATA")
+    assert data.resolve_data_dir(None) == tmp_path / "cache" / "ppl_vae"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.resolve_data_dir(None) == tmp_path / "home" / ".cache" / "ppl_vae"
+
+
+def test_data_dir_env_is_used_by_load_dataset(tmp_path, monkeypatch):
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        _write_amat(folder / f"binarized_mnist_{split}.amat", np.ones((3, 784)))
+    monkeypatch.setenv("PPL_VAE_DATA", str(tmp_path))
+    assert load_dataset("binarized-mnist", download=False).train.shape == (3, 784)
+    # an explicit data_dir wins over the environment
+    with pytest.raises(DataError, match=str(tmp_path / "elsewhere")):
+        load_dataset("binarized-mnist", data_dir=tmp_path / "elsewhere", download=False)
+
+
+def test_auto_falls_back_to_digits_with_a_warning(tmp_path):
+    """Nothing in the data dir and no network: MNIST's download fails, digits it is."""
+    with pytest.warns(UserWarning, match="falling back to scikit-learn's 8x8 digits") as rec:
+        ds = load_dataset("auto", data_dir=tmp_path, likelihood=BERNOULLI)
+    assert ds.name == "digits" and ds.image_shape == (1, 8, 8)
+    assert "--data-dir" in str(rec[0].message)
+    assert ds.binarize == "dynamic"  # greyscale under a Bernoulli
+
+
+def test_auto_prefers_local_binarized_mnist_over_digits(tmp_path):
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        _write_amat(folder / f"binarized_mnist_{split}.amat.gz", np.ones((3, 784)))
+    with pytest.warns(UserWarning, match="static binarized MNIST"):
+        ds = load_dataset("auto", data_dir=tmp_path, likelihood=BERNOULLI)
+    assert ds.name == "binarized-mnist" and ds.train.shape == (3, 784)
+
+
+# --------------------------------------------------------------------------- binarization
+
+def test_binarize_auto_is_dynamic_for_greyscale_under_bernoulli():
+    ds = load_dataset("digits", likelihood=BERNOULLI)
+    grey = load_dataset("digits")
+    assert ds.binarize == "dynamic"
+    assert torch.equal(ds.train, grey.train)  # training images stay greyscale ...
+    idx = torch.arange(ds.train.shape[0])
+    b1, b2 = ds.train_batch(idx), ds.train_batch(idx)
+    assert _is_binary(b1) and not torch.equal(b1, b2)  # ... and are drawn afresh per batch
+    # E[Bernoulli(p)] = p: the per-pixel mean over the draws matches the greyscale mean (5 SE)
+    p = grey.train.mean()
+    se = math.sqrt(p * (1 - p) / grey.train.numel())
+    assert abs(b1.mean() - p) < 5 * se
+    assert _is_binary(ds.valid) and _is_binary(ds.test)  # held-out splits: drawn once, seeded
+    assert torch.equal(ds.valid, load_dataset("digits", likelihood=BERNOULLI).valid)
+    assert (ds.valid <= (grey.valid > 0)).all()  # black stays black
+
+
+@pytest.mark.parametrize("likelihood", [None, "continuous-bernoulli", "gaussian"])
+def test_binarize_auto_keeps_greyscale_otherwise(likelihood):
+    lik = make_likelihood(likelihood) if likelihood else None
+    ds = load_dataset("digits", likelihood=lik)
+    assert ds.binarize == "none" and not _is_binary(ds.train)
+    assert torch.equal(ds.train_batch(torch.arange(5)), ds.train[:5])
+
+
+def test_binarize_static_draws_once_for_every_split():
+    ds = load_dataset("digits", binarize="static")
+    assert ds.binarize == "static"
+    assert all(_is_binary(ds.split(s)) for s in ("train", "valid", "test"))
+    idx = torch.arange(10)
+    assert torch.equal(ds.train_batch(idx), ds.train_batch(idx))
+    assert torch.equal(ds.train, load_dataset("digits", binarize="static").train)
+
+
+def test_binarize_explicit_dynamic_and_none():
+    ds = load_dataset("digits", binarize="dynamic")
+    assert ds.binarize == "dynamic" and not _is_binary(ds.train) and _is_binary(ds.valid)
+    ds = load_dataset("digits", binarize="none", likelihood=make_likelihood("continuous-bernoulli"))
+    assert ds.binarize == "none" and not _is_binary(ds.valid)
+
+
+def test_binarize_is_a_no_op_on_binary_data():
+    ds = load_dataset("circles", binarize="dynamic")
+    assert ds.binarize == "none"
+
+
+def test_unknown_binarize_refused():
+    with pytest.raises(DataError, match="dynamic"):
+        load_dataset("digits", binarize="sometimes")
+
+
+def test_greyscale_with_bernoulli_and_no_binarization_is_refused():
+    with pytest.raises(DataError) as e:
+        load_dataset("digits", binarize="none", likelihood=BERNOULLI)
+    msg = str(e.value)
+    assert "--binarize" in msg and "continuous-bernoulli" in msg and "\n" not in msg
+
+
+def test_data_outside_likelihood_support_refused(tmp_path):
+    path = tmp_path / "signed.npy"
+    np.save(path, np.random.default_rng(0).random((10, 4, 4)))
+    ds = load_dataset(str(path))
+    ds.train = ds.train - 0.5  # e.g. centred data
+    with pytest.raises(DataError, match="must lie in"):
+        data.check_for_likelihood(ds, make_likelihood("continuous-bernoulli"))
+    data.check_for_likelihood(ds, make_likelihood("gaussian"))  # any real value is fine
+
+
+# --------------------------------------------------------------------------- real data
+
+def test_mnist_t10k_real(data_dir):
+    ds = load_dataset("mnist-t10k", data_dir=data_dir)
+    assert (ds.train.shape, ds.valid.shape, ds.test.shape) == ((8000, 784), (1000, 784), (1000, 784))
+    assert ds.train.min() == 0 and ds.train.max() == 1 and not _is_binary(ds.train)
+    assert 0.1 < ds.train.mean() < 0.15  # MNIST's mean intensity is about 0.13
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bin_ds = load_dataset("mnist-t10k", data_dir=data_dir, likelihood=BERNOULLI)
+    assert bin_ds.binarize == "dynamic" and _is_binary(bin_ds.test)
