@@ -30,6 +30,8 @@ from sklearn.metrics import r2_score
 from torch.distributions import Normal, kl_divergence
 
 from ppl_vae import plots
+from ppl_vae.cli import int_list
+from ppl_vae.nets import ARCHS
 from ppl_vae.data import load_dataset
 
 N_FIT = 10000  # training images the linear read-out is fitted on
@@ -50,6 +52,8 @@ def main(argv=None) -> int:
     p = _common.parser(__doc__.split("\n\n")[0], "circles", dataset="circles")
     p.add_argument("--epochs", type=int, default=None, help="epochs per β (default: 30; --quick: 4)")
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 4.0], help="β values (default: 1 4)")
+    p.add_argument("--arch", choices=ARCHS, default="mlp", help="networks (default: mlp)")
+    p.add_argument("--hidden", type=int_list, default=[400], help="MLP widths (default: 400)")
     args = p.parse_args(argv)
     out = _common.setup(args)
     data = load_dataset(args.dataset, args.data_dir)  # circles are generated: (x, y, radius) known
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     for beta in args.betas:
         tag = f"beta{beta:g}"
         vae, summary, _ = _common.fit(data, out / tag, z_dim=3, beta=beta, epochs=epochs, seed=args.seed,
-                                      final_iwae_k=0)
+                                      arch=args.arch, hidden=args.hidden, final_iwae_k=0)
         with torch.no_grad():
             z_tr = vae.encode(data.train[:N_FIT])[0].numpy()  # (n, 3)
             loc, scale = vae.encode(data.test)  # (N, 3) each

@@ -118,7 +118,8 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     version, or lacking a field of :data:`FIELDS`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} " + ("is a directory, not a checkpoint file" if path.is_dir()
+                                                       else "does not exist"))
     _check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says it all

@@ -45,6 +45,7 @@ from torch.distributions import kl_divergence
 DATA_PLATE = "data"
 DEFAULT_CHUNK = 100_000  # particles × datapoints per vectorized pass: bounds memory, not K
 SAMPLE_UNIT = 100  # particles per seeded draw; a pass holds whole units (memory ≥ SAMPLE_UNIT·N)
+PSIS_MIN_SAMPLES = 21  # ArviZ's Pareto tail, ceil(min(0.2 K, 3 √K)), needs more than 4 weights
 
 
 @dataclass
@@ -196,7 +197,7 @@ class Draws(NamedTuple):
     elbo_analytic: torch.Tensor | None
 
 
-def _pass_terms(model_tr, guide_tr, n, nesting, analytic_kl) -> Draws:
+def _pass_terms(model_tr, guide_tr, nesting, analytic_kl) -> Draws:
     obs = latent_mc = latent_kl = 0.0  # each becomes (k, N)
     for name, site in model_tr.nodes.items():
         if site["type"] != "sample":
@@ -246,10 +247,10 @@ def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None,
     _check_k(num_samples)
     if nesting is None:
         nesting = max_plate_nesting(model, guide, x, **kwargs)
-    with _rng_fork() if seed is not None else nullcontext():
-        for units in _plan(num_samples, x.shape[0], chunk_size, seed):
+    for units in _plan(num_samples, x.shape[0], chunk_size, seed):
+        with _rng_fork() if seed is not None else nullcontext():  # restored before each yield
             model_tr, guide_tr = _pass_traces(model, guide, x, units, nesting, kwargs)
-            yield _pass_terms(model_tr, guide_tr, x.shape[0], nesting, analytic_kl)
+        yield _pass_terms(model_tr, guide_tr, nesting, analytic_kl)
 
 
 def log_importance_weights(model, guide, x, num_samples: int, seed: int | None = None,
@@ -274,6 +275,9 @@ class _Moments:
         c = v.shape[0]
         mean = v.mean(0)  # (N,)
         m2 = (v - mean).pow(2).sum(0)  # (N,)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = c, mean, m2
+            return
         total = self.count + c
         delta = mean - self.mean
         self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * c / total)
@@ -294,7 +298,7 @@ class _GroupedLSE:
 
     def __init__(self, k: int):
         self.k, self.pos = k, 0
-        self.lse = self.lse2 = -math.inf  # open group's log Σw, log Σw² (become (N,))
+        self.lse = self.lse2 = None  # the open group's log Σw, log Σw²: (N,) once pos > 0
         self.values = _Moments()
         self.delta_var = 0.0  # Σ over groups of the delta-method variance (becomes (N,))
 
@@ -313,13 +317,14 @@ class _GroupedLSE:
                 lw = lw[g * self.k:]
                 continue
             part = lw[:self.k - self.pos]  # (≤ k − pos, N)
-            self.lse = torch.logaddexp(torch.as_tensor(self.lse), torch.logsumexp(part, 0))  # (N,)
-            self.lse2 = torch.logaddexp(torch.as_tensor(self.lse2), torch.logsumexp(2 * part, 0))
+            lse, lse2 = torch.logsumexp(part, 0), torch.logsumexp(2 * part, 0)  # (N,)
+            if self.pos:
+                lse, lse2 = torch.logaddexp(self.lse, lse), torch.logaddexp(self.lse2, lse2)
+            self.lse, self.lse2 = lse, lse2
             self.pos += part.shape[0]
             lw = lw[part.shape[0]:]
             if self.pos == self.k:
                 self._close(self.lse[None], self.lse2[None])
-                self.lse = self.lse2 = -math.inf
                 self.pos = 0
 
     def estimate(self) -> Estimate:
@@ -332,6 +337,7 @@ class _GroupedLSE:
 
 
 def _check_ks(ks, num_samples) -> list[int]:
+    _check_k(num_samples)
     ks = sorted(set(ks or []))
     for k in ks:
         _check_k(k)
@@ -359,8 +365,9 @@ def iwae(model, guide, x, num_samples: int, seed: int | None = None, chunk_size:
     r"""IWAE_K(x) = log (1/K) Σ_k w_k per datapoint, ``(N,)`` nats: the importance-weighted
     estimate of log p(x) (a lower bound in expectation, tight as K → ∞).
 
-    Memory is bounded by ``chunk_size`` (particles × datapoints per pass), independent of K:
-    log Σw and log Σw² are accumulated by a streaming log-sum-exp.
+    Memory is bounded by ``chunk_size`` (particles × datapoints per pass; at least one unit of
+    :data:`SAMPLE_UNIT` particles when seeded), independent of K: log Σw and log Σw² are
+    accumulated by a streaming log-sum-exp.
 
     Standard error (delta method): with m̂ = (1/K) Σ w_k and v̂ the sample variance of the
     w_k, Var(log m̂) ≈ v̂ / (K m̂²), i.e. ``stderr = sqrt((K Σw² / (Σw)² − 1) / (K − 1))``.
@@ -424,7 +431,14 @@ def iwae_loss(model, guide, x, num_particles: int, size: int | None = None, nest
 
 def psis_from_log_weights(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pareto k̂ ``(N,)`` and PSIS effective sample size ``(N,)`` (float64) of log-weights
-    ``(K, N)``. ESS = 1 / Σ_k w̃_k² with w̃ the normalized Pareto-smoothed weights."""
+    ``(K, N)``. ESS = 1 / Σ_k w̃_k² with w̃ the normalized Pareto-smoothed weights.
+
+    k̂ needs K ≥ :data:`PSIS_MIN_SAMPLES` (a tail of at least 5 weights): below that it is NaN
+    and the ESS uses the raw weights. k̂ = inf where ArviZ could not fit the tail (e.g. tied
+    weights)."""
+    if log_w.shape[0] < PSIS_MIN_SAMPLES:
+        w = torch.softmax(log_w.detach().double(), 0)  # (K, N) normalized raw weights
+        return torch.full((log_w.shape[1],), math.nan, dtype=torch.float64), (1.0 / w.pow(2).sum(0)).cpu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import arviz

@@ -44,23 +44,23 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory written by python -m ppl_vae.fit (--out)")
     p.add_argument("--split", choices=("valid", "test"), default="test", help="(default: test)")
-    p.add_argument("--num-samples", "-K", type=int, default=5000, help="K importance samples per datapoint for "
+    p.add_argument("--num-samples", "-K", type=int, default=5000, metavar="K", help="K importance samples per datapoint for "
                    "log p(x) ≈ IWAE_K (default: 5000)")
-    p.add_argument("--ks", type=int_list, default=None, help="comma-separated k ≤ K of the convergence curve "
+    p.add_argument("--ks", type=int_list, default=None, metavar="K1,K2,...", help="comma-separated k ≤ K of the convergence curve "
                    "IWAE_k (default: those of 1,10,100,1000,5000 that are ≤ K; K is always added)")
-    p.add_argument("--subset", type=int, default=None, help="evaluate a random subset of N datapoints, drawn "
+    p.add_argument("--subset", type=int, default=None, metavar="N", help="evaluate a random subset of N datapoints, drawn "
                    "with --seed (the binarized-MNIST files are ordered by class: never take the first N) "
                    "(default: the whole split)")
-    p.add_argument("--json", default=None, help="write the summary (and the run's config) to this JSON file")
-    p.add_argument("--per-datapoint", default=None, help="write per-datapoint arrays to this .npz file")
-    p.add_argument("--data-dir", default=None, help="where the data are (default: the run's, else "
+    p.add_argument("--json", default=None, metavar="FILE", help="write the summary (and the run's config) to this JSON file")
+    p.add_argument("--per-datapoint", default=None, metavar="FILE.npz", help="write per-datapoint arrays to this .npz file")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="where the data are (default: the run's, else "
                    "$PPL_VAE_DATA, else ~/.cache/ppl_vae)")
     p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best",
                    help="best.pt (best validation ELBO) or checkpoint.pt (latest) (default: best)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BLOCK, help=f"datapoints per block; part of the "
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BLOCK, metavar="B", help=f"datapoints per block; part of the "
                    f"protocol, since a block's draws are seeded together (default: {DEFAULT_BLOCK})")
-    p.add_argument("--chunk-size", type=int, default=None, help=f"particles × datapoints per vectorized pass: "
+    p.add_argument("--chunk-size", type=int, default=None, metavar="C", help=f"particles × datapoints per vectorized pass: "
                    f"bounds memory, halved on CUDA out-of-memory; does not change results (default: "
                    f"{CHUNK['cpu']} on CPU, {CHUNK['cuda']} on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every draw (default: 0)")
@@ -88,6 +88,8 @@ def check_args(args) -> list[int]:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.per_datapoint and not args.per_datapoint.endswith(".npz"):
         raise UserError(f"--per-datapoint must name a .npz file, got {args.per_datapoint!r}")
     return sorted({*ks, K})
@@ -185,11 +187,24 @@ def summarize(res: dict, ks, dim: int) -> dict:
     s["gap_bits_per_dim"] = s["gap"] / (dim * math.log(2))
     s["iwae_by_k"] = {str(k): float(np.mean(v)) for k, v in zip(ks, res["iwae_by_k"])}
     s["iwae_by_k_stderr"] = {str(k): mc_se(se) for k, se in zip(ks, res["iwae_by_k_stderr"])}
-    s["khat_mean"] = float(np.mean(res["khat"]))
-    s["khat_frac_above_0_7"] = float(np.mean(res["khat"] > 0.7))
-    s["khat_frac_above_0_5"] = float(np.mean(res["khat"] > 0.5))
+    khat = res["khat"][~np.isnan(res["khat"])]  # NaN: K too small to fit a tail
+    finite = khat[np.isfinite(khat)]
+    s["khat_mean"] = float(np.mean(finite)) if len(finite) else None  # over finite k̂
+    s["khat_frac_above_0_7"] = float(np.mean(khat > 0.7)) if len(khat) else None  # inf counts as > 0.7
+    s["khat_frac_above_0_5"] = float(np.mean(khat > 0.5)) if len(khat) else None
     s["ess_median"] = float(np.median(res["ess"]))
     return s
+
+
+def json_safe(obj):
+    """NaN/inf (e.g. the standard error of a single draw) → ``null``: strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def format_table(s: dict, dim: int, header: str) -> str:
@@ -202,8 +217,13 @@ def format_table(s: dict, dim: int, header: str) -> str:
         lines.append(row(f"IWAE k={k}", v, s["iwae_by_k_stderr"][k]))
     lines.append(row(f"log p(x) (IWAE K={s['num_samples']})", s["log_px"], s["log_px_stderr"]))
     lines.append(f"{'gap log p(x) − ELBO':<28}{s['gap']:>12.3f}{s['gap_stderr']:>10.3f}{s['gap_bits_per_dim']:>12.4f}")
-    lines.append(f"Pareto k̂: mean {s['khat_mean']:.3f}, fraction > 0.7: {s['khat_frac_above_0_7']:.3f} "
-                 f"(> 0.5: {s['khat_frac_above_0_5']:.3f}); median PSIS ESS {s['ess_median']:.1f} of K")
+    if s["khat_frac_above_0_7"] is None:
+        lines.append(f"Pareto k̂: not computed (needs K >= {estimators.PSIS_MIN_SAMPLES}); median ESS "
+                     f"{s['ess_median']:.1f} of K")
+    else:
+        mean = "n/a" if s["khat_mean"] is None else f"{s['khat_mean']:.3f}"
+        lines.append(f"Pareto k̂: mean {mean}, fraction > 0.7: {s['khat_frac_above_0_7']:.3f} "
+                     f"(> 0.5: {s['khat_frac_above_0_5']:.3f}); median PSIS ESS {s['ess_median']:.1f} of K")
     lines.append(f"across-datapoint SE of log p(x): {s['log_px_stderr_across_datapoints']:.3f} nats "
                  f"(the test set's own spread; the ± column is Monte Carlo error only)")
     return "\n".join(lines)
@@ -259,7 +279,7 @@ def main(argv=None) -> int:
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(s, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(json_safe(s), indent=2, allow_nan=False) + "\n")
         if args.per_datapoint:
             np.savez(args.per_datapoint, index=index.numpy(), ks=np.asarray(ks),
                      **{k: res[k] for k in (*PER_DATAPOINT, "iwae_by_k", "iwae_by_k_stderr")})

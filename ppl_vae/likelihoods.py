@@ -78,7 +78,8 @@ class Gaussian(Likelihood):
         self.sigma = float(sigma)
 
     def dist(self, out):
-        return dist.Normal(out, self.sigma, validate_args=False).to_event(1)
+        scale = out.new_full((), self.sigma)  # filled on the device: no host-to-device copy per step
+        return dist.Normal(out, scale, validate_args=False).to_event(1)
 
     def mean(self, out):
         return out

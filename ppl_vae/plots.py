@@ -37,7 +37,7 @@ def _save(fig, path):
 
 def _grid(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
     imgs = x.detach().float().cpu().clamp(0, 1).reshape(-1, *image_shape)  # (N, C, H, W)
-    return make_grid(imgs, nrow=nrow, padding=1, pad_value=0.5)[0]  # (H', W') first channel
+    return make_grid(imgs, nrow=nrow, padding=1, pad_value=0.5)[0].numpy()  # (H', W') first channel
 
 
 def image_grid(x: torch.Tensor, image_shape, nrow: int = 10, title: str = "", path=None):

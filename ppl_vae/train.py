@@ -285,7 +285,10 @@ class Trainer:
             with _signals_to_flag(flag):
                 while s.epoch < cfg.epochs:
                     self._run_epoch(steps, b, n, bar, flag)
-                    if self._end_epoch(steps):
+                    stop = self._end_epoch(steps)
+                    if flag:  # arrived during validation or the save: the epoch's checkpoint holds it all
+                        raise Interrupted(flag["signum"], self.out / "checkpoint.pt")
+                    if stop:
                         break
         finally:
             bar.close()
@@ -336,7 +339,8 @@ class Trainer:
         self.model.eval()
         valid_elbo = bound_on(self.model, self.data.valid)
         if not math.isfinite(valid_elbo):  # the last step's update broke the parameters: do not save them
-            raise self._non_finite("validation ELBO", valid_elbo, f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
+            raise self._non_finite("validation ELBO", valid_elbo,
+                                   f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
         self.model.train()
         s.epoch += 1
         s.perm, s.step, s.loss_sum = None, 0, 0.0

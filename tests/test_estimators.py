@@ -265,6 +265,9 @@ def test_khat_small_for_good_guide_large_for_mismatched_one():
     assert (k_bad > 0.7).all(), k_bad
     assert (ess_good > 5 * ess_bad).all()
     assert ((ess_good > 1) & (ess_good <= 2000)).all()
+    # too few draws to fit a Pareto tail: k̂ is NaN (not a number that looks fine), ESS still in [1, K]
+    k_few, ess_few = E.psis_diagnostics(lg.model, good, x, E.PSIS_MIN_SAMPLES - 1, seed=0)
+    assert k_few.isnan().all() and ((ess_few >= 1) & (ess_few <= E.PSIS_MIN_SAMPLES - 1)).all()
 
 
 def test_analytic_kl_without_closed_form_raises():

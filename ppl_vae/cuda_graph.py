@@ -1,0 +1,73 @@
+"""Whole training steps captured in CUDA graphs (GPU only).
+
+One step (gather the batch by index, Pyro model + guide traces, the ELBO, backward, a fused
+capturable Adam update) launches a few hundred small kernels; at batch 128 the GPU finishes
+them faster than Python can issue them. Capturing the step once and replaying it per batch
+removes the Python and launch overhead. What makes Pyro's ELBO capturable (see
+:mod:`ppl_vae.objectives` and :mod:`ppl_vae.model`): the loss never leaves the device (no
+``.item()``, no host NaN check), the data plate gets explicit device-side ``subsample``
+indices (no CPU ``randperm``), constants such as the prior's parameters are device buffers
+(no host-to-device copies), and β is a device tensor so KL warm-up changes it without
+recapturing.
+
+:class:`GraphedStep` wraps a ``step(idx, beta) -> loss`` function that does the whole update
+for the batch ``idx``. For each batch size it runs ``warmup`` real steps eagerly on a side
+stream (as CUDA graph capture requires), captures the next one, and replays from then on;
+the eager steps and the replays follow the same sequence of updates. If capture fails, it
+warns once and stays eager (``--no-cuda-graph`` asks for eager from the start).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+class GraphedStep:
+    """``__call__(idx, beta) -> loss``: a training step, replayed from a CUDA graph per batch size.
+
+    The returned loss tensor is static (overwritten by the next replay): consume it (e.g.
+    add it to a running sum) before the next call.
+    """
+
+    def __init__(self, step, device: torch.device, warmup: int = 3):
+        self.step = step
+        self.warmup = warmup
+        self.beta = torch.ones((), device=device)  # read by the captured graph at every replay
+        self.graphs: dict[int, tuple] = {}
+        self.eager_steps: dict[int, int] = {}
+        self.failed = False
+
+    def _eager(self, idx):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            loss = self.step(idx, self.beta)
+        torch.cuda.current_stream().wait_stream(side)
+        return loss
+
+    def __call__(self, idx: torch.Tensor, beta: float) -> torch.Tensor:
+        self.beta.fill_(beta)
+        b = idx.shape[0]
+        if b in self.graphs:
+            graph, static_idx, static_loss = self.graphs[b]
+            static_idx.copy_(idx)
+            graph.replay()
+            return static_loss
+        if self.failed or self.eager_steps.get(b, 0) < self.warmup:
+            self.eager_steps[b] = self.eager_steps.get(b, 0) + 1
+            return self._eager(idx) if not self.failed else self.step(idx, self.beta)
+        static_idx = idx.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records the kernels; nothing runs yet
+                static_loss = self.step(static_idx, self.beta)
+        except Exception as e:  # noqa: BLE001 - any capture failure: fall back, never lose the run
+            self.failed = True
+            warnings.warn(f"CUDA graph capture failed ({e.__class__.__name__}: {str(e)[:200]}); "
+                          f"training continues eagerly", stacklevel=2)
+            torch.cuda.synchronize()
+            return self.step(idx, self.beta)
+        self.graphs[b] = (graph, static_idx, static_loss)
+        graph.replay()  # this step's update
+        return static_loss

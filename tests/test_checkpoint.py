@@ -1,0 +1,261 @@
+"""Checkpoints in process: atomic writes that survive a full disk, safe loading that refuses
+every damaged or crafted file with one clear line, RNG states that round-trip exactly.
+See docs/reliability.md."""
+import errno
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ppl_vae import __version__, checkpoint
+from ppl_vae.config import FitConfig
+from ppl_vae.errors import CheckpointError, CheckpointWriteError, UserError
+from ppl_vae.train import Trainer, load_run, read_metrics
+
+
+@pytest.fixture(scope="module")
+def bits(tmp_path_factory) -> Path:
+    """60 binary 4x4 images (N, 16): 48 train points, 3 steps per epoch of batch 16."""
+    x = (np.random.default_rng(1).random((60, 16)) < 0.3).astype(np.float32)
+    path = tmp_path_factory.mktemp("data") / "bits.npy"
+    np.save(path, x)
+    return path
+
+
+def tiny_config(bits, **kw) -> FitConfig:
+    return FitConfig(dataset=str(bits), hidden=[8], z_dim=2, batch_size=16, final_iwae_k=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def run(bits, tmp_path_factory) -> Path:
+    """A finished 1-epoch run (read only)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    Trainer(tiny_config(bits, epochs=1), out, quiet=True).run()
+    return out
+
+
+class DiskFull:
+    """Stands in for ``torch.save``: from call ``fail_from`` on, writes part of the file, then
+    raises ENOSPC like a full disk."""
+
+    def __init__(self, fail_from: int):
+        self.fail_from, self.calls, self.save = fail_from, 0, torch.save
+
+    def __call__(self, obj, f, *args, **kwargs):
+        self.calls += 1
+        if self.calls < self.fail_from:
+            return self.save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [f for f in folder.iterdir() if f.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- writing
+
+def test_atomic_save_writes_a_loadable_file_with_the_usual_permissions(tmp_path):
+    obj = {"a": torch.arange(5.0), "b": [1, "x", None]}
+    checkpoint.atomic_save(obj, tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert torch.equal(back["a"], obj["a"]) and back["b"] == obj["b"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    assert no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["torch.save", "os.fsync", "os.replace"])
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, where):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.atomic_save({"format_version": 0, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(*{"torch.save": (torch, "save", DiskFull(1)), "os.fsync": (os, "fsync", enospc),
+                          "os.replace": (os, "replace", enospc)}[where])
+    with pytest.raises(CheckpointWriteError) as e:
+        checkpoint.atomic_save({"format_version": 0, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+    assert str(e.value) == (f"could not write {path} (No space left on device); any previous checkpoint.pt "
+                            f"there is intact")
+    assert path.read_bytes() == before and no_temp_files(tmp_path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+
+
+def test_disk_full_during_training_keeps_the_last_checkpoint_and_resumes(bits, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    t = Trainer(tiny_config(bits, epochs=3), out, quiet=True)
+    disk = DiskFull(fail_from=3)  # epoch 1 writes checkpoint.pt and best.pt; epoch 2's first write fails
+    monkeypatch.setattr(torch, "save", disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        t.run()
+    monkeypatch.undo()
+    ckpt = checkpoint.load(out / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0) and no_temp_files(out)
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]  # epoch 2 was logged, not saved
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_el')  # and a line cut short by the crash
+    t2 = Trainer(FitConfig.load(out / "config.json"), out, resume=True, quiet=True)
+    assert t2.state.epoch == 1 and [m["epoch"] for m in read_metrics(out)] == [1]
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in t2.model.state_dict().items())
+
+
+def test_disk_full_through_the_cli_is_one_line_and_exit_1(bits, tmp_path, monkeypatch, capsys):
+    from ppl_vae.fit import main
+
+    monkeypatch.setattr(torch, "save", DiskFull(fail_from=3))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset", str(bits), "--hidden", "8", "--z-dim", "2", "--batch-size", "16", "--epochs", "3",
+              "--final-iwae-k", "0", "--quiet", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("python -m ppl_vae.fit: error: could not write ") and "is intact" in err
+
+
+# --------------------------------------------------------------------------- reading
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _damaged(run: Path, tmp_path: Path, kind: str) -> Path:
+    """A copy of ``run``'s checkpoint damaged in one way."""
+    good = (run / "checkpoint.pt").read_bytes()
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "junk":
+        path.write_bytes(b"hello world" * 10)
+    elif kind.startswith("truncated"):
+        path.write_bytes(good[:int(len(good) * float(kind.split("-")[1]))])
+    elif kind.startswith("flip"):
+        member = "data.pkl" if kind == "flip-pickle" else "data/0"
+        with zipfile.ZipFile(run / "checkpoint.pt") as z:
+            info = next(i for i in z.infolist() if i.filename.endswith(member))
+        data = bytearray(good)
+        local = info.header_offset  # local header: 30 bytes, then the name and an extra field of its own length
+        start = local + 30 + int.from_bytes(good[local + 26:local + 28], "little") + \
+            int.from_bytes(good[local + 28:local + 30], "little")
+        data[start + info.file_size // 2] ^= 0x10
+        path.write_bytes(data)
+    elif kind == "not-a-dict":
+        torch.save([1, 2, 3], path)
+    elif kind == "format":
+        torch.save({**ckpt, "format_version": 2, "package_version": "9.9"}, path)
+    elif kind == "no-format":
+        torch.save({k: v for k, v in ckpt.items() if k != "format_version"}, path)
+    elif kind == "incomplete":
+        torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "missing":
+        pass
+    elif kind == "evil-torch":
+        torch.save({**ckpt, "model": Evil(tmp_path / "MARKER")}, path)
+    elif kind == "evil-pickle":
+        with open(path, "wb") as f:
+            pickle.dump({**ckpt, "model": Evil(tmp_path / "MARKER")}, f)
+    elif kind == "evil-in-archive":  # a pickle payload swapped into an intact-looking archive
+        with zipfile.ZipFile(run / "checkpoint.pt") as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                body = src.read(info)
+                if info.filename.endswith("data.pkl"):
+                    body = pickle.dumps(Evil(tmp_path / "MARKER"), protocol=2)
+                dst.writestr(info, body)
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("empty", "is truncated or corrupt (not a readable PyTorch archive: BadZipFile)"),
+    ("junk", "is truncated or corrupt"),
+    ("truncated-0.1", "is truncated or corrupt"),
+    ("truncated-0.5", "is truncated or corrupt"),
+    ("truncated-0.999", "is truncated or corrupt"),
+    ("flip-tensor", "/data/0 fails its CRC-32 check)"),
+    ("flip-pickle", "/data.pkl fails its CRC-32 check)"),
+    ("not-a-dict", "is not a ppl_vae checkpoint (no format_version field)"),
+    ("no-format", "is not a ppl_vae checkpoint (no format_version field)"),
+    ("format", "has checkpoint format 2, this ppl_vae reads format 1; use the ppl_vae version that wrote it (9.9)"),
+    ("incomplete", "is an incomplete ppl_vae checkpoint (missing or malformed: optimizer, rng)"),
+    ("directory", "is a directory, not a checkpoint file"),
+    ("missing", "does not exist"),
+    ("evil-torch", "refusing to load"),
+    ("evil-pickle", "is truncated or corrupt (not a readable PyTorch archive"),
+    ("evil-in-archive", "refusing to load"),
+])
+def test_every_bad_checkpoint_is_one_clear_error(run, tmp_path, capfd, kind, message):
+    path = _damaged(run, tmp_path, kind)
+    capfd.readouterr()
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(path)
+    text = str(e.value)
+    assert message in text and str(path) in text and "\n" not in text, text
+    if kind.startswith("evil"):
+        assert not (tmp_path / "MARKER").exists()  # the payload never ran
+        if kind != "evil-pickle":
+            assert "GLOBAL posix.system" in text and "could run code" in text, text
+    assert capfd.readouterr().err == ""  # no warnings either: the error is the only output
+
+
+def test_the_marker_would_appear_if_the_file_were_unpickled(run, tmp_path):
+    """Control for the malicious-file cases: the payload is real."""
+    path = _damaged(run, tmp_path, "evil-pickle")
+    with open(path, "rb") as f:
+        pickle.load(f)
+    assert (tmp_path / "MARKER").exists()
+
+
+def test_load_run_refuses_a_checkpoint_of_another_model(run, tmp_path):
+    for f in run.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = FitConfig.load(tmp_path / "config.json")
+    cfg.z_dim = 3
+    cfg.save(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=r"does not match the requested model \(z_dim: checkpoint has 2, "
+                                              r"requested 3\)"):
+        load_run(tmp_path)
+    with pytest.raises(UserError, match="is not a ppl_vae run directory"):
+        load_run(tmp_path / "nowhere")
+
+
+def test_checkpoint_fields_and_versions(run):
+    ckpt = checkpoint.load(run / "checkpoint.pt")
+    assert set(checkpoint.FIELDS) <= set(ckpt)
+    assert ckpt["format_version"] == checkpoint.FORMAT_VERSION and ckpt["package_version"] == __version__
+    assert ckpt["config"] == FitConfig.load(run / "config.json").to_dict()
+    assert (ckpt["epoch"], ckpt["step"], ckpt["perm"]) == (1, 0, None)
+    vae, cfg = load_run(run)
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in vae.state_dict().items())
+
+
+def test_rng_states_round_trip_exactly_through_a_safe_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    np.random.normal()  # leaves a cached Gaussian in NumPy's legacy state
+    random.gauss(0, 1)  # and in Python's
+    checkpoint.atomic_save({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
+
+    def draws():
+        return torch.rand(4).tolist(), np.random.normal(size=3).tolist(), [random.gauss(0, 1), random.random()]
+
+    first = draws()
+    draws()
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert draws() == first

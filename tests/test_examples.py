@@ -1,0 +1,149 @@
+"""Every example runs with ``--quick`` as a subprocess and produces what its docstring promises:
+figures that are real pictures, and numbers that obey the identities and bounds they illustrate.
+
+The examples need MNIST-like data (the shared ``mnist_t10k`` / binarized MNIST here), except
+``circles.py``, which generates its own. Subprocesses run with one intra-op thread: these
+models are small, and two threads fighting other work on a 2-core machine are slower.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+D = 784
+
+
+def run_example(name: str, out: Path, data_dir: Path | None, *args) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(out), *map(str, args)]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return json.loads((out / "results.json").read_text())
+
+
+def assert_figure(path: Path, min_side: int = 150) -> None:
+    """A PNG that is a picture: big enough, not blank."""
+    assert path.exists(), path
+    img = plt.imread(path)
+    assert min(img.shape[:2]) >= min_side, (path, img.shape)
+    assert img[..., :3].std() > 0.02, f"{path} is (nearly) blank"
+
+
+def test_latent_2d(tmp_path, data_dir):
+    res = run_example("latent_2d", tmp_path, data_dir)
+    assert_figure(tmp_path / "manifold.png")
+    assert_figure(tmp_path / "latent_scatter.png")
+    t = res["test"]
+    # IWAE_k ≥ ELBO up to Monte Carlo noise (both from the same guide), and Bernoulli MNIST in a
+    # plausible range for a 2-D latent after a few epochs (nats per image).
+    assert t["iwae"] > t["elbo"] - 0.5
+    assert -250 < t["elbo"] < -100
+    assert 0.0 < res["share_of_codes_within_2_sigma"] <= 1.0
+    assert res["prior_share_within_2_sigma"] == pytest.approx(1 - math.exp(-2))
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("generate")
+    return out, run_example("generate", out, data_dir)
+
+
+def test_generate(generated):
+    out, res = generated
+    assert_figure(out / "samples.png")
+    assert_figure(out / "temperatures.png")
+    assert (out / "run" / "best.pt").exists()
+    # E_z[E[x|z]] over prior draws ≈ the data's mean pixel when q's aggregate resembles the prior:
+    # MNIST's is 0.13; a fitted VAE lands within a few hundredths.
+    assert res["mean_pixel_test_data"] == pytest.approx(0.13, abs=0.01)
+    assert abs(res["mean_pixel_samples"] - res["mean_pixel_test_data"]) < 0.08
+
+
+def test_generate_from_an_existing_run(generated, tmp_path, data_dir):
+    """``--run`` reuses a trained run: nothing is trained, the grid comes from ``ppl_vae.sample``."""
+    first_out, first = generated
+    res = run_example("generate", tmp_path, data_dir, "--run", first_out / "run")
+    assert res["run"] == str(first_out / "run") and not (tmp_path / "run").exists()
+    assert_figure(tmp_path / "samples.png")
+    assert res["mean_pixel_samples"] == pytest.approx(first["mean_pixel_samples"], rel=1e-5)  # same model, seed
+
+
+def test_circles(tmp_path):
+    res = run_example("circles", tmp_path, None)
+    for beta in ("1", "4"):
+        assert_figure(tmp_path / f"traversals_beta{beta}.png", min_side=100)
+        r = res["by_beta"][beta]
+        for kind in ("r2_linear", "r2_axis_aligned"):
+            assert set(r[kind]) == {"x", "y", "radius"}
+            assert all(-1.0 <= v <= 1.0 for v in r[kind].values())
+        assert all(v >= 0 for v in r["r2_axis_aligned"].values())  # squared correlations
+        # the single best coordinate cannot explain more than all three together (up to the
+        # train/test difference of the linear fit)
+        assert all(r["r2_axis_aligned"][f] <= r["r2_linear"][f] + 0.05 for f in ("x", "y", "radius"))
+        assert all(kl >= 0 for kl in r["kl_per_latent_dim"])
+    # even a short run finds the position: a linear read-out explains most of x and y
+    assert min(res["by_beta"]["1"]["r2_linear"]["x"], res["by_beta"]["1"]["r2_linear"]["y"]) > 0.5
+    assert_figure(tmp_path / "r2.png")
+
+
+def test_ae_vs_vae(tmp_path, data_dir):
+    res = run_example("ae_vs_vae", tmp_path, data_dir)
+    for f in ("prior_samples.png", "interpolations.png", "nn_distances.png"):
+        assert_figure(tmp_path / f)
+    ae, vae = res["models"]["autoencoder"], res["models"]["VAE"]
+    # Under the N(0, I) prior the VAE is the far better generative model (tens of nats here).
+    assert vae["test_log_px_iwae"] > ae["test_log_px_iwae"] + 10
+    assert ae["proposal_scale"] in (0.03, 0.1, 0.3, 1.0, 3.0) and vae["proposal_scale"] is None
+    # nothing pulls the AE's codes towards N(0, I): they sit far outside the prior's typical radius
+    assert ae["code_norm_mean"] > 2 * ae["prior_norm_mean"]
+    assert vae["prior_norm_mean"] == pytest.approx(math.sqrt(res["z_dim"]), rel=0.1)
+    for m in (ae, vae):
+        assert m["hole_ratio"] > 0 and m["nn_distance_prior_samples_median"] > 0
+
+
+def test_likelihoods(tmp_path, data_dir):
+    res = run_example("likelihoods", tmp_path, data_dir)
+    assert_figure(tmp_path / "likelihoods.png")
+    m = res["models"]
+    assert set(m) == {"bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli"}
+    assert m["bernoulli"]["binarize"] == "dynamic" and m["gaussian"]["binarize"] == "none"
+    # Bernoulli: a probability of binary images, so log p(x) ≤ 0.
+    assert m["bernoulli"]["test"]["iwae"] < 0
+    # Gaussian σ = 1: log p(x|z) ≤ −(D/2) log 2π for every z, hence so is log p(x) (1 nat of MC slack).
+    assert m["gaussian"]["test"]["iwae"] < -D / 2 * math.log(2 * math.pi) + 1
+    # The learned σ respects its floor (0.01) and goes well below σ = 1 on the background.
+    assert m["gaussian-learned"]["sigma_min"] >= 0.01 - 1e-6
+    assert m["gaussian-learned"]["test"]["iwae"] > m["gaussian"]["test"]["iwae"]
+    # ∫ Bernoulli(x | λ) dx over [0, 1] = 1/C(λ) < 1 per pixel: the formula misses mass on greyscale x.
+    assert m["bernoulli"]["bernoulli_log_mass_on_greyscale"] < -D * 0.1
+    nofloor = res["gaussian_learned_without_floor"]
+    assert isinstance(nofloor["finished"], bool)
+    if nofloor["finished"]:
+        assert nofloor["sigma_min"] < 0.01  # below the floor the other model could not cross
+
+
+def test_estimators(tmp_path, data_dir):
+    res = run_example("estimators", tmp_path, data_dir)
+    assert_figure(tmp_path / "convergence.png")
+    assert_figure(tmp_path / "khat.png")
+    for label, r in res["models"].items():
+        by_k = {int(k): v for k, v in r["iwae_by_k"].items()}
+        ks = sorted(by_k)
+        assert ks[0] == 1 and ks[-1] == res["k_max"]
+        # IWAE_1 is the Monte Carlo ELBO: the same draws, one group each.
+        assert by_k[1]["value"] == pytest.approx(r["elbo_mc"]["value"], abs=1e-3)
+        # analytic and Monte Carlo ELBO estimate the same number (within 5 MC standard errors + 0.05)
+        assert abs(r["elbo_analytic"]["value"] - r["elbo_mc"]["value"]) < 5 * r["elbo_mc"]["mc_se"] + 0.05
+        # E[IWAE_k] increases with k: each step may dip by Monte Carlo noise only
+        for a, b in zip(ks, ks[1:]):
+            assert by_k[b]["value"] > by_k[a]["value"] - 3 * (by_k[a]["mc_se"] + by_k[b]["mc_se"]) - 1e-6, label
+        assert r["gap_iwae_minus_elbo"]["mean"] > 0
+        assert 0.0 <= r["share_khat_above_0.7"] <= 1.0
