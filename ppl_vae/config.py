@@ -45,6 +45,7 @@ class FitConfig:
     patience: int | None = None      # stop after this many epochs without a better valid ELBO
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
+    cuda_graph: bool = True          # on CUDA, replay each training step from a captured CUDA graph
     log_every: int = 50              # steps between host syncs (progress bar, NaN check)
     final_iwae_k: int = 100          # K of the validation IWAE bound reported at the end (0 = skip)
     # filled in by fit()

@@ -78,6 +78,9 @@ def build_parser() -> ArgumentParser:
                    "better validation ELBO (default: off)")
     g.add_argument("--seed", type=int, default=S, help="(default: 0)")
     g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=S,
+                   help="on CUDA, run every step eagerly instead of replaying a captured CUDA graph "
+                        "(for debugging; same losses, slower)")
     g.add_argument("--log-every", type=int, default=S, help=f"steps between progress updates (default: "
                    f"{d.log_every})")
     g.add_argument("--final-iwae-k", type=int, default=S, help=f"K of the validation IWAE bound reported at the "

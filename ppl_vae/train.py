@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, checkpoint, estimators
 from .config import MODEL_KEYS, FitConfig
+from .cuda_graph import GraphedStep
 from .data import Dataset, load_dataset
 from .errors import CheckpointError, UserError
 from .likelihoods import make_likelihood
@@ -65,10 +65,14 @@ def build_model(cfg: FitConfig) -> VAE:
     return VAE(cfg.image_shape, cfg.z_dim, cfg.hidden, likelihood, cfg.arch, cfg.activation)
 
 
-def make_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:
-    """One Adam over all parameters: fused kernels on CUDA, multi-tensor (foreach) on CPU."""
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
+def make_optimizer(params, cfg: FitConfig, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+    """One Adam over all parameters: fused kernels on CUDA, multi-tensor (foreach) on CPU.
+    ``capturable`` (CUDA graphs): step counters and the learning rate live on the device, so a
+    replayed step and the per-epoch lr decay need no host values."""
+    if device.type != "cuda":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    lr = torch.tensor(cfg.lr, device=device) if capturable else cfg.lr
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=capturable)
 
 
 def beta_at(cfg: FitConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -183,9 +187,11 @@ class Trainer:
         self.cfg = cfg
         self.data = ds.to(self.device)
         self.model = (build_model(cfg) if model is None else model).to(self.device)
-        self.optim = make_optimizer(self.model.parameters(), cfg, self.device)
+        use_graph = self.device.type == "cuda" and cfg.cuda_graph
+        self.optim = make_optimizer(self.model.parameters(), cfg, self.device, capturable=use_graph)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=cfg.lr_decay)
         self.objective = make_objective(cfg.elbo, cfg.num_particles)
+        self.step_fn = GraphedStep(self._step, self.device) if use_graph else self._step
         self.state = _State()
         self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the checkpoint on disk
         if resume:
@@ -225,6 +231,15 @@ class Trainer:
             if saved.get("lr") != cfg.lr:
                 g["lr"] = g["initial_lr"] = cfg.lr
             g["weight_decay"] = cfg.weight_decay
+            # a checkpoint from another device or path (CUDA graph or eager) resumes with this run's
+            # optimizer implementation: the loaded groups carry the old one's flags
+            for key in ("fused", "foreach", "capturable"):
+                g[key] = self.optim.defaults.get(key)
+            capturable = bool(g["capturable"])
+            if isinstance(g["lr"], torch.Tensor) and not capturable:
+                g["lr"] = float(g["lr"])
+            elif capturable and not isinstance(g["lr"], torch.Tensor):
+                g["lr"] = torch.tensor(g["lr"], device=self.device)
         self.scheduler.gamma = cfg.lr_decay
         self.state = _State(ckpt["epoch"], ckpt["step"], None if perm is None else perm.to(self.device),
                             ckpt["loss_sum"], ckpt["best_valid_elbo"], ckpt["bad_epochs"])
@@ -295,6 +310,19 @@ class Trainer:
             pyro.enable_validation(validation)
         return self._finish()
 
+    def _step(self, idx: torch.Tensor, beta) -> torch.Tensor:
+        """One SVI update on the batch at ``idx``; returns the (detached) loss. Everything stays on
+        the device, so the same function runs eagerly or inside a CUDA graph (``beta`` is then a
+        device tensor)."""
+        xb = self.data.train_batch(idx)  # (B, D)
+        loss = self.objective(self.model.model, self.model.guide, xb, size=self.data.train.shape[0], beta=beta)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
+        self.optim.step()
+        return loss.detach()
+
     def _run_epoch(self, steps, b, n, bar, flag):
         cfg, s = self.cfg, self.state
         if s.perm is None:
@@ -305,15 +333,7 @@ class Trainer:
         since = 0
         while s.step < steps:
             idx = s.perm[s.step * b:(s.step + 1) * b]
-            xb = self.data.train_batch(idx)  # (B, D)
-            beta = beta_at(cfg, s.epoch, s.step, steps)
-            loss = self.objective(self.model.model, self.model.guide, xb, size=n, beta=beta)
-            self.optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
-            self.optim.step()
-            running = running + loss.detach()
+            running = running + self.step_fn(idx, beta_at(cfg, s.epoch, s.step, steps))
             s.step += 1
             since += 1
             if since == cfg.log_every or s.step == steps or flag:
