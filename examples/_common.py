@@ -38,7 +38,7 @@ DESCRIBE = {
 def parser(description: str, name: str, dataset: str = "auto") -> argparse.ArgumentParser:
     """The flags every example has: ``--quick``, ``--out``, ``--data-dir``, ``--dataset``, ``--seed``."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a args.quick, fast version (well under 2 minutes on a CPU)")
+    p.add_argument("--quick", action="store_true", help="a small, fast version (well under 2 minutes on a CPU)")
     p.add_argument("--out", default=str(REPO / "runs" / "examples" / name),
                    help=f"output folder for figures, results.json and runs (default: runs/examples/{name})")
     p.add_argument("--data-dir", default=None, help="data folder (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)")

@@ -49,7 +49,8 @@ class Autoencoder(VAE):
 
     def model(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
         """p_θ(x|z) with log p(z) masked out of the objective: z is a free code. ``beta`` is unused."""
-        pyro.module("decoder", self.decoder)
+        if self.register_params:  # as in VAE: the Trainer's torch optimizer owns the parameters
+            pyro.module("decoder", self.decoder)
         n = x.shape[0]
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
             with poutine.mask(mask=False):  # log p(z) contributes 0 to the ELBO: no pull towards N(0, I)
@@ -58,7 +59,8 @@ class Autoencoder(VAE):
 
     def guide(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
         """q(z|x) = δ(z − μ_φ(x)): log q = 0 at its draw, so the loss is −log p(x | z = μ_φ(x))."""
-        pyro.module("encoder", self.encoder)
+        if self.register_params:  # as in VAE: the Trainer's torch optimizer owns the parameters
+            pyro.module("encoder", self.encoder)
         n = x.shape[0]
         z_loc, _ = self.encoder(x)  # (N, z_dim); the log-variance head is ignored
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):

@@ -3,20 +3,25 @@
 Three numbers generate every image, so a VAE with a 3-D latent should find them. We train it
 twice, with β = 1 (the ELBO) and β = 4 (β-VAE: E_q[log p(x|z)] − β·KL(q(z|x) ‖ p(z)),
 Higgins et al. 2017), and ask how well the true factors can be read off the posterior means
-μ_φ(x) of held-out images:
+μ_φ(x) of held-out images (read-outs fitted on training images, scored on test images):
 
-* R² of a linear fit of each factor on all three latent means (fit on training images,
-  scored on test images): how much of the factor the code holds, in any rotation;
-* axis-aligned R²: the best squared correlation of the factor with a single latent
-  coordinate: whether one coordinate holds it (what β-VAE is meant to encourage).
+* linear R²: a linear fit of each factor on all three latent means: how much of the factor
+  the code holds linearly, in any rotation;
+* one-latent R²: the best squared correlation of the factor with a single coordinate:
+  whether one coordinate holds it (what β-VAE is meant to encourage);
+* k-NN R²: a 10-nearest-neighbour regression on the latent means: whether the factor can be
+  recovered from the code at all, however it is laid out.
 
-Traversals (vary one coordinate, others at 0) show what each coordinate does.
+Traversals (one coordinate varied, the others at 0) and the test codes coloured by radius show
+the layout the ELBO finds: position is a direction from the origin and radius grows with
+‖μ‖ (the smallest circle sits at z = 0), so radius is recovered by k-NN, and linearly from
+(μ, ‖μ‖), but not by a linear fit on μ.
 
     python examples/circles.py              # 30 epochs for each β, a few minutes on a CPU
-    python examples/circles.py --quick      # a args.quick subset, seconds
+    python examples/circles.py --quick      # a small subset, seconds
 
-Writes to ``--out``: ``traversals_beta1.png``, ``traversals_beta4.png``, ``r2.png``,
-``results.json`` and the runs in ``beta1/``, ``beta4/``.
+Writes to ``--out``: ``traversals_beta1.png``, ``traversals_beta4.png``,
+``latent_radius_beta1.png``, ``r2.png``, ``results.json`` and the runs in ``beta1/``, ``beta4/``.
 """
 from __future__ import annotations
 
@@ -27,25 +32,33 @@ import numpy as np
 import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
+from sklearn.neighbors import KNeighborsRegressor
 from torch.distributions import Normal, kl_divergence
 
 from ppl_vae import plots
 from ppl_vae.cli import int_list
-from ppl_vae.nets import ARCHS
 from ppl_vae.data import load_dataset
+from ppl_vae.nets import ARCHS
 
-N_FIT = 10000  # training images the linear read-out is fitted on
+N_FIT = 10000  # training images the read-outs are fitted on
 
 
-def factor_r2(z_train, f_train, z_test, f_test) -> tuple[np.ndarray, np.ndarray]:
-    """Per factor: held-out R² of a linear fit ``f ≈ A z + b`` (all latents), and the axis-aligned
-    R² = max_j corr(z_j, f)² on the test set. Inputs ``(N, z_dim)`` and ``(N, F)``; outputs ``(F,)``."""
-    reg = LinearRegression().fit(z_train, f_train)
-    r2 = r2_score(f_test, reg.predict(z_test), multioutput="raw_values")  # (F,)
+def factor_r2(z_train, f_train, z_test, f_test) -> dict:
+    """Held-out R² per factor of four read-outs of the factors ``f (N, F)`` from latent means
+    ``z (N, z_dim)``: ``linear`` (f ≈ A z + b), ``one_latent`` (max_j corr(z_j, f)² on the test
+    set), ``knn`` (10-nearest-neighbour regression) and ``linear_with_norm`` (f ≈ A z + c‖z‖ + b,
+    the read-out a radial layout calls for). Each value is an array ``(F,)``."""
+    def held_out(model, feats):
+        model.fit(feats(z_train), f_train)
+        return r2_score(f_test, model.predict(feats(z_test)), multioutput="raw_values")  # (F,)
+
+    with_norm = lambda z: np.c_[z, np.linalg.norm(z, axis=1)]  # noqa: E731  (N, z_dim + 1)
     zf = np.corrcoef(z_test.T, f_test.T)  # (z_dim + F, z_dim + F)
     d = z_test.shape[1]
-    axis = (zf[:d, d:] ** 2).max(0)  # (F,)
-    return r2, axis
+    return {"linear": held_out(LinearRegression(), lambda z: z),
+            "one_latent": (zf[:d, d:] ** 2).max(0),
+            "knn": held_out(KNeighborsRegressor(n_neighbors=10), lambda z: z),
+            "linear_with_norm": held_out(LinearRegression(), with_norm)}
 
 
 def main(argv=None) -> int:
@@ -64,7 +77,7 @@ def main(argv=None) -> int:
     names = list(data.factor_names)
     epochs = args.epochs or (4 if args.quick else 30)
     results = {"dataset": data.name, "factors": names, "epochs": epochs, "by_beta": {}}
-    bars_linear, bars_axis = {}, {}
+    bars = {}
     for beta in args.betas:
         tag = f"beta{beta:g}"
         vae, summary, _ = _common.fit(data, out / tag, z_dim=3, beta=beta, epochs=epochs, seed=args.seed,
@@ -72,24 +85,27 @@ def main(argv=None) -> int:
         with torch.no_grad():
             z_tr = vae.encode(data.train[:N_FIT])[0].numpy()  # (n, 3)
             loc, scale = vae.encode(data.test)  # (N, 3) each
-            z_te = loc.numpy()
             # KL(q(z_j|x) ‖ N(0, 1)) per coordinate, averaged over test images: ≈ 0 means an unused latent.
             kl_per_dim = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).mean(0)  # (3,) nats
             plots.latent_traversal(vae.decode, torch.zeros(3), data.image_shape, torch.linspace(-2.5, 2.5, 9),
                                    title=f"Circles, β = {beta:g}: one latent varied, the others at 0",
                                    path=out / f"traversals_{tag}.png")
-        r2, axis = factor_r2(z_tr, data.factors["train"][:N_FIT].numpy(), z_te, data.factors["test"].numpy())
-        test = _common.held_out(vae, data.test, k=100 if args.quick else 1000, seed=args.seed)
+            if beta == args.betas[0]:
+                plots.latent_scatter(loc, data.factors["test"][:, 2], discrete=False, c_label="radius (pixels)",
+                                     title=f"Circles, β = {beta:g}: test codes μ(x), coloured by radius",
+                                     path=out / f"latent_radius_{tag}.png")
+        r2 = factor_r2(z_tr, data.factors["train"][:N_FIT].numpy(), loc.numpy(), data.factors["test"].numpy())
+        test = _common.held_out(vae, data.test, k=100 if args.quick else 500, seed=args.seed)
         results["by_beta"][f"{beta:g}"] = {
-            "r2_linear": dict(zip(names, r2.tolist())), "r2_axis_aligned": dict(zip(names, axis.tolist())),
+            **{f"r2_{kind}": dict(zip(names, v.tolist())) for kind, v in r2.items()},
             "kl_per_latent_dim": kl_per_dim.tolist(), "test": test, "best_valid_elbo": summary["best_valid_elbo"]}
-        bars_linear[f"β = {beta:g}"] = dict(zip(names, r2.tolist()))
-        bars_axis[f"β = {beta:g}, one latent"] = dict(zip(names, axis.tolist()))
-        print(f"β = {beta:g}: R² (linear, held out) " + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r2))
-              + "; axis-aligned " + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, axis))
+        for kind, label in (("linear", "linear"), ("one_latent", "one latent"), ("knn", "10-NN")):
+            bars[f"β = {beta:g}, {label}"] = dict(zip(names, r2[kind].tolist()))
+        print(f"β = {beta:g}: held-out R² " + "; ".join(
+            f"{kind} " + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r2[kind])) for kind in r2)
               + f"; test ELBO {test['elbo']:.2f}, IWAE_{test['k']} {test['iwae']:.2f} nats")
-    plots.bar_comparison({**bars_linear, **bars_axis}, "R² on held-out images",
-                         "How well the latent means predict the true factors", hline=0.9, path=out / "r2.png")
+    plots.bar_comparison(bars, "R² on held-out images", "How well the latent means predict the true factors",
+                         hline=0.9, path=out / "r2.png")
     _common.save_json(results, out / "results.json")
     return 0
 

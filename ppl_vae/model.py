@@ -21,6 +21,7 @@ Pyro model/guide pair that follows them can be evaluated the same way):
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import pyro
@@ -31,6 +32,13 @@ from torch import nn
 
 from .likelihoods import Likelihood, make_likelihood
 from .nets import build_networks
+
+
+def _kl_weight(beta):
+    """β-VAE: scale the z sites of model and guide by β (nothing to do for a plain float 1)."""
+    if isinstance(beta, (int, float)) and beta == 1:
+        return nullcontext()
+    return poutine.scale(scale=beta)
 
 
 class VAE(nn.Module):
@@ -69,23 +77,30 @@ class VAE(nn.Module):
             idx = self._aranges[key] = torch.arange(n, device=device)
         return idx
 
+    #: Register the networks in Pyro's param store at every call (``pyro.module``), as SVI with a
+    #: ``pyro.optim`` optimizer needs. ppl_vae's Trainer optimizes ``vae.parameters()`` with one
+    #: torch optimizer and switches this off: it is per-step bookkeeping it does not use.
+    register_params = True
+
     def model(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
         """p(z) p_θ(x|z) for a batch ``x (N, D)`` out of ``size`` datapoints (default N)."""
-        pyro.module("decoder", self.decoder)
+        if self.register_params:
+            pyro.module("decoder", self.decoder)
         n = x.shape[0]
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
-            with poutine.scale(scale=beta):
+            with _kl_weight(beta):
                 z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))  # (N, z_dim)
             out = self.decoder(z)  # (..., N, out_dim); (K, N, out_dim) under a particle plate
             return pyro.sample("x", self.likelihood.dist(out), obs=x)
 
     def guide(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
         """q_φ(z|x) = Normal(μ_φ(x), exp(½ log σ²_φ(x))), reparameterized."""
-        pyro.module("encoder", self.encoder)
+        if self.register_params:
+            pyro.module("encoder", self.encoder)
         n = x.shape[0]
         z_loc, z_logvar = self.encoder(x)  # (N, z_dim) each
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
-            with poutine.scale(scale=beta):
+            with _kl_weight(beta):
                 return pyro.sample("z", dist.Normal(z_loc, torch.exp(0.5 * z_logvar)).to_event(1))
 
     # ---- plain tensor helpers (no Pyro machinery) for plots and examples ----

@@ -17,6 +17,10 @@ the loss itself.
 from __future__ import annotations
 
 import pyro.infer
+import torch
+from pyro import poutine
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.subsample_messenger import _Subsample
 from pyro.distributions.util import scale_and_mask
 from torch.distributions import kl_divergence
 
@@ -26,57 +30,78 @@ OBJECTIVES = ("trace", "meanfield", "iwae")
 
 
 def _check_reparameterized(guide_trace):
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["fn"].has_rsample:
+    for name, site in _sample_sites(guide_trace):
+        if not site["fn"].has_rsample:
             raise ValueError(f"guide site {name!r} ({type(site['fn']).__name__}) is not reparameterizable; "
                              f"ppl_vae's fast ELBOs need z = μ + σ·ε style sites (use pyro.infer.Trace_ELBO)")
 
 
-class DeviceTrace_ELBO(pyro.infer.Trace_ELBO):
-    """``Trace_ELBO`` without host synchronization: loss = −(log p(x,z) − log q(z|x)), scaled by the
-    plates, averaged over particles (vectorized when ``vectorize_particles=True``)."""
+def _sample_sites(trace):
+    """``(name, site)`` of the sample sites, without the plates' subsample sites."""
+    return [(name, site) for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not isinstance(site["fn"], _Subsample)]
+
+
+def _log_prob_sum(site) -> torch.Tensor:
+    """Σ log p of one site, scaled by its plates (minibatch size/N, β) and masked."""
+    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]).sum()
+
+
+class _LeanTraces:
+    """Replaces Pyro's ``get_importance_trace`` (log-probs and score parts of every site, the
+    subsample sites pruned by copying the trace) with the two traces alone when Pyro's
+    validation is off, as in ppl_vae's training loop; with validation on it is Pyro's, checks
+    included. Particles (vectorized or not) are Pyro's own ``_get_traces``."""
 
     _checked = False
+
+    def _get_trace(self, model, guide, args, kwargs):
+        if is_validation_enabled():
+            model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        else:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        if not self._checked:
+            _check_reparameterized(guide_trace)
+            self._checked = True
+        return model_trace, guide_trace
+
+
+class DeviceTrace_ELBO(_LeanTraces, pyro.infer.Trace_ELBO):
+    """``Trace_ELBO`` without host synchronization: loss = −(log p(x,z) − log q(z|x)), scaled by the
+    plates, averaged over particles (vectorized when ``vectorize_particles=True``)."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            if not self._checked:
-                _check_reparameterized(guide_trace)
-                self._checked = True
-            loss = loss - (model_trace.log_prob_sum() - guide_trace.log_prob_sum()) / self.num_particles
+            elbo = sum(_log_prob_sum(site) for _, site in _sample_sites(model_trace)) - \
+                sum(_log_prob_sum(site) for _, site in _sample_sites(guide_trace))
+            loss = loss - elbo / self.num_particles
         return loss
 
 
-class DeviceTraceMeanField_ELBO(pyro.infer.TraceMeanField_ELBO):
+class DeviceTraceMeanField_ELBO(_LeanTraces, pyro.infer.TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` without host synchronization: loss = −Σ log p(x|z) + Σ KL(q ‖ p), each
     KL in closed form (scaled like its site), Monte Carlo where none is registered; guide-only
     (auxiliary) sites add −log q, as in Pyro's."""
 
-    _checked = False
-
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            if not self._checked:
-                _check_reparameterized(guide_trace)
-                self._checked = True
             elbo = 0.0
-            for name, site in model_trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
+            for name, site in _sample_sites(model_trace):
                 if site["is_observed"]:
-                    elbo = elbo + site["log_prob_sum"]
+                    elbo = elbo + _log_prob_sum(site)
                     continue
                 g = guide_trace.nodes[name]
                 try:
                     kl = scale_and_mask(kl_divergence(g["fn"], site["fn"]), scale=g["scale"], mask=g["mask"])
                     elbo = elbo - kl.sum()
                 except NotImplementedError:
-                    elbo = elbo + site["log_prob_sum"] - g["log_prob_sum"]
-            for name, g in guide_trace.nodes.items():  # auxiliary guide-only sites contribute −log q
-                if g["type"] == "sample" and name not in model_trace.nodes:
-                    elbo = elbo - g["log_prob_sum"]
+                    elbo = elbo + _log_prob_sum(site) - _log_prob_sum(g)
+            for name, g in _sample_sites(guide_trace):  # auxiliary guide-only sites contribute −log q
+                if name not in model_trace.nodes:
+                    elbo = elbo - _log_prob_sum(g)
             loss = loss - elbo / self.num_particles
         return loss
 

@@ -225,9 +225,11 @@ def latent_scatter(z, c=None, dims=(0, 1), discrete: bool | None = None, c_label
     ax.set_ylabel(f"z{dims[1] + 1} (posterior mean μ)")
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_title(title or "Encoded data in latent space")
-    if c is not None and discrete or prior:
-        ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                  title=c_label if discrete else None, title_fontsize=7)
+    if c is not None and discrete:  # classes: a legend beside the axes
+        ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5), title=c_label,
+                  title_fontsize=7)
+    elif prior:  # the colour bar is beside the axes: keep the legend inside
+        ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
 
 
@@ -318,12 +320,13 @@ def bar_comparison(values: dict, ylabel: str, title: str = "", hline: float | No
         ax.bar_label(bars, labels=[fmt.format(y) for y in ys], fontsize=7)
     top = max([hline or 0.0] + [v for row in values.values() for v in row.values() if np.isfinite(v)])
     if top > 0:
-        ax.set_ylim(top=1.25 * top)  # room for the value labels and the legend
+        ax.set_ylim(top=1.12 * top)  # room for the value labels
     if hline is not None:
         ax.axhline(hline, color="k", ls=":", lw=1, label=f"{hline:g}")
     ax.set_xticks(np.arange(len(cats)))
     ax.set_xticklabels(cats)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=min(len(series) + (hline is not None), 4), loc="upper center",
+              bbox_to_anchor=(0.5, -0.1))
     return _save(fig, path)

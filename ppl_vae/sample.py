@@ -28,9 +28,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the draws z ~ N(0, I) (default: 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="draw z ~ N(0, τ² I) with this τ (default: 1)")
     p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/samples-seed<seed>.png)")
-    p.add_argument("--which", choices=("best", "checkpoint"), default="best",
+    p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best",
                    help="best.pt (best validation ELBO) or checkpoint.pt (latest) (default: best)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     return p
 
 
@@ -47,10 +47,12 @@ def main(argv=None) -> int:
             raise UserError(f"--nrow must be >= 1, got {args.nrow}")
         if not args.temperature > 0:
             raise UserError(f"--temperature must be > 0, got {args.temperature}")
+        if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
+            raise UserError(f"--device must be auto, cpu or cuda, got {args.device!r}")
         out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-seed{args.seed}.png"
         if out.suffix.lower() != ".png":
             raise UserError(f"--out must name a .png file, got {out}")
-        vae, cfg = load_run(args.run_dir, args.which, resolve_device(args.device))
+        vae, cfg = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
         if not out.parent.is_dir():
             raise UserError(f"--out: folder {out.parent} does not exist")
         prior = "N(0, I)" if args.temperature == 1 else f"N(0, {args.temperature:g}² I)"

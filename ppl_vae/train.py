@@ -187,6 +187,7 @@ class Trainer:
         self.cfg = cfg
         self.data = ds.to(self.device)
         self.model = (build_model(cfg) if model is None else model).to(self.device)
+        self.model.register_params = False  # one torch optimizer owns the parameters (see VAE)
         use_graph = self.device.type == "cuda" and cfg.cuda_graph
         self.optim = make_optimizer(self.model.parameters(), cfg, self.device, capturable=use_graph)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=cfg.lr_decay)

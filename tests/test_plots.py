@@ -184,6 +184,7 @@ def test_sample_cli_writes_a_seeded_grid(tiny_run, tmp_path):
     (["--out", "x.jpg"], "must name a .png"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--out", "no/such/folder/x.png"], "does not exist"),
+    (["--device", "gpu0"], "--device must be auto, cpu or cuda"),
 ])
 def test_sample_cli_rejects_bad_input(tiny_run, args, message, capsys):
     with pytest.raises(SystemExit) as e:  # in-process: the same main() the module runs
