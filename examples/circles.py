@@ -13,9 +13,11 @@ Higgins et al. 2017), and ask how well the true factors can be read off the post
   recovered from the code at all, however it is laid out.
 
 Traversals (one coordinate varied, the others at 0) and the test codes coloured by radius show
-the layout the ELBO finds: position is a direction from the origin and radius grows with
-‖μ‖ (the smallest circle sits at z = 0), so radius is recovered by k-NN, and linearly from
-(μ, ‖μ‖), but not by a linear fit on μ.
+the layout the ELBO finds: the smallest circles sit in the middle of the code cloud (z = 0
+decodes to a small centred circle) and radius grows outwards in every direction, while the
+direction sets the position. Radius is then an even, not a linear, function of μ: a linear fit
+on μ misses much of it, the same fit with ‖μ‖ as one more feature recovers most of it, and the
+k-NN read-out nearly all.
 
     python examples/circles.py              # 30 epochs for each β, a few minutes on a CPU
     python examples/circles.py --quick      # a small subset, seconds

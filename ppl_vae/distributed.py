@@ -1,19 +1,39 @@
 """Data-parallel training and evaluation on ``torch.distributed``, launched by ``torchrun``.
 
-``torchrun --nproc_per_node=P -m ppl_vae.fit ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``;
-:func:`setup` then joins the process group (NCCL on GPUs, Gloo on CPU). Without torchrun
-everything runs single-process, unchanged.
+``torchrun --nproc_per_node=P -m ppl_vae.fit ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``
+(and ``MASTER_ADDR``/``MASTER_PORT``); :func:`setup` then joins the process group (NCCL on
+GPUs, Gloo on CPU). Without torchrun (or with P = 1) everything runs single-process, unchanged:
+no process group, no wrapper. See ``docs/scaling.md``.
 
-Training: every rank draws the same epoch permutation (a generator seeded identically on all
-ranks); global batch i is ``perm[i·B:(i+1)·B]`` and rank r takes the r-th of P equal slices
-of it, so the ranks see disjoint shards of every epoch. The loss on each rank is the data
-plate's full-data estimate from its slice, (N / B_r) Σ_{i ∈ slice} (−ELBO_i);
-DistributedDataParallel averages the gradients over ranks, which gives exactly the gradient
-of (N / B) Σ_{i ∈ batch} (−ELBO_i), the single-process loss with the same global batch.
-Only rank 0 writes checkpoints, metrics and figures.
+Training (:class:`ppl_vae.train.Trainer`), with P ranks and ``--batch-size`` B the *global* batch:
+
+* every rank uses the same epoch permutation: rank 0 draws it from its global RNG exactly as a
+  single process does, and broadcasts it (one tensor of N indices per epoch);
+* global batch i is ``perm[i·B:(i+1)·B]``; rank r takes the r-th of P near-equal slices of it
+  (:func:`shard`), so the ranks see disjoint shards of every epoch;
+* the loss on rank r is the data plate's full-data estimate from its slice of B_r rows,
+  (N / B_r) Σ_{i ∈ slice r} (−ELBO_i), times the weight w_r = P·B_r / B (1 when B is divisible
+  by P). DistributedDataParallel averages the gradients over ranks::
+
+      (1/P) Σ_r w_r ∇ (N / B_r) Σ_{i ∈ r} (−ELBO_i) = ∇ (N / B) Σ_{i ∈ batch} (−ELBO_i),
+
+  exactly the gradient of the single-process loss for the same global batch (and the same
+  draws of ε); gradient clipping and Adam then see the same gradient on every rank, so the
+  parameters stay identical without being broadcast again;
+* rank 0 keeps the single-process random stream (seed); rank r > 0 draws its ε and dynamic
+  binarizations from :func:`rank_seed`\\ (seed, r);
+* the epoch loss and the signal flag are all-reduced at every progress interval, validation
+  bounds are computed in fixed blocks spread over the ranks and gathered
+  (:func:`strided`, :func:`all_gather_objects`), so every rank takes the same early-stopping,
+  NaN and interrupt decisions; only rank 0 writes checkpoints, metrics, figures and log lines.
+
+Evaluation (``torchrun ... -m ppl_vae.evaluate RUN``) gives rank r the blocks r, r+P, ...;
+each block's draws are seeded by (seed, block), so the gathered result is the single-process one.
 """
 from __future__ import annotations
 
+import atexit
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -21,9 +41,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .estimators import derive_seed
+
 
 @dataclass
 class Context:
+    """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` on its node."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -43,7 +67,8 @@ def launched() -> bool:
 
 
 def setup(device: torch.device) -> tuple[Context, torch.device]:
-    """Join the process group when launched by torchrun; returns the context and this rank's device."""
+    """Join the process group when launched by torchrun (once per process; it is left at exit);
+    returns the context and this rank's device (``cuda:LOCAL_RANK`` for a CUDA device)."""
     if not launched():
         return Context(), device
     ctx = Context(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -52,6 +77,7 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(teardown, ctx)
     return ctx, device
 
 
@@ -60,20 +86,43 @@ def teardown(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
-def shard(batch_idx: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """This rank's slice of a global batch of indices (the r-th of P near-equal slices)."""
+def rank_seed(seed: int, rank: int, *keys: int) -> int:
+    """Seed of rank ``rank``'s global RNG: ``seed`` itself on rank 0 (the single-process stream),
+    an independent stream (``derive_seed``) elsewhere; < 2³² as NumPy requires."""
+    if rank == 0 and not keys:
+        return seed
+    return derive_seed(seed, 0xD15, rank, *keys) % 2 ** 32
+
+
+def shard(batch_idx: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, float]:
+    """This rank's slice of a global batch of B indices (the r-th of P near-equal slices, B_r
+    rows) and its loss weight w_r = P·B_r / B, which makes DDP's gradient mean the gradient of
+    the whole batch (see the module docstring)."""
     if not ctx.enabled:
-        return batch_idx
-    return batch_idx.tensor_split(ctx.world_size)[ctx.rank]
+        return batch_idx, 1.0
+    mine = batch_idx.tensor_split(ctx.world_size)[ctx.rank]
+    return mine, ctx.world_size * mine.shape[0] / batch_idx.shape[0]
+
+
+def strided(items, ctx: Context):
+    """Items r, r+P, r+2P, ... of a sequence (a ``range`` stays a ``range``): this rank's share."""
+    return items[ctx.rank::ctx.world_size] if ctx.enabled else items
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.enabled:
+        dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Σ over ranks of ``t``, in place (on this rank's device)."""
     if ctx.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_gather_objects(obj, ctx: Context) -> list:
+    """``[obj of rank 0, ..., obj of rank P−1]`` on every rank (pickled)."""
     if not ctx.enabled:
         return [obj]
     out = [None] * ctx.world_size
@@ -89,10 +138,20 @@ def broadcast_object(obj, ctx: Context):
     return box[0]
 
 
+def broadcast_tensor(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank, in place (other ranks pass a tensor of the same shape/dtype)."""
+    if ctx.enabled:
+        dist.broadcast(t, src=0)
+    return t
+
+
 class LossModule(nn.Module):
     """The ELBO as a module, so that DistributedDataParallel can wrap it: ``forward(x, size, beta)``
     returns ``objective(vae.model, vae.guide, x, size=size, beta=beta)`` (a scalar), and DDP
-    all-reduces the gradients that reach ``vae``'s parameters."""
+    all-reduces the gradients that reach ``vae``'s parameters.
+
+    An empty slice (a global batch with fewer rows than ranks) gives a zero loss that still
+    touches every parameter, so DDP's gradient all-reduce sees all of them."""
 
     def __init__(self, vae: nn.Module, objective):
         super().__init__()
@@ -100,12 +159,18 @@ class LossModule(nn.Module):
         self.objective = objective
 
     def forward(self, x, size, beta=1.0):
+        if x.shape[0] == 0:
+            return sum(p.sum() for p in self.vae.parameters()) * 0.0
         return self.objective(self.vae.model, self.vae.guide, x, size=size, beta=beta)
 
 
-def wrap(vae: nn.Module, objective, ctx: Context, device: torch.device):
-    """``loss_fn(x, size, beta)``: the objective, wrapped in DDP when distributed."""
+def wrap(vae: nn.Module, objective, ctx: Context, device: torch.device) -> nn.Module:
+    """``loss_fn(x, size, beta)``: the objective as a :class:`LossModule`, wrapped in DDP when
+    distributed. Buffers (the prior's constants) are not broadcast at every step: they never change."""
     module = LossModule(vae, objective)
     if not ctx.enabled:
         return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+        "broadcast_buffers"  # (torch < 2.14)
+    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})

@@ -14,6 +14,10 @@ Examples::
 Work is split into fixed blocks of ``--batch-size`` datapoints; block b draws from seeds
 derived from (``--seed``, b), so a datapoint's numbers do not depend on which process or in
 which order blocks are computed, nor on ``--chunk-size`` (up to float rounding).
+
+``torchrun --nproc_per_node=P -m ppl_vae.evaluate RUN_DIR ...`` gives rank r the blocks
+r, r+P, r+2P, ...; rank 0 gathers the per-datapoint results, prints and writes them: the same
+numbers as one process (see ``docs/scaling.md``).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import estimators
+from . import distributed, estimators
 from .cli import ArgumentParser, int_list, user_errors
 from .errors import UserError
 
@@ -163,6 +167,21 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
     return out
 
 
+def gather_blocks(res: dict, ctx: distributed.Context) -> dict[str, np.ndarray]:
+    """Every rank's :func:`evaluate_blocks` result merged in row order, as one process over all
+    blocks gives it (``chunk_size``: the smallest any rank used). A no-op single-process."""
+    if not ctx.enabled:
+        return res
+    parts = distributed.all_gather_objects(res, ctx)
+    position = np.concatenate([p["position"] for p in parts]).astype(np.int64)  # (M,)
+    order = np.argsort(position, kind="stable")
+    out = {key: np.concatenate([p[key] for p in parts], axis=-1)[..., order]
+           for key in parts[0] if key not in ("position", "chunk_size")}
+    out["position"] = position[order]
+    out["chunk_size"] = min(int(p["chunk_size"]) for p in parts)
+    return out
+
+
 def bits_per_dim(nats: float, dim: int) -> float:
     """−log p / (D ln 2): a log-likelihood per datapoint in nats → bits per dimension."""
     return -nats / (dim * math.log(2))
@@ -243,7 +262,8 @@ def main(argv=None) -> int:
         run_dir = Path(args.run_dir)
         if not run_dir.is_dir():
             raise UserError(f"run directory {run_dir} does not exist; pass the --out of a python -m ppl_vae.fit run")
-        device = resolve_device(args.device)
+        # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
+        ctx, device = distributed.setup(resolve_device(args.device))
         vae, cfg = load_run(run_dir, which=args.checkpoint, device=device)
         ds = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.binarize, vae.likelihood)
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
@@ -254,26 +274,33 @@ def main(argv=None) -> int:
         x = x_split[index]  # (n, D)
         chunk = args.chunk_size or CHUNK[device.type if device.type in CHUNK else "cpu"]
         n_blocks = math.ceil(x.shape[0] / args.batch_size)
+        blocks = distributed.strided(range(n_blocks), ctx)  # this rank's share: blocks r, r+P, ...
+        rows = sum(min((b + 1) * args.batch_size, x.shape[0]) - b * args.batch_size for b in blocks)
         t0 = time.perf_counter()
-        bar = tqdm(total=x.shape[0], unit="datapoint", disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=rows, unit="datapoint", disable=args.quiet or not ctx.is_main, dynamic_ncols=True,
+                   file=sys.stderr)
         log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
         try:
-            res = evaluate_blocks(vae.model, vae.guide, x, range(n_blocks), block_size=args.batch_size,
+            res = evaluate_blocks(vae.model, vae.guide, x, blocks, block_size=args.batch_size,
                                   num_samples=args.num_samples, ks=ks, seed=args.seed, chunk_size=chunk,
                                   device=device, progress=bar, log=log)
         finally:
             bar.close()
+        res = gather_blocks(res, ctx)
         seconds = time.perf_counter() - t0
+        if not ctx.is_main:
+            return 0
         dim = vae.x_dim
         binarization = _binarization(ds.name, ds.binarize)
         s = {"dataset": ds.name, "split": args.split, "binarization": binarization,
              "num_samples": args.num_samples, "units": "nats per datapoint (bits_per_dim = -nats / (D ln 2))",
              "dim": dim, **summarize(res, ks, dim), "seed": args.seed, "subset": args.subset,
              "batch_size": args.batch_size, "chunk_size": int(res["chunk_size"]), "device": str(device),
-             "seconds": seconds, "run_dir": str(run_dir), "checkpoint": args.checkpoint, "config": cfg.to_dict()}
+             "processes": ctx.world_size, "seconds": seconds, "run_dir": str(run_dir), "checkpoint": args.checkpoint, "config": cfg.to_dict()}
         header = (f"{ds.name} ({binarization} binarization), {args.split} split, n = {s['n']}"
                   f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "
-                  f"D = {dim}; nats per datapoint  [{seconds:.0f} s on {device}]")
+                  f"D = {dim}; nats per datapoint  [{seconds:.0f} s on {device}"
+                  f"{f' × {ctx.world_size} processes' if ctx.enabled else ''}]")
         print(format_table(s, dim, header))
         for path in (args.json, args.per_datapoint):
             if path:

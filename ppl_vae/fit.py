@@ -132,6 +132,8 @@ def main(argv=None) -> int:
         except NonFiniteLoss as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 1
+    if not trainer.ctx.is_main:  # under torchrun, rank 0 reports
+        return 0
     best = summary["best_valid_elbo"]
     print(f"run directory: {out}")
     print(f"best validation ELBO: {best:.3f} nats per datapoint" + (

@@ -8,6 +8,9 @@ check), so a GPU is never stalled per step.
 
 Run directory (``out``): ``config.json``, ``checkpoint.pt`` (latest), ``best.pt`` (best
 validation ELBO), ``metrics.jsonl`` (one JSON object per epoch), and figures.
+
+Under ``torchrun`` the same loop is data-parallel (DistributedDataParallel over the loss,
+``--batch-size`` the global batch, rank 0 the only writer): see :mod:`ppl_vae.distributed`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import pyro.infer.util
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, estimators
+from . import __version__, checkpoint, distributed, estimators
 from .config import MODEL_KEYS, FitConfig
 from .cuda_graph import GraphedStep
 from .data import Dataset, load_dataset
@@ -85,17 +88,25 @@ def beta_at(cfg: FitConfig, epoch: int, step: int, steps_per_epoch: int) -> floa
 
 @torch.no_grad()
 def bound_on(vae: VAE, x: torch.Tensor, kind: str = "elbo", k: int = 1, batch: int = 10000,
-             seed: int = VALID_SEED) -> float:
+             seed: int = VALID_SEED, ctx: distributed.Context | None = None) -> float:
     """Mean bound over ``x`` in nats per datapoint: the analytic-KL ELBO (``kind="elbo"``)
-    or IWAE_k (``kind="iwae"``), with fixed draws (``seed``)."""
-    total = 0.0
-    for i in range(0, x.shape[0], batch):
+    or IWAE_k (``kind="iwae"``), with fixed draws (``seed``) per block of ``batch`` rows.
+    Distributed (``ctx``): rank r computes blocks r, r+P, ...; the block sums are gathered and
+    added in block order, so every rank returns the single-process value exactly."""
+    starts = range(0, x.shape[0], batch)
+    sums = {}
+    for i in starts if ctx is None else distributed.strided(starts, ctx):
         xb = x[i:i + batch]
         if kind == "elbo":
             est = estimators.elbo(vae.model, vae.guide, xb, num_samples=k, analytic_kl=True, seed=seed + i)
         else:
             est = estimators.iwae(vae.model, vae.guide, xb, k, seed=seed + i)
-        total += est.value.sum().item()
+        sums[i] = est.value.sum().item()
+    if ctx is not None and ctx.enabled:
+        sums = {i: v for part in distributed.all_gather_objects(sums, ctx) for i, v in part.items()}
+    total = 0.0
+    for i in starts:
+        total += sums[i]
     return total / x.shape[0]
 
 
@@ -171,7 +182,11 @@ class Trainer:
             checkpoint.check_config_matches(saved.to_dict(), {**cfg.to_dict(), "image_shape": saved.image_shape},
                                             [k for k in MODEL_KEYS if k != "image_shape"] + ["dataset"])
             cfg.image_shape = saved.image_shape
-        self.device = resolve_device(cfg.device)
+        # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
+        self.ctx, self.device = distributed.setup(resolve_device(cfg.device))
+        if cfg.batch_size < self.ctx.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch, split over {self.ctx.world_size} "
+                            f"processes: give at least {self.ctx.world_size}")
         # a bad checkpoint is refused before the data are loaded
         ckpt = checkpoint.load(self.out / "checkpoint.pt", map_location=self.device) if resume else None
         pyro.set_rng_seed(cfg.seed)
@@ -188,17 +203,23 @@ class Trainer:
         self.data = ds.to(self.device)
         self.model = (build_model(cfg) if model is None else model).to(self.device)
         self.model.register_params = False  # one torch optimizer owns the parameters (see VAE)
-        use_graph = self.device.type == "cuda" and cfg.cuda_graph
+        # (distributed: eager steps; DDP's all-reduce inside a captured graph is not supported here)
+        use_graph = self.device.type == "cuda" and cfg.cuda_graph and not self.ctx.enabled
         self.optim = make_optimizer(self.model.parameters(), cfg, self.device, capturable=use_graph)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=cfg.lr_decay)
         self.objective = make_objective(cfg.elbo, cfg.num_particles)
+        self.loss_fn = distributed.wrap(self.model, self._objective, self.ctx, self.device)  # DDP when distributed
         self.step_fn = GraphedStep(self._step, self.device) if use_graph else self._step
         self.state = _State()
         self._saved_at: tuple[int, int] | None = None  # (epoch, step) of the checkpoint on disk
+        if self.ctx.rank:  # rank 0 keeps the single-process stream; the others draw their own ε
+            pyro.set_rng_seed(distributed.rank_seed(cfg.seed, self.ctx.rank))
         if resume:
             self._restore(ckpt)
-        prepare_run_dir(self.out, resume, overwrite)
-        cfg.save(self.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
+        distributed.barrier(self.ctx)  # every rank has checked the run directory before rank 0 writes
+        if self.ctx.is_main:
+            prepare_run_dir(self.out, resume, overwrite)
+            cfg.save(self.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
 
     # ---- checkpoints
 
@@ -224,7 +245,7 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optim.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            checkpoint.set_rng_state(ckpt["rng"])
+            self._restore_rng(ckpt)
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
         # optimizer settings given anew with --resume apply from here on (the loaded state holds the old ones)
@@ -245,7 +266,19 @@ class Trainer:
         self.state = _State(ckpt["epoch"], ckpt["step"], None if perm is None else perm.to(self.device),
                             ckpt["loss_sum"], ckpt["best_valid_elbo"], ckpt["bad_epochs"])
         self._saved_at = (self.state.epoch, self.state.step)
-        self._truncate_metrics(self.state.epoch)
+        if self.ctx.is_main:
+            self._truncate_metrics(self.state.epoch)
+
+    def _restore_rng(self, ckpt: dict) -> None:
+        """Rank r's own saved RNG state when the checkpoint was written by as many ranks
+        (``rng_ranks``); else rank 0 takes ``rng`` and rank r > 0 a fresh stream for this point."""
+        ranks = ckpt.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.ctx.world_size:
+            checkpoint.set_rng_state(ranks[self.ctx.rank])
+        elif self.ctx.is_main:
+            checkpoint.set_rng_state(ckpt["rng"])
+        else:
+            pyro.set_rng_seed(distributed.rank_seed(self.cfg.seed, self.ctx.rank, ckpt["epoch"], ckpt["step"]))
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         """Drop metric lines of epochs after the checkpoint (they will be redone), and a line cut
@@ -264,11 +297,17 @@ class Trainer:
             tmp.replace(path)
 
     def save(self, best: bool = False) -> None:
-        ckpt = self._checkpoint()
-        checkpoint.atomic_save(ckpt, self.out / "checkpoint.pt")
+        """Write ``checkpoint.pt`` (and ``best.pt``). Distributed: called by every rank (the RNG
+        states of all ranks are gathered into ``rng_ranks``), written by rank 0."""
+        rngs = distributed.all_gather_objects(checkpoint.rng_state(), self.ctx) if self.ctx.enabled else None
+        if self.ctx.is_main:
+            ckpt = self._checkpoint()
+            if rngs is not None:
+                ckpt["rng_ranks"] = rngs
+            checkpoint.atomic_save(ckpt, self.out / "checkpoint.pt")
+            if best:
+                checkpoint.atomic_save(ckpt, self.out / "best.pt")
         self._saved_at = (self.state.epoch, self.state.step)
-        if best:
-            checkpoint.atomic_save(ckpt, self.out / "best.pt")
 
     def _non_finite(self, what: str, value: float, where: str) -> NonFiniteLoss:
         """The error for a NaN/inf ``what`` (nothing has been saved since the last good checkpoint)."""
@@ -283,7 +322,7 @@ class Trainer:
     # ---- the loop
 
     def _log(self, msg: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.ctx.is_main:
             tqdm.write(msg, file=sys.stderr)
 
     def run(self) -> dict:
@@ -293,7 +332,7 @@ class Trainer:
         steps = math.ceil(n / b)
         flag: dict = {}
         bar = tqdm(total=steps * cfg.epochs, initial=min(s.epoch * steps + s.step, steps * cfg.epochs),
-                   disable=self.quiet, unit="step", dynamic_ncols=True, file=sys.stderr)
+                   disable=self.quiet or not self.ctx.is_main, unit="step", dynamic_ncols=True, file=sys.stderr)
         validation = pyro.infer.util.is_validation_enabled()
         pyro.enable_validation(False)  # data were validated at load time; keep the hot loop lean
         self.model.train()
@@ -302,8 +341,8 @@ class Trainer:
                 while s.epoch < cfg.epochs:
                     self._run_epoch(steps, b, n, bar, flag)
                     stop = self._end_epoch(steps)
-                    if flag:  # arrived during validation or the save: the epoch's checkpoint holds it all
-                        raise Interrupted(flag["signum"], self.out / "checkpoint.pt")
+                    if self._signalled(flag):  # during validation or the save: the epoch's checkpoint holds it all
+                        raise Interrupted(self._signum(flag), self.out / "checkpoint.pt")
                     if stop:
                         break
         finally:
@@ -311,12 +350,19 @@ class Trainer:
             pyro.enable_validation(validation)
         return self._finish()
 
-    def _step(self, idx: torch.Tensor, beta) -> torch.Tensor:
+    def _objective(self, model, guide, x, size, beta):
+        """``self.objective``, looked up at every call (tests replace it on a built Trainer)."""
+        return self.objective(model, guide, x, size=size, beta=beta)
+
+    def _step(self, idx: torch.Tensor, beta, weight: float = 1.0) -> torch.Tensor:
         """One SVI update on the batch at ``idx``; returns the (detached) loss. Everything stays on
         the device, so the same function runs eagerly or inside a CUDA graph (``beta`` is then a
-        device tensor)."""
+        device tensor). Distributed: ``idx`` is this rank's slice and ``weight`` its loss weight
+        (:func:`ppl_vae.distributed.shard`); ``loss_fn`` is DDP, whose backward all-reduces."""
         xb = self.data.train_batch(idx)  # (B, D)
-        loss = self.objective(self.model.model, self.model.guide, xb, size=self.data.train.shape[0], beta=beta)
+        loss = self.loss_fn(xb, self.data.train.shape[0], beta)
+        if weight != 1.0:
+            loss = loss * weight
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip:
@@ -326,19 +372,34 @@ class Trainer:
 
     def _run_epoch(self, steps, b, n, bar, flag):
         cfg, s = self.cfg, self.state
+        ctx = self.ctx
         if s.perm is None:
-            s.perm = torch.randperm(n, device=self.device)
+            # rank 0 draws it as a single process does; every rank takes the same one
+            perm = torch.randperm(n, device=self.device) if ctx.is_main else \
+                torch.empty(n, dtype=torch.long, device=self.device)
+            s.perm = distributed.broadcast_tensor(perm, ctx)
             s.step, s.loss_sum = 0, 0.0
         t0 = time.perf_counter()
         running = torch.zeros((), device=self.device)  # Σ loss since the last host sync
         since = 0
         while s.step < steps:
             idx = s.perm[s.step * b:(s.step + 1) * b]
-            running = running + self.step_fn(idx, beta_at(cfg, s.epoch, s.step, steps))
+            beta = beta_at(cfg, s.epoch, s.step, steps)
+            if ctx.enabled:  # this rank's slice of the global batch, and its loss weight
+                mine, weight = distributed.shard(idx, ctx)
+                running = running + self.step_fn(mine, beta, weight)
+            else:
+                running = running + self.step_fn(idx, beta)
             s.step += 1
             since += 1
-            if since == cfg.log_every or s.step == steps or flag:
-                total = running.item()  # the one host sync per log interval
+            # distributed: every rank syncs at the same steps (a signal is acted on at the next interval)
+            if since == cfg.log_every or s.step == steps or (flag and not ctx.enabled):
+                if ctx.enabled:  # Σ_r w_r·loss_r = P × the global batches' loss; and any rank's signal
+                    both = torch.stack([running, torch.full_like(running, len(flag))])
+                    total, signals = distributed.all_reduce_sum(both, ctx).tolist()  # the one host sync
+                    total, interrupt = total / ctx.world_size, signals > 0
+                else:
+                    total, interrupt = running.item(), bool(flag)  # the one host sync per log interval
                 if not math.isfinite(total):
                     at = f"step {s.step}" if since == 1 else f"steps {s.step - since + 1}-{s.step}"
                     raise self._non_finite("training loss", total, f"at epoch {s.epoch + 1}, {at} of {steps}")
@@ -347,10 +408,20 @@ class Trainer:
                 bar.set_postfix(epoch=s.epoch + 1, elbo=f"{-total / since / n:.2f}")
                 running = torch.zeros((), device=self.device)
                 since = 0
-                if flag:
+                if interrupt:
                     self.save()
-                    raise Interrupted(flag["signum"], self.out / "checkpoint.pt")
+                    raise Interrupted(self._signum(flag), self.out / "checkpoint.pt")
         self._epoch_seconds = time.perf_counter() - t0
+
+    def _signalled(self, flag: dict) -> bool:
+        """Whether a signal arrived, on any rank (the same answer on every rank)."""
+        if not self.ctx.enabled:
+            return bool(flag)
+        return distributed.all_reduce_sum(torch.tensor([float(len(flag))], device=self.device), self.ctx).item() > 0
+
+    def _signum(self, flag: dict) -> int:
+        """The signal this rank saw (SIGTERM, as torchrun forwards, when only another rank saw one)."""
+        return flag.get("signum", signal.SIGTERM)
 
     def _end_epoch(self, steps) -> bool:
         """Validate, log, checkpoint; True when early stopping says stop."""
@@ -358,7 +429,7 @@ class Trainer:
         n = self.data.train.shape[0]
         train_elbo = -s.loss_sum / steps / n
         self.model.eval()
-        valid_elbo = bound_on(self.model, self.data.valid)
+        valid_elbo = bound_on(self.model, self.data.valid, ctx=self.ctx)
         if not math.isfinite(valid_elbo):  # the last step's update broke the parameters: do not save them
             raise self._non_finite("validation ELBO", valid_elbo,
                                    f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
@@ -374,8 +445,9 @@ class Trainer:
         row = {"epoch": s.epoch, "train_elbo": train_elbo, "valid_elbo": valid_elbo,
                "epoch_seconds": self._epoch_seconds, "beta": beta_at(cfg, s.epoch - 1, steps - 1, steps),
                "lr": self.optim.param_groups[0]["lr"]}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.ctx.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
         self._log(f"epoch {s.epoch:>3}/{cfg.epochs}  train ELBO {train_elbo:9.3f}  valid ELBO {valid_elbo:9.3f}"
                   f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
         self.save(best=improved)
@@ -384,17 +456,18 @@ class Trainer:
     def _finish(self) -> dict:
         from . import plots
 
-        metrics = read_metrics(self.out)
+        metrics = read_metrics(self.out) if self.ctx.is_main else []
         summary = {"epochs": self.state.epoch, "best_valid_elbo": self.state.best,
                    "final": metrics[-1] if metrics else None}
         if self.cfg.final_iwae_k and self.state.epoch > 0:
             self.model.eval()
             summary["valid_iwae"] = bound_on(self.model, self.data.valid, "iwae", self.cfg.final_iwae_k,
-                                             batch=max(1, 100_000 // self.cfg.final_iwae_k))
+                                             batch=max(1, 100_000 // self.cfg.final_iwae_k), ctx=self.ctx)
             summary["valid_iwae_k"] = self.cfg.final_iwae_k
             self._log(f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['valid_iwae']:.3f} nats/datapoint")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plots.run_figures(self.model, self.data, metrics, self.out)
+        if self.ctx.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            plots.run_figures(self.model, self.data, metrics, self.out)
         return summary
 
 
