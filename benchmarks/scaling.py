@@ -47,6 +47,17 @@ def seconds_per_epoch(step, n, b, device, warmup=5, timed_steps=20):
     return (time.perf_counter() - t0) / timed_steps * math.ceil(n / b)
 
 
+def _panel(ax, rows, x_key, series, xlabel, ylabel, title):
+    """One log-log panel: a line per ``(key, label)`` in ``series`` against ``x_key``."""
+    for (key, label), style in zip(series, ("o-", "s--")):
+        ax.loglog([r[x_key] for r in rows], [r[key] for r in rows], style, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
@@ -107,24 +118,10 @@ def main(argv=None):
               flush=True)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax = axes[0]
-    ax.loglog([r["batch_size"] for r in fit_rows], [r["ppl_vae"] for r in fit_rows], "o-", label="ppl_vae (a)")
-    ax.loglog([r["batch_size"] for r in fit_rows], [r["b_handwritten"] for r in fit_rows], "s--",
-              label="hand-written PyTorch (b)")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("seconds per epoch (50k images)")
-    ax.set_title("Training: epoch time vs batch size")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    ax = axes[1]
-    ax.loglog([r["k"] for r in eval_rows], [r["ppl_vae"] for r in eval_rows], "o-", label="ppl_vae.estimators.iwae")
-    ax.loglog([r["k"] for r in eval_rows], [r["f_batched_torch"] for r in eval_rows], "s--",
-              label="batched PyTorch (f)")
-    ax.set_xlabel("importance samples K")
-    ax.set_ylabel("seconds for 100 test images")
-    ax.set_title("Evaluation: time vs K")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    _panel(axes[0], fit_rows, "batch_size", [("ppl_vae", "ppl_vae (a)"), ("b_handwritten", "hand-written PyTorch (b)")],
+           "batch size", "seconds per epoch (50k images)", "Training: epoch time vs batch size")
+    _panel(axes[1], eval_rows, "k", [("ppl_vae", "ppl_vae.estimators.iwae"), ("f_batched_torch", "batched PyTorch (f)")],
+           "importance samples K", "seconds for 100 test images", "Evaluation: time vs K")
     fig.suptitle(f"Scaling on {device_name(device)}")
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig_path = FIGURES / f"scaling-{device.type}.png"

@@ -296,7 +296,8 @@ def main(argv=None) -> int:
              "num_samples": args.num_samples, "units": "nats per datapoint (bits_per_dim = -nats / (D ln 2))",
              "dim": dim, **summarize(res, ks, dim), "seed": args.seed, "subset": args.subset,
              "batch_size": args.batch_size, "chunk_size": int(res["chunk_size"]), "device": str(device),
-             "processes": ctx.world_size, "seconds": seconds, "run_dir": str(run_dir), "checkpoint": args.checkpoint, "config": cfg.to_dict()}
+             "processes": ctx.world_size, "seconds": seconds, "run_dir": str(run_dir), "checkpoint": args.checkpoint,
+             "config": cfg.to_dict()}
         header = (f"{ds.name} ({binarization} binarization), {args.split} split, n = {s['n']}"
                   f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "
                   f"D = {dim}; nats per datapoint  [{seconds:.0f} s on {device}"

@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
@@ -61,17 +62,25 @@ def reconstruction_grid(x: torch.Tensor, recon: torch.Tensor, image_shape, title
     return _save(fig, path)
 
 
-def training_curve(metrics: list[dict], title: str = "Training curve", path=None):
-    """Train and validation ELBO (nats per datapoint) against epoch."""
+def training_curve(metrics, title: str = "Training curve", path=None):
+    """Train and validation ELBO (nats per datapoint) against epoch, from ``metrics.jsonl`` rows.
+    ``metrics`` is one run's rows, or ``{label: rows}`` to compare runs (solid: validation
+    ELBO, dashed: the training objective)."""
+    runs = metrics if isinstance(metrics, dict) else {"": metrics}
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ep = [m["epoch"] for m in metrics]
-    ax.plot(ep, [m["train_elbo"] for m in metrics], "o-", label="train (objective, running)")
-    ax.plot(ep, [m["valid_elbo"] for m in metrics], "s-", label="validation ELBO (analytic KL)")
+    for i, (label, rows) in enumerate(runs.items()):
+        ep = [m["epoch"] for m in rows]
+        name = f"{label}: " if label else ""
+        ax.plot(ep, [m["train_elbo"] for m in rows], "o--" if label else "o-", ms=3, color=f"C{i}" if label else "C0",
+                label=f"{name}train (objective, running)")
+        ax.plot(ep, [m["valid_elbo"] for m in rows], "s-", ms=3, color=f"C{i}" if label else "C1",
+                label=f"{name}validation ELBO (analytic KL)")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("ELBO (nats per datapoint)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8 if len(runs) > 1 else None)
     return _save(fig, path)
 
 
@@ -159,7 +168,7 @@ def manifold_grid(decode, image_shape, n: int = 20, quantile: float = 0.95, titl
     z2, z1 = torch.meshgrid(vals.flip(0), vals, indexing="ij")  # (n, n): row 0 = largest z₂
     z = torch.stack([z1.reshape(-1), z2.reshape(-1)], -1)  # (n², 2)
     x = decode(z)  # (n², D)
-    fig, ax = plt.subplots(figsize=(0.3 * n + 1.2, 0.3 * n + 1.2))
+    fig, ax = plt.subplots(figsize=(0.26 * n + 1.2, 0.26 * n + 1.2))  # 28-pixel tiles at 110 dpi: ≈ 1 figure pixel per image pixel
     ax.imshow(_grid(x, image_shape, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     tile = image_shape[-1] + 1
     every = max(1, n // 6)

@@ -420,8 +420,10 @@ class Trainer:
         return distributed.all_reduce_sum(torch.tensor([float(len(flag))], device=self.device), self.ctx).item() > 0
 
     def _signum(self, flag: dict) -> int:
-        """The signal this rank saw (SIGTERM, as torchrun forwards, when only another rank saw one)."""
-        return flag.get("signum", signal.SIGTERM)
+        """The signal that arrived (distributed: called by every rank; the largest number any rank saw)."""
+        if not self.ctx.enabled:
+            return flag["signum"]
+        return max(distributed.all_gather_objects(flag.get("signum", 0), self.ctx))
 
     def _end_epoch(self, steps) -> bool:
         """Validate, log, checkpoint; True when early stopping says stop."""
