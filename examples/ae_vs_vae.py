@@ -10,23 +10,24 @@ Both are Pyro programs with the same networks and the same Bernoulli decoder p_�
 
 Then we treat both as generative models p(z) p_θ(x|z) with z ~ N(0, I) and measure:
 
-* held-out log p(x) (IWAE, nats per image): the VAE's guide is its proposal; the AE has no
-  posterior, so its proposal is N(c·μ_φ(x), s² I) with the (c, s) from a grid that gives the
-  best bound on validation images. Any proposal gives a stochastic lower bound, so the AE's
-  number is a lower bound on its log p(x), not an estimate as tight as the VAE's;
-* holes: in each model's own latent space, the distance from each prior draw z ~ N(0, I) to
-  the nearest code of a training image, divided by the same distance for the codes of
-  held-out images (the median of each). A code is the guide's draw z ~ q(z|x): μ_φ(x) for the
-  AE, μ_φ(x) + σ_φ(x)·ε for the VAE. ≈ 1: prior draws land among the data's codes as new data
-  do; ≫ 1: N(0, I) puts its mass where no datapoint was encoded, where the decoder was never
-  trained. The ratio does not depend on the latent space's scale;
-* where the codes are: their mean norm against that of prior draws (≈ √z_dim), and the mean
-  pixel of decoded prior draws against the data's.
+* held-out log p(x) (IWAE, nats per image). The AE has no posterior to propose from, so both
+  models are scored with the same estimator: the proposal N(c·μ_φ(x), s² I) with the (c, s)
+  from a small grid that gives the best bound on validation images. Any proposal gives a
+  stochastic lower bound on log p(x); the VAE is also scored with its own trained guide;
+* the model's mean image: E_{p(z)} E[x|z] over prior draws must equal the data's mean image
+  when the model's p(x) matches the data (RMS difference per pixel);
+* completeness: do decoded prior draws look like digits? A logistic-regression digit
+  classifier fitted on the training images (when the data have labels) scores each decoded
+  draw; we report its mean confidence max_y p(y|x) and the classifier score
+  exp(E_x KL(p(y|x) ‖ p(y))) (1 = every image equally ambiguous or all one class, 10 = every
+  image confidently one of ten balanced classes), against the same numbers for real test
+  images (the AE's prior draws decode to faint ghosts that the classifier cannot place);
+* where the codes are: their spread per coordinate, against the prior's 1.
 
     python examples/ae_vs_vae.py            # 30 epochs each, a few minutes on a CPU
     python examples/ae_vs_vae.py --quick    # seconds
 
-Writes to ``--out``: ``prior_samples.png``, ``interpolations.png``, ``holes.png``,
+Writes to ``--out``: ``prior_samples.png``, ``interpolations.png``, ``recognisable.png``,
 ``results.json`` and the runs in ``ae/`` and ``vae/``.
 """
 from __future__ import annotations
@@ -34,10 +35,12 @@ from __future__ import annotations
 import sys
 
 import _common
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from sklearn.linear_model import LogisticRegression
 
 from ppl_vae import plots
 from ppl_vae.model import VAE
@@ -73,29 +76,39 @@ class Autoencoder(VAE):
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
             return pyro.sample("z", dist.Delta(z_loc).to_event(1))
 
-    def proposal(self, c: float, s: float):
-        """A Gaussian guide N(c·μ_φ(x), s² I), for importance sampling log p(x) under the prior."""
-        def guide(x, size=None, beta=1.0):
-            z_loc, _ = self.encoder(x)  # (N, z_dim)
-            with pyro.plate("data", size or x.shape[0], subsample=self._subsample(x.shape[0], x.device), dim=-1):
-                return pyro.sample("z", dist.Normal(c * z_loc, s).to_event(1))
-        return guide
 
 
-@torch.no_grad()
-def guide_draws(vae: VAE, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """One draw z ~ q(z|x) per row of ``x`` from the model's own guide, ``(N, z_dim)``: the code
-    μ(x) for the AE's point mass, μ(x) + σ(x)·ε for the VAE. (The VAE's means alone would not
-    do: coordinates the VAE leaves unused have μ ≈ 0 and σ ≈ 1, so only the draws fill N(0, I).)"""
-    with torch.random.fork_rng(), poutine.block():
-        torch.manual_seed(seed)
-        return poutine.trace(vae.guide).get_trace(x).nodes["z"]["value"]
+def gaussian_proposal(vae: VAE, c: float, s: float):
+    """A guide N(c·μ_φ(x), s² I) built on ``vae``'s encoder means, for importance sampling log p(x)
+    under the prior. Any such proposal gives a stochastic lower bound on log p(x)."""
+    def guide(x, size=None, beta=1.0):
+        z_loc, _ = vae.encoder(x)  # (N, z_dim)
+        with pyro.plate("data", size or x.shape[0], subsample=vae._subsample(x.shape[0], x.device), dim=-1):
+            return pyro.sample("z", dist.Normal(c * z_loc, s).to_event(1))
+    return guide
 
 
-@torch.no_grad()
-def nearest_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
-    """Euclidean distance from each row of ``x (M, d)`` to its nearest row of ``ref (R, d)``: ``(M,)``."""
-    return torch.cat([torch.cdist(x[i:i + chunk], ref).min(1).values for i in range(0, x.shape[0], chunk)])
+def best_proposal_bound(vae: VAE, valid: torch.Tensor, test: torch.Tensor, k: int, seed: int) -> tuple:
+    """The (c, s) of :func:`gaussian_proposal` with the best IWAE bound on ``valid`` (K = k/10), and
+    the IWAE_k bound it gives on ``test`` (the dict of ``_common.held_out``)."""
+    by = {(c, s): _common.held_out(vae, valid, max(10, k // 10), seed, guide=gaussian_proposal(vae, c, s))["iwae"]
+          for c in PROPOSAL_SHRINK for s in PROPOSAL_SCALES}
+    best = max(by, key=by.get)
+    return best, _common.held_out(vae, test, k, seed=seed, guide=gaussian_proposal(vae, *best))
+
+
+def digit_classifier(x: torch.Tensor, y: torch.Tensor) -> LogisticRegression:
+    """A multinomial logistic regression on flattened images ``x (N, D)`` with labels ``y (N,)``."""
+    return LogisticRegression(max_iter=300, C=0.05).fit(x.numpy(), y.numpy())
+
+
+def recognisability(clf: LogisticRegression, x: torch.Tensor) -> dict:
+    """How confidently ``clf`` places images ``x (N, D)``: per-image confidence max_y p(y|x) ``(N,)``,
+    its mean, and the classifier score exp(E_x KL(p(y|x) ‖ p(y))), p(y) = E_x p(y|x)."""
+    p = clf.predict_proba(x.numpy())  # (N, 10)
+    py = p.mean(0, keepdims=True)  # (1, 10)
+    kl = (p * (np.log(p + 1e-12) - np.log(py + 1e-12))).sum(1)  # (N,)
+    return {"confidence": p.max(1), "mean_confidence": float(p.max(1).mean()), "score": float(np.exp(kl.mean()))}
 
 
 @torch.no_grad()
@@ -140,44 +153,56 @@ def main(argv=None) -> int:
     x_te = data.test
     results = {"dataset": data.name, "z_dim": args.z_dim, "epochs": epochs, "k": k, "models": {},
                "mean_pixel_test_data": x_te.mean().item()}
-    prior_grids, interp_rows, dists = {}, {}, {}
+    labels = data.labels.get("train")
+    clf = digit_classifier(data.train, labels) if labels is not None else None
+    confidences = {}
+    if clf is not None:
+        real = recognisability(clf, x_te)
+        results["classifier_on_test_images"] = {"mean_confidence": real["mean_confidence"], "score": real["score"],
+                                                "accuracy": float(clf.score(x_te.numpy(), data.labels["test"].numpy()))}
+        confidences["real test images"] = real["confidence"]
+    prior_grids, interp_rows = {}, {}
     pairs = interpolation_pairs(data.labels.get("test"))
     z_prior = plots.prior_draws(n_prior, args.z_dim, args.seed)  # (n, z_dim): the same draws for both models
     for name, vae in models.items():
         with torch.no_grad():
             x_prior = vae.decode(z_prior)  # (n, D)
-            codes_train = guide_draws(vae, data.train[:10000], args.seed)  # (R, z_dim)
-            codes_test = guide_draws(vae, x_te, args.seed + 1)  # (N, z_dim)
-            d_prior = nearest_distance(z_prior, codes_train)  # (n,)
-            d_test = nearest_distance(codes_test, codes_train)  # (N,)
-        if name == "VAE":
-            ll = _common.held_out(vae, x_te, k, seed=args.seed)
-            proposal = None
-        else:  # choose the proposal on validation images, report on test images
-            by = {(c, s): _common.held_out(vae, data.valid, max(10, k // 10), args.seed,
-                                           guide=vae.proposal(c, s))["iwae"]
-                  for c in PROPOSAL_SHRINK for s in PROPOSAL_SCALES}
-            proposal = max(by, key=by.get)
-            ll = _common.held_out(vae, x_te, k, seed=args.seed, guide=vae.proposal(*proposal))
-        ratio = (d_prior.median() / d_test.median()).item()
-        results["models"][name] = {
-            "test_log_px_iwae": ll["iwae"], "test_log_px_se": ll["iwae_se"], "test_elbo": ll.get("elbo"),
-            "proposal_shrink_and_scale": proposal, "hole_ratio": ratio,
-            "code_distance_prior_draws_median": d_prior.median().item(),
-            "code_distance_test_codes_median": d_test.median().item(),
-            "code_norm_mean": codes_test.norm(dim=-1).mean().item(), "code_std_per_dim": codes_test.std(0).tolist(),
-            "prior_norm_mean": z_prior.norm(dim=-1).mean().item(), "mean_pixel_prior_samples": x_prior.mean().item()}
+            codes = vae.encode(x_te)[0]  # (N, z_dim): μ(x)
+        # log p(x) with one estimator for both models (the best Gaussian proposal around the
+        # codes), and, for the VAE, with its own trained guide.
+        proposal, ll = best_proposal_bound(vae, data.valid, x_te, k, args.seed)
+        own = _common.held_out(vae, x_te, k, seed=args.seed) if name == "VAE" else None
+        r = results["models"][name] = {
+            "test_log_px_grid_proposal": ll["iwae"], "test_log_px_grid_proposal_se": ll["iwae_se"],
+            "proposal_shrink_and_scale": proposal,
+            "test_log_px_own_guide": own and own["iwae"], "test_log_px_own_guide_se": own and own["iwae_se"],
+            "test_elbo": own and own["elbo"],
+            # E_{p(z)} E[x|z] is the model's mean image; it equals the data's when p(x) matches the data
+            "mean_image_rms_error": ((x_prior.mean(0) - x_te.mean(0)) ** 2).mean().sqrt().item(),
+            "code_std_per_dim": codes.std(0).tolist(),
+            "code_norm_mean": codes.norm(dim=-1).mean().item(), "prior_norm_mean": z_prior.norm(dim=-1).mean().item(),
+            "mean_pixel_prior_samples": x_prior.mean().item()}
+        if clf is not None:
+            rec = recognisability(clf, x_prior)
+            r["classifier_on_prior_samples"] = {"mean_confidence": rec["mean_confidence"], "score": rec["score"]}
+            confidences[f"{name}: decoded prior draws"] = rec["confidence"]
         prior_grids[name] = x_prior[:40]
         for j, (a, b) in enumerate(pairs):
             interp_rows.setdefault(f"pair {j + 1}", {})[name] = interpolate(vae, x_te[a], x_te[b])
-        dists[f"{name}: prior draws z ~ N(0, I)"] = d_prior / d_test.median()
-        dists[f"{name}: codes of test images"] = d_test / d_test.median()
-        r = results["models"][name]
-        print(f"{name:>11}: test log p(x) ≥ {ll['iwae']:.2f} ± {ll['iwae_se']:.2f} nats (IWAE_{k}"
-              + (f", proposal N({proposal[0]:g}·μ(x), {proposal[1]:g}² I)" if proposal else "")
-              + f"); hole ratio {ratio:.2f}; mean ‖code‖ {r['code_norm_mean']:.2f} vs {r['prior_norm_mean']:.2f} "
-              f"for z ~ N(0, I); mean pixel of prior samples {r['mean_pixel_prior_samples']:.3f} "
-              f"(data {results['mean_pixel_test_data']:.3f})")
+        std = codes.std(0)
+        print(f"{name:>11}: test log p(x) ≥ {ll['iwae']:.2f} ± {ll['iwae_se']:.2f} nats (IWAE_{k}, proposal "
+              f"N({proposal[0]:g}·μ(x), {proposal[1]:g}² I))"
+              + (f", {own['iwae']:.2f} ± {own['iwae_se']:.2f} with its own guide" if own else "")
+              + f"; code std per coordinate {std.min():.2f}–{std.max():.2f} (prior: 1); mean image of prior "
+              f"samples off the data's by {r['mean_image_rms_error']:.3f} per pixel (RMS)"
+              + (f"; classifier on prior samples: confidence {rec['mean_confidence']:.3f}, score {rec['score']:.2f}"
+                 if clf is not None else ""))
+    if clf is not None:
+        c = results["classifier_on_test_images"]
+        print(f"classifier on real test images: confidence {c['mean_confidence']:.3f}, score {c['score']:.2f}, "
+              f"accuracy {c['accuracy']:.3f}")
+        plots.histograms(confidences, "classifier confidence max_y p(y | x)",
+                         "Do decoded prior draws look like digits?", path=out / "recognisable.png")
 
     plots.image_panels({"z ~ N(0, I)": prior_grids}, data.image_shape, nrow=8,
                        title=f"E[x | z] for the same 40 draws z ~ N(0, I) ({data.name}, z_dim = {args.z_dim})",
@@ -185,8 +210,6 @@ def main(argv=None) -> int:
     plots.image_panels(interp_rows, data.image_shape, nrow=10,
                        title="Decoded straight lines between the codes of two test images",
                        path=out / "interpolations.png")
-    plots.histograms(dists, "distance to the nearest training code, in units of the test codes' median",
-                     "Holes: do prior draws land among the data's codes?", path=out / "holes.png")
     _common.save_json(results, out / "results.json")
     return 0
 

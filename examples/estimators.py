@@ -15,7 +15,7 @@ tighter, and it reaches a higher log p(x); its guide is trained as a proposal, n
 approximation of p(z|x), so its plain ELBO may be lower. The Pareto k̂ of the weights says
 for which images the IWAE estimate can be trusted (k̂ < 0.7).
 
-    python examples/estimators.py --dataset binarized-mnist   # the IWAE paper's data; ~10 minutes on a CPU
+    python examples/estimators.py --dataset binarized-mnist   # the IWAE paper's data; ~15 minutes on 2 CPU cores
     python examples/estimators.py --quick                      # seconds
 
 Writes to ``--out``: ``convergence.png``, ``khat.png``, ``results.json`` and the runs
@@ -26,7 +26,6 @@ from __future__ import annotations
 import sys
 
 import _common
-import torch
 
 from ppl_vae import estimators, plots
 
@@ -78,7 +77,8 @@ def main(argv=None) -> int:
         khats[label] = est["khat"]
         print(f"{label}: ELBO {r['elbo_analytic']['value']:.2f} (analytic KL) / {r['elbo_mc']['value']:.2f} "
               f"± {r['elbo_mc']['mc_se']:.2f} (Monte Carlo, {k_max} draws); "
-              + ", ".join(f"IWAE_{k} {r['iwae_by_k'][k]['value']:.2f}" for k in (1, 10, 100, k_max) if k in r["iwae_by_k"])
+              + ", ".join(f"IWAE_{k} {r['iwae_by_k'][k]['value']:.2f}" for k in (1, 10, 100, k_max)
+                          if k in r["iwae_by_k"])
               + f"; gap IWAE_{k_max} − ELBO {r['gap_iwae_minus_elbo']['mean']:.2f} nats; "
               f"{100 * r['share_khat_above_0.7']:.0f}% of images with k̂ > 0.7; its training bound is "
               f"{r['gap_of_trained_bound']:.2f} nats below IWAE_{k_max}")

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
             grey = _common.subset(_common.load_data(args.dataset, args.data_dir, "continuous-bernoulli",
                                                     announce=False), *sizes).test
             with torch.no_grad():
-                r["bernoulli_log_mass_on_greyscale"] = bernoulli_mass_missing(vae.decoder(vae.encode(grey)[0])).mean().item()
+                logits = vae.decoder(vae.encode(grey)[0])  # (N, D) at the codes of the greyscale images
+            r["bernoulli_log_mass_on_greyscale"] = bernoulli_mass_missing(logits).mean().item()
         results["models"][name] = r
         t = r["test"]
         print(f"{name:>20}: test log p(x) ≥ {t['iwae']:8.2f} ± {t['iwae_se']:.2f} nats (IWAE_{k}), ELBO "
@@ -118,8 +119,8 @@ def main(argv=None) -> int:
         f"{results['models']['gaussian-learned']['test']['elbo']:.1f}), smallest σ {nofloor['sigma_min']:.2g}, "
         f"{100 * nofloor['share_of_pixels_sigma_below_0.02']:.0f}% of pixels with σ < 0.02"
         if nofloor["finished"] else f"training failed: {nofloor['error']}"))
-    print(f"Bernoulli formula at greyscale x integrates to exp({results['models']['bernoulli']['bernoulli_log_mass_on_greyscale']:.1f})"
-          " over [0, 1]^D: not a density")
+    mass = results["models"]["bernoulli"]["bernoulli_log_mass_on_greyscale"]
+    print(f"Bernoulli formula at greyscale x integrates to exp({mass:.1f}) over [0, 1]^D: not a density")
 
     plots.image_panels(panels, data.image_shape, nrow=8,
                        title=f"One VAE, four likelihoods ({data.name}, {epochs} epochs): test images, "

@@ -168,7 +168,8 @@ def manifold_grid(decode, image_shape, n: int = 20, quantile: float = 0.95, titl
     z2, z1 = torch.meshgrid(vals.flip(0), vals, indexing="ij")  # (n, n): row 0 = largest z₂
     z = torch.stack([z1.reshape(-1), z2.reshape(-1)], -1)  # (n², 2)
     x = decode(z)  # (n², D)
-    fig, ax = plt.subplots(figsize=(0.26 * n + 1.2, 0.26 * n + 1.2))  # 28-pixel tiles at 110 dpi: ≈ 1 figure pixel per image pixel
+    # 28-pixel tiles at 110 dpi: about one figure pixel per image pixel
+    fig, ax = plt.subplots(figsize=(0.26 * n + 1.2, 0.26 * n + 1.2))
     ax.imshow(_grid(x, image_shape, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     tile = image_shape[-1] + 1
     every = max(1, n // 6)

@@ -101,18 +101,27 @@ def test_circles(tmp_path):
 
 def test_ae_vs_vae(tmp_path, data_dir):
     res = run_example("ae_vs_vae", tmp_path, data_dir)
-    for f in ("prior_samples.png", "interpolations.png", "holes.png"):
+    for f in ("prior_samples.png", "interpolations.png", "recognisable.png"):
         assert_figure(tmp_path / f)
     ae, vae = res["models"]["autoencoder"], res["models"]["VAE"]
-    # Under the N(0, I) prior the VAE is the far better generative model (tens of nats here).
-    assert vae["test_log_px_iwae"] > ae["test_log_px_iwae"] + 10
-    assert ae["proposal_shrink_and_scale"] is not None and vae["proposal_shrink_and_scale"] is None
-    # nothing pulls the AE's codes towards N(0, I): they sit far outside the prior's typical radius,
-    # and prior draws fall into the hole they leave; the VAE's prior draws land among its codes.
-    assert ae["code_norm_mean"] > 2 * ae["prior_norm_mean"]
+    # Under the N(0, I) prior, with the same estimator, the VAE is the better generative model (~20
+    # nats after the quick run); its own guide does about as well as the grid's best Gaussian.
+    assert vae["test_log_px_grid_proposal"] > ae["test_log_px_grid_proposal"] + 5
+    assert vae["test_log_px_own_guide"] > vae["test_log_px_grid_proposal"] - 2
+    assert ae["test_log_px_own_guide"] is None and len(ae["proposal_shrink_and_scale"]) == 2
+    # the model's mean image: the AE's prior samples miss the data's mean image by more
+    assert ae["mean_image_rms_error"] > vae["mean_image_rms_error"]
+    # nothing pulls the AE's codes towards N(0, I): they spread much wider than the VAE's (quick run:
+    # about 2.3 against 1.0 per coordinate on average)
+    mean_std = lambda m: sum(m["code_std_per_dim"]) / len(m["code_std_per_dim"])  # noqa: E731
+    assert mean_std(ae) > 1.5 * mean_std(vae)
     assert vae["prior_norm_mean"] == pytest.approx(math.sqrt(res["z_dim"]), rel=0.1)
-    assert ae["hole_ratio"] > 1.5 * vae["hole_ratio"]
-    assert vae["hole_ratio"] > 0
+    # a digit classifier: real images are recognisable (score up to 10), and the scores are sane
+    real = res["classifier_on_test_images"]
+    assert real["accuracy"] > 0.8 and real["score"] > 5
+    for m in (ae, vae):
+        c = m["classifier_on_prior_samples"]
+        assert 0.1 <= c["mean_confidence"] <= 1 and 1 <= c["score"] <= 10 + 1e-6
 
 
 def test_likelihoods(tmp_path, data_dir):
