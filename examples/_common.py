@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,11 +49,10 @@ def parser(description: str, name: str, dataset: str = "auto") -> argparse.Argum
 
 
 def setup(args) -> Path:
-    """Make ``--out``, seed everything, and say where results go."""
+    """Make ``--out`` and seed torch's global generator (training seeds itself from the config)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    warnings.filterwarnings("ignore", message=".*TorchScript.*")
     return out
 
 

@@ -67,11 +67,18 @@ def launched() -> bool:
 
 
 def setup(device: torch.device) -> tuple[Context, torch.device]:
-    """Join the process group when launched by torchrun (once per process; it is left at exit);
-    returns the context and this rank's device (``cuda:LOCAL_RANK`` for a CUDA device)."""
-    if not launched():
+    """Join the process group when launched by torchrun (once per process; it is left at exit),
+    or use the one the caller initialized; returns the context and this rank's device
+    (``cuda:LOCAL_RANK`` for a CUDA device)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_available() and dist.is_initialized():
+        ctx = Context(dist.get_rank(), dist.get_world_size(), local_rank)
+    elif launched():
+        ctx = Context(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank)
+    else:
         return Context(), device
-    ctx = Context(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not ctx.enabled:
+        return ctx, device
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)

@@ -12,9 +12,11 @@ Pyro model/guide pair that follows them can be evaluated the same way):
   shape ``(N,)``, or ``(K, N)`` under an outer particle plate;
 * minibatch scaling: ``size`` is the full dataset size and the batch is a subsample of it,
   so the plate scales every log-density by ``size / N``. The SVI loss is then an unbiased
-  estimate of the full-data negative ELBO −Σ_i ELBO_i; hand-written VAEs carry the same
-  factor by hand as ``kld_weight = M / N_total`` on a per-datapoint mean. We report numbers
-  per datapoint, in nats (loss / size).
+  estimate of the full-data negative ELBO −Σ_i ELBO_i. Hand-written VAEs carry this
+  bookkeeping by hand, often as a ``kld_weight = M / N_total``; that weight is right only on a
+  term outside the data plate (a global KL), and on the per-datapoint KL it is a β-VAE with
+  β = M/N (docs/math.md). Here both terms sit in the plate and keep their 1 : 1 ratio. We
+  report numbers per datapoint, in nats (loss / size).
 * β-VAE: ``beta`` scales both z sites (``poutine.scale``), so the objective is
   E_q[log p(x|z)] − β·KL(q(z|x) ‖ p(z)) for ``Trace_ELBO`` (KL by Monte Carlo) and
   ``TraceMeanField_ELBO`` (KL in closed form) alike.

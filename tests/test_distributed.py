@@ -106,7 +106,8 @@ BATCHES = (torch.arange(0, 40, 4), torch.arange(3, 10), torch.tensor([5]))  # sl
 
 
 def batch_gradients(vae, loss_fn, x, n, weights_of) -> list[list[torch.Tensor]]:
-    """Per objective × batch: the gradients of every parameter after ``loss_fn`` on ``x[batch]``."""
+    """Per batch of :data:`BATCHES`: the gradients of every parameter after ``loss_fn`` on ``x[batch]``
+    (times the weight that ``weights_of(batch) -> (rows, weight)`` gives)."""
     grads = []
     for batch in BATCHES:
         idx, w = weights_of(batch)
