@@ -315,8 +315,8 @@ def test_malicious_checkpoint_runs_no_code_and_is_refused(run2, tmp_path, capsys
     (run / "best.pt").write_bytes((run / "checkpoint.pt").read_bytes())
     with open(run / "checkpoint.pt", "wb") as f:
         pickle.dump({"format_version": 1, "model": Evil(marker)}, f)  # a bare pickle, not a torch archive
-    for which, main, argv in [("best", sample_main, ["--which", "best", "--out", str(tmp_path / "s.png")]),
-                              ("checkpoint", sample_main, ["--which", "checkpoint"]),
+    for which, main, argv in [("best", sample_main, ["--checkpoint", "best", "--out", str(tmp_path / "s.png")]),
+                              ("checkpoint", sample_main, ["--checkpoint", "checkpoint"]),
                               ("best", evaluate_main, ["--checkpoint", "best", "--device", "cpu", "--quiet"]),
                               ("checkpoint", evaluate_main, ["--checkpoint", "checkpoint", "--device", "cpu"])]:
         capsys.readouterr()
