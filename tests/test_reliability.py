@@ -32,22 +32,23 @@ def bits(tmp_path_factory) -> Path:
     return path
 
 
+def _finished_run(bits, tmp_path_factory, name: str, epochs: int) -> Path:
+    out = tmp_path_factory.mktemp("runs") / name
+    r = fit("--dataset", bits, *TINY, "--epochs", str(epochs), "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def run4(bits, tmp_path_factory) -> Path:
     """The reference: 4 epochs in one go."""
-    out = tmp_path_factory.mktemp("runs") / "four"
-    r = fit("--dataset", bits, *TINY, "--epochs", "4", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+    return _finished_run(bits, tmp_path_factory, "four", 4)
 
 
 @pytest.fixture(scope="module")
 def run2(bits, tmp_path_factory) -> Path:
     """A finished 2-epoch run with the reference's settings; tests copy it before changing it."""
-    out = tmp_path_factory.mktemp("runs") / "two"
-    r = fit("--dataset", bits, *TINY, "--epochs", "2", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+    return _finished_run(bits, tmp_path_factory, "two", 2)
 
 
 def copy_run(src: Path, dst: Path) -> Path:
