@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 import threading
 from contextlib import contextmanager
 
@@ -45,6 +46,9 @@ def user_errors(prog: str):
     """
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    show = warnings.showwarning
+    # warnings for the user (e.g. "MNIST not available, using digits") as one line, no source excerpt
+    warnings.showwarning = lambda message, *a, **k: print(f"{prog}: warning: {message}", file=sys.stderr)
     try:
         yield
     except UserError as e:
@@ -58,5 +62,6 @@ def user_errors(prog: str):
         print(f"{prog}: interrupted by {name}", file=sys.stderr)
         sys.exit(code)
     finally:
+        warnings.showwarning = show
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
