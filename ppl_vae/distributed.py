@@ -137,14 +137,6 @@ def all_gather_objects(obj, ctx: Context) -> list:
     return out
 
 
-def broadcast_object(obj, ctx: Context):
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def broadcast_tensor(t: torch.Tensor, ctx: Context) -> torch.Tensor:
     """Rank 0's ``t`` on every rank, in place (other ranks pass a tensor of the same shape/dtype)."""
     if ctx.enabled:
