@@ -52,10 +52,10 @@ def iwae_per_datapoint(ref: TorchVAE, x, k, chunk=500):
 
 
 @torch.no_grad()
-def iwae_batched_reference(ref: TorchVAE, x, k, chunk_size=estimators.DEFAULT_CHUNK):
+def iwae_batched_reference(ref: TorchVAE, x, k, chunk_size=None):
     """(f): hand-written log-weights, batched like ppl_vae (≈ chunk_size samples × datapoints per pass)."""
     n = x.shape[0]
-    kc = max(1, min(k, chunk_size // n))
+    kc = max(1, min(k, (chunk_size or estimators.default_chunk(x.device)) // n))
     lse = torch.full((n,), -math.inf, device=x.device)
     for j in range(0, k, kc):
         lse = torch.logaddexp(lse, torch.logsumexp(ref.log_weights(x, min(kc, k - j)), 0))  # (N,)

@@ -39,7 +39,6 @@ from .errors import UserError
 PROG = "python -m ppl_vae.evaluate"
 DEFAULT_KS = (1, 10, 100, 1000, 5000)
 DEFAULT_BLOCK = 100
-CHUNK = {"cpu": 20_000, "cuda": 2_000_000}  # particles × datapoints per pass (--chunk-size default)
 PER_DATAPOINT = ("elbo_analytic", "elbo_analytic_stderr", "elbo_mc", "elbo_mc_stderr", "log_px",
                  "log_px_stderr", "khat", "ess")
 
@@ -66,7 +65,7 @@ def build_parser() -> ArgumentParser:
                    f"protocol, since a block's draws are seeded together (default: {DEFAULT_BLOCK})")
     p.add_argument("--chunk-size", type=int, default=None, metavar="C", help=f"particles × datapoints per vectorized pass: "
                    f"bounds memory, halved on CUDA out-of-memory; does not change results (default: "
-                   f"{CHUNK['cpu']} on CPU, {CHUNK['cuda']} on CUDA)")
+                   f"{estimators.DEFAULT_CHUNK['cpu']} on CPU, {estimators.DEFAULT_CHUNK['cuda']} on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every draw (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -116,13 +115,14 @@ def _block(model, guide, xb, num_samples, ks, seed, chunk_size) -> dict[str, np.
     for name, key in (("elbo_analytic", "elbo_analytic"), ("elbo_mc", "elbo_mc"), ("log_px", "iwae")):
         out[name] = est[key].value.double().cpu().numpy()
         out[name + "_stderr"] = est[key].stderr.double().cpu().numpy()
-    out["iwae_by_k"] = np.stack([est["iwae_by_k"][k].value.double().cpu().numpy() for k in ks])  # (len(ks), B)
-    out["iwae_by_k_stderr"] = np.stack([est["iwae_by_k"][k].stderr.double().cpu().numpy() for k in ks])
+    for key, attr in (("iwae_by_k", "value"), ("iwae_by_k_stderr", "stderr")):
+        rows = [getattr(est["iwae_by_k"][k], attr).double().cpu().numpy() for k in ks]
+        out[key] = np.stack(rows) if rows else np.zeros((0, xb.shape[0]))  # (len(ks), B)
     return out
 
 
 def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int = DEFAULT_BLOCK,
-                    num_samples: int = 5000, ks=(), seed: int = 0, chunk_size: int = estimators.DEFAULT_CHUNK,
+                    num_samples: int = 5000, ks=(), seed: int = 0, chunk_size: int | None = None,
                     device=None, progress=None, log=None) -> dict[str, np.ndarray]:
     """Per-datapoint estimates for blocks ``block_ids`` of ``x (N, D)``.
 
@@ -136,6 +136,7 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
     ``(len(ks), M)``, and ``chunk_size`` (the one finally used).
     """
     ks = sorted(ks)
+    chunk_size = chunk_size or estimators.default_chunk(device if device is not None else x.device)
     parts = []
     for b in block_ids:
         rows = torch.arange(b * block_size, min((b + 1) * block_size, x.shape[0]))
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
         x_split = ds.split(args.split)
         index = choose_subset(x_split.shape[0], args.subset, args.seed)
         x = x_split[index]  # (n, D)
-        chunk = args.chunk_size or CHUNK[device.type if device.type in CHUNK else "cpu"]
+        chunk = args.chunk_size or estimators.default_chunk(device)
         n_blocks = math.ceil(x.shape[0] / args.batch_size)
         blocks = distributed.strided(range(n_blocks), ctx)  # this rank's share: blocks r, r+P, ...
         rows = sum(min((b + 1) * args.batch_size, x.shape[0]) - b * args.batch_size for b in blocks)

@@ -55,7 +55,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--sigma-floor", type=float, default=S, help=f"lower bound on the learned σ of "
                    f"gaussian-learned (default: {d.sigma_floor})")
     g.add_argument("--arch", choices=ARCHS, default=S, help=f"networks (default: {d.arch}; conv needs H and W "
-                   f"divisible by 4, e.g. 28x28)")
+                   f"divisible by 4, e.g. 28x28; broadcast: MLP encoder, spatial broadcast decoder)")
     g.add_argument("--hidden", type=int_list, default=S, help="hidden widths of the MLP, comma-separated "
                    "(default: 400)")
     g.add_argument("--z-dim", type=int, default=S, help=f"latent dimension (default: {d.z_dim})")

@@ -7,11 +7,16 @@ likelihood's parameters ``(..., out_dim)`` (logits for a Bernoulli, means for a 
 Leading sample dimensions are allowed in the decoder so that vectorized particles
 ``(K, N, z_dim)`` decode in one call.
 
-Two architectures:
+Three architectures:
 
 * ``mlp``: ``D → hidden → … → 2·z_dim`` and back (the classic 784-400-20 VAE).
 * ``conv``: a small convolutional pair for single-channel 28x28 images
   (two stride-2 convolutions 28→14→7 and their transposes).
+* ``broadcast``: the MLP encoder with a spatial broadcast decoder (Watters et al. 2019): z is
+  copied to every pixel next to the pixel's coordinates, and a small network shared by all
+  pixels (1×1 convolutions) maps (z, i, j) to that pixel's parameters. It suits images made of
+  objects at positions (the circles world): position and size need not be entangled to be
+  drawn, and the code comes out close to linear in them.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch import nn
 
 from .errors import UserError
 
-ARCHS = ("mlp", "conv")
+ARCHS = ("mlp", "conv", "broadcast")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus}
 
 
@@ -103,6 +108,34 @@ class _ConvDecoderBody(nn.Module):
         return out.reshape(*batch, math.prod(self.out_shape))  # (..., C_out·H·W)
 
 
+class _BroadcastDecoderBody(nn.Module):
+    """Spatial broadcast decoder (Watters et al. 2019) with 1×1 convolutions: z is tiled over the
+    H×W pixel grid beside two channels of pixel coordinates c = (i, j) in [-1, 1], and one MLP
+    ``z_dim + 2 → channels → … → out_channels`` runs at every pixel. Its first layer is affine
+    in (z, c), so it is computed as W_z z + (W_c c + b), broadcast over the grid, without
+    building the tiled input. (The paper's 3×3 kernels let a pixel see its neighbours, at 9× the
+    cost; the circles world does not need them.)"""
+
+    def __init__(self, image_shape: Sequence[int], z_dim: int, out_channels: int, channels: int = 32,
+                 layers: int = 3, activation: str = "relu"):
+        super().__init__()
+        c, h, w = image_shape
+        self.out_shape = (out_channels, h, w)
+        ii, jj = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        self.register_buffer("coords", torch.stack([ii.flatten(), jj.flatten()], -1), persistent=False)  # (HW, 2)
+        self.from_z = nn.Linear(z_dim, channels, bias=False)
+        self.from_coords = nn.Linear(2, channels)
+        self.per_pixel = mlp([channels] * layers + [out_channels], activation)  # on (..., HW, channels)
+        self.act = ACTIVATIONS[activation]()
+
+    def forward(self, z):
+        batch = z.shape[:-1]
+        h = self.from_z(z)[..., None, :] + self.from_coords(self.coords)  # (..., HW, ch)
+        out = self.per_pixel(self.act(h))  # (..., HW, C_out)
+        out = out.transpose(-1, -2)  # (..., C_out, HW): channel-major, as a (C, H, W) image flattens
+        return out.reshape(*batch, math.prod(self.out_shape))  # (..., C_out·H·W)
+
+
 def check_conv_shape(image_shape: Sequence[int]) -> None:
     """The conv pair needs ``(C, H, W)`` images with H and W divisible by 4 (28x28 MNIST)."""
     if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4 or image_shape[1] < 8:
@@ -127,6 +160,13 @@ def build_networks(arch: str, image_shape: Sequence[int], z_dim: int, hidden: Se
             raise ValueError(f"conv decoder cannot emit {out_dim} values for images of {d} pixels")
         enc = _ConvEncoderBody(image_shape, z_dim)
         dec = _ConvDecoderBody(image_shape, z_dim, out_channels)
+    elif arch == "broadcast":
+        if len(image_shape) != 3:
+            raise UserError(f"--arch broadcast needs images of shape (C, H, W), but this dataset has shape "
+                            f"{tuple(image_shape)}; use --arch mlp")
+        out_channels = out_dim // d * image_shape[0]
+        enc = mlp([d, *hidden, 2 * z_dim], activation)
+        dec = _BroadcastDecoderBody(image_shape, z_dim, out_channels, activation=activation)
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     return Encoder(enc, z_dim), Decoder(dec)

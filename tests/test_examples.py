@@ -94,7 +94,8 @@ def test_circles(tmp_path):
         assert all(kl >= 0 for kl in r["kl_per_latent_dim"])
     # even a short run holds every factor in its code: a nearest-neighbour read-out recovers it
     assert min(res["by_beta"]["1"]["r2_knn"].values()) > 0.8
-    assert min(res["by_beta"]["1"]["r2_linear"]["x"], res["by_beta"]["1"]["r2_linear"]["y"]) > 0.5
+    # and with the broadcast decoder even 4 epochs on 5k images give a code close to linear in all three
+    assert min(res["by_beta"]["1"]["r2_linear"].values()) > 0.7
     assert_figure(tmp_path / "r2.png")
     assert_figure(tmp_path / "latent_radius_beta1.png")
 

@@ -42,7 +42,7 @@ def _traces(vae, x, **kw):
 
 # --------------------------------------------------------------------------- sites and shapes
 
-ARCH_SHAPES = [("mlp", (1, 4, 5)), ("conv", (1, 28, 28))]
+ARCH_SHAPES = [("mlp", (1, 4, 5)), ("conv", (1, 28, 28)), ("broadcast", (1, 5, 6))]
 
 
 @pytest.mark.parametrize("arch,shape", ARCH_SHAPES)
