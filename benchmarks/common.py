@@ -10,6 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ppl_vae.likelihoods import _BernoulliLogProb
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,8 +47,11 @@ def save_result(name: str, payload: dict) -> Path:
 class TorchVAE(nn.Module):
     """The 784-400-20 MLP VAE written by hand (the architecture ppl_vae builds with --hidden 400)."""
 
-    def __init__(self, x_dim=784, hidden=400, z_dim=20):
+    def __init__(self, x_dim=784, hidden=400, z_dim=20, own_density=False):
+        """``own_density``: use ppl_vae's Bernoulli log-density instead of PyTorch's BCE-with-logits
+        (isolates what the Pyro program itself costs in benchmarks/fit_speed.py)."""
         super().__init__()
+        self.own_density = own_density
         self.enc = nn.Sequential(nn.Linear(x_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
         self.dec = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, x_dim))
         self.z_dim = z_dim
@@ -57,7 +62,10 @@ class TorchVAE(nn.Module):
         mu, logvar = self.enc(x).split(self.z_dim, -1)  # (B, z) each
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         logits = self.dec(z)  # (B, D)
-        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        if self.own_density:
+            rec = -_BernoulliLogProb.apply(logits, x).sum()
+        else:
+            rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
         return (rec + kl) * scale
 

@@ -76,8 +76,7 @@ def main(argv=None):
     opt = make_optimizer(vae.parameters(), FitConfig(), device)
     loss_fn = make_objective("trace")
     ref = TorchVAE().to(device)
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, **({"fused": True} if device.type == "cuda"
-                                                              else {"foreach": True}))
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, fused=True)
 
     def ppl_step(b):
         idx = torch.randint(n, (b,), device=device)

@@ -29,6 +29,7 @@ import math
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class Likelihood:
@@ -52,6 +53,52 @@ class Likelihood:
         return {"likelihood": self.name}
 
 
+class _BernoulliLogProb(torch.autograd.Function):
+    """log Bernoulli(x | logits l) per element, x·l − softplus(l), with softplus(l) computed as
+    max(l, 0) + log(1 + exp(−|l|)); gradients x − σ(l) (w.r.t. l) and l (w.r.t. x).
+
+    Why not ``-F.binary_cross_entropy_with_logits(l, x, reduction="none")``, which Pyro's
+    Bernoulli calls: on a CPU, PyTorch evaluates its log1p / log-sigmoid with scalar code,
+    about 0.55 ms for one 128 × 784 batch on the machine of docs/benchmarks.md against 0.05 ms
+    for ``log``; that one op was a third of a training step's forward pass. Here every op is a
+    vectorized one, and the backward pass is one sigmoid. log(1 + e) instead of log1p(e) with
+    e = exp(−|l|) ≤ 1 costs at most half an ulp of 1 per pixel (6e-8 nats in float32)."""
+
+    @staticmethod
+    def forward(ctx, logits, value):
+        ctx.save_for_backward(logits, value)
+        # exp(−min(|l|, 40)): 1 + exp(−40) is 1 in float32 and float64 alike, and the clamp keeps exp
+        # out of denormal numbers (|l| > 87), which x86 CPUs compute about 10× slower
+        e = logits.abs().neg_().clamp_min_(-40.0).exp_()  # (..., D)
+        softplus = e.add_(1).log_().add_(logits.clamp_min(0))  # (..., D)
+        return torch.addcmul(softplus.neg_(), value, logits)  # x·l − softplus(l), broadcast (..., D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        logits, value = ctx.saved_tensors
+        d_logits = torch.sigmoid(logits).neg_().add_(value).mul_(grad) if ctx.needs_input_grad[0] else None
+        d_value = logits * grad if ctx.needs_input_grad[1] else None
+        return _unbroadcast(d_logits, logits.shape), _unbroadcast(d_value, value.shape)
+
+
+def _unbroadcast(grad, shape):
+    """Sum ``grad`` over the dimensions that broadcasting added to a tensor of ``shape``."""
+    if grad is None or grad.shape == shape:
+        return grad
+    return grad.sum_to_size(shape)
+
+
+class FastBernoulli(dist.Bernoulli):
+    """Pyro's Bernoulli with the log-density of :class:`_BernoulliLogProb` (same values and
+    gradients to float32 rounding; tested against binary cross-entropy)."""
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        return _BernoulliLogProb.apply(self.logits, value)
+
+
 class Bernoulli(Likelihood):
     """Bernoulli(logits): log p(x|z) = Σ_d x_d·l_d − softplus(l_d) = −BCE-with-logits summed."""
 
@@ -60,7 +107,7 @@ class Bernoulli(Likelihood):
     support = (0.0, 1.0)
 
     def dist(self, out):
-        return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return FastBernoulli(logits=out, validate_args=False).to_event(1)
 
     def mean(self, out):
         return torch.sigmoid(out)
