@@ -21,7 +21,9 @@ With importance weights w_k = p(x, z_k) / q(z_k | x), z_k ~ q(z | x):
 Reproducibility: with ``seed`` given, the K draws come in units of :data:`SAMPLE_UNIT`
 particles, unit j drawn from the torch RNG seeded with ``derive_seed(seed, j)``. A pass over
 the data draws whole units, so the estimates do not depend on ``chunk_size`` (up to float
-rounding) and the caller's RNG stream is left untouched. The draws for datapoint i still
+rounding) and the caller's RNG stream is left untouched. A pass draws its units' latents for
+the whole batch (the guide runs once per unit), then weighs them through the model in slices
+of datapoints, so that the decoder sees about ``chunk_size`` particles × datapoints at a time. The draws for datapoint i still
 depend on the whole batch ``x`` (the guide draws (u, N, ...) at once): fix the batches too
 (as :mod:`ppl_vae.evaluate` does) when results must not depend on how work is split.
 
@@ -43,15 +45,16 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
 DATA_PLATE = "data"
-# Particles × datapoints per vectorized pass (``chunk_size=None``): bounds memory, not K. On a CPU
-# a pass that stays near the caches is faster than one big pass (benchmarks/eval_speed.py).
-DEFAULT_CHUNK = {"cpu": 20_000, "cuda": 2_000_000}
+# Particles × datapoints per decoder pass (``chunk_size=None``): bounds memory, not K. On a CPU a
+# pass that stays near the caches is fastest (benchmarks/eval_speed.py: 2k–4k rows 5.0 s, 8k
+# 7.5 s, 20k 8.8 s for K = 1000 on 1000 images); a GPU wants large passes.
+DEFAULT_CHUNK = {"cpu": 4096, "cuda": 2_000_000}
 
 
 def default_chunk(device) -> int:
     """The ``chunk_size`` used when none is given, for tensors on ``device``."""
     return DEFAULT_CHUNK.get(torch.device(device).type, DEFAULT_CHUNK["cpu"])
-SAMPLE_UNIT = 100  # particles per seeded draw; a pass holds whole units (memory ≥ SAMPLE_UNIT·N)
+SAMPLE_UNIT = 100  # particles per seeded draw; a pass holds whole units (memory ≥ SAMPLE_UNIT rows)
 PSIS_MIN_SAMPLES = 21  # ArviZ's Pareto tail, ceil(min(0.2 K, 3 √K)), needs more than 4 weights
 
 
@@ -147,22 +150,36 @@ def _cat_units(traces, nesting) -> poutine.Trace:
             continue
         dim = site["value"].dim() - site["fn"].event_dim - nesting - 1  # the particle dim
         out.add_node(name, type="sample", is_observed=False, infer=site["infer"],
+                     event_dim=site["fn"].event_dim, data_dim=_data_dim(site),
                      value=torch.cat([t.nodes[name]["value"] for t in traces], dim))  # (k, ..., N, ...)
     return out
 
 
-def _pass_traces(model, guide, x, units, nesting, kwargs):
-    """Model and guide traces of one pass over ``units`` = [(size, seed or None)]: each unit's
-    latents are drawn by its own (seeded) guide run, then the guide and model are replayed
-    once, vectorized over all the pass's particles."""
+def _draw(guide, x, units, nesting, kwargs) -> poutine.Trace:
+    """The latent values of one pass over ``units`` = [(size, seed or None)], each unit drawn by
+    its own (seeded) guide run on all of ``x``, joined along the particle dim (a trace to replay)."""
     traces = []
     for size, seed in units:
         if seed is not None:
             torch.manual_seed(seed)
         traces.append(_guide_trace(guide, x, size, nesting, kwargs))
-    k = sum(size for size, _ in units)
-    guide_tr = traces[0] if len(traces) == 1 else \
-        _guide_trace(poutine.replay(guide, trace=_cat_units(traces, nesting)), x, k, nesting, kwargs)
+    return _cat_units(traces, nesting)
+
+
+def _rows(values: poutine.Trace, start: int, stop: int) -> poutine.Trace:
+    """``values`` restricted to datapoints ``start:stop`` (along each site's data-plate dim)."""
+    out = poutine.Trace()
+    for name, site in values.nodes.items():
+        v = site["value"]
+        dim = v.dim() - site["event_dim"] + site["data_dim"]  # the data dim, counted from the left
+        out.add_node(name, type="sample", is_observed=False, infer=site["infer"],
+                     value=v.narrow(dim, start, stop - start))
+    return out
+
+
+def _replay(model, guide, values, x, k, nesting, kwargs):
+    """Guide and model traces with the latents ``values`` (k particles) replayed on ``x``."""
+    guide_tr = _guide_trace(poutine.replay(guide, trace=values), x, k, nesting, kwargs)
     with poutine.block(), pyro.plate("_particles", k, dim=-nesting - 1):
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **kwargs)
     return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
@@ -254,10 +271,19 @@ def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None,
     _check_k(num_samples)
     if nesting is None:
         nesting = max_plate_nesting(model, guide, x, **kwargs)
-    for units in _plan(num_samples, x.shape[0], chunk_size or default_chunk(x.device), seed):
+    n, chunk_size = x.shape[0], chunk_size or default_chunk(x.device)
+    for units in _plan(num_samples, n, chunk_size, seed):
+        k = sum(size for size, _ in units)
+        rows = max(1, chunk_size // k)  # datapoints per model pass: k × rows ≈ chunk_size
         with _rng_fork() if seed is not None else nullcontext():  # restored before each yield
-            model_tr, guide_tr = _pass_traces(model, guide, x, units, nesting, kwargs)
-        yield _pass_terms(model_tr, guide_tr, nesting, analytic_kl)
+            values = _draw(guide, x, units, nesting, kwargs)  # (k, N, ...): cheap, the guide runs once per unit
+            parts = [_pass_terms(*_replay(model, guide, _rows(values, i, min(i + rows, n)), x[i:i + rows], k,
+                                          nesting, kwargs), nesting, analytic_kl) for i in range(0, n, rows)]
+        if len(parts) == 1:
+            yield parts[0]
+        else:  # (k, N) from the (k, rows) of each slice
+            yield Draws(torch.cat([d.log_w for d in parts], 1),
+                        torch.cat([d.elbo_analytic for d in parts], 1) if analytic_kl else None)
 
 
 def log_importance_weights(model, guide, x, num_samples: int, seed: int | None = None,

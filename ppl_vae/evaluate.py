@@ -146,10 +146,10 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
                 res = _block(model, guide, xb, num_samples, ks, estimators.derive_seed(seed, b), chunk_size)
                 break
             except torch.cuda.OutOfMemoryError:
-                smallest = estimators.SAMPLE_UNIT * xb.shape[0]  # a pass holds at least one unit
+                smallest = estimators.SAMPLE_UNIT  # a pass holds at least one unit on one datapoint
                 if chunk_size <= smallest:
                     raise UserError(f"out of GPU memory even with the smallest pass ({estimators.SAMPLE_UNIT} "
-                                    f"particles × {xb.shape[0]} datapoints); lower --batch-size") from None
+                                    f"particles × 1 datapoint); the model is too large for this GPU") from None
                 chunk_size = max(smallest, chunk_size // 2)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
