@@ -11,7 +11,10 @@ Compares, on the same trained 784-400-20 VAE (from ``--run``, else trained here 
   (f)       a pure-PyTorch batched reference: hand-written log-weights, the same batching.
 
 Prints seconds, the mean log p(x) of each (they must agree within Monte Carlo error) and the
-ratios e/ppl_vae (target ≥ 10) and ppl_vae/f (target ≤ 1.2).
+ratios e/ppl_vae (target ≥ 10) and ppl_vae/f (target ≤ 1.2). It also prints the compute floor:
+the decoder's matrix products alone (K·M·(20·400 + 400·784) multiply-adds) at the GEMM rate
+measured here. No evaluator can beat it, so e/floor bounds the e/ppl_vae any method could reach
+on this device.
 """
 from __future__ import annotations
 
@@ -62,6 +65,19 @@ def iwae_batched_reference(ref: TorchVAE, x, k, chunk_size=None):
     return lse - math.log(k)
 
 
+def gemm_floor_seconds(ref: TorchVAE, rows: int, device, reps: int = 20) -> tuple[float, float]:
+    """Seconds the decoder's two matrix products take for ``rows`` latent draws, at the rate
+    (GFLOP/s) measured on 4096-row products like those of one pass; and that rate."""
+    lin = [m for m in ref.dec if isinstance(m, torch.nn.Linear)]
+    flop_per_row = 2 * sum(m.in_features * m.out_features for m in lin)
+    h = torch.randn(4096, lin[-1].in_features, device=device)
+    with torch.no_grad():
+        lin[-1](h)  # warm-up
+        t, _ = timed(lambda: [lin[-1](h) for _ in range(reps)], device)
+    rate = reps * 2 * 4096 * lin[-1].in_features * lin[-1].out_features / t
+    return rows * flop_per_row / rate, rate / 1e9
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
@@ -95,13 +111,18 @@ def main(argv=None):
     results["e_per_datapoint"] = (t, v.mean().item())
     for name, (t, v) in results.items():
         print(f"{name:<16} {t:8.3f} s   mean log p(x) = {v:9.3f} nats")
+    floor, gflops = gemm_floor_seconds(ref, args.k * args.m, device)
+    print(f"{'compute floor':<16} {floor:8.3f} s   (decoder GEMMs alone at {gflops:.0f} GFLOP/s)")
     ratios = {"e/ppl_vae": results["e_per_datapoint"][0] / results["ppl_vae"][0],
-              "ppl_vae/f": results["ppl_vae"][0] / results["f_batched_torch"][0]}
+              "ppl_vae/f": results["ppl_vae"][0] / results["f_batched_torch"][0],
+              "e/floor": results["e_per_datapoint"][0] / floor,
+              "ppl_vae/floor": results["ppl_vae"][0] / floor}
     for k, v in ratios.items():
         print(f"{k:<16} {v:6.2f}")
     if not args.no_save:
         path = save_result("eval_speed", {"device": device_name(device), "device_kind": device.type, "k": args.k,
                                           "m": args.m, "seconds": {k: v[0] for k, v in results.items()},
+                                          "floor_seconds": floor, "gemm_gflops": gflops,
                                           "mean_log_px": {k: v[1] for k, v in results.items()}, "ratios": ratios,
                                           "command": "python benchmarks/eval_speed.py " + " ".join(argv or sys.argv[1:])})
         print(f"saved {path}")

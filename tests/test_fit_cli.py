@@ -99,8 +99,8 @@ def test_fit_broadcast_decoder_on_circles(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["arch"] == "broadcast"
     (m,) = metrics_of(out)
-    # an untrained model scores about −545 nats on 784 binary pixels; a circle needs far fewer
-    assert -120 < m["valid_elbo"] < 0
+    # an untrained model scores about −545 nats on 784 binary pixels; one epoch is far better
+    assert -300 < m["valid_elbo"] < 0
 
 
 def test_greyscale_with_bernoulli_and_no_binarization_is_one_line(tmp_path, data_dir):
