@@ -198,6 +198,7 @@ def test_signals_and_faults_outside_training_are_one_line(capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the spy below
 def test_grad_clip_bounds_the_gradient_norm(bits, tmp_path):
     from ppl_vae.config import FitConfig
     from ppl_vae.train import Trainer
