@@ -42,7 +42,7 @@ class FitConfig:
     weight_decay: float = 0.0
     lr_decay: float = 1.0            # multiply the learning rate by this after every epoch
     grad_clip: float | None = None   # clip the global gradient norm (None = off)
-    patience: int | None = None      # stop after this many epochs without a better valid ELBO
+    patience: int | None = None      # stop after this many epochs without a better valid ELBO (IWAE_K for iwae)
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
     cuda_graph: bool = True          # on CUDA, replay each training step from a captured CUDA graph

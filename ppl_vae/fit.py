@@ -75,7 +75,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--lr-decay", type=float, default=S, help="multiply the lr by this each epoch (default: 1)")
     g.add_argument("--grad-clip", type=_opt_float, default=S, help="clip the gradient norm (default: off)")
     g.add_argument("--patience", type=_opt_int, default=S, help="early stop after this many epochs without a "
-                   "better validation ELBO (default: off)")
+                   "better validation ELBO (IWAE_K bound with --elbo iwae) (default: off)")
     g.add_argument("--seed", type=int, default=S, help="(default: 0)")
     g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=S,
@@ -134,9 +134,10 @@ def main(argv=None) -> int:
             return 1
     if not trainer.ctx.is_main:  # under torchrun, rank 0 reports
         return 0
-    best = summary["best_valid_elbo"]
     print(f"run directory: {out}")
-    print(f"best validation ELBO: {best:.3f} nats per datapoint" + (
+    best = (f"best validation IWAE_{trainer.cfg.num_particles} bound (the objective): {summary['best_valid_iwae']:.3f}"
+            if "best_valid_iwae" in summary else f"best validation ELBO: {summary['best_valid_elbo']:.3f}")
+    print(f"{best} nats per datapoint" + (
         f"; validation IWAE (K={summary['valid_iwae_k']}): {summary['valid_iwae']:.3f}" if "valid_iwae" in summary
         else ""))
     return 0

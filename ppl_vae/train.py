@@ -436,26 +436,35 @@ class Trainer:
         train_elbo = -s.loss_sum / steps / n
         self.model.eval()
         valid_elbo = bound_on(self.model, self.data.valid, ctx=self.ctx)
-        if not math.isfinite(valid_elbo):  # the last step's update broke the parameters: do not save them
-            raise self._non_finite("validation ELBO", valid_elbo,
-                                   f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
+        # best.pt and early stopping follow the bound being trained: IWAE training lowers the ELBO
+        # while it raises IWAE_K, so an IWAE run is selected on its validation IWAE_K
+        valid_iwae = bound_on(self.model, self.data.valid, "iwae", cfg.num_particles, ctx=self.ctx,
+                              batch=max(1, 100_000 // cfg.num_particles)) if cfg.elbo == "iwae" else None
+        for what, value in (("validation ELBO", valid_elbo), (f"validation IWAE_{cfg.num_particles}", valid_iwae)):
+            if value is not None and not math.isfinite(value):  # the last update broke the parameters: keep the old
+                raise self._non_finite(what, value, f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
         self.model.train()
         s.epoch += 1
         s.perm, s.step, s.loss_sum = None, 0, 0.0
-        improved = valid_elbo > s.best
+        criterion = valid_elbo if valid_iwae is None else valid_iwae
+        improved = criterion > s.best
         if improved:
-            s.best, s.bad_epochs = valid_elbo, 0
+            s.best, s.bad_epochs = criterion, 0
         else:
             s.bad_epochs += 1
         self.scheduler.step()
         row = {"epoch": s.epoch, "train_elbo": train_elbo, "valid_elbo": valid_elbo,
                "epoch_seconds": self._epoch_seconds, "beta": beta_at(cfg, s.epoch - 1, steps - 1, steps),
                "lr": self.optim.param_groups[0]["lr"]}
+        if valid_iwae is not None:
+            row["valid_iwae"] = valid_iwae  # IWAE_K with the training K (cfg.num_particles)
         if self.ctx.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-        self._log(f"epoch {s.epoch:>3}/{cfg.epochs}  train ELBO {train_elbo:9.3f}  valid ELBO {valid_elbo:9.3f}"
-                  f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
+        self._log(f"epoch {s.epoch:>3}/{cfg.epochs}  train {'IWAE' if valid_iwae is not None else 'ELBO'} "
+                  f"{train_elbo:9.3f}  valid ELBO {valid_elbo:9.3f}"
+                  + (f"  valid IWAE_{cfg.num_particles} {valid_iwae:9.3f}" if valid_iwae is not None else "")
+                  + f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
         self.save(best=improved)
         return cfg.patience is not None and s.bad_epochs >= cfg.patience
 
@@ -463,7 +472,8 @@ class Trainer:
         from . import plots
 
         metrics = read_metrics(self.out) if self.ctx.is_main else []
-        summary = {"epochs": self.state.epoch, "best_valid_elbo": self.state.best,
+        best_key = "best_valid_iwae" if self.cfg.elbo == "iwae" else "best_valid_elbo"  # what best.pt maximizes
+        summary = {"epochs": self.state.epoch, best_key: self.state.best,
                    "final": metrics[-1] if metrics else None}
         if self.cfg.final_iwae_k and self.state.epoch > 0:
             self.model.eval()

@@ -78,6 +78,12 @@ def test_fit_other_objectives(tmp_path, extra):
     assert cfg["elbo"] == extra[1] and cfg["num_particles"] == (3 if "iwae" in extra else 1)
     (m,) = metrics_of(out)
     assert math.isfinite(m["train_elbo"]) and -100 < m["valid_elbo"] < 0
+    summary = json.loads((out / "summary.json").read_text())
+    if "iwae" in extra:  # selected on the bound it trains: IWAE_3 ≥ the ELBO of the same model
+        assert summary["best_valid_iwae"] == pytest.approx(m["valid_iwae"]) and m["valid_iwae"] >= m["valid_elbo"]
+        assert "best validation IWAE_3 bound" in r.stdout
+    else:
+        assert summary["best_valid_elbo"] == pytest.approx(m["valid_elbo"]) and "valid_iwae" not in m
 
 
 def test_fit_conv_on_mnist_t10k(tmp_path, data_dir):
