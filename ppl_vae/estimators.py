@@ -23,8 +23,8 @@ particles, unit j drawn from the torch RNG seeded with ``derive_seed(seed, j)``.
 the data draws whole units, so the estimates do not depend on ``chunk_size`` (up to float
 rounding) and the caller's RNG stream is left untouched. A pass draws its units' latents for
 the whole batch (the guide runs once per unit), then weighs them through the model in slices
-of datapoints, so that the decoder sees about ``chunk_size`` particles × datapoints at a time. The draws for datapoint i still
-depend on the whole batch ``x`` (the guide draws (u, N, ...) at once): fix the batches too
+of datapoints, so that the decoder sees about ``chunk_size`` particles × datapoints at a time.
+The draws for datapoint i still depend on the whole batch ``x`` (the guide draws (u, N, ...) at once): fix the batches too
 (as :mod:`ppl_vae.evaluate` does) when results must not depend on how work is split.
 
 See ``docs/estimators.md`` for the bias, variance and standard errors of each estimator.
@@ -49,13 +49,13 @@ DATA_PLATE = "data"
 # pass that stays near the caches is fastest (benchmarks/eval_speed.py: 2k–4k rows 5.0 s, 8k
 # 7.5 s, 20k 8.8 s for K = 1000 on 1000 images); a GPU wants large passes.
 DEFAULT_CHUNK = {"cpu": 4096, "cuda": 2_000_000}
+SAMPLE_UNIT = 100  # particles per seeded draw; a pass holds whole units (memory ≥ SAMPLE_UNIT rows)
+PSIS_MIN_SAMPLES = 21  # ArviZ's Pareto tail, ceil(min(0.2 K, 3 √K)), needs more than 4 weights
 
 
 def default_chunk(device) -> int:
     """The ``chunk_size`` used when none is given, for tensors on ``device``."""
     return DEFAULT_CHUNK.get(torch.device(device).type, DEFAULT_CHUNK["cpu"])
-SAMPLE_UNIT = 100  # particles per seeded draw; a pass holds whole units (memory ≥ SAMPLE_UNIT rows)
-PSIS_MIN_SAMPLES = 21  # ArviZ's Pareto tail, ceil(min(0.2 K, 3 √K)), needs more than 4 weights
 
 
 @dataclass
@@ -155,15 +155,17 @@ def _cat_units(traces, nesting) -> poutine.Trace:
     return out
 
 
-def _draw(guide, x, units, nesting, kwargs) -> poutine.Trace:
+def _draw(guide, x, units, nesting, kwargs) -> tuple[poutine.Trace, poutine.Trace | None]:
     """The latent values of one pass over ``units`` = [(size, seed or None)], each unit drawn by
-    its own (seeded) guide run on all of ``x``, joined along the particle dim (a trace to replay)."""
+    its own (seeded) guide run on all of ``x``, joined along the particle dim (a trace to replay);
+    and, for a single unit, its guide trace itself, which weighs the whole batch without a
+    second guide run (the IWAE training step)."""
     traces = []
     for size, seed in units:
         if seed is not None:
             torch.manual_seed(seed)
         traces.append(_guide_trace(guide, x, size, nesting, kwargs))
-    return _cat_units(traces, nesting)
+    return _cat_units(traces, nesting), (traces[0] if len(traces) == 1 else None)
 
 
 def _rows(values: poutine.Trace, start: int, stop: int) -> poutine.Trace:
@@ -177,9 +179,11 @@ def _rows(values: poutine.Trace, start: int, stop: int) -> poutine.Trace:
     return out
 
 
-def _replay(model, guide, values, x, k, nesting, kwargs):
-    """Guide and model traces with the latents ``values`` (k particles) replayed on ``x``."""
-    guide_tr = _guide_trace(poutine.replay(guide, trace=values), x, k, nesting, kwargs)
+def _replay(model, guide, values, x, k, nesting, kwargs, guide_tr=None):
+    """Guide and model traces with the latents ``values`` (k particles) replayed on ``x``
+    (``guide_tr``: the guide's trace of exactly these, when there is one already)."""
+    if guide_tr is None:
+        guide_tr = _guide_trace(poutine.replay(guide, trace=values), x, k, nesting, kwargs)
     with poutine.block(), pyro.plate("_particles", k, dim=-nesting - 1):
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **kwargs)
     return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
@@ -276,9 +280,10 @@ def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None,
         k = sum(size for size, _ in units)
         rows = max(1, chunk_size // k)  # datapoints per model pass: k × rows ≈ chunk_size
         with _rng_fork() if seed is not None else nullcontext():  # restored before each yield
-            values = _draw(guide, x, units, nesting, kwargs)  # (k, N, ...): cheap, the guide runs once per unit
+            values, drawn = _draw(guide, x, units, nesting, kwargs)  # (k, N, ...): the guide runs once per unit
+            whole = drawn if rows >= n else None  # one slice, the whole batch: its guide trace is drawn's
             parts = [_pass_terms(*_replay(model, guide, _rows(values, i, min(i + rows, n)), x[i:i + rows], k,
-                                          nesting, kwargs), nesting, analytic_kl) for i in range(0, n, rows)]
+                                          nesting, kwargs, whole), nesting, analytic_kl) for i in range(0, n, rows)]
         if len(parts) == 1:
             yield parts[0]
         else:  # (k, N) from the (k, rows) of each slice
