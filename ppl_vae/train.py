@@ -91,12 +91,14 @@ def beta_at(cfg: FitConfig, epoch: int, step: int, steps_per_epoch: int) -> floa
 
 
 @torch.no_grad()
-def bound_on(vae: VAE, x: torch.Tensor, kind: str = "elbo", k: int = 1, batch: int = 10000,
+def bound_on(vae: VAE, x: torch.Tensor, kind: str = "elbo", k: int = 1, batch: int | None = None,
              seed: int = VALID_SEED, ctx: distributed.Context | None = None) -> float:
     """Mean bound over ``x`` in nats per datapoint: the analytic-KL ELBO (``kind="elbo"``)
-    or IWAE_k (``kind="iwae"``), with fixed draws (``seed``) per block of ``batch`` rows.
+    or IWAE_k (``kind="iwae"``), with fixed draws (``seed``) per block of ``batch`` rows
+    (default: 10,000 for the ELBO, 100,000 / k for IWAE_k).
     Distributed (``ctx``): rank r computes blocks r, r+P, ...; the block sums are gathered and
     added in block order, so every rank returns the single-process value exactly."""
+    batch = batch or (max(1, 100_000 // k) if kind == "iwae" else 10_000)
     starts = range(0, x.shape[0], batch)
     sums = {}
     for i in starts if ctx is None else distributed.strided(starts, ctx):
@@ -438,8 +440,8 @@ class Trainer:
         valid_elbo = bound_on(self.model, self.data.valid, ctx=self.ctx)
         # best.pt and early stopping follow the bound being trained: IWAE training lowers the ELBO
         # while it raises IWAE_K, so an IWAE run is selected on its validation IWAE_K
-        valid_iwae = bound_on(self.model, self.data.valid, "iwae", cfg.num_particles, ctx=self.ctx,
-                              batch=max(1, 100_000 // cfg.num_particles)) if cfg.elbo == "iwae" else None
+        valid_iwae = bound_on(self.model, self.data.valid, "iwae", cfg.num_particles,
+                              ctx=self.ctx) if cfg.elbo == "iwae" else None
         for what, value in (("validation ELBO", valid_elbo), (f"validation IWAE_{cfg.num_particles}", valid_iwae)):
             if value is not None and not math.isfinite(value):  # the last update broke the parameters: keep the old
                 raise self._non_finite(what, value, f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
@@ -477,8 +479,7 @@ class Trainer:
                    "final": metrics[-1] if metrics else None}
         if self.cfg.final_iwae_k and self.state.epoch > 0:
             self.model.eval()
-            summary["valid_iwae"] = bound_on(self.model, self.data.valid, "iwae", self.cfg.final_iwae_k,
-                                             batch=max(1, 100_000 // self.cfg.final_iwae_k), ctx=self.ctx)
+            summary["valid_iwae"] = bound_on(self.model, self.data.valid, "iwae", self.cfg.final_iwae_k, ctx=self.ctx)
             summary["valid_iwae_k"] = self.cfg.final_iwae_k
             self._log(f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['valid_iwae']:.3f} nats/datapoint")
         if self.ctx.is_main:
