@@ -77,16 +77,11 @@ class _BernoulliLogProb(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         logits, value = ctx.saved_tensors
-        d_logits = torch.sigmoid(logits).neg_().add_(value).mul_(grad) if ctx.needs_input_grad[0] else None
-        d_value = logits * grad if ctx.needs_input_grad[1] else None
-        return _unbroadcast(d_logits, logits.shape), _unbroadcast(d_value, value.shape)
-
-
-def _unbroadcast(grad, shape):
-    """Sum ``grad`` over the dimensions that broadcasting added to a tensor of ``shape``."""
-    if grad is None or grad.shape == shape:
-        return grad
-    return grad.sum_to_size(shape)
+        # sum_to_size: summed over the dims broadcasting added (e.g. K particles of one x)
+        d_logits = torch.sigmoid(logits).neg_().add_(value).mul_(grad).sum_to_size(logits.shape) \
+            if ctx.needs_input_grad[0] else None
+        d_value = (logits * grad).sum_to_size(value.shape) if ctx.needs_input_grad[1] else None
+        return d_logits, d_value
 
 
 class FastBernoulli(dist.Bernoulli):

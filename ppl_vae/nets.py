@@ -144,6 +144,15 @@ def check_conv_shape(image_shape: Sequence[int]) -> None:
             f"but this dataset has shape {tuple(image_shape)}; use --arch mlp")
 
 
+def _out_channels(arch: str, image_shape: Sequence[int], out_dim: int) -> int:
+    """Channels of an image-shaped decoder output holding ``out_dim`` values for ``(C, H, W)``
+    images: C per likelihood parameter per pixel."""
+    c, d = image_shape[0], math.prod(image_shape)
+    if out_dim % d:
+        raise ValueError(f"{arch} decoder cannot emit {out_dim} values for images of {d} pixels")
+    return out_dim // d * c
+
+
 def build_networks(arch: str, image_shape: Sequence[int], z_dim: int, hidden: Sequence[int],
                    out_dim: int, activation: str = "relu") -> tuple[Encoder, Decoder]:
     """Encoder and decoder for images of ``image_shape``; the decoder emits ``out_dim`` values
@@ -155,18 +164,15 @@ def build_networks(arch: str, image_shape: Sequence[int], z_dim: int, hidden: Se
         dec = mlp([z_dim, *reversed(hidden), out_dim], activation)
     elif arch == "conv":
         check_conv_shape(image_shape)
-        out_channels = out_dim // d * image_shape[0]
-        if out_channels * d // image_shape[0] != out_dim:
-            raise ValueError(f"conv decoder cannot emit {out_dim} values for images of {d} pixels")
         enc = _ConvEncoderBody(image_shape, z_dim)
-        dec = _ConvDecoderBody(image_shape, z_dim, out_channels)
+        dec = _ConvDecoderBody(image_shape, z_dim, _out_channels(arch, image_shape, out_dim))
     elif arch == "broadcast":
         if len(image_shape) != 3:
             raise UserError(f"--arch broadcast needs images of shape (C, H, W), but this dataset has shape "
                             f"{tuple(image_shape)}; use --arch mlp")
-        out_channels = out_dim // d * image_shape[0]
         enc = mlp([d, *hidden, 2 * z_dim], activation)
-        dec = _BroadcastDecoderBody(image_shape, z_dim, out_channels, activation=activation)
+        dec = _BroadcastDecoderBody(image_shape, z_dim, _out_channels(arch, image_shape, out_dim),
+                                    activation=activation)
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     return Encoder(enc, z_dim), Decoder(dec)
