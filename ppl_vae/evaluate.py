@@ -273,7 +273,6 @@ def main(argv=None) -> int:
         x_split = ds.split(args.split)
         index = choose_subset(x_split.shape[0], args.subset, args.seed)
         x = x_split[index]  # (n, D)
-        chunk = args.chunk_size or estimators.default_chunk(device)
         n_blocks = math.ceil(x.shape[0] / args.batch_size)
         blocks = distributed.strided(range(n_blocks), ctx)  # this rank's share: blocks r, r+P, ...
         rows = sum(min((b + 1) * args.batch_size, x.shape[0]) - b * args.batch_size for b in blocks)
@@ -283,7 +282,7 @@ def main(argv=None) -> int:
         log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
         try:
             res = evaluate_blocks(vae.model, vae.guide, x, blocks, block_size=args.batch_size,
-                                  num_samples=args.num_samples, ks=ks, seed=args.seed, chunk_size=chunk,
+                                  num_samples=args.num_samples, ks=ks, seed=args.seed, chunk_size=args.chunk_size,
                                   device=device, progress=bar, log=log)
         finally:
             bar.close()
