@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ppl_vae.likelihoods import _BernoulliLogProb
+from ppl_vae.likelihoods import FastBernoulli
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +63,7 @@ class TorchVAE(nn.Module):
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         logits = self.dec(z)  # (B, D)
         if self.own_density:
-            rec = -_BernoulliLogProb.apply(logits, x).sum()
+            rec = -FastBernoulli(logits=logits, validate_args=False).log_prob(x).sum()
         else:
             rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
