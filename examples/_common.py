@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae import estimators, evaluate
+from ppl_vae import estimators
 from ppl_vae.config import FitConfig
 from ppl_vae.data import Dataset, load_dataset, resolve_data_dir
 from ppl_vae.errors import DataError
@@ -121,26 +121,16 @@ def save_json(obj: dict, path: Path) -> None:
 
 
 @torch.no_grad()
-def held_out(vae, x: torch.Tensor, k: int, seed: int = 0, guide=None, block_size: int | None = None) -> dict:
+def held_out(vae, x: torch.Tensor, k: int, seed: int = 0, guide=None) -> dict:
     """Analytic-KL ELBO and IWAE_k of ``x``: means over the N datapoints (nats per datapoint), each
     with its standard error over datapoints (std / √N: how much another test sample would move
-    it). ``guide`` replaces ``vae.guide`` as the IWAE proposal (then no ELBO is reported).
-    ``block_size``: evaluate ``x`` in blocks of that many datapoints, as ``ppl_vae.evaluate``
-    does (the ELBO then averages all k draws), to bound memory for decoders that are large per
-    datapoint (a pass holds at least 100 particles × the datapoints evaluated together)."""
+    it). ``guide`` replaces ``vae.guide`` as the IWAE proposal (then no ELBO is reported)."""
     n = x.shape[0]
+    se = lambda est: (est.value.std() / math.sqrt(n)).item()  # noqa: E731
     out = {"n": int(n), "k": k}
-    if block_size is not None:
-        res = evaluate.evaluate_blocks(vae.model, guide or vae.guide, x, range(math.ceil(n / block_size)),
-                                       block_size=block_size, num_samples=k, seed=seed)
-        values = {"elbo": res["elbo_analytic"], "iwae": res["log_px"]}  # (N,) each
-    else:
-        values = {"iwae": estimators.iwae(vae.model, guide or vae.guide, x, k, seed=seed + 1).value}
-        if guide is None:
-            values["elbo"] = estimators.elbo(vae.model, vae.guide, x, num_samples=1, analytic_kl=True,
-                                             seed=seed).value
-    for name in ("elbo", "iwae"):
-        if name in values and (name == "iwae" or guide is None):
-            v = torch.as_tensor(values[name], dtype=torch.float64)  # (N,)
-            out[name], out[name + "_se"] = v.mean().item(), (v.std() / math.sqrt(n)).item()
+    if guide is None:
+        e = estimators.elbo(vae.model, vae.guide, x, num_samples=1, analytic_kl=True, seed=seed)
+        out["elbo"], out["elbo_se"] = e.mean(), se(e)
+    w = estimators.iwae(vae.model, guide or vae.guide, x, k, seed=seed + 1)
+    out["iwae"], out["iwae_se"] = w.mean(), se(w)
     return out

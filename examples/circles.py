@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                                      title=f"Circles, β = {beta:g}: test codes μ(x), coloured by radius",
                                      path=out / f"latent_radius_{tag}.png")
         r2 = factor_r2(z_tr, data.factors["train"][:N_FIT].numpy(), loc.numpy(), data.factors["test"].numpy())
-        test = _common.held_out(vae, data.test, k=50 if args.quick else 200, seed=args.seed, block_size=50)
+        test = _common.held_out(vae, data.test, k=50 if args.quick else 200, seed=args.seed)
         results["by_beta"][f"{beta:g}"] = {
             **{f"r2_{kind}": dict(zip(names, v.tolist())) for kind, v in r2.items()},
             "kl_per_latent_dim": kl_per_dim.tolist(), "test": test, "best_valid_elbo": summary["best_valid_elbo"]}
