@@ -86,11 +86,12 @@ class _BernoulliLogProb(torch.autograd.Function):
 
 class FastBernoulli(dist.Bernoulli):
     """Pyro's Bernoulli with the log-density of :class:`_BernoulliLogProb` (same values and
-    gradients to float32 rounding; tested against binary cross-entropy)."""
+    gradients to float32 rounding; tested against binary cross-entropy).
+
+    ``log_prob`` never validates ``value``: like every density here it is built with
+    ``validate_args=False`` (the data are checked once, when loaded, by :mod:`ppl_vae.data`)."""
 
     def log_prob(self, value):
-        if self._validate_args:
-            self._validate_sample(value)
         return _BernoulliLogProb.apply(self.logits, value)
 
 
