@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TorchVAE, device_name, save_result, timed  # noqa: E402
 
-from ppl_vae import estimators  # noqa: E402
+from ppl_vae import estimators, importance  # noqa: E402
 from ppl_vae.config import FitConfig  # noqa: E402
 from ppl_vae.data import load_dataset  # noqa: E402
-from ppl_vae.train import Trainer, load_run  # noqa: E402
+from ppl_vae.runs import load_run  # noqa: E402
+from ppl_vae.train import Trainer  # noqa: E402
 
 
 def torch_copy(vae) -> TorchVAE:
@@ -58,7 +59,7 @@ def iwae_per_datapoint(ref: TorchVAE, x, k, chunk=500):
 def iwae_batched_reference(ref: TorchVAE, x, k, chunk_size=None):
     """(f): hand-written log-weights, batched like ppl_vae (≈ chunk_size samples × datapoints per pass)."""
     n = x.shape[0]
-    kc = max(1, min(k, (chunk_size or estimators.default_chunk(x.device)) // n))
+    kc = max(1, min(k, (chunk_size or importance.default_chunk(x.device)) // n))
     lse = torch.full((n,), -math.inf, device=x.device)
     for j in range(0, k, kc):
         lse = torch.logaddexp(lse, torch.logsumexp(ref.log_weights(x, min(kc, k - j)), 0))  # (N,)

@@ -39,7 +39,8 @@ from common import TorchVAE, device_name, save_result, timed  # noqa: E402
 
 from ppl_vae.config import FitConfig  # noqa: E402
 from ppl_vae.data import load_dataset  # noqa: E402
-from ppl_vae.train import Trainer, read_metrics  # noqa: E402
+from ppl_vae.runs import read_metrics  # noqa: E402
+from ppl_vae.train import Trainer  # noqa: E402
 
 B, LR = 128, 1e-3
 

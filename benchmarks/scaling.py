@@ -30,7 +30,7 @@ from ppl_vae import estimators  # noqa: E402
 from ppl_vae.data import load_dataset  # noqa: E402
 from ppl_vae.model import VAE  # noqa: E402
 from ppl_vae.objectives import make_objective  # noqa: E402
-from ppl_vae.train import make_optimizer  # noqa: E402
+from ppl_vae.optim import make_optimizer  # noqa: E402
 from ppl_vae.config import FitConfig  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"

@@ -22,7 +22,7 @@ import torch
 
 from ppl_vae import plots, sample
 from ppl_vae.errors import DataError
-from ppl_vae.train import load_run
+from ppl_vae.runs import load_run
 
 
 def main(argv=None) -> int:

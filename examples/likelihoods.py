@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch.distributions import ContinuousBernoulli
 
 from ppl_vae import estimators, plots
-from ppl_vae.train import NonFiniteLoss, read_metrics
+from ppl_vae.runs import read_metrics
+from ppl_vae.train import NonFiniteLoss
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli")
 

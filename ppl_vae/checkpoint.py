@@ -7,26 +7,33 @@ object other than tensors and primitive containers, so a crafted file cannot run
 Fields (:data:`FIELDS`): ``format_version``, ``package_version``, ``config``, ``model``,
 ``optimizer``, ``scheduler``, ``epoch`` (epochs completed), ``step`` (steps into the next
 epoch, for a mid-epoch save), ``perm`` (that epoch's permutation), ``loss_sum`` (Σ loss of
-those steps), ``best_valid_elbo``, ``bad_epochs``, ``rng`` (torch, CUDA, NumPy, Python).
+those steps), ``best_valid_elbo`` (the best validation bound the run selects on: the ELBO,
+or IWAE_K for IWAE runs; the name is kept for older files), ``bad_epochs``, ``rng`` (torch,
+CUDA, NumPy, Python), and ``metrics``: the metric rows of epochs 1..``epoch``, the source of
+truth from which ``metrics.jsonl`` is healed on resume (absent in files of version 0.1).
 
-Writes go to a temporary file in the same directory, are flushed and fsynced, then renamed
-over the old file with ``os.replace`` (atomic on POSIX) and the directory is fsynced: a crash
-or a full disk leaves the previous checkpoint intact. See ``docs/reliability.md``.
+Writes go through :func:`ppl_vae.files.atomic_write` (temporary file, fsync, ``os.replace``,
+fsync of the directory): a crash or a full disk leaves the previous checkpoint intact. See
+``docs/reliability.md``.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
-import secrets
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyro
 import torch
 
-from .errors import CheckpointError, CheckpointWriteError
+from . import __version__, distributed, files
+from .config import MODEL_KEYS
+from .errors import CheckpointError, UserError
 
 FORMAT_VERSION = 1
 FIELDS = ("format_version", "package_version", "config", "model", "optimizer", "scheduler", "epoch", "step",
@@ -55,47 +62,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, ``os.replace``, fsync the folder.
-
-    On any failure the temporary file is removed and ``path`` keeps its previous content; an
-    ``OSError`` (disk full, permissions) becomes one :class:`CheckpointWriteError` line.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        # os.open rather than mkstemp: mode 0o666 minus the umask, like any other file the run writes
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            err = CheckpointWriteError(f"could not write {path} ({e.strerror or e}); any previous {path.name} "
-                                       f"there is intact")
-            err.errno = e.errno
-            raise err from None
-        raise
-    _fsync_dir(path.parent)
+    """``torch.save`` through :func:`ppl_vae.files.atomic_write`: on any failure (a full disk
+    included, which torch's zip writer reports as a ``RuntimeError``) ``path`` keeps its previous
+    content and one :class:`~ppl_vae.errors.WriteError` line says which file and why."""
+    files.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _check_archive(path: Path) -> None:
@@ -155,3 +126,98 @@ def check_config_matches(saved: dict, requested: dict, keys) -> None:
     if diffs:
         raise CheckpointError("checkpoint does not match the requested model (" + "; ".join(diffs) +
                               "); use the run's own settings or start a new --out")
+
+
+# --------------------------------------------------------------------------- training state
+
+RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset",)  # fixed for a run's life
+
+
+@dataclass
+class TrainState:
+    """Where training stands: ``epoch`` epochs done, ``step`` steps into the next (a mid-epoch
+    save) over permutation ``perm``, ``loss_sum`` of those steps, the best validation bound and
+    the epochs since it improved, the metric rows so far, and ``saved_at`` = (epoch, step) of
+    the checkpoint on disk."""
+
+    epoch: int = 0
+    step: int = 0
+    perm: torch.Tensor | None = None
+    loss_sum: float = 0.0
+    best: float = -math.inf
+    bad_epochs: int = 0
+    rows: list | None = field(default_factory=list)
+    saved_at: tuple[int, int] | None = None
+
+
+def save_training(trainer, best: bool = False) -> None:
+    """Write ``checkpoint.pt`` (and ``best.pt``) of a :class:`~ppl_vae.train.Trainer`. Distributed:
+    called by every rank (their RNG states are gathered into ``rng_ranks``), written by rank 0.
+    After a successful save, temp files of dead writers are removed."""
+    ctx, s = trainer.ctx, trainer.state
+    rngs = distributed.all_gather_objects(rng_state(), ctx) if ctx.enabled else None
+    if ctx.is_main:
+        ckpt = {"format_version": FORMAT_VERSION, "package_version": __version__,
+                "config": trainer.cfg.to_dict(), "model": trainer.model.state_dict(),
+                "optimizer": trainer.optim.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                "epoch": s.epoch, "step": s.step, "perm": s.perm, "loss_sum": s.loss_sum,
+                "best_valid_elbo": s.best, "bad_epochs": s.bad_epochs, "rng": rng_state(),
+                "metrics": list(s.rows)}
+        if rngs is not None:
+            ckpt["rng_ranks"] = rngs
+        atomic_save(ckpt, trainer.out / "checkpoint.pt")
+        if best:
+            atomic_save(ckpt, trainer.out / "best.pt")
+        files.remove_stale_temps(trainer.out, locked=True)
+    s.saved_at = (s.epoch, s.step)
+
+
+def restore(ckpt: dict, trainer) -> TrainState:
+    """Load a checkpoint into a freshly built trainer (model, optimizer, scheduler, RNG) and
+    return its :class:`TrainState`. Optimizer settings given anew with ``--resume`` (lr, weight
+    decay, lr decay) apply from here on."""
+    cfg, saved, perm, n = trainer.cfg, ckpt["config"], ckpt["perm"], trainer.data.train.shape[0]
+    check_config_matches(saved, cfg.to_dict(), MODEL_KEYS)
+    if perm is not None and perm.numel() != n:
+        raise CheckpointError(f"the checkpoint is {ckpt['step']} steps into an epoch over {perm.numel()} "
+                              f"training points, but the data now have {n}; the data changed since the run started")
+    if perm is not None and saved.get("batch_size") != cfg.batch_size:
+        raise UserError(f"the checkpoint is {ckpt['step']} steps into an epoch of batches of "
+                        f"{saved.get('batch_size')}; resume with that --batch-size (change it at an epoch end)")
+    optim = trainer.optim
+    try:
+        trainer.model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optimizer"])
+        trainer.scheduler.load_state_dict(ckpt["scheduler"])
+        _restore_rng(ckpt, trainer.ctx, cfg.seed)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
+    for g in optim.param_groups:
+        if saved.get("lr") != cfg.lr:
+            g["lr"] = g["initial_lr"] = cfg.lr
+        g["weight_decay"] = cfg.weight_decay
+        # a checkpoint from another device or path (CUDA graph or eager) resumes with this run's
+        # optimizer implementation: the loaded groups carry the old one's flags
+        for key in ("fused", "foreach", "capturable"):
+            g[key] = optim.defaults.get(key)
+        if isinstance(g["lr"], torch.Tensor) and not g["capturable"]:
+            g["lr"] = float(g["lr"])
+        elif g["capturable"] and not isinstance(g["lr"], torch.Tensor):
+            g["lr"] = torch.tensor(g["lr"], device=trainer.device)
+    trainer.scheduler.gamma = cfg.lr_decay
+    rows = ckpt.get("metrics")
+    return TrainState(ckpt["epoch"], ckpt["step"], None if perm is None else perm.to(trainer.device),
+                      ckpt["loss_sum"], ckpt["best_valid_elbo"], ckpt["bad_epochs"],
+                      None if rows is None else list(rows), (ckpt["epoch"], ckpt["step"]))
+
+
+def _restore_rng(ckpt: dict, ctx, seed: int) -> None:
+    """Rank r's own saved RNG state when the checkpoint was written by as many ranks
+    (``rng_ranks``); else rank 0 takes ``rng`` and rank r > 0 a fresh stream for this point."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == ctx.world_size:
+        set_rng_state(ranks[ctx.rank])
+    elif ctx.is_main:
+        set_rng_state(ckpt["rng"])
+    else:
+        pyro.set_rng_seed(distributed.rank_seed(seed, ctx.rank, ckpt["epoch"], ckpt["step"]))

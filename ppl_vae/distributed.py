@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .estimators import derive_seed
+from .importance import derive_seed
 
 
 @dataclass
@@ -142,6 +142,31 @@ def broadcast_tensor(t: torch.Tensor, ctx: Context) -> torch.Tensor:
     if ctx.enabled:
         dist.broadcast(t, src=0)
     return t
+
+
+def sync_loss(running: torch.Tensor, flag: dict, ctx: Context) -> tuple[float, bool]:
+    """The host sync of a training loop's log interval: the loss summed since the last sync
+    (distributed: Σ_r w_r·loss_r / P, the global batches' loss) and whether a signal arrived
+    (on any rank)."""
+    if not ctx.enabled:
+        return running.item(), bool(flag)
+    both = torch.stack([running, torch.full_like(running, len(flag))])
+    total, signals = all_reduce_sum(both, ctx).tolist()
+    return total / ctx.world_size, signals > 0
+
+
+def any_signalled(flag: dict, ctx: Context, device) -> bool:
+    """Whether a signal arrived, on any rank (the same answer on every rank)."""
+    if not ctx.enabled:
+        return bool(flag)
+    return all_reduce_sum(torch.tensor([float(len(flag))], device=device), ctx).item() > 0
+
+
+def signal_number(flag: dict, ctx: Context) -> int:
+    """The signal that arrived (distributed: called by every rank; the largest number any rank saw)."""
+    if not ctx.enabled:
+        return flag["signum"]
+    return max(all_gather_objects(flag.get("signum", 0), ctx))
 
 
 class LossModule(nn.Module):

@@ -4,8 +4,8 @@ runtime faults that the command-line modules report on one line.
 Exit codes of every command-line module (``ppl_vae.cli.user_errors``):
 
 * 2: :class:`UserError`: a bad flag value, data file, run directory or checkpoint;
-* 1: a runtime fault: :class:`CheckpointWriteError` (or any ``OSError``, e.g. a full disk),
-  a non-finite loss;
+* 1: a runtime fault: :class:`WriteError` (or any ``OSError``, e.g. a full disk), a
+  non-finite loss;
 * 130 / 143: interrupted by SIGINT (Ctrl-C) / SIGTERM (128 + signal number).
 
 Library callers can catch :class:`UserError` (a ``ValueError``).
@@ -24,5 +24,6 @@ class CheckpointError(UserError):
     """A checkpoint that is unsafe, corrupt, of another format, or of another model."""
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+class WriteError(OSError):
+    """A file could not be written (e.g. the disk is full); its previous version is intact."""
+

@@ -1,10 +1,14 @@
-"""``python -m ppl_vae.evaluate RUN_DIR``: held-out log-likelihood of a trained VAE.
+"""Held-out log-likelihood of a VAE: ``python -m ppl_vae.evaluate RUN_DIR``, or
+:func:`evaluate` on any Pyro model/guide pair.
 
-For every datapoint of a split: the analytic-KL ELBO, the Monte Carlo ELBO, IWAE_k for the
-convergence curve k ∈ ``--ks`` and log p(x) ≈ IWAE_K with K = ``--num-samples``, each with
-its Monte Carlo standard error, and the Pareto k̂ of the importance weights. All estimates
-of a datapoint come from the same K draws. Prints one table (nats per datapoint and bits per
-dimension) and optionally writes ``--json`` and ``--per-datapoint`` files.
+For every datapoint: the analytic-KL ELBO, the Monte Carlo ELBO, IWAE_k for the convergence
+curve k ∈ ``ks`` and log p(x) ≈ IWAE_K with K = ``num_samples``, each with its Monte Carlo
+standard error, and the Pareto k̂ of the importance weights, all from the same K draws; and
+the active units of every latent site (:mod:`ppl_vae.latents`). The report (a dict, also the
+``--json``) gives dataset means in nats per datapoint and a table with a verdict on log p(x):
+a lower bound whose standard error cannot be trusted when k̂ exceeds min(1 − 1/log10 K, 0.7)
+(:func:`ppl_vae.psis.khat_threshold`) on more than 10 % of the datapoints. Bits per dimension
+only for discrete data (a probability), never for a density of continuous data.
 
 Examples::
 
@@ -14,15 +18,13 @@ Examples::
 Work is split into fixed blocks of ``--batch-size`` datapoints; block b draws from seeds
 derived from (``--seed``, b), so a datapoint's numbers do not depend on which process or in
 which order blocks are computed, nor on ``--chunk-size`` (up to float rounding).
-
 ``torchrun --nproc_per_node=P -m ppl_vae.evaluate RUN_DIR ...`` gives rank r the blocks
-r, r+P, r+2P, ...; rank 0 gathers the per-datapoint results, prints and writes them: the same
-numbers as one process (see ``docs/scaling.md``).
+r, r+P, r+2P, ...; rank 0 prints and writes the gathered result: the same numbers as one
+process (``docs/scaling.md``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -30,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pyro import poutine
 from tqdm.auto import tqdm
 
-from . import distributed, estimators
+from . import distributed, estimators, files, importance, latents
 from .cli import ArgumentParser, int_list, user_errors
 from .errors import UserError
+from .report import MEAN, MC_VAR, Report, summarize
 
 PROG = "python -m ppl_vae.evaluate"
 DEFAULT_KS = (1, 10, 100, 1000, 5000)
@@ -59,16 +63,27 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-dir", default=None, metavar="DIR", help="where the data are (default: the run's, else "
                    "$PPL_VAE_DATA, else ~/.cache/ppl_vae)")
     p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best",
-                   help="best.pt (best validation ELBO) or checkpoint.pt (latest) (default: best)")
+                   help="best.pt (best validation bound) or checkpoint.pt (latest) (default: best)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BLOCK, metavar="B", help=f"datapoints per block; part of the "
                    f"protocol, since a block's draws are seeded together (default: {DEFAULT_BLOCK})")
     p.add_argument("--chunk-size", type=int, default=None, metavar="C", help=f"particles × datapoints per vectorized pass: "
                    f"bounds memory, halved on CUDA out-of-memory; does not change results (default: "
-                   f"{estimators.DEFAULT_CHUNK['cpu']} on CPU, {estimators.DEFAULT_CHUNK['cuda']} on CUDA)")
+                   f"{importance.DEFAULT_CHUNK['cpu']} on CPU, {importance.DEFAULT_CHUNK['cuda']} on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every draw (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def curve_ks(num_samples: int, ks=None) -> list[int]:
+    """The sorted k of the convergence curve, K included (default: those of :data:`DEFAULT_KS` ≤ K);
+    ``ValueError`` unless 1 ≤ k ≤ K are integers."""
+    importance.check_num_samples(num_samples)
+    ks = sorted({*(ks if ks is not None else [k for k in DEFAULT_KS if k <= num_samples]), num_samples})
+    bad = [k for k in ks if not (isinstance(k, (int, np.integer)) and 1 <= k <= num_samples)]
+    if bad:
+        raise UserError(f"ks values must be integers in 1..K = {num_samples}, got {bad}")
+    return ks
 
 
 def check_args(args) -> list[int]:
@@ -76,13 +91,10 @@ def check_args(args) -> list[int]:
     K = args.num_samples
     if K < 1:
         raise UserError(f"--num-samples K must be >= 1, got {K}")
-    if args.ks is None:
-        ks = [k for k in DEFAULT_KS if k <= K]
-    else:
-        ks = args.ks
-        if not ks:
+    if args.ks is not None:
+        if not args.ks:
             raise UserError("--ks is empty; give comma-separated integers such as 1,10,100")
-        bad = [k for k in ks if not 1 <= k <= K]
+        bad = [k for k in args.ks if not 1 <= k <= K]
         if bad:
             raise UserError(f"--ks values must lie in 1..K = {K}, got {bad}")
     for flag, value in (("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size),
@@ -95,7 +107,7 @@ def check_args(args) -> list[int]:
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.per_datapoint and not args.per_datapoint.endswith(".npz"):
         raise UserError(f"--per-datapoint must name a .npz file, got {args.per_datapoint!r}")
-    return sorted({*ks, K})
+    return curve_ks(K, args.ks)
 
 
 def choose_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
@@ -105,50 +117,68 @@ def choose_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
         return torch.arange(n)
     if subset > n:
         raise UserError(f"--subset {subset} is larger than the split ({n} datapoints)")
-    g = torch.Generator().manual_seed(estimators.derive_seed(seed, 0x5EB5E7))
+    g = torch.Generator().manual_seed(importance.derive_seed(seed, 0x5EB5E7))
     return torch.randperm(n, generator=g)[:subset].sort().values
 
 
-def _block(model, guide, xb, num_samples, ks, seed, chunk_size) -> dict[str, np.ndarray]:
-    est = estimators.estimate_all(model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size)
+# --------------------------------------------------------------------------- per-datapoint work in blocks
+
+def _block(model, guide, xb, num_samples, ks, seed, chunk_size, analytic_kl, mean_samples) -> dict[str, np.ndarray]:
+    est = estimators.estimate_all(model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size,
+                                  analytic_kl=analytic_kl)
     out = {"khat": est["khat"].numpy(), "ess": est["ess"].numpy()}
+    nan = np.full(xb.shape[0], math.nan)  # no closed-form KL: the analytic ELBO is n/a
     for name, key in (("elbo_analytic", "elbo_analytic"), ("elbo_mc", "elbo_mc"), ("log_px", "iwae")):
-        out[name] = est[key].value.double().cpu().numpy()
-        out[name + "_stderr"] = est[key].stderr.double().cpu().numpy()
+        e = est.get(key)
+        out[name] = nan if e is None else e.value.double().cpu().numpy()
+        out[name + "_stderr"] = nan if e is None else e.stderr.double().cpu().numpy()
     for key, attr in (("iwae_by_k", "value"), ("iwae_by_k_stderr", "stderr")):
         rows = [getattr(est["iwae_by_k"][k], attr).double().cpu().numpy() for k in ks]
         out[key] = np.stack(rows) if rows else np.zeros((0, xb.shape[0]))  # (len(ks), B)
+    if mean_samples:
+        for name, pm in latents.posterior_means(model, guide, xb, mean_samples, seed=seed).items():
+            out[MEAN + name], out[MC_VAR + name] = pm.mean.T.cpu().numpy(), pm.mc_var.T.cpu().numpy()  # (d, B)
     return out
 
 
 def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int = DEFAULT_BLOCK,
                     num_samples: int = 5000, ks=(), seed: int = 0, chunk_size: int | None = None,
-                    device=None, progress=None, log=None) -> dict[str, np.ndarray]:
+                    mean_samples: int = latents.MEAN_SAMPLES, device=None, progress=None, log=None) -> dict:
     """Per-datapoint estimates for blocks ``block_ids`` of ``x (N, D)``.
 
     Block b is ``x[b·block_size : (b+1)·block_size]``, moved to ``device`` and evaluated with
-    :func:`ppl_vae.estimators.estimate_all` seeded by ``derive_seed(seed, b)``: any split of the
-    block ids over processes gives the same numbers. On CUDA out-of-memory the chunk size is
+    :func:`ppl_vae.estimators.estimate_all` and :func:`ppl_vae.latents.posterior_means` (from
+    ``mean_samples`` guide draws where not exact; 0: skip) seeded by ``derive_seed(seed, b)``:
+    any split of the block ids over processes gives the same numbers. Where a latent site has
+    no closed-form KL the analytic ELBO is NaN (n/a). On CUDA out-of-memory the chunk size is
     halved and the block retried (same draws, so the same results).
 
     Returns arrays over the M datapoints of the blocks, in block order: ``position (M,)`` (row
     of ``x``), those of :data:`PER_DATAPOINT` ``(M,)``, ``iwae_by_k`` and ``iwae_by_k_stderr``
-    ``(len(ks), M)``, and ``chunk_size`` (the one finally used).
+    ``(len(ks), M)``, per latent site s ``posterior_mean:s`` and ``posterior_mc_var:s`` ``(d_s, M)``,
+    and ``chunk_size`` (the one finally used).
     """
     ks = sorted(ks)
-    chunk_size = chunk_size or estimators.default_chunk(device if device is not None else x.device)
-    parts = []
+    chunk_size = chunk_size or importance.default_chunk(device if device is not None else x.device)
+    parts, analytic_kl = [], True
     for b in block_ids:
         rows = torch.arange(b * block_size, min((b + 1) * block_size, x.shape[0]))
         xb = x[rows].to(device) if device is not None else x[rows]
         while True:
             try:
-                res = _block(model, guide, xb, num_samples, ks, estimators.derive_seed(seed, b), chunk_size)
+                res = _block(model, guide, xb, num_samples, ks, importance.derive_seed(seed, b), chunk_size,
+                             analytic_kl, mean_samples)
                 break
+            except NotImplementedError as e:  # no closed-form KL for some site: go on without it
+                if not analytic_kl:
+                    raise
+                analytic_kl = False
+                if log:
+                    log(f"analytic ELBO n/a: {e}")
             except torch.cuda.OutOfMemoryError:
-                smallest = estimators.SAMPLE_UNIT  # a pass holds at least one unit on one datapoint
+                smallest = importance.SAMPLE_UNIT  # a pass holds at least one unit on one datapoint
                 if chunk_size <= smallest:
-                    raise UserError(f"out of GPU memory even with the smallest pass ({estimators.SAMPLE_UNIT} "
+                    raise UserError(f"out of GPU memory even with the smallest pass ({importance.SAMPLE_UNIT} "
                                     f"particles × 1 datapoint); the model is too large for this GPU") from None
                 chunk_size = max(smallest, chunk_size // 2)
                 if torch.cuda.is_available():
@@ -163,9 +193,16 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
         empty = np.zeros((0,))
         parts = [{**{k: empty for k in (*PER_DATAPOINT, "position")},
                   "iwae_by_k": np.zeros((len(ks), 0)), "iwae_by_k_stderr": np.zeros((len(ks), 0))}]
-    out = {key: np.concatenate([p[key] for p in parts], axis=-1) for key in parts[0]}
+    out = _concat(parts)
     out["chunk_size"] = chunk_size
     return out
+
+
+def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
+    """Per-datapoint arrays of several results joined along the last (datapoint) axis; a key
+    missing from a part (latent sites of a process that had no blocks) has no datapoints there."""
+    keys = dict.fromkeys(k for p in parts for k in p if k != "chunk_size")
+    return {k: np.concatenate([p[k] for p in parts if k in p], axis=-1) for k in keys}
 
 
 def gather_blocks(res: dict, ctx: distributed.Context) -> dict[str, np.ndarray]:
@@ -174,79 +211,70 @@ def gather_blocks(res: dict, ctx: distributed.Context) -> dict[str, np.ndarray]:
     if not ctx.enabled:
         return res
     parts = distributed.all_gather_objects(res, ctx)
-    position = np.concatenate([p["position"] for p in parts]).astype(np.int64)  # (M,)
-    order = np.argsort(position, kind="stable")
-    out = {key: np.concatenate([p[key] for p in parts], axis=-1)[..., order]
-           for key in parts[0] if key not in ("position", "chunk_size")}
-    out["position"] = position[order]
+    out = _concat(parts)
+    order = np.argsort(out["position"], kind="stable")
+    out = {key: v[..., order] for key, v in out.items()}
+    out["position"] = out["position"].astype(np.int64)
     out["chunk_size"] = min(int(p["chunk_size"]) for p in parts)
     return out
 
 
-def bits_per_dim(nats: float, dim: int) -> float:
-    """−log p / (D ln 2): a log-likelihood per datapoint in nats → bits per dimension."""
-    return -nats / (dim * math.log(2))
+def observed_is_discrete(model, guide, x, **kwargs) -> bool:
+    """True when every observed site of ``model(x)`` has a discrete support (``support.is_discrete``)
+    and its data lie in it, so p(x) is a probability (bits/dim meaningful); False for densities of
+    continuous data, and for a Bernoulli fed grey levels (``validate_args=False``)."""
+    with importance._rng_fork(), poutine.block():
+        guide_tr = poutine.trace(guide).get_trace(x, **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **kwargs)
+    observed = [s for s in model_tr.nodes.values() if s["type"] == "sample" and s["is_observed"]]
+    return bool(observed) and all(s["fn"].support.is_discrete and bool(s["fn"].support.check(s["value"]).all())
+                                  for s in observed)
 
 
-def summarize(res: dict, ks, dim: int) -> dict:
-    """Dataset means with their Monte Carlo standard errors √(Σ se_i²)/n, and, under
-    ``*_stderr_across_datapoints``, std_i / √n (the spread of the test set itself)."""
-    n = len(res["log_px"])
-    mc_se = lambda se: float(np.sqrt(np.sum(se ** 2)) / n)  # noqa: E731
-    spread_se = lambda v: float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else math.nan  # noqa: E731
-    s = {"n": n}
-    for name in ("elbo_analytic", "elbo_mc", "log_px"):
-        s[name] = float(np.mean(res[name]))
-        s[name + "_stderr"] = mc_se(res[name + "_stderr"])
-        s[name + "_stderr_across_datapoints"] = spread_se(res[name])
-    s["bits_per_dim"] = bits_per_dim(s["log_px"], dim)
-    s["elbo_bits_per_dim"] = bits_per_dim(s["elbo_analytic"], dim)
-    gap = res["log_px"] - res["elbo_analytic"]
-    s["gap"] = float(np.mean(gap))
-    s["gap_stderr"] = float(math.hypot(s["log_px_stderr"], s["elbo_analytic_stderr"]))
-    s["gap_bits_per_dim"] = s["gap"] / (dim * math.log(2))
-    s["iwae_by_k"] = {str(k): float(np.mean(v)) for k, v in zip(ks, res["iwae_by_k"])}
-    s["iwae_by_k_stderr"] = {str(k): mc_se(se) for k, se in zip(ks, res["iwae_by_k_stderr"])}
-    khat = res["khat"][~np.isnan(res["khat"])]  # NaN: K too small to fit a tail
-    finite = khat[np.isfinite(khat)]
-    s["khat_mean"] = float(np.mean(finite)) if len(finite) else None  # over finite k̂
-    s["khat_frac_above_0_7"] = float(np.mean(khat > 0.7)) if len(khat) else None  # inf counts as > 0.7
-    s["khat_frac_above_0_5"] = float(np.mean(khat > 0.5)) if len(khat) else None
-    s["ess_median"] = float(np.median(res["ess"]))
-    return s
+def evaluate(model, guide, data: torch.Tensor, *, num_samples: int = 5000, ks=None, seed: int = 0,
+             batch_size: int = DEFAULT_BLOCK, chunk_size: int | None = None, discrete: bool | None = None,
+             mean_samples: int = latents.MEAN_SAMPLES, device=None, progress: bool = False,
+             ctx: distributed.Context | None = None) -> Report:
+    """Evaluate any Pyro ``model(x)`` / ``guide(x)`` pair on ``data (N, ...)`` (datapoints along
+    dim 0, every per-datapoint site in ``pyro.plate("data", ...)``): the report ``python -m
+    ppl_vae.evaluate`` prints and writes, in nats per datapoint (see :func:`summarize`).
 
-
-def json_safe(obj):
-    """NaN/inf (e.g. the standard error of a single draw) → ``null``: strict JSON."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def format_table(s: dict, dim: int, header: str) -> str:
-    def row(label, value, se):
-        return f"{label:<28}{value:>12.3f}{se:>10.3f}{bits_per_dim(value, dim):>12.4f}"
-    lines = [header, f"{'':<28}{'nats':>12}{'± MC SE':>10}{'bits/dim':>12}",
-             row("ELBO (analytic KL)", s["elbo_analytic"], s["elbo_analytic_stderr"]),
-             row("ELBO (Monte Carlo)", s["elbo_mc"], s["elbo_mc_stderr"])]
-    for k, v in s["iwae_by_k"].items():
-        lines.append(row(f"IWAE k={k}", v, s["iwae_by_k_stderr"][k]))
-    lines.append(row(f"log p(x) (IWAE K={s['num_samples']})", s["log_px"], s["log_px_stderr"]))
-    lines.append(f"{'gap log p(x) − ELBO':<28}{s['gap']:>12.3f}{s['gap_stderr']:>10.3f}{s['gap_bits_per_dim']:>12.4f}")
-    if s["khat_frac_above_0_7"] is None:
-        lines.append(f"Pareto k̂: not computed (needs K >= {estimators.PSIS_MIN_SAMPLES}); median ESS "
-                     f"{s['ess_median']:.1f} of K")
-    else:
-        mean = "n/a" if s["khat_mean"] is None else f"{s['khat_mean']:.3f}"
-        lines.append(f"Pareto k̂: mean {mean}, fraction > 0.7: {s['khat_frac_above_0_7']:.3f} "
-                     f"(> 0.5: {s['khat_frac_above_0_5']:.3f}); median PSIS ESS {s['ess_median']:.1f} of K")
-    lines.append(f"across-datapoint SE of log p(x): {s['log_px_stderr_across_datapoints']:.3f} nats "
-                 f"(the test set's own spread; the ± column is Monte Carlo error only)")
-    return "\n".join(lines)
+    :param num_samples: K, importance samples per datapoint for log p(x) ≈ IWAE_K.
+    :param ks: the convergence curve's k ≤ K (default: those of 1, 10, 100, 1000, 5000 ≤ K; K added).
+    :param seed: seeds block b's draws with ``derive_seed(seed, b)``.
+    :param batch_size: datapoints per block (part of the protocol: a block's draws are seeded together).
+    :param chunk_size: particles × datapoints per vectorized pass (memory only; default per device).
+    :param discrete: whether p(x|z) is a probability of discrete data (bits/dim reported) or a density
+        (no bits/dim); default: :func:`observed_is_discrete` on the first block.
+    :param mean_samples: guide draws for E_q[z|x] of the active units where it is not exact (0: skip).
+    :param device: where blocks are evaluated (default: ``data``'s device).
+    :param progress: show a progress bar on stderr.
+    :param ctx: a :class:`~ppl_vae.distributed.Context`: this rank computes blocks r, r+P, ... and
+        every rank returns the gathered report.
+    """
+    ks = curve_ks(num_samples, ks)
+    if batch_size < 1 or data.shape[0] < 1:
+        raise ValueError(f"need batch_size >= 1 and at least one datapoint, got {batch_size} and {data.shape[0]}")
+    ctx = ctx or distributed.Context()
+    n_blocks = math.ceil(data.shape[0] / batch_size)
+    blocks = list(distributed.strided(range(n_blocks), ctx))  # this rank's share: blocks r, r+P, ...
+    if discrete is None:
+        first = data[:batch_size].to(device) if device is not None else data[:batch_size]
+        discrete = observed_is_discrete(model, guide, first)
+    t0 = time.perf_counter()
+    rows = sum(min((b + 1) * batch_size, data.shape[0]) - b * batch_size for b in blocks)
+    bar = tqdm(total=rows, unit="datapoint", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        res = evaluate_blocks(model, guide, data, blocks, block_size=batch_size, num_samples=num_samples, ks=ks,
+                              seed=seed, chunk_size=chunk_size, mean_samples=mean_samples, device=device,
+                              progress=bar, log=lambda msg: tqdm.write(msg, file=sys.stderr))
+    finally:
+        bar.close()
+    res = gather_blocks(res, ctx)
+    s = summarize(res, ks, num_samples, int(data[0].numel()), discrete, mean_samples)
+    s.update(ks=ks, seed=seed, batch_size=batch_size, chunk_size=int(res["chunk_size"]), discrete=discrete,
+             seconds=time.perf_counter() - t0)
+    return Report(s, res)
 
 
 def _binarization(dataset: str, binarize: str) -> str:
@@ -255,7 +283,7 @@ def _binarization(dataset: str, binarize: str) -> str:
 
 def main(argv=None) -> int:
     from .data import load_dataset
-    from .train import load_run, resolve_device
+    from .runs import load_run, resolve_device
 
     args = build_parser().parse_args(argv)
     with user_errors(PROG):
@@ -273,44 +301,32 @@ def main(argv=None) -> int:
         x_split = ds.split(args.split)
         index = choose_subset(x_split.shape[0], args.subset, args.seed)
         x = x_split[index]  # (n, D)
-        n_blocks = math.ceil(x.shape[0] / args.batch_size)
-        blocks = distributed.strided(range(n_blocks), ctx)  # this rank's share: blocks r, r+P, ...
-        rows = sum(min((b + 1) * args.batch_size, x.shape[0]) - b * args.batch_size for b in blocks)
-        t0 = time.perf_counter()
-        bar = tqdm(total=rows, unit="datapoint", disable=args.quiet or not ctx.is_main, dynamic_ncols=True,
-                   file=sys.stderr)
-        log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
-        try:
-            res = evaluate_blocks(vae.model, vae.guide, x, blocks, block_size=args.batch_size,
-                                  num_samples=args.num_samples, ks=ks, seed=args.seed, chunk_size=args.chunk_size,
-                                  device=device, progress=bar, log=log)
-        finally:
-            bar.close()
-        res = gather_blocks(res, ctx)
-        seconds = time.perf_counter() - t0
+        report = evaluate(vae.model, vae.guide, x, num_samples=args.num_samples, ks=ks, seed=args.seed,
+                          batch_size=args.batch_size, chunk_size=args.chunk_size, discrete=vae.likelihood.binary_data,
+                          device=device, progress=not args.quiet and ctx.is_main, ctx=ctx)
         if not ctx.is_main:
             return 0
-        dim = vae.x_dim
         binarization = _binarization(ds.name, ds.binarize)
-        s = {"dataset": ds.name, "split": args.split, "binarization": binarization,
-             "num_samples": args.num_samples, "units": "nats per datapoint (bits_per_dim = -nats / (D ln 2))",
-             "dim": dim, **summarize(res, ks, dim), "seed": args.seed, "subset": args.subset,
-             "batch_size": args.batch_size, "chunk_size": int(res["chunk_size"]), "device": str(device),
-             "processes": ctx.world_size, "seconds": seconds, "run_dir": str(run_dir), "checkpoint": args.checkpoint,
-             "config": cfg.to_dict()}
+        s = Report({"dataset": ds.name, "split": args.split, "binarization": binarization,
+                    "likelihood": vae.likelihood.name, **report, "subset": args.subset, "device": str(device),
+                    "processes": ctx.world_size, "run_dir": str(run_dir), "checkpoint": args.checkpoint,
+                    "config": cfg.to_dict()}, report.per_datapoint)
         header = (f"{ds.name} ({binarization} binarization), {args.split} split, n = {s['n']}"
                   f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "
-                  f"D = {dim}; nats per datapoint  [{seconds:.0f} s on {device}"
-                  f"{f' × {ctx.world_size} processes' if ctx.enabled else ''}]")
-        print(format_table(s, dim, header))
+                  f"D = {s['dim']}, {vae.likelihood.name} likelihood; nats per datapoint  [{s['seconds']:.0f} s on "
+                  f"{device}{f' × {ctx.world_size} processes' if ctx.enabled else ''}]")
+        print(s.table(header))
         for path in (args.json, args.per_datapoint):
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(json_safe(s), indent=2, allow_nan=False) + "\n")
+            files.write_text(args.json, s.to_json())
         if args.per_datapoint:
-            np.savez(args.per_datapoint, index=index.numpy(), ks=np.asarray(ks),
-                     **{k: res[k] for k in (*PER_DATAPOINT, "iwae_by_k", "iwae_by_k_stderr")})
+            res = report.per_datapoint
+            latent = {k.replace(":", "_"): res[k].T for k in res if k.startswith(MEAN)}  # (M, d) per site
+            files.atomic_write(args.per_datapoint, lambda f: np.savez(
+                f, index=index.numpy(), ks=np.asarray(ks), **latent,
+                **{k: res[k] for k in (*PER_DATAPOINT, "iwae_by_k", "iwae_by_k_stderr")}))
     return 0
 
 

@@ -134,14 +134,16 @@ def main(argv=None) -> int:
             return 1
     if not trainer.ctx.is_main:  # under torchrun, rank 0 reports
         return 0
-    print(f"run directory: {out}")
-    best = (f"best validation IWAE_{trainer.cfg.num_particles} bound (the objective): {summary['best_valid_iwae']:.3f}"
-            if "best_valid_iwae" in summary else f"best validation ELBO: {summary['best_valid_elbo']:.3f}")
+    cfg = trainer.cfg
+    best = (f"best validation IWAE_{cfg.num_particles} (the bound trained): {summary['best_valid_iwae_k']:.3f}"
+            if "best_valid_iwae_k" in summary else f"best validation ELBO: {summary['best_valid_elbo']:.3f}")
     print(f"{best} nats per datapoint" + (
-        f"; validation IWAE (K={summary['valid_iwae_k']}): {summary['valid_iwae']:.3f}" if "valid_iwae" in summary
-        else ""))
+        f"; validation IWAE_{summary['final_iwae_k']} of the last epoch: {summary['final_valid_iwae']:.3f}"
+        if "final_valid_iwae" in summary else ""))
+    print(f"run directory: {out}")
+    print(f"figures: {Path(out) / 'reconstructions.png'}, {Path(out) / 'samples.png'}, "
+          f"{Path(out) / 'training_curve.png'}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,8 +71,10 @@ def training_curve(metrics, title: str = "Training curve", path=None):
     for i, (label, rows) in enumerate(runs.items()):
         ep = [m["epoch"] for m in rows]
         name = f"{label}: " if label else ""
-        ax.plot(ep, [m["train_elbo"] for m in rows], "o--" if label else "o-", ms=3, color=f"C{i}" if label else "C0",
-                label=f"{name}train (objective, running)")
+        train = [m.get("train_objective", m.get("train_elbo")) for m in rows]  # (train_elbo: runs before 0.2)
+        what = rows[-1].get("objective", "objective") if rows else "objective"
+        ax.plot(ep, train, "o--" if label else "o-", ms=3, color=f"C{i}" if label else "C0",
+                label=f"{name}train ({what}, running mean)")
         ax.plot(ep, [m["valid_elbo"] for m in rows], "s-", ms=3, color=f"C{i}" if label else "C1",
                 label=f"{name}validation ELBO (analytic KL)")
     ax.set_xlabel("epoch")

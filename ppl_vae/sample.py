@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     from . import plots
-    from .train import load_run, resolve_device
+    from .runs import load_run, resolve_device
 
     prog = "python -m ppl_vae.sample"
     args = build_parser().parse_args(argv)

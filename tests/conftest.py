@@ -1,5 +1,9 @@
 """Test setup: every test starts seeded, with an empty Pyro param store and validation on.
 
+Devices: tests that touch tensors take the ``device`` fixture: ``cpu`` always, and ``cuda`` too
+when a CUDA device is present (``PPL_VAE_TEST_DEVICES=cuda`` runs only the CUDA cases, as
+``benchmarks/gpu_check.py`` does).
+
 Real data: tests that need ``../shared/data`` (static binarized MNIST, the MNIST test set)
 take the ``data_dir`` fixture. Without the data they skip, except when ``CI=true`` or
 ``PPL_VAE_REQUIRE_DATA=1``: then missing data fail the test.
@@ -12,6 +16,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _devices() -> list[str]:
+    wanted = os.environ.get("PPL_VAE_TEST_DEVICES")
+    found = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [d for d in found if wanted is None or d in wanted.split(",")] or found
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> torch.device:
+    """Each device this machine has: ``cpu``, and ``cuda`` when available."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(autouse=True)

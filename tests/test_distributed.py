@@ -210,7 +210,8 @@ def test_ddp_gradient_equals_single_process_gradient(two_ranks):
 def test_ddp_training_follows_single_process_training_exactly(two_ranks, tmp_path, monkeypatch):
     """3 epochs, global batch 17 (9 + 8 rows): same metrics and parameters as one process,
     identical parameters on both ranks, rank 0 the only writer."""
-    from ppl_vae.train import Trainer, read_metrics
+    from ppl_vae.runs import read_metrics
+    from ppl_vae.train import Trainer
 
     monkeypatch.setattr(plots, "run_figures", lambda *args, **kwargs: None)  # as in the workers
     torch.set_default_dtype(torch.float64)
@@ -229,15 +230,15 @@ def test_ddp_training_follows_single_process_training_exactly(two_ranks, tmp_pat
     single, ddp = read_metrics(tmp_path), read_metrics(two_ranks / "fixed")
     assert [m["epoch"] for m in ddp] == [1, 2, 3]  # one line per epoch: only rank 0 wrote
     for a, b in zip(single, ddp, strict=True):
-        for key in ("train_elbo", "valid_elbo"):
+        for key in ("train_objective", "valid_elbo"):
             assert b[key] == pytest.approx(a[key], rel=1e-9), key
-    assert single[-1]["train_elbo"] > single[0]["train_elbo"] + 0.5  # it did learn
+    assert single[-1]["train_objective"] > single[0]["train_objective"] + 0.5  # it did learn
     assert sorted(p.name for p in (two_ranks / "fixed").iterdir()) == sorted(p.name for p in tmp_path.iterdir())
 
 
 def test_ddp_resume_equals_uninterrupted(two_ranks):
     """The real (random) VAE under 2 ranks: 2 epochs + resume to 3 = 3 in one go, bit for bit."""
-    from ppl_vae.train import read_metrics
+    from ppl_vae.runs import read_metrics
 
     whole, cut = (torch.load(two_ranks / run / "checkpoint.pt", weights_only=True) for run in ("whole", "cut"))
     assert len(cut["rng_ranks"]) == 2 and not torch.equal(cut["rng_ranks"][0]["torch"], cut["rng_ranks"][1]["torch"])
@@ -288,7 +289,7 @@ def test_torchrun_fit_follows_the_single_process_curve(cli_runs):
     """Different ε draws (and so different later permutations): within 1.5 nats per datapoint
     at every epoch (measured: ≤ 0.25 for this seed, ≤ 1.02 over seeds 3-5; single-process runs
     with different seeds differ by ~1), while the curve climbs ~9 nats."""
-    from ppl_vae.train import read_metrics
+    from ppl_vae.runs import read_metrics
 
     out, ddp = cli_runs
     assert ddp.stdout.count("run directory:") == 1  # only rank 0 reports
@@ -296,9 +297,9 @@ def test_torchrun_fit_follows_the_single_process_curve(cli_runs):
     single, two = read_metrics(out / "single"), read_metrics(out / "ddp")
     assert [m["epoch"] for m in two] == [1, 2, 3]
     for a, b in zip(single, two, strict=True):
-        for key in ("train_elbo", "valid_elbo"):
+        for key in ("train_objective", "valid_elbo"):
             assert abs(a[key] - b[key]) <= 1.5, (key, a, b)
-    assert single[-1]["valid_elbo"] - single[0]["train_elbo"] > 5
+    assert single[-1]["valid_elbo"] - single[0]["train_objective"] > 5
     assert not list((out / "ddp").glob("*.tmp")) and not list((out / "ddp").glob(".*"))
     assert json.loads((out / "ddp" / "config.json").read_text()) == \
         json.loads((out / "single" / "config.json").read_text())
