@@ -26,13 +26,19 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from . import files  # noqa: E402
+
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7  # PSIS k̂ thresholds (Vehtari et al. 2024): finite variance / unreliable
 
 
 def _save(fig, path):
+    """Write ``fig`` as PNG through the atomic-write helper (a full disk leaves the previous
+    figure intact and is one line), then close it."""
     if path is not None:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        try:
+            files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+        finally:
+            plt.close(fig)
     return fig
 
 

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -153,7 +154,9 @@ class Trainer:
                 rows = self.state.rows if self.state.rows is not None else \
                     [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.state.epoch]  # older checkpoints
                 self.state.rows = rows
-                self._log(runs.heal_metrics(self.out, rows))
+                note = runs.heal_metrics(self.out, rows)
+                if note:
+                    warnings.warn(note)  # (the CLIs print it as one "warning:" line)
         distributed.barrier(self.ctx)  # every rank has checked the run directory before rank 0 writes
         if self.ctx.is_main:
             runs.prepare(self.out, resume, overwrite)
