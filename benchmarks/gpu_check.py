@@ -1,0 +1,129 @@
+"""Everything that needs a GPU, checked by one command on a CUDA machine.
+
+    python benchmarks/gpu_check.py --data-dir DATA [--out DIR] [--skip tests,speed]
+
+1. the test suite with the ``device`` fixture on ``cuda`` (``PPL_VAE_TEST_DEVICES=cuda``;
+   tests without the fixture run as usual, and ``--device auto`` picks the GPU in CLI tests);
+2. CUDA-graph capture against eager execution: 200 training steps from the same seed, the
+   same data and the same (capturable, fused) Adam, once through
+   :class:`ppl_vae.cuda_graph.GraphedStep` and once eagerly. Every step's loss and every final
+   parameter must agree to 1e-5 relative; until they do, ``--cuda-graph`` stays opt-in;
+3. ``benchmarks/fit_speed.py`` and ``benchmarks/eval_speed.py`` on the GPU;
+
+and writes ``gpu-check-<device>.json`` (device name, torch/CUDA versions, each part's outcome)
+under ``--out`` (default ``benchmarks/results``). Exit code 0 only when every part passed.
+How to carry pyro-ppl, ArviZ and the data to a GPU machine without internet:
+``docs/benchmarks.md``, "Checking a GPU".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
+    """Run a command, streaming its output; its exit code, seconds and last lines."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                       timeout=timeout)
+    sys.stdout.write(p.stdout[-4000:])
+    sys.stderr.write(p.stderr[-2000:])
+    return {"command": " ".join(cmd), "returncode": p.returncode, "seconds": round(time.perf_counter() - t0, 1),
+            "tail": (p.stdout + p.stderr).strip().splitlines()[-5:]}
+
+
+def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: float = 1e-5) -> dict:
+    """Losses of ``steps`` training steps and the final parameters, captured vs eager."""
+    import pyro
+
+    from ppl_vae.config import FitConfig
+    from ppl_vae.cuda_graph import GraphedStep
+    from ppl_vae.model import VAE
+    from ppl_vae.objectives import make_objective
+    from ppl_vae.optim import make_optimizer
+    from ppl_vae.train import train_step
+
+    device = torch.device("cuda")
+    pyro.enable_validation(False)
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    x = (torch.rand(steps * batch, 784, generator=g) < 0.13).float().to(device)  # (S·B, 784) binary images
+
+    def trajectory(graphed: bool):
+        pyro.set_rng_seed(seed)
+        vae = VAE((1, 28, 28), z_dim=20, hidden=[400]).to(device)
+        vae.register_params = False
+        optim = make_optimizer(vae.parameters(), FitConfig(), device, capturable=True)
+        objective = make_objective("trace")
+
+        def loss_fn(xb, size, beta):
+            return objective(vae.model, vae.guide, xb, size=size, beta=beta)
+
+        def step(idx, beta, weight=1.0):
+            return train_step(loss_fn, optim, vae.parameters(), x[idx], x.shape[0], beta)
+
+        step_fn = GraphedStep(step, device) if graphed else step
+        torch.manual_seed(seed + 1)  # the ε stream of the steps
+        losses = []
+        for i in range(steps):
+            idx = torch.arange(i * batch, (i + 1) * batch, device=device)
+            losses.append(step_fn(idx, 1.0).clone())  # a replay overwrites its static loss: copy it
+        torch.cuda.synchronize()
+        captured = bool(getattr(step_fn, "graphs", None)) and not getattr(step_fn, "failed", False)
+        return torch.stack(losses), [p.detach().clone() for p in vae.parameters()], captured
+
+    eager_loss, eager_params, _ = trajectory(False)
+    graph_loss, graph_params, captured = trajectory(True)
+    loss_err = ((graph_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12)).max().item()
+    param_err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                    for a, b in zip(graph_params, eager_params))
+    ok = captured and loss_err <= rtol and param_err <= rtol
+    print(f"graph vs eager, {steps} steps: captured={captured}, max relative loss error {loss_err:.2e}, "
+          f"max relative parameter error {param_err:.2e} (tolerance {rtol:g}): {'PASS' if ok else 'FAIL'}")
+    return {"steps": steps, "captured": captured, "max_rel_loss_error": loss_err,
+            "max_rel_param_error": param_err, "rtol": rtol, "returncode": 0 if ok else 1}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=os.environ.get("PPL_VAE_DATA"), help="the shared data folder")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON report")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests, graph, speed")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA device is available; run this on a CUDA machine", file=sys.stderr)
+        return 2
+    skip = set(filter(None, args.skip.split(",")))
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    env = {"PPL_VAE_TEST_DEVICES": "cuda", **({"PPL_VAE_DATA": args.data_dir} if args.data_dir else {})}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "parts": {}}
+    if "tests" not in skip:
+        report["parts"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], env)
+    if "graph" not in skip:
+        report["parts"]["graph_vs_eager"] = graph_vs_eager()
+    if "speed" not in skip:
+        py = sys.executable
+        report["parts"]["fit_speed"] = run([py, "benchmarks/fit_speed.py", *data, "--epochs", "3", "--device", "cuda"])
+        report["parts"]["eval_speed"] = run([py, "benchmarks/eval_speed.py", *data, "--device", "cuda"])
+    report["passed"] = all(part["returncode"] == 0 for part in report["parts"].values())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu-check-{report['device'].replace(' ', '-').lower()}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"gpu_check: {'PASSED' if report['passed'] else 'FAILED'}; report in {path}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
