@@ -121,13 +121,16 @@ def test_plate_scale_is_size_over_batch_and_beta_scales_z_only():
         torch.testing.assert_close(scaled, 8 * plain, rtol=1e-6, atol=0)
 
 
-def test_sample_and_reconstruct_shapes_and_ranges():
+def test_sample_decodes_prior_draws_and_reconstruct_decodes_the_code():
+    """sample(n, g) = E[x|z] = σ(decoder(z)) with z ~ N(0, I) drawn from ``g`` (the Bernoulli's
+    mean is the sigmoid of its logits); reconstruct(x) = σ(decoder(μ(x))). Exact (same ops)."""
     vae = VAE((1, 4, 4), z_dim=Z, hidden=[8])
-    g = torch.Generator().manual_seed(0)
-    s = vae.sample(7, generator=g)
-    assert s.shape == (7, 16) and ((s >= 0) & (s <= 1)).all()
-    torch.testing.assert_close(vae.sample(7, generator=torch.Generator().manual_seed(0)), s)
-    assert vae.reconstruct(_data(3, 16)).shape == (3, 16)
+    s = vae.sample(7, generator=torch.Generator().manual_seed(0))  # (7, 16)
+    z = torch.randn(7, Z, generator=torch.Generator().manual_seed(0))  # (7, Z)
+    torch.testing.assert_close(s, torch.sigmoid(vae.decoder(z)), rtol=0, atol=0)
+    assert not torch.equal(s, vae.sample(7, generator=torch.Generator().manual_seed(1)))
+    x = _data(3, 16)
+    torch.testing.assert_close(vae.reconstruct(x), torch.sigmoid(vae.decoder(vae.encoder(x)[0])), rtol=0, atol=0)
 
 
 def test_conv_refuses_images_it_cannot_halve_twice():

@@ -15,9 +15,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from ppl_vae import plots, sample
-from ppl_vae.config import FitConfig
-from ppl_vae.train import Trainer
+from ppl_vae import fit, plots, sample
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (1, 4, 4)  # tiny images: D = 16
@@ -156,23 +154,26 @@ def test_latent_scatter_one_group_per_label_or_a_colour_bar():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """One epoch on the 8×8 digits, through the fit command's main (in-process: a second python
+    would spend seconds importing torch)."""
     out = tmp_path_factory.mktemp("run")
-    cfg = FitConfig(dataset="digits", hidden=[16], z_dim=3, epochs=1, final_iwae_k=0, device="cpu")
-    Trainer(cfg, out, quiet=True).run()
+    argv = ["--dataset", "digits", "--hidden", "16", "--z-dim", "3", "--epochs", "1", "--final-iwae-k", "0",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    assert fit.main(argv) == 0
     return out
 
 
-def _sample(*args):
-    return subprocess.run([sys.executable, "-m", "ppl_vae.sample", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
-
-
 def test_sample_cli_writes_a_seeded_grid(tiny_run, tmp_path):
+    """One real ``python -m ppl_vae.sample`` process, then the same main() in-process: the same
+    seed gives the same picture, at --out or at the default RUN_DIR/samples-seed<seed>.png."""
     a, c = tmp_path / "a.png", tmp_path / "c.png"
     b = tiny_run / "samples-seed3.png"  # the default --out
-    for seed, extra in ((3, ["--out", a]), (3, []), (4, ["--out", c])):
-        r = _sample(tiny_run, "--n", 12, "--seed", seed, *extra)
-        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "ppl_vae.sample", str(tiny_run), "--n", "12", "--seed", "3",
+                        "--out", str(a)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"wrote {a}"
+    for seed, extra in ((3, []), (4, ["--out", str(c)])):
+        assert sample.main([str(tiny_run), "--n", "12", "--seed", str(seed), *extra]) == 0
     img = plt.imread(a)
     assert img.ndim == 3 and min(img.shape[:2]) > 50 and img[..., :3].std() > 0.01
     assert a.read_bytes() == b.read_bytes()  # same seed: the same draws, the same picture
@@ -194,6 +195,9 @@ def test_sample_cli_rejects_bad_input(tiny_run, args, message, capsys):
     assert len(lines) == 1 and lines[0].startswith("python -m ppl_vae.sample: error: ") and message in lines[0]
 
 
-def test_sample_cli_refuses_a_folder_without_a_run(tmp_path):
-    r = _sample(tmp_path)
-    assert r.returncode == 2 and "not a ppl_vae run directory" in r.stderr
+def test_sample_cli_refuses_a_folder_without_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(tmp_path)])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not a ppl_vae run directory" in lines[0]
