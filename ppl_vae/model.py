@@ -1,13 +1,23 @@
-"""The VAE as a Pyro program: ``model`` = p(z) p_θ(x|z), ``guide`` = q_φ(z|x).
+"""VAEs as Pyro programs: ``model`` = p(z) p_θ(x|z), ``guide`` = q_φ(z|x), with swappable parts.
+
+Parts, chosen when the VAE is built (docs/models.md has the math of each):
+
+* the prior of the top latent, ``prior``: ``normal`` N(0, I), ``mog``, ``vampprior``
+  (:mod:`ppl_vae.priors`);
+* the posterior family of every latent layer, ``posterior``: ``diagonal``, ``full-rank``, ``iaf``
+  (:mod:`ppl_vae.guides`);
+* ``latent_layers=2``: model z2 ~ p(z2), z1 ~ p(z1 | z2), x ~ p(x | z1); guide q(z1 | x) q(z2 | z1)
+  (sites ``z1``, ``z2``); one layer has the site ``z``;
+* :class:`ConditionalVAE`: p(x | z, y) and q(z | x, y) for a one-hot class label y.
 
 Conventions (the estimators in :mod:`ppl_vae.estimators` rely on them, and any other
 Pyro model/guide pair that follows them can be evaluated the same way):
 
-* ``model(x)`` and ``guide(x)`` take a batch ``x`` of shape ``(N, D)`` (flattened images);
+* ``model(x)`` and ``guide(x)`` take a batch ``x`` of shape ``(N, D)`` (flattened images); a
+  conditional program takes the labels as the second positional argument, ``model(x, y)``;
 * every sample site sits inside ``pyro.plate("data", size, subsample=..., dim=-1)``;
-* the latent site is ``"z"``: prior Normal(0, I) with ``.to_event(1)``, guide
-  Normal(μ_φ(x), σ_φ(x)) with σ = exp(½ log σ²) from a log-variance head, reparameterized
-  (z = μ + σ·ε, ε ~ N(0, I)) so gradients reach the encoder;
+* latent sites are reparameterized (z = μ + σ·ε, then any flow) so gradients reach the encoder;
+  the default guide is Normal(μ_φ(x), σ_φ(x)) with σ = exp(½ log σ²) from a log-variance head;
 * the observed site is ``"x"``; every site declares its event dims, so its ``log_prob`` has
   shape ``(N,)``, or ``(K, N)`` under an outer particle plate;
 * minibatch scaling: ``size`` is the full dataset size and the batch is a subsample of it,
@@ -17,8 +27,8 @@ Pyro model/guide pair that follows them can be evaluated the same way):
   term outside the data plate (a global KL), and on the per-datapoint KL it is a β-VAE with
   β = M/N (docs/math.md). Here both terms sit in the plate and keep their 1 : 1 ratio. We
   report numbers per datapoint, in nats (loss / size).
-* β-VAE: ``beta`` scales both z sites (``poutine.scale``), so the objective is
-  E_q[log p(x|z)] − β·KL(q(z|x) ‖ p(z)) for ``Trace_ELBO`` (KL by Monte Carlo) and
+* β-VAE: ``beta`` scales every latent site of model and guide (``poutine.scale``), so the
+  objective is E_q[log p(x|z)] − β·KL(q(z|x) ‖ p(z)) for ``Trace_ELBO`` (KL by Monte Carlo) and
   ``TraceMeanField_ELBO`` (KL in closed form) alike.
 """
 from __future__ import annotations
@@ -29,45 +39,115 @@ from typing import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
 
+from .errors import UserError
+from .guides import make_posterior
 from .likelihoods import Likelihood, make_likelihood
-from .nets import build_networks
+from .nets import Encoder, build_networks, mlp
+from .priors import PRIORS, GaussianLayer, MixturePrior, VampPrior, draw
+
+# (z_dim, hidden) when not given: the 784-400-20 VAE; the two-layer IWAE architecture of Burda et
+# al. 2016 (784-200-200-100 for z1, then 100-100-50 for z2 with z2_dim=50, hidden2=(100, 100)).
+DEFAULT_DIMS = {1: (20, (400,)), 2: (100, (200, 200))}
 
 
 def _kl_weight(beta):
-    """β-VAE: scale the z sites of model and guide by β (nothing to do for a plain float 1)."""
+    """β-VAE: scale the latent sites of model and guide by β (nothing to do for a plain float 1)."""
     if isinstance(beta, (int, float)) and beta == 1:
         return nullcontext()
     return poutine.scale(scale=beta)
 
 
+def _join(a: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """``cat(a, y)`` along the last dim, ``y (N, C)`` broadcast over a's leading particle dims."""
+    if y is None:
+        return a
+    return torch.cat([a, y.expand(*a.shape[:-1], y.shape[-1])], -1)  # (..., N, d + C)
+
+
 class VAE(nn.Module):
-    """A VAE with a diagonal Gaussian guide and a pluggable likelihood.
+    """A VAE with a pluggable prior, posterior family, depth and likelihood.
 
     :param image_shape: ``(C, H, W)`` of one datapoint (D = C·H·W).
-    :param z_dim: latent dimension.
-    :param hidden: hidden layer widths of the MLP encoder (the decoder mirrors them).
+    :param z_dim: dimension of the latent the decoder reads (z, or z1 of two layers); default
+        20 for one layer, 100 for two.
+    :param hidden: hidden widths of the x-encoder (the decoder mirrors them); default (400,) for
+        one layer, (200, 200) for two.
     :param likelihood: a :class:`~ppl_vae.likelihoods.Likelihood` or its name.
-    :param arch: ``"mlp"`` or ``"conv"``.
+    :param arch: ``"mlp"``, ``"conv"`` or ``"broadcast"`` (:mod:`ppl_vae.nets`).
+    :param prior: ``"normal"``, ``"mog"`` or ``"vampprior"``: p of the top latent.
+    :param posterior: ``"diagonal"``, ``"full-rank"`` or ``"iaf"``: q of every latent layer.
+    :param latent_layers: 1 or 2.
+    :param z2_dim, hidden2: the top layer of two: q(z2|z1) is an MLP z_dim-hidden2-z2_dim, and
+        p(z1|z2) mirrors it.
+    :param pseudo_inputs: K of the VampPrior. :param mixture_components: M of the MoG prior.
+    :param flow_steps: IAF transforms per latent layer.
     """
 
-    def __init__(self, image_shape: Sequence[int], z_dim: int = 20, hidden: Sequence[int] = (400,),
-                 likelihood: Likelihood | str = "bernoulli", arch: str = "mlp", activation: str = "relu"):
+    conditional = False
+    #: Register the networks in Pyro's param store at every call (``pyro.module``), as SVI with a
+    #: ``pyro.optim`` optimizer needs. ppl_vae's Trainer optimizes ``vae.parameters()`` with one
+    #: torch optimizer and switches this off: it is per-step bookkeeping it does not use.
+    register_params = True
+
+    def __init__(self, image_shape: Sequence[int], z_dim: int | None = None, hidden: Sequence[int] | None = None,
+                 likelihood: Likelihood | str = "bernoulli", arch: str = "mlp", activation: str = "relu", *,
+                 prior: str = "normal", posterior: str = "diagonal", latent_layers: int = 1, z2_dim: int = 50,
+                 hidden2: Sequence[int] = (100, 100), pseudo_inputs: int = 500, mixture_components: int = 10,
+                 flow_steps: int = 2, num_classes: int = 0):
         super().__init__()
+        if latent_layers not in DEFAULT_DIMS:
+            raise UserError(f"--latent-layers must be 1 or 2, got {latent_layers}")
+        if prior not in PRIORS:
+            raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+        if bool(num_classes) != self.conditional:
+            raise ValueError("class labels need ConditionalVAE(num_classes=C), and ConditionalVAE needs C >= 2")
         self.image_shape = tuple(int(s) for s in image_shape)
         self.x_dim = 1
         for s in self.image_shape:
             self.x_dim *= s
-        self.z_dim = int(z_dim)
+        self.z_dim = int(z_dim or DEFAULT_DIMS[latent_layers][0])
+        hidden = DEFAULT_DIMS[latent_layers][1] if hidden is None else hidden
+        self.num_classes = int(num_classes)
         self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        self.posterior = make_posterior(posterior, self.z_dim, flow_steps)
         self.encoder, self.decoder = build_networks(
             arch, self.image_shape, self.z_dim, hidden, self.likelihood.params_per_pixel * self.x_dim,
-            activation)
-        # Prior parameters as buffers: created once on the module's device, no host copies per step.
-        self.register_buffer("prior_loc", torch.zeros(self.z_dim))
-        self.register_buffer("prior_scale", torch.ones(self.z_dim))
+            activation, self.posterior.extra_outputs, self.num_classes)
+        full = self.posterior.full_covariance
+        if latent_layers == 2:  # q(z2 | z1) and p(z1 | z2), both MLPs between the latents
+            self.posterior2 = make_posterior(posterior, z2_dim, flow_steps)
+            extra2 = self.posterior2.extra_outputs
+            self.encoder2 = Encoder(mlp([self.z_dim, *hidden2, 2 * z2_dim + extra2], activation), z2_dim, extra2)
+            self.layer = GaussianLayer(z2_dim, self.z_dim, list(reversed(hidden2)), activation, full)
+            self.latent_sites = ("z1", "z2")  # bottom (decoded) first
+        else:
+            self.posterior2 = self.encoder2 = self.layer = None
+            self.latent_sites = ("z",)
+        if self.posterior.zero_extra:
+            for enc in (self.encoder, self.encoder2):
+                if enc is not None:
+                    enc.zero_extra_outputs()
+        top_dim = z2_dim if latent_layers == 2 else self.z_dim
+        self.top_site, self.bottom_site = self.latent_sites[-1], self.latent_sites[0]
+        if prior == "normal":
+            # buffers on the VAE itself: created once on the module's device (no host copies per
+            # step), and a plain VAE's state_dict keeps the keys it always had
+            self.register_buffer("prior_loc", torch.zeros(top_dim))
+            self.register_buffer("prior_scale", torch.ones(top_dim))
+            if full:
+                self.register_buffer("prior_scale_tril", torch.eye(top_dim), persistent=False)
+            self.prior = self.standard_mvn if full else self.standard_normal
+        elif prior == "mog":
+            self.prior = MixturePrior(top_dim, mixture_components)
+        else:
+            self.prior = VampPrior(pseudo_inputs, self.x_dim, self.pseudo_posterior, self.likelihood.support,
+                                   self.num_classes)
+        self._model_parts = ("decoder", "prior", "layer") + (("encoder", "encoder2") if prior == "vampprior" else ())
+        self._guide_parts = ("encoder", "posterior", "encoder2", "posterior2")
         self._aranges: dict = {}
 
     def _subsample(self, n: int, device) -> torch.Tensor:
@@ -79,48 +159,150 @@ class VAE(nn.Module):
             idx = self._aranges[key] = torch.arange(n, device=device)
         return idx
 
-    #: Register the networks in Pyro's param store at every call (``pyro.module``), as SVI with a
-    #: ``pyro.optim`` optimizer needs. ppl_vae's Trainer optimizes ``vae.parameters()`` with one
-    #: torch optimizer and switches this off: it is per-step bookkeeping it does not use.
-    register_params = True
+    def _register(self, parts: Sequence[str]) -> None:
+        for name in parts:
+            module = getattr(self, name)
+            if isinstance(module, nn.Module):  # not the N(0, I) prior (a method) nor an absent layer (None)
+                pyro.module(name, module)
+
+    # ---- the program ----
+
+    def standard_normal(self) -> dist.Distribution:
+        """The ``normal`` prior N(0, I) of the top latent, event shape ``(d,)``."""
+        return dist.Normal(self.prior_loc, self.prior_scale).to_event(1)
+
+    def standard_mvn(self) -> dist.Distribution:
+        """N(0, I) written as a ``MultivariateNormal`` (for a full-rank guide's closed-form KL)."""
+        return dist.MultivariateNormal(self.prior_loc, scale_tril=self.prior_scale_tril)
+
+    def pseudo_posterior(self, u: torch.Tensor) -> dist.Distribution:
+        """The VampPrior's components q(z_top | u_k) for pseudo-inputs ``u (K, D [+ C])``, batch
+        ``(K,)``: the Gaussian part of the guide (an IAF guide's base, without its flow). With two
+        layers, q(z2 | z1 = E[z1 | u_k]): the mean of q(z1 | u_k) goes through q(z2 | z1), since
+        ∫ q(z1|u) q(z2|z1) dz1 has no closed form."""
+        q = self.posterior.gaussian(*self.encoder(u))  # batch (K,), event (z_dim,)
+        if self.layer is not None:
+            q = self.posterior2.gaussian(*self.encoder2(q.mean))  # batch (K,), event (z2_dim,)
+        return q
+
+    def _model(self, x: torch.Tensor, y: torch.Tensor | None, size: int | None, beta) -> torch.Tensor:
+        """p(z) p_θ(x|z [, y]) for a batch ``x (N, D)`` (labels ``y (N, C)``) out of ``size`` datapoints."""
+        if self.register_params:
+            self._register(self._model_parts)
+        n = x.shape[0]
+        with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
+            with _kl_weight(beta):
+                z = pyro.sample(self.top_site, self.prior())  # (N, d_top); (K, N, d_top) under a particle plate
+                if self.layer is not None:
+                    z = pyro.sample("z1", self.layer(z))  # (..., N, z_dim)
+            out = self.decoder(z if y is None else _join(z, y))  # (..., N, out_dim)
+            return pyro.sample("x", self.likelihood.dist(out), obs=x)
+
+    def _guide(self, x: torch.Tensor, y: torch.Tensor | None, size: int | None, beta) -> torch.Tensor:
+        """q_φ(z|x [, y]) (two layers: q(z1 | x [, y]) q(z2 | z1)), reparameterized."""
+        if self.register_params:
+            self._register(self._guide_parts)
+        n = x.shape[0]
+        q = self.posterior(*self.encoder(x if y is None else _join(x, y)))  # batch (N,), event (z_dim,)
+        with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
+            with _kl_weight(beta):
+                z = pyro.sample(self.bottom_site, q)  # (N, z_dim); (K, N, z_dim) under a particle plate
+                if self.encoder2 is not None:
+                    pyro.sample("z2", self.posterior2(*self.encoder2(z)))  # (..., N, z2_dim)
+                return z
 
     def model(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
         """p(z) p_θ(x|z) for a batch ``x (N, D)`` out of ``size`` datapoints (default N)."""
-        if self.register_params:
-            pyro.module("decoder", self.decoder)
-        n = x.shape[0]
-        with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
-            with _kl_weight(beta):
-                z = pyro.sample("z", dist.Normal(self.prior_loc, self.prior_scale).to_event(1))  # (N, z_dim)
-            out = self.decoder(z)  # (..., N, out_dim); (K, N, out_dim) under a particle plate
-            return pyro.sample("x", self.likelihood.dist(out), obs=x)
+        return self._model(x, None, size, beta)
 
     def guide(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
-        """q_φ(z|x) = Normal(μ_φ(x), exp(½ log σ²_φ(x))), reparameterized."""
-        if self.register_params:
-            pyro.module("encoder", self.encoder)
-        n = x.shape[0]
-        z_loc, z_logvar = self.encoder(x)  # (N, z_dim) each
-        with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
-            with _kl_weight(beta):
-                return pyro.sample("z", dist.Normal(z_loc, torch.exp(0.5 * z_logvar)).to_event(1))
+        """q_φ(z|x), e.g. Normal(μ_φ(x), exp(½ log σ²_φ(x))), reparameterized."""
+        return self._guide(x, None, size, beta)
 
     # ---- plain tensor helpers (no Pyro machinery) for plots and examples ----
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z_loc, z_scale)`` of q(z|x), each ``(N, z_dim)``."""
-        z_loc, z_logvar = self.encoder(x)
-        return z_loc, torch.exp(0.5 * z_logvar)
+    def _labels(self, y, n: int, dtype) -> torch.Tensor | None:
+        """One-hot labels ``(n, C)`` from class indices ``(n,)`` or one-hot rows; None when unconditional."""
+        if y is None and not self.conditional:
+            return None
+        if not self.conditional:
+            raise ValueError("labels were given to an unconditional VAE; build a ConditionalVAE to use them")
+        if y is None:
+            raise ValueError(f"this conditional VAE needs class labels y: (N,) indices in 0..{self.num_classes - 1} "
+                             f"or one-hot rows (N, {self.num_classes})")
+        if not y.dtype.is_floating_point:  # F.one_hot checks the range (on the host, without a GPU sync)
+            if y.shape != (n,):
+                raise ValueError(f"labels must be {n} class indices, got shape {tuple(y.shape)}")
+            return F.one_hot(y, self.num_classes).to(dtype)
+        if y.shape != (n, self.num_classes):
+            raise ValueError(f"one-hot labels must have shape ({n}, {self.num_classes}), got {tuple(y.shape)}")
+        return y
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x|z] ``(..., D)`` for latents ``(..., z_dim)``."""
-        return self.likelihood.mean(self.decoder(z))
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_loc, z_scale)`` of the Gaussian part of q(z|x) (two layers: of q(z1|x)), each
+        ``(N, z_dim)``: marginal means and standard deviations."""
+        y = self._labels(y, x.shape[0], x.dtype)
+        return self.posterior.loc_scale(*self.encoder(_join(x, y)))
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x|z (, y)] ``(..., D)`` for latents ``(..., z_dim)`` (two layers: z1)."""
+        y = self._labels(y, z.shape[-2] if z.dim() > 1 else 1, z.dtype)
+        return self.likelihood.mean(self.decoder(_join(z, y)))
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """E[x|z = μ_φ(x)], ``(N, D)``."""
-        return self.decode(self.encode(x)[0])
+        return self.decode(self.encode(x, y)[0], y)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoded means of ``n`` draws z ~ N(0, I): ``(n, D)``."""
-        z = torch.randn(n, self.z_dim, generator=generator, device=self.prior_loc.device)
-        return self.decode(z)
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def sample(self, n: int, generator: torch.Generator | None = None, label: int | None = None) -> torch.Tensor:
+        """Decoded means E[x|z] of ``n`` draws from the prior (two layers: z2 ~ p(z2), then
+        z1 ~ p(z1 | z2)), ``(n, D)``, with every random number from ``generator`` (default: the
+        global RNG); the normal prior's z is ``torch.randn(n, d, generator=generator)``. A
+        conditional VAE draws class ``label`` (default: classes 0, 1, …, C−1 in turn)."""
+        y = None
+        if label is not None and not self.conditional:
+            raise ValueError("label= needs a conditional VAE (fit with --conditional)")
+        if self.conditional:
+            if label is not None and not 0 <= label < self.num_classes:
+                raise ValueError(f"label must be in 0..{self.num_classes - 1}, got {label}")
+            classes = torch.arange(n) % self.num_classes if label is None else torch.full((n,), int(label))
+            y = classes.to(self.device)
+        z = draw(self.prior(), generator, n)  # (n, d_top)
+        if self.layer is not None:
+            z = draw(self.layer(z), generator)  # (n, z_dim)
+        return self.decode(z, y)
+
+
+class ConditionalVAE(VAE):
+    """A class-conditional VAE (Sohn et al. 2015): p(z) p_θ(x | z, y) and q_φ(z | x, y), with the
+    one-hot label y appended to the encoder's and the decoder's inputs (z stays independent of
+    y under the prior). Labels are the second positional argument of ``model`` and ``guide``,
+    as in Pyro's CVAE tutorial: class indices ``(N,)`` or one-hot rows ``(N, C)``.
+
+    :param num_classes: C, the number of classes (>= 2). Other parameters as :class:`VAE`.
+    """
+
+    conditional = True
+
+    def __init__(self, image_shape: Sequence[int], num_classes: int = 10, **kwargs):
+        if num_classes < 2:
+            raise ValueError(f"a ConditionalVAE needs num_classes >= 2, got {num_classes}")
+        super().__init__(image_shape, num_classes=num_classes, **kwargs)
+
+    def model(self, x: torch.Tensor, y: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
+        """p(z) p_θ(x | z, y) for a batch ``x (N, D)`` with labels ``y``."""
+        return self._model(x, self._labels(y, x.shape[0], x.dtype), size, beta)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
+        """q_φ(z | x, y), reparameterized."""
+        return self._guide(x, self._labels(y, x.shape[0], x.dtype), size, beta)
+
+
+def make_vae(image_shape: Sequence[int], *args, num_classes: int = 0, **kwargs) -> VAE:
+    """A :class:`ConditionalVAE` when ``num_classes`` is given, else a :class:`VAE`."""
+    if num_classes:
+        return ConditionalVAE(image_shape, *args, num_classes=num_classes, **kwargs)
+    return VAE(image_shape, *args, **kwargs)

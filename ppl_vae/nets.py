@@ -1,8 +1,11 @@
 """Encoder and decoder networks.
 
 An encoder maps a batch of flattened images ``x`` of shape ``(N, D)`` to the parameters
-of the diagonal Gaussian q(z|x): ``z_loc`` and ``z_logvar`` (log σ², the log-variance
-head), each ``(N, z_dim)``. A decoder maps latents ``z`` of shape ``(..., z_dim)`` to the
+of the Gaussian q(z|x): ``z_loc`` and ``z_logvar`` (log σ², the log-variance head), each
+``(N, z_dim)``, followed by the ``extra`` outputs a richer posterior family asks for (the
+strictly lower triangle of a Cholesky factor, or an IAF context; :mod:`ppl_vae.guides`).
+A conditional program appends a one-hot label ``y (N, C)`` to the encoder's input and to the
+decoder's (``label_dim = C``). A decoder maps latents ``z`` of shape ``(..., z_dim)`` to the
 likelihood's parameters ``(..., out_dim)`` (logits for a Bernoulli, means for a Gaussian).
 Leading sample dimensions are allowed in the decoder so that vectorized particles
 ``(K, N, z_dim)`` decode in one call.
@@ -44,17 +47,28 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """q_φ(z|x) parameters: ``x (N, D) → (z_loc, z_logvar)``, each ``(N, z_dim)``."""
+    """Gaussian parameters from a network: ``x (..., in) → (z_loc, z_logvar[, extra])``, each
+    ``(..., z_dim)`` and ``extra (..., extra)`` when ``extra > 0``. The body ends in
+    ``2·z_dim + extra`` linear outputs."""
 
-    def __init__(self, body: nn.Module, z_dim: int):
+    def __init__(self, body: nn.Module, z_dim: int, extra: int = 0):
         super().__init__()
-        self.body = body  # ends in 2·z_dim outputs
+        self.body = body
         self.z_dim = z_dim
+        self.extra = extra
+        self.split_sizes = [z_dim, z_dim] + ([extra] if extra else [])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)  # (N, 2·z_dim)
-        z_loc, z_logvar = h.split(self.z_dim, dim=-1)  # (N, z_dim) each
-        return z_loc, z_logvar
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.body(x)  # (..., 2·z_dim + extra)
+        return h.split(self.split_sizes, dim=-1)  # (..., z_dim), (..., z_dim)[, (..., extra)]
+
+    def zero_extra_outputs(self) -> None:
+        """Zero the weights and biases of the ``extra`` outputs (the last linear layer's last rows),
+        so that they start at 0 whatever the input; they still get gradients and learn."""
+        last = [m for m in self.body.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight[2 * self.z_dim:].zero_()
+            last.bias[2 * self.z_dim:].zero_()
 
 
 class Decoder(nn.Module):
@@ -69,20 +83,29 @@ class Decoder(nn.Module):
 
 
 class _ConvEncoderBody(nn.Module):
-    def __init__(self, image_shape: Sequence[int], z_dim: int, channels: int = 32, hidden: int = 256):
+    """Two stride-2 convolutions, then an MLP to ``out_dim``; a label ``y (N, label_dim)``,
+    appended to the flattened image, joins the convolution features before the MLP."""
+
+    def __init__(self, image_shape: Sequence[int], out_dim: int, label_dim: int = 0, channels: int = 32,
+                 hidden: int = 256):
         super().__init__()
         c, h, w = image_shape
         self.image_shape = (c, h, w)
+        self.split_sizes = [c * h * w, label_dim]
         self.conv = nn.Sequential(
             nn.Conv2d(c, channels, 4, stride=2, padding=1), nn.ReLU(),  # (N, ch, 14, 14)
             nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), nn.ReLU(),  # (N, 2ch, 7, 7)
         )
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4), hidden),
-                                nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4) + label_dim, hidden),
+                                nn.ReLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, x):
+        if self.split_sizes[1]:
+            x, y = x.split(self.split_sizes, dim=-1)  # (N, D), (N, label_dim)
+            h = self.fc[0](self.conv(x.reshape(-1, *self.image_shape)))  # (N, 2ch·H/4·W/4)
+            return self.fc[1:](torch.cat([h, y], -1))  # (N, out_dim)
         x = x.reshape(-1, *self.image_shape)  # (N, C, H, W)
-        return self.fc(self.conv(x))  # (N, 2·z_dim)
+        return self.fc(self.conv(x))  # (N, out_dim)
 
 
 class _ConvDecoderBody(nn.Module):
@@ -154,25 +177,30 @@ def _out_channels(arch: str, image_shape: Sequence[int], out_dim: int) -> int:
 
 
 def build_networks(arch: str, image_shape: Sequence[int], z_dim: int, hidden: Sequence[int],
-                   out_dim: int, activation: str = "relu") -> tuple[Encoder, Decoder]:
+                   out_dim: int, activation: str = "relu", extra: int = 0,
+                   label_dim: int = 0) -> tuple[Encoder, Decoder]:
     """Encoder and decoder for images of ``image_shape``; the decoder emits ``out_dim`` values
-    per datapoint (the likelihood decides how many it needs, e.g. 2·D for a learned σ)."""
+    per datapoint (the likelihood decides how many it needs, e.g. 2·D for a learned σ). The
+    encoder emits ``extra`` outputs after (z_loc, z_logvar); with ``label_dim = C`` both networks
+    take a one-hot label as ``C`` more inputs: the encoder ``cat(x, y) (N, D + C)``, the decoder
+    ``cat(z, y) (..., z_dim + C)``."""
     d = math.prod(image_shape)
+    enc_out, dec_in = 2 * z_dim + extra, z_dim + label_dim
     if arch == "mlp":
         hidden = list(hidden)
-        enc = mlp([d, *hidden, 2 * z_dim], activation)
-        dec = mlp([z_dim, *reversed(hidden), out_dim], activation)
+        enc = mlp([d + label_dim, *hidden, enc_out], activation)
+        dec = mlp([dec_in, *reversed(hidden), out_dim], activation)
     elif arch == "conv":
         check_conv_shape(image_shape)
-        enc = _ConvEncoderBody(image_shape, z_dim)
-        dec = _ConvDecoderBody(image_shape, z_dim, _out_channels(arch, image_shape, out_dim))
+        enc = _ConvEncoderBody(image_shape, enc_out, label_dim)
+        dec = _ConvDecoderBody(image_shape, dec_in, _out_channels(arch, image_shape, out_dim))
     elif arch == "broadcast":
         if len(image_shape) != 3:
             raise UserError(f"--arch broadcast needs images of shape (C, H, W), but this dataset has shape "
                             f"{tuple(image_shape)}; use --arch mlp")
-        enc = mlp([d, *hidden, 2 * z_dim], activation)
-        dec = _BroadcastDecoderBody(image_shape, z_dim, _out_channels(arch, image_shape, out_dim),
+        enc = mlp([d + label_dim, *hidden, enc_out], activation)
+        dec = _BroadcastDecoderBody(image_shape, dec_in, _out_channels(arch, image_shape, out_dim),
                                     activation=activation)
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    return Encoder(enc, z_dim), Decoder(dec)
+    return Encoder(enc, z_dim, extra), Decoder(dec)
