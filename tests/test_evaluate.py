@@ -1,5 +1,7 @@
-"""``python -m ppl_vae.evaluate``: end to end on a short binarized-MNIST run, bad input, and the
-block design (results independent of how blocks are split over calls and of the chunk size)."""
+"""``python -m ppl_vae.evaluate``: end to end on a short binarized-MNIST run, bad input, the
+block design (results independent of how blocks are split over calls and of the chunk size),
+the public ``evaluate`` on other Pyro programs (Pyro's tutorial VAE, a linear-Gaussian model
+with log p(x) in closed form) and active units against closed forms."""
 import json
 import math
 import subprocess
@@ -7,10 +9,14 @@ import sys
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from torch import nn
+from torch.distributions.transforms import AffineTransform
 
-from ppl_vae import estimators, evaluate
+from ppl_vae import estimators, evaluate, importance, latents
+from ppl_vae import report as report_module
 from ppl_vae.model import VAE
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -49,8 +55,9 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     assert s["config"] == json.loads((bmnist_run / "config.json").read_text())
     numbers = [v for k, v in s.items() if isinstance(v, float)]
     assert all(math.isfinite(v) for v in numbers)
-    # units: nats per datapoint of 784 binary pixels, and bits/dim = −nats / (784 ln 2)
+    # units: nats per datapoint of 784 binary pixels, and bits/dim = −nats / (784 ln 2) (discrete data)
     assert -550 < s["elbo_analytic"] < -100 and -550 < s["log_px"] < -100
+    assert s["discrete"] is True and s["likelihood"] == "bernoulli" and "bits_per_dim_omitted" not in s
     assert s["bits_per_dim"] == pytest.approx(-s["log_px"] / (784 * math.log(2)), rel=1e-12)
     # ELBO ≤ log p(x) (beyond Monte Carlo error), IWAE_k rising with k, the curve ends at log p(x)
     assert s["elbo_analytic"] <= s["log_px"] + 4 * s["log_px_stderr"]
@@ -61,13 +68,28 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     assert s["gap"] == pytest.approx(s["log_px"] - s["elbo_analytic"], abs=1e-9) and s["gap"] > 0
     assert abs(s["elbo_analytic"] - s["elbo_mc"]) < 4 * math.hypot(s["elbo_mc_stderr"], s["elbo_analytic_stderr"]) + 0.5
     assert 0 < s["log_px_stderr"] < 1 and s["log_px_stderr_across_datapoints"] > s["log_px_stderr"]
-    assert 0 <= s["khat_frac_above_0_7"] <= 1 and -1 < s["khat_mean"] < 5
-    # the table names each row once, in nats and bits/dim
-    for label in ("ELBO (analytic KL)", "ELBO (Monte Carlo)", "IWAE k=10", "log p(x) (IWAE K=300)",
-                  "gap log p(x) − ELBO", "Pareto k̂"):
-        assert label in r.stdout
-    # per-datapoint arrays agree with the summary; the subset is random, not the first 60
     per = np.load(npz)
+    # k̂ against the K-dependent threshold min(1 − 1/log10 K, 0.7) = 0.5964 at K = 300, from the saved k̂
+    assert s["khat_threshold"] == pytest.approx(1 - 1 / math.log10(300), rel=1e-12)
+    for key, t in (("khat_frac_above_threshold", s["khat_threshold"]), ("khat_frac_above_0_7", 0.7),
+                   ("khat_frac_above_0_5", 0.5)):
+        assert s[key] == pytest.approx(np.mean(per["khat"] > t), abs=1e-12), key
+    assert s["log_px_reliable"] is bool(np.mean(per["khat"] > s["khat_threshold"]) <= 0.1)
+    assert s["khat_mean"] == pytest.approx(per["khat"][np.isfinite(per["khat"])].mean(), rel=1e-12)
+    pct = 100 * s["khat_frac_above_threshold"]
+    verdict = (f"lower bound; SE unreliable: k̂ > 0.60 on {pct:.0f} % of datapoints" if not s["log_px_reliable"]
+               else f"k̂ <= 0.60 on {100 - pct:.0f} % of datapoints")
+    assert [line for line in r.stdout.splitlines() if line.startswith("log p(x) (IWAE K=300)")][0].endswith(verdict)
+    # the table: one row per estimate (IWAE_1 is the MC ELBO and IWAE_300 log p(x): not repeated), in
+    # nats and bits/dim, then k̂, active units and the across-datapoint SE
+    lines = r.stdout.splitlines()
+    assert [line[:28].strip() for line in lines[2:8]] == ["ELBO (analytic KL)", "ELBO (Monte Carlo)", "IWAE k=10",
+                                                          "IWAE k=100", "log p(x) (IWAE K=300)", "gap log p(x) − ELBO"]
+    assert lines[1].split()[-1] == "bits/dim"
+    assert [float(v) for v in lines[6].split()[4:7]] == pytest.approx(
+        [s["log_px"], s["log_px_stderr"], s["bits_per_dim"]], abs=5e-4)
+    assert lines[8].startswith("Pareto k̂: mean") and lines[9].startswith("active units (Cov_x E_q[z_u|x] > 0.01): z ")
+    # per-datapoint arrays agree with the summary; the subset is random, not the first 60
     idx = per["index"]
     assert idx.shape == (60,) and len(set(idx.tolist())) == 60 and idx.max() < 10000
     assert not np.array_equal(idx, np.arange(60))
@@ -76,6 +98,20 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     assert np.sqrt((per["log_px_stderr"] ** 2).sum()) / 60 == pytest.approx(s["log_px_stderr"], rel=1e-9)
     assert per["iwae_by_k"].shape == (4, 60) and per["ks"].tolist() == [1, 10, 100, 300]
     assert per["khat"].shape == per["ess"].shape == (60,) and ((per["ess"] >= 1) & (per["ess"] <= 300)).all()
+    # active units: the VAE guide's E_q[z|x] is the encoder's z_loc, exactly (no Monte Carlo)
+    from ppl_vae.data import load_dataset
+    from ppl_vae.runs import load_run
+
+    vae, _ = load_run(bmnist_run)
+    x = load_dataset("binarized-mnist", data_dir).split("test")[torch.as_tensor(idx)]
+    with torch.no_grad():
+        z_loc = vae.encode(x)[0].double().numpy()  # (60, 8)
+    np.testing.assert_allclose(per["posterior_mean_z"], z_loc, rtol=1e-6, atol=1e-6)
+    units = s["active_units"]["z"]
+    np.testing.assert_allclose(units["variance"], z_loc.var(0, ddof=1), rtol=1e-5)
+    assert (units["dims"], units["mc_samples"], units["mc_inflation"]) == (8, 1, 0.0)
+    assert units["active"] == int((z_loc.var(0, ddof=1) > 1e-2).sum())
+    assert f"z {units['active']} of 8" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -122,7 +158,7 @@ def test_blocks_give_the_same_numbers_however_they_are_split(small_vae):
         np.testing.assert_allclose(np.concatenate([first[key], last[key]], -1), whole[key], rtol=1e-6, atol=1e-5)
     # block 1 is estimate_all on x[10:20] with the block's derived seed
     ref = estimators.estimate_all(vae.model, vae.guide, x[10:20], 250, ks=[1, 10, 250],
-                                  seed=estimators.derive_seed(3, 1))
+                                  seed=importance.derive_seed(3, 1))
     np.testing.assert_allclose(whole["log_px"][10:20], ref["iwae"].value.numpy(), rtol=1e-6)
     assert evaluate.evaluate_blocks(vae.model, vae.guide, x, [], **kw)["log_px"].shape == (0,)
 
@@ -135,7 +171,7 @@ def test_cuda_out_of_memory_halves_the_chunk_and_retries(small_vae):
         def _pyro_post_sample(self, msg):
             if msg["name"] == "x" and len(msg["fn"].batch_shape) == 2:  # (k, N) under the particle plate
                 calls.append(msg["fn"].batch_shape[0])
-                if calls[-1] > estimators.SAMPLE_UNIT:
+                if calls[-1] > importance.SAMPLE_UNIT:
                     raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     def fragile_model(x, **kw):
@@ -146,7 +182,236 @@ def test_cuda_out_of_memory_halves_the_chunk_and_retries(small_vae):
     logs = []
     got = evaluate.evaluate_blocks(fragile_model, vae.guide, x, [0], chunk_size=25 * 400, log=logs.append, **kw)
     ref = evaluate.evaluate_blocks(vae.model, vae.guide, x, [0], chunk_size=25 * 100, **kw)
-    assert max(calls) > estimators.SAMPLE_UNIT and got["chunk_size"] < 25 * 2 * estimators.SAMPLE_UNIT
+    assert max(calls) > importance.SAMPLE_UNIT and got["chunk_size"] < 25 * 2 * importance.SAMPLE_UNIT
     assert len(logs) >= 1 and "retrying block 0" in logs[0]
     for key in evaluate.PER_DATAPOINT:
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the public API on other programs
+
+class Encoder(nn.Module):
+    """Pyro's VAE tutorial (examples/vae/vae.py), shrunk: 784 → hidden → (z_loc, z_scale)."""
+
+    def __init__(self, z_dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, z_dim)
+        self.fc22 = nn.Linear(hidden_dim, z_dim)
+        self.softplus = nn.Softplus()
+
+    def forward(self, x):
+        x = x.reshape(-1, 784)
+        hidden = self.softplus(self.fc1(x))
+        return self.fc21(hidden), torch.exp(self.fc22(hidden))
+
+
+class Decoder(nn.Module):
+    def __init__(self, z_dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(z_dim, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, 784)
+        self.softplus = nn.Softplus()
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, z):
+        return self.sigmoid(self.fc21(self.softplus(self.fc1(z))))
+
+
+class TutorialVAE(nn.Module):
+    """Sites ``latent`` and ``obs``, ``pyro.plate("data", x.shape[0])`` without ``dim=``,
+    ``pyro.module`` calls: the program of docs/estimators.md, verbatim."""
+
+    def __init__(self, z_dim=4, hidden_dim=32):
+        super().__init__()
+        self.encoder, self.decoder, self.z_dim = Encoder(z_dim, hidden_dim), Decoder(z_dim, hidden_dim), z_dim
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc = x.new_zeros(torch.Size((x.shape[0], self.z_dim)))
+            z_scale = x.new_ones(torch.Size((x.shape[0], self.z_dim)))
+            z = pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+            loc_img = self.decoder(z)
+            pyro.sample("obs", dist.Bernoulli(loc_img, validate_args=False).to_event(1), obs=x.reshape(-1, 784))
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc, z_scale = self.encoder(x)
+            pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+
+
+def test_evaluate_a_pyro_tutorial_vae_equals_the_estimators_on_the_same_blocks():
+    torch.manual_seed(0)
+    vae = TutorialVAE()
+    x = torch.bernoulli(torch.full((20, 784), 0.3))  # 20 random binary images
+    report = evaluate.evaluate(vae.model, vae.guide, x, num_samples=50, ks=[1, 10], seed=7, batch_size=8)
+    # block b = x[8b : 8b + 8], drawn with derive_seed(7, b): the same numbers as the estimators there
+    for b, rows in enumerate((slice(0, 8), slice(8, 16), slice(16, 20))):
+        ref = estimators.iwae(vae.model, vae.guide, x[rows], 50, seed=importance.derive_seed(7, b))
+        np.testing.assert_allclose(report.per_datapoint["log_px"][rows], ref.value.numpy(), rtol=1e-6)
+    assert report["log_px"] == pytest.approx(report.per_datapoint["log_px"].mean(), rel=1e-12)
+    assert (report["n"], report["dim"], report["ks"], report["discrete"]) == (20, 784, [1, 10, 50], True)
+    assert report["bits_per_dim"] == pytest.approx(-report["log_px"] / (784 * math.log(2)), rel=1e-12)
+    # K = 50: threshold 1 − 1/log10(50) = 0.4114
+    assert report["khat_threshold"] == pytest.approx(1 - 1 / math.log10(50), rel=1e-12)
+    # E_q[latent | x] is the encoder's z_loc: the active units in closed form
+    with torch.no_grad():
+        var = vae.encoder(x)[0].double().var(0)  # (4,)
+    units = report["active_units"]["latent"]
+    assert units["active"] == int((var > 1e-2).sum()) and units["dims"] == 4 and units["mc_samples"] == 1
+    np.testing.assert_allclose(units["variance"], var.numpy(), rtol=1e-5)
+    table = report.table().splitlines()
+    assert table[0] == "n = 20, K = 50, D = 784; nats per datapoint"
+    assert table[1].split() == ["nats", "±", "MC", "SE", "bits/dim"]
+    assert [line[:28].strip() for line in table[2:7]] == [
+        "ELBO (analytic KL)", "ELBO (Monte Carlo)", "IWAE k=10", "log p(x) (IWAE K=50)", "gap log p(x) − ELBO"]
+    log_px_row = table[5].split()
+    assert float(log_px_row[4]) == pytest.approx(report["log_px"], abs=5e-4)
+    assert float(log_px_row[6]) == pytest.approx(report["bits_per_dim"], abs=5e-5)
+    assert table[5].endswith(report_module.verdict(report))
+    assert f"latent {units['active']} of 4" in report.table()
+    assert json.loads(report.to_json())["log_px"] == report["log_px"]
+
+
+def linear_gaussian(guide_scale):
+    """z ~ N(0, 1), x | z ~ N(z, 1) per datapoint: log p(x) = log N(x; 0, 2), posterior
+    N(x/2, 1/2). A guide N(x/2, s) with s > 1/√2 has bounded weights (k̂ small); s = 0.25 makes
+    the weights' tail heavy (k̂ large)."""
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, guide_scale))
+    return model, guide
+
+
+@pytest.mark.parametrize("guide_scale, reliable", [(0.8, True), (0.25, False)])
+def test_k_dependent_verdict_and_no_bits_per_dim_for_a_density(guide_scale, reliable):
+    x = torch.linspace(-2.0, 2.0, 40, dtype=torch.float64)
+    model, guide = linear_gaussian(guide_scale)
+    report = evaluate.evaluate(model, guide, x, num_samples=1000, seed=0, batch_size=20)
+    log_px = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).mean().item()
+    above = np.mean(report.per_datapoint["khat"] > 1 - 1 / 3)  # khat_threshold(1000) = 2/3
+    assert report["khat_frac_above_threshold"] == pytest.approx(above, abs=1e-12)
+    assert report["log_px_reliable"] is reliable and bool(above <= 0.1) is reliable
+    table = report.table()
+    if reliable:  # measured: k̂ < 0.2 on every datapoint; log p(x) right within 4 MC standard errors
+        assert report["log_px"] == pytest.approx(log_px, abs=4 * report["log_px_stderr"])
+        assert "k̂ <= 0.67 on 100 % of datapoints" in table
+    else:
+        assert f"lower bound; SE unreliable: k̂ > 0.67 on {100 * above:.0f} % of datapoints" in table
+    # a density of continuous data: no bits/dim anywhere, and the table says why
+    assert report["discrete"] is False and "bits_per_dim" not in report and "elbo_bits_per_dim" not in report
+    assert report["bits_per_dim_omitted"] == report_module.NO_BITS
+    assert "bits/dim: not shown: p(x|z) is a density of continuous data" in table
+    assert table.splitlines()[1].split() == ["nats", "±", "MC", "SE"]
+
+
+def test_discreteness_is_read_from_the_observed_sites(small_vae):
+    vae, x = small_vae
+    assert evaluate.observed_is_discrete(vae.model, vae.guide, x) is True
+    # a Bernoulli fed grey levels (validate_args=False, as Pyro's tutorial on MNIST does): not a probability
+    assert evaluate.observed_is_discrete(vae.model, vae.guide, x * 0.5 + 0.25) is False
+    gauss = VAE((1, 4, 4), z_dim=3, hidden=[16], likelihood="gaussian").eval()
+    assert evaluate.observed_is_discrete(gauss.model, gauss.guide, x) is False
+
+
+def test_no_closed_form_kl_reports_the_analytic_elbo_as_na():
+    """A guide through a transform has no registered KL against the prior: the analytic ELBO is
+    n/a, the gap is taken against the Monte Carlo ELBO, and everything else is reported."""
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.TransformedDistribution(dist.Normal(x / 4, 0.5), [AffineTransform(0.0, 2.0)]))
+
+    x = torch.linspace(-2.0, 2.0, 10, dtype=torch.float64)
+    report = evaluate.evaluate(model, guide, x, num_samples=200, seed=0, mean_samples=400)
+    assert report["elbo_analytic"] is not None and math.isnan(report["elbo_analytic"])
+    assert report["gap_elbo"] == "elbo_mc" and report["gap"] == pytest.approx(report["log_px"] - report["elbo_mc"])
+    assert json.loads(report.to_json())["elbo_analytic"] is None
+    assert "ELBO (analytic KL)                   n/a  (no closed-form KL)" in report.table()
+    # no .mean on a TransformedDistribution: E_q[z|x] = x/2 by Monte Carlo over 400 draws (se 1/√400)
+    units = report["active_units"]["z"]
+    assert units["mc_samples"] == 400 and units["mc_inflation"] == pytest.approx(1 / 400, rel=0.2)
+    np.testing.assert_allclose(report.per_datapoint["posterior_mean:z"][0], x.numpy() / 2, atol=5 * 0.05)
+
+
+# --------------------------------------------------------------------------- active units in closed form
+
+def linear_guide_program(scales):
+    """x (N, 3) → E_q[z|x] = A x + b with row u of A = scales[u] · e_(u mod 3) and the columns of
+    x standardized (sample variance 1): Cov_x(E_q[z_u|x]) = scales[u]² exactly."""
+    A = torch.zeros(len(scales), 3, dtype=torch.float64)
+    for u, c in enumerate(scales):
+        A[u, u % 3] = c
+    b = torch.arange(len(scales), dtype=torch.float64)  # constant offsets: no variance
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(len(scales), dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z[..., :3], 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ A.T + b, 0.3).to_event(1))
+    return model, guide, A, b
+
+
+def standardized(n=50):
+    x = torch.randn(n, 3, dtype=torch.float64)
+    return (x - x.mean(0)) / x.std(0)
+
+
+def test_active_units_of_a_linear_guide_in_closed_form():
+    scales = [0.5 ** 0.5, 0.0, 0.02 ** 0.5, 0.005 ** 0.5, 0.0, 0.15]  # variances .5, 0, .02, .005, 0, .0225
+    model, guide, A, b = linear_guide_program(scales)
+    x = standardized()
+    means = latents.posterior_means(model, guide, x, seed=0)
+    assert list(means) == ["z"] and means["z"].exact and means["z"].samples == 1
+    torch.testing.assert_close(means["z"].mean, x @ A.T + b, rtol=1e-12, atol=1e-12)
+    units = latents.active_units(means)["z"]
+    np.testing.assert_allclose(units["variance"], np.square(scales), rtol=1e-10, atol=1e-12)
+    assert (units["active"], units["dims"], units["mc_inflation"]) == (3, 6, 0.0)
+
+
+def test_active_units_of_a_lower_layer_by_monte_carlo():
+    """z1 ~ q(z1|x) = N(A x + b, 0.3), z2 ~ q(z2|z1) = N(W z1, 0.1) (sites by name, the second
+    below the first): E_q[z2|x] = W (A x + b), averaged over draws of z1 (Rao-Blackwellized:
+    mean of W z1), Monte Carlo error se² = 0.09 ‖W_u‖² / S per entry."""
+    _, _, A, b = linear_guide_program([1.0, 1.0, 1.0])  # z1 = x + b, Cov_x = I
+    W = torch.tensor([[0.8, 0.0, 0.0], [0.0, 0.0, 0.0], [0.05, 0.0, 0.0], [0.0, 0.6, 0.0]], dtype=torch.float64)
+    S = 1000
+
+    def model(x):  # only traced for its plates
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z", dist.Normal(torch.zeros(3, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("z2", dist.Normal(z1 @ W.T, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z1, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z", dist.Normal(x @ A.T + b, 0.3).to_event(1))
+            pyro.sample("z2", dist.Normal(z1 @ W.T, 0.1).to_event(1))
+
+    x = standardized()
+    means = latents.posterior_means(model, guide, x, num_samples=S, seed=1)
+    assert means["z"].exact and not means["z2"].exact and means["z2"].samples == S
+    se = 0.3 * W.norm(dim=1) / math.sqrt(S)  # (4,)
+    assert ((means["z2"].mean - (x @ A.T + b) @ W.T).abs() <= 5 * se + 1e-12).all()
+    units = latents.active_units(means)
+    exact_var = np.square(W.numpy()).sum(1)  # Cov_x(W (x + b)) = W Wᵀ diagonal: .64, 0, .0025, .36
+    # the Monte Carlo error of a variance: cross term 2 sd_x se / √N (random) plus se² (upward bias)
+    tol = 5 * 2 * np.sqrt(exact_var) * se.numpy() / math.sqrt(x.shape[0]) + 2 * se.numpy() ** 2
+    assert (np.abs(np.array(units["z2"]["variance"]) - exact_var) <= tol).all(), (units["z2"]["variance"], tol)
+    assert units["z2"]["active"] == 2 and units["z"]["active"] == 3
+    assert units["z2"]["mc_inflation"] == pytest.approx(0.09 * 0.64 / S, rel=0.2)
+    assert latents.describe(units).startswith("z 3 of 3, z2 2 of 4 (Monte Carlo mean over 1000 draws")
