@@ -282,15 +282,15 @@ class ConditionalVAE(VAE):
     y under the prior). Labels are the second positional argument of ``model`` and ``guide``,
     as in Pyro's CVAE tutorial: class indices ``(N,)`` or one-hot rows ``(N, C)``.
 
-    :param num_classes: C, the number of classes (>= 2). Other parameters as :class:`VAE`.
+    :param num_classes: C, the number of classes (>= 2), keyword only. Other parameters as :class:`VAE`.
     """
 
     conditional = True
 
-    def __init__(self, image_shape: Sequence[int], num_classes: int = 10, **kwargs):
+    def __init__(self, image_shape: Sequence[int], *args, num_classes: int = 10, **kwargs):
         if num_classes < 2:
             raise ValueError(f"a ConditionalVAE needs num_classes >= 2, got {num_classes}")
-        super().__init__(image_shape, num_classes=num_classes, **kwargs)
+        super().__init__(image_shape, *args, num_classes=num_classes, **kwargs)
 
     def model(self, x: torch.Tensor, y: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
         """p(z) p_θ(x | z, y) for a batch ``x (N, D)`` with labels ``y``."""
