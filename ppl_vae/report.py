@@ -1,7 +1,8 @@
 r"""The evaluation report: dataset means of per-datapoint estimates, the k̂ verdict on
 log p(x), bits per dimension where they mean something, active units, and the table.
 
-Input: the per-datapoint arrays of :func:`ppl_vae.evaluate.evaluate_blocks` over n datapoints.
+Input: the per-datapoint arrays of :func:`ppl_vae.evaluate.evaluate_blocks` over n datapoints
+(those of every block, gathered).
 Output: a JSON-ready dict in nats per datapoint (the sign of a log-density), with two kinds of
 standard error for each mean: ``*_stderr``, the Monte Carlo error on these datapoints,
 √(Σ_i se_i²)/n, and ``*_stderr_across_datapoints``, std_i/√n, the datapoints' own spread
@@ -40,7 +41,7 @@ def bits_per_dim(nats: float, dim: int) -> float:
 
 
 def summarize(res: dict, ks, num_samples: int, dim: int, discrete: bool, mean_samples: int = 0) -> dict:
-    """Dataset means of :func:`evaluate_blocks`' arrays with their Monte Carlo standard errors
+    """Dataset means of :func:`~ppl_vae.evaluate.evaluate_blocks`' arrays with their Monte Carlo standard errors
     (``*_stderr``: :meth:`~ppl_vae.estimators.Estimate.mean_stderr`) and, under
     ``*_stderr_across_datapoints``, the spread of the datapoints themselves
     (:meth:`~ppl_vae.estimators.Estimate.across_datapoints_stderr`); k̂ against
@@ -129,9 +130,8 @@ def format_table(s: dict, header: str | None = None) -> str:
         lines.append(f"Pareto k̂: not computed (needs K >= {psis.PSIS_MIN_SAMPLES}); median ESS {s['ess_median']:.1f} of K")
     else:
         mean = "n/a" if s["khat_mean"] is None else f"{s['khat_mean']:.3f}"
-        lines.append(f"Pareto k̂: mean {mean}; above {s['khat_threshold']:.2f} (the threshold for K = {s['num_samples']}) "
-                     f"on {100 * s['khat_frac_above_threshold']:.1f} %, above 0.5 on {100 * s['khat_frac_above_0_5']:.1f} %; "
-                     f"median PSIS ESS {s['ess_median']:.1f} of K")
+        lines.append(f"Pareto k̂: mean {mean}; above {s['khat_threshold']:.2f}, the threshold for K = {s['num_samples']}, "
+                     f"on {100 * s['khat_frac_above_threshold']:.1f} % of datapoints; median PSIS ESS {s['ess_median']:.1f} of K")
     if not bits:
         lines.append(f"bits/dim: {s['bits_per_dim_omitted']}")
     units = "n/a (needs 2 datapoints)" if s["active_units"] is None else latents.describe(s["active_units"])
@@ -142,10 +142,10 @@ def format_table(s: dict, header: str | None = None) -> str:
 
 
 class Report(dict):
-    """What :func:`evaluate` returns: the summary dict (the CLI's ``--json``; keys as
-    :func:`summarize`, plus ``ks``, ``seed``, ``batch_size``, ``chunk_size``, ``discrete``,
-    ``seconds``), with ``per_datapoint`` (the arrays of :func:`evaluate_blocks`), :meth:`table`
-    and :meth:`to_json`."""
+    """What :func:`ppl_vae.evaluate.evaluate` returns: the summary dict (the CLI's ``--json``; keys
+    as :func:`summarize`, plus ``ks``, ``seed``, ``batch_size``, ``chunk_size``, ``discrete``,
+    ``seconds``), with ``per_datapoint`` (the arrays of :func:`~ppl_vae.evaluate.evaluate_blocks`),
+    :meth:`table` and :meth:`to_json` (strict JSON: NaN and inf become ``null``)."""
 
     def __init__(self, summary: dict, per_datapoint: dict):
         super().__init__(summary)

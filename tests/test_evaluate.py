@@ -415,3 +415,11 @@ def test_active_units_of_a_lower_layer_by_monte_carlo():
     assert units["z2"]["active"] == 2 and units["z"]["active"] == 3
     assert units["z2"]["mc_inflation"] == pytest.approx(0.09 * 0.64 / S, rel=0.2)
     assert latents.describe(units).startswith("z 3 of 3, z2 2 of 4 (Monte Carlo mean over 1000 draws")
+
+
+def test_too_few_samples_for_khat_leave_the_verdict_unknown():
+    model, guide = linear_gaussian(0.8)
+    report = evaluate.evaluate(model, guide, torch.linspace(-1.0, 1.0, 6, dtype=torch.float64), num_samples=20)
+    assert report["log_px_reliable"] is None and report["khat_frac_above_threshold"] is None
+    assert json.loads(report.to_json())["khat_threshold"] is None  # NaN below K = 21
+    assert "log p(x) (IWAE K=20)" in report.table() and "reliability unknown: k̂ needs K >= 21" in report.table()
