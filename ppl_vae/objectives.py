@@ -2,7 +2,7 @@
 
 ``--elbo trace``     Pyro's ``Trace_ELBO``: −E_q[log p(x, z) − log q(z|x)], KL by Monte Carlo.
 ``--elbo meanfield`` Pyro's ``TraceMeanField_ELBO``: −E_q[log p(x|z)] + KL(q ‖ p) in closed form.
-``--elbo iwae``      −IWAE_K (Burda et al. 2016) from :func:`ppl_vae.estimators.iwae_loss`.
+``--elbo iwae``      −IWAE_K (Burda et al. 2016): :func:`iwae_loss`.
 
 Every loss carries the data plate's scaling (full size / batch size), so it is an unbiased
 estimate of the full-data negative bound; divide by the dataset size for nats per datapoint.
@@ -13,8 +13,18 @@ tensor. Stock ``differentiable_loss`` reads each particle's value back to the ho
 the training loop checks finiteness itself once per log interval instead. They assume a fully
 reparameterized guide (checked once, on the first call), where Pyro's surrogate loss equals
 the loss itself.
+
+Why not Pyro's ``RenyiELBO(alpha=0)`` for IWAE: it builds each particle's log weight from the
+*scaled* site log-probs, s · log w_k(x_i) with s = size / N the data plate's minibatch factor,
+and takes the log-sum-exp of those, −Σ_i [LSE_k(s · log w_ik) − log K]. The IWAE bound of the
+full dataset is s · Σ_i [LSE_k(log w_ik) − log K]: the scale belongs outside the log-sum-exp.
+The two agree only when the batch is the whole dataset (s = 1); under subsampling Renyi's
+value and gradient are those of a tempered bound (tests/test_objectives.py shows both). It
+also has no ``differentiable_loss`` (its ``loss_and_grads`` reads the loss to the host).
 """
 from __future__ import annotations
+
+import math
 
 import pyro.infer
 import torch
@@ -24,7 +34,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.distributions.util import scale_and_mask
 from torch.distributions import kl_divergence
 
-from .estimators import iwae_loss
+from .importance import log_importance_weights
 
 OBJECTIVES = ("trace", "meanfield", "iwae")
 
@@ -116,6 +126,28 @@ def make_objective(name: str, num_particles: int = 1):
                                          max_plate_nesting=1).differentiable_loss
     if name == "iwae":
         def loss_fn(model, guide, x, size=None, beta=1.0):
-            return iwae_loss(model, guide, x, num_particles, size=size, nesting=1)
+            return iwae_loss(model, guide, x, num_particles, size=size, beta=beta, nesting=1)
         return loss_fn
     raise ValueError(f"unknown --elbo {name!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+def iwae_loss(model, guide, x, num_particles: int, size: int | None = None, beta=1.0, nesting: int | None = None,
+              **kwargs) -> torch.Tensor:
+    """−(size / N) Σ_i IWAE_K(x_i), a scalar, with IWAE_K(x_i) = log (1/K) Σ_k w_k(x_i) for the
+    batch ``x (N, ...)`` out of ``size`` datapoints, differentiable through the reparameterized
+    guide (the gradient is Σ_k w̃_k ∇ log w_k with w̃ the normalized weights). ``size / N`` is the
+    data plate's minibatch scaling, applied outside the log-sum-exp because the log-weights are
+    unscaled; the loss estimates −Σ over the full dataset. ``kwargs`` go to model and guide.
+
+    ``beta`` must be 1: a β-weighted KL term has no place inside the log-sum-exp of IWAE, so any
+    other number raises. A tensor ``beta`` (the CUDA-graph step's device copy, which
+    :class:`~ppl_vae.config.FitConfig` pins to 1 for this objective) is not read: reading it
+    would synchronize with the device."""
+    if not torch.is_tensor(beta) and beta != 1:
+        raise ValueError(f"the IWAE objective has no beta (got beta={beta}): beta weights the KL term of "
+                         f"the ELBO, which IWAE's log-sum-exp does not have; use beta=1 or the trace objective")
+    n = x.shape[0]
+    lw = log_importance_weights(model, guide, x, num_particles, chunk_size=num_particles * n, nesting=nesting,
+                                size=size, **kwargs)  # (K, N)
+    bound = torch.logsumexp(lw, 0) - math.log(num_particles)  # (N,)
+    return -bound.sum() * ((size or n) / n)

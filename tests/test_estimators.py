@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ppl_vae import estimators as E
+from ppl_vae import importance as I
+from ppl_vae import psis as P
 from ppl_vae.model import VAE
-from ppl_vae.objectives import DeviceTrace_ELBO
 
 N, D, Z = 6, 5, 3
 
@@ -95,7 +96,7 @@ def test_exact_posterior_every_estimator_returns_log_px():
     lg, x = make_problem(prior="mvn")
     log_px = lg.log_px(x)
     m, q = lg.model, lg.exact_guide
-    lw = E.log_importance_weights(m, q, x, 50, seed=1)  # (50, N): log w = log p(x) for every z
+    lw = I.log_importance_weights(m, q, x, 50, seed=1)  # (50, N): log w = log p(x) for every z
     assert lw.shape == (50, N)
     torch.testing.assert_close(lw, log_px.expand(50, N), atol=1e-4, rtol=0)
     for k in (1, 10):
@@ -108,7 +109,9 @@ def test_exact_posterior_every_estimator_returns_log_px():
     est = E.elbo(m, q, x, num_samples=4000, analytic_kl=True, seed=2)
     assert (est.stderr > 1e-3).all() and ((est.value - log_px).abs() <= 4 * est.stderr).all()
     for k in (1, 2, 10, 1000):
-        est, curve = E.iwae(m, q, x, k, seed=3, ks=[1, k])
+        curve = E.iwae_curve(m, q, x, k, [1, k], seed=3)
+        est = E.iwae(m, q, x, k, seed=3)
+        assert torch.equal(est.value, curve[k].value)  # the same draws, the same pass
         torch.testing.assert_close(est.value, log_px, atol=1e-4, rtol=0)
         torch.testing.assert_close(curve[1].value, log_px, atol=1e-4, rtol=0)
         if k >= 2:
@@ -160,7 +163,8 @@ def test_iwae_increases_with_k_and_approaches_log_px():
     log_px = lg.log_px(x)
     guide = lg.meanfield_guide(shift=0.3, scale_factor=1.3)
     ks = [1, 4, 16, 64, 256, 4096]
-    est, curve = E.iwae(lg.model, guide, x, 4096 * 4, seed=11, ks=ks)
+    curve = E.iwae_curve(lg.model, guide, x, 4096 * 4, ks + [4096 * 4], seed=11)
+    est = curve[4096 * 4]
     means = [curve[k].mean() for k in ks]
     ses = [curve[k].mean_stderr() for k in ks]
     elbo_closed = (lg.expected_log_lik(x, *lg.meanfield_params(x, 0.3, 1.3))
@@ -181,15 +185,15 @@ def test_iwae_increases_with_k_and_approaches_log_px():
 def test_chunked_and_unchunked_iwae_agree():
     lg, x = make_problem()
     guide = lg.meanfield_guide(shift=0.5, scale_factor=0.8)
-    ref, ref_curve = E.iwae(lg.model, guide, x, 1234, seed=5, chunk_size=10 ** 9, ks=[1, 7, 100])
+    ref_curve = E.iwae_curve(lg.model, guide, x, 1234, [1, 7, 100, 1234], seed=5, chunk_size=10 ** 9)
+    ref = ref_curve[1234]
     for chunk in (1, N * 150, N * 333):
-        est, curve = E.iwae(lg.model, guide, x, 1234, seed=5, chunk_size=chunk, ks=[1, 7, 100])
-        torch.testing.assert_close(est.value, ref.value, atol=1e-5, rtol=0)
-        torch.testing.assert_close(est.stderr, ref.stderr, atol=1e-5, rtol=0)
+        curve = E.iwae_curve(lg.model, guide, x, 1234, [1, 7, 100, 1234], seed=5, chunk_size=chunk)
+        torch.testing.assert_close(curve[1234].stderr, ref.stderr, atol=1e-5, rtol=0)
         for k in curve:
             torch.testing.assert_close(curve[k].value, ref_curve[k].value, atol=1e-5, rtol=0)
     # and the streaming log-sum-exp equals the one-shot formula on the materialized weights
-    lw = E.log_importance_weights(lg.model, guide, x, 1234, seed=5, chunk_size=N * 100)
+    lw = I.log_importance_weights(lg.model, guide, x, 1234, seed=5, chunk_size=N * 100)
     torch.testing.assert_close(ref.value, torch.logsumexp(lw, 0) - math.log(1234), atol=1e-10, rtol=0)
 
 
@@ -222,24 +226,34 @@ def test_iwae_memory_is_bounded_for_k_10000():
     est = E.iwae(spied_model, lg.exact_guide, x, K, seed=0, chunk_size=N)
     passes = [s for s in batch_shapes if len(s) == 2]  # (particles, datapoints) of each model pass
     assert sum(k * m for k, m in passes) == K * N
-    assert max(k * m for k, m in passes) <= max(N, E.SAMPLE_UNIT)
-    assert max(k for k, _ in passes) == E.SAMPLE_UNIT == K // 100
+    assert max(k * m for k, m in passes) <= max(N, I.SAMPLE_UNIT)
+    assert max(k for k, _ in passes) == I.SAMPLE_UNIT == K // 100
     torch.testing.assert_close(est.value, lg.log_px(x), atol=1e-4, rtol=0)
     assert est.stderr.abs().max() < 1e-6
 
 
 def test_iwae_k1_equals_mc_elbo_with_one_sample():
+    """IWAE_1 = log w_1 is the one-draw MC ELBO: the same value and the same standard error,
+    which is NaN for both (one draw per datapoint has no sample variance). From K > 1 draws,
+    the IWAE_1 point of the curve is the K-draw ELBO, stderr std/√K included."""
     lg, x = make_problem()
     guide = lg.meanfield_guide(shift=0.5, scale_factor=0.8)
     for seed in (0, 1, 2):
         a = E.iwae(lg.model, guide, x, 1, seed=seed)
         b = E.elbo(lg.model, guide, x, 1, seed=seed)
         torch.testing.assert_close(a.value, b.value, atol=0, rtol=0)
+        assert a.stderr.isnan().all() and b.stderr.isnan().all()
+    curve = E.iwae_curve(lg.model, guide, x, 300, [1, 300], seed=3)
+    mc = E.elbo(lg.model, guide, x, 300, seed=3)
+    torch.testing.assert_close(curve[1].value, mc.value, atol=0, rtol=0)
+    torch.testing.assert_close(curve[1].stderr, mc.stderr, atol=0, rtol=0)
+    assert (mc.stderr > 0).all()
     torch.set_default_dtype(torch.float32)
     vae = VAE((1, 4, 4), z_dim=3, hidden=[8]).eval()
     xv = torch.bernoulli(torch.full((5, 16), 0.5))
-    torch.testing.assert_close(E.iwae(vae.model, vae.guide, xv, 1, seed=9).value,
-                               E.elbo(vae.model, vae.guide, xv, 1, seed=9).value, atol=0, rtol=0)
+    a, b = E.iwae(vae.model, vae.guide, xv, 1, seed=9), E.elbo(vae.model, vae.guide, xv, 1, seed=9)
+    torch.testing.assert_close(a.value, b.value, atol=0, rtol=0)
+    torch.testing.assert_close(a.stderr, b.stderr, atol=0, rtol=0, equal_nan=True)
 
 
 def test_seeded_estimators_leave_the_global_rng_alone_and_repeat():
@@ -259,19 +273,19 @@ def test_khat_small_for_good_guide_large_for_mismatched_one():
     lg, x = make_problem()
     good = lg.meanfield_guide(scale_factor=1.5)  # wider than the posterior: bounded weights
     bad = lg.meanfield_guide(shift=1.0, scale_factor=0.2)  # far too narrow and off-centre
-    k_good, ess_good = E.psis_diagnostics(lg.model, good, x, 2000, seed=0)
-    k_bad, ess_bad = E.psis_diagnostics(lg.model, bad, x, 2000, seed=0)
+    k_good, ess_good = P.psis_diagnostics(lg.model, good, x, 2000, seed=0)
+    k_bad, ess_bad = P.psis_diagnostics(lg.model, bad, x, 2000, seed=0)
     assert k_good.shape == (N,) and ess_good.shape == (N,)
     assert (k_good < 0.5).all(), k_good
     assert (k_bad > 0.7).all(), k_bad
     assert (ess_good > 5 * ess_bad).all()
     assert ((ess_good > 1) & (ess_good <= 2000)).all()
     # too few draws to fit a Pareto tail: k̂ is NaN (not a number that looks fine), ESS still in [1, K]
-    k_few, ess_few = E.psis_diagnostics(lg.model, good, x, E.PSIS_MIN_SAMPLES - 1, seed=0)
-    assert k_few.isnan().all() and ((ess_few >= 1) & (ess_few <= E.PSIS_MIN_SAMPLES - 1)).all()
+    k_few, ess_few = P.psis_diagnostics(lg.model, good, x, P.PSIS_MIN_SAMPLES - 1, seed=0)
+    assert k_few.isnan().all() and ((ess_few >= 1) & (ess_few <= P.PSIS_MIN_SAMPLES - 1)).all()
 
 
-def test_analytic_kl_without_closed_form_raises():
+def test_analytic_kl_without_closed_form_raises_and_mc_elbo_is_exact():
     lg, x = make_problem()  # Normal(...).to_event(1) prior
 
     def student_guide(x):
@@ -280,8 +294,21 @@ def test_analytic_kl_without_closed_form_raises():
 
     with pytest.raises(NotImplementedError, match=r"no closed-form KL is registered for site 'z'.*StudentT"):
         E.elbo(lg.model, student_guide, x, 2, analytic_kl=True)
-    # Monte Carlo is fine, and agrees with IWAE_1 under the same seed
-    assert torch.isfinite(E.elbo(lg.model, student_guide, x, 2, seed=0).value).all()
+    # The Monte Carlo ELBO is the mean of log p(x, z_k) − log q(z_k) over the seeded draws, recomputed
+    # here by hand: seed 0's first unit is drawn after torch.manual_seed(derive_seed(0, 0)), as the
+    # (K, N, Z) reparameterized sample of the guide's distribution.
+    K = 3
+    est = E.elbo(lg.model, student_guide, x, K, seed=0)
+    student = dist.StudentT(4.0, torch.zeros(N, Z), 1.0)
+    torch.manual_seed(I.derive_seed(0, 0))
+    z = student.expand((K, N, Z)).rsample()  # (K, N, Z)
+    log_w = (dist.Normal(0.0, 1.0).log_prob(z).sum(-1) - student.log_prob(z).sum(-1)
+             + dist.Normal(z @ lg.W.T + lg.b, lg.sigma).log_prob(x).sum(-1))  # (K, N)
+    torch.testing.assert_close(est.value, log_w.mean(0), atol=1e-10, rtol=0)
+    torch.testing.assert_close(est.stderr, log_w.std(0) / math.sqrt(K), atol=1e-10, rtol=0)
+    # and IWAE_1 from the same draws is that ELBO
+    torch.testing.assert_close(E.iwae_curve(lg.model, student_guide, x, K, [1], seed=0)[1].value, est.value,
+                               atol=0, rtol=0)
 
 
 def test_bad_k_and_ks_are_refused():
@@ -290,7 +317,9 @@ def test_bad_k_and_ks_are_refused():
         with pytest.raises(ValueError, match="K must be an integer >= 1"):
             E.iwae(lg.model, lg.meanfield_guide(), x, k)
     with pytest.raises(ValueError, match="k must be <= num_samples"):
-        E.iwae(lg.model, lg.meanfield_guide(), x, 10, ks=[1, 20])
+        E.iwae_curve(lg.model, lg.meanfield_guide(), x, 10, [1, 20])
+    with pytest.raises(ValueError, match="K must be an integer >= 1"):
+        E.estimate_all(lg.model, lg.meanfield_guide(), x, 10, ks=[0])
 
 
 def test_other_plate_dims_are_summed_per_datapoint():
@@ -311,35 +340,3 @@ def test_other_plate_dims_are_summed_per_datapoint():
 
     est = E.iwae(model, guide, x, 20, seed=0)
     torch.testing.assert_close(est.value, lg.log_px(x), atol=1e-4, rtol=0)
-
-
-# --------------------------------------------------------------------------- training objective
-
-def test_iwae_loss_scaling_and_k1_matches_trace_elbo():
-    lg, x = make_problem(prior="mvn")
-    size = 60  # the batch is a subsample of 60 datapoints: the loss is scaled by 60 / N
-
-    def model(x, size=None):
-        lg.model(x)
-
-    # exact posterior: −IWAE_K = −log p(x) exactly, summed and scaled
-    exact = lambda x, size=None: lg.exact_guide(x)  # noqa: E731
-    loss = E.iwae_loss(model, exact, x, 8, size=size)
-    torch.testing.assert_close(loss, -lg.log_px(x).sum() * size / N, atol=1e-8, rtol=0)
-    # K = 1 under the same seed is Trace_ELBO's loss (plate scaling included)
-    guide = lg.meanfield_guide(shift=0.2)
-
-    def scaled_model(x, size=None):
-        with pyro.poutine.scale(scale=(size or x.shape[0]) / x.shape[0]):
-            lg.model(x)
-
-    def scaled_guide(x, size=None):
-        with pyro.poutine.scale(scale=(size or x.shape[0]) / x.shape[0]):
-            guide(x)
-
-    pyro.set_rng_seed(3)
-    a = E.iwae_loss(scaled_model, scaled_guide, x, 1, size=size)
-    pyro.set_rng_seed(3)
-    b = DeviceTrace_ELBO(num_particles=1, max_plate_nesting=1).differentiable_loss(scaled_model, scaled_guide, x,
-                                                                                  size=size)
-    torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-10)
