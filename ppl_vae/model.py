@@ -22,17 +22,16 @@ Pyro model/guide pair that follows them can be evaluated the same way):
   shape ``(N,)``, or ``(K, N)`` under an outer particle plate;
 * minibatch scaling: ``size`` is the full dataset size and the batch is a subsample of it,
   so the plate scales every log-density by ``size / N``. The SVI loss is then an unbiased
-  estimate of the full-data negative ELBO −Σ_i ELBO_i. Hand-written VAEs carry this
-  bookkeeping by hand, often as a ``kld_weight = M / N_total``; that weight is right only on a
-  term outside the data plate (a global KL), and on the per-datapoint KL it is a β-VAE with
-  β = M/N (docs/math.md). Here both terms sit in the plate and keep their 1 : 1 ratio. We
-  report numbers per datapoint, in nats (loss / size).
+  estimate of the full-data negative ELBO −Σ_i ELBO_i, both terms in the plate at their 1 : 1
+  ratio (a hand-written ``kld_weight = M / N_total`` on the per-datapoint KL is a β-VAE with
+  β = M/N: docs/math.md). We report numbers per datapoint, in nats (loss / size).
 * β-VAE: ``beta`` scales every latent site of model and guide (``poutine.scale``), so the
   objective is E_q[log p(x|z)] − β·KL(q(z|x) ‖ p(z)) for ``Trace_ELBO`` (KL by Monte Carlo) and
   ``TraceMeanField_ELBO`` (KL in closed form) alike.
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -85,6 +84,7 @@ class VAE(nn.Module):
         p(z1|z2) mirrors it.
     :param pseudo_inputs: K of the VampPrior. :param mixture_components: M of the MoG prior.
     :param flow_steps: IAF transforms per latent layer.
+    :param num_classes: set by :class:`ConditionalVAE` (0: unconditional).
     """
 
     conditional = False
@@ -106,9 +106,7 @@ class VAE(nn.Module):
         if bool(num_classes) != self.conditional:
             raise ValueError("class labels need ConditionalVAE(num_classes=C), and ConditionalVAE needs C >= 2")
         self.image_shape = tuple(int(s) for s in image_shape)
-        self.x_dim = 1
-        for s in self.image_shape:
-            self.x_dim *= s
+        self.x_dim = math.prod(self.image_shape)
         self.z_dim = int(z_dim or DEFAULT_DIMS[latent_layers][0])
         hidden = DEFAULT_DIMS[latent_layers][1] if hidden is None else hidden
         self.num_classes = int(num_classes)
@@ -164,6 +162,23 @@ class VAE(nn.Module):
             module = getattr(self, name)
             if isinstance(module, nn.Module):  # not the N(0, I) prior (a method) nor an absent layer (None)
                 pyro.module(name, module)
+
+    def _labels(self, y, n: int, dtype) -> torch.Tensor | None:
+        """One-hot labels ``(n, C)`` from class indices ``(n,)`` or one-hot rows; None when unconditional."""
+        if y is None and not self.conditional:
+            return None
+        if not self.conditional:
+            raise ValueError("labels were given to an unconditional VAE; build a ConditionalVAE to use them")
+        if y is None:
+            raise ValueError(f"this conditional VAE needs class labels y: (N,) indices in 0..{self.num_classes - 1} "
+                             f"or one-hot rows (N, {self.num_classes})")
+        if not y.dtype.is_floating_point:  # F.one_hot checks the range (on the host, without a GPU sync)
+            if y.shape != (n,):
+                raise ValueError(f"labels must be {n} class indices, got shape {tuple(y.shape)}")
+            return F.one_hot(y, self.num_classes).to(dtype)
+        if y.shape != (n, self.num_classes):
+            raise ValueError(f"one-hot labels must have shape ({n}, {self.num_classes}), got {tuple(y.shape)}")
+        return y
 
     # ---- the program ----
 
@@ -221,23 +236,6 @@ class VAE(nn.Module):
 
     # ---- plain tensor helpers (no Pyro machinery) for plots and examples ----
 
-    def _labels(self, y, n: int, dtype) -> torch.Tensor | None:
-        """One-hot labels ``(n, C)`` from class indices ``(n,)`` or one-hot rows; None when unconditional."""
-        if y is None and not self.conditional:
-            return None
-        if not self.conditional:
-            raise ValueError("labels were given to an unconditional VAE; build a ConditionalVAE to use them")
-        if y is None:
-            raise ValueError(f"this conditional VAE needs class labels y: (N,) indices in 0..{self.num_classes - 1} "
-                             f"or one-hot rows (N, {self.num_classes})")
-        if not y.dtype.is_floating_point:  # F.one_hot checks the range (on the host, without a GPU sync)
-            if y.shape != (n,):
-                raise ValueError(f"labels must be {n} class indices, got shape {tuple(y.shape)}")
-            return F.one_hot(y, self.num_classes).to(dtype)
-        if y.shape != (n, self.num_classes):
-            raise ValueError(f"one-hot labels must have shape ({n}, {self.num_classes}), got {tuple(y.shape)}")
-        return y
-
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z_loc, z_scale)`` of the Gaussian part of q(z|x) (two layers: of q(z1|x)), each
         ``(N, z_dim)``: marginal means and standard deviations."""
@@ -255,6 +253,7 @@ class VAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the parameters are."""
         return next(self.parameters()).device
 
     def sample(self, n: int, generator: torch.Generator | None = None, label: int | None = None) -> torch.Tensor:
