@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributions.transforms import AffineTransform
 
-from ppl_vae import estimators, evaluate, importance, latents
+from ppl_vae import distributed, estimators, evaluate, importance, latents
 from ppl_vae import report as report_module
 from ppl_vae.model import VAE
 
@@ -161,6 +161,26 @@ def test_blocks_give_the_same_numbers_however_they_are_split(small_vae):
                                   seed=importance.derive_seed(3, 1))
     np.testing.assert_allclose(whole["log_px"][10:20], ref["iwae"].value.numpy(), rtol=1e-6)
     assert evaluate.evaluate_blocks(vae.model, vae.guide, x, [], **kw)["log_px"].shape == (0,)
+
+
+def test_ranks_gathered_give_the_single_process_report(small_vae, monkeypatch):
+    """evaluate(ctx=rank r of 2) computes blocks r, r+2, ... and gathers: the report of one
+    process, array for array (the process group replaced by the two ranks' results; with four
+    ranks one of them has no block and no latent site to gather)."""
+    vae, x = small_vae
+    kw = dict(num_samples=60, ks=[1, 10], seed=2, batch_size=10)
+    single = evaluate.evaluate(vae.model, vae.guide, x, **kw)
+    for world in (2, 4):
+        ranks = [distributed.Context(rank=r, world_size=world) for r in range(world)]
+        shares = [evaluate.evaluate_blocks(vae.model, vae.guide, x, distributed.strided(range(3), c), block_size=10,
+                                           num_samples=60, ks=[1, 10, 60], seed=2) for c in ranks]
+        assert (world == 4) is not any(k.startswith("posterior_mean:") for k in shares[-1])  # 4: rank 3 has no block
+        monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, ctx: shares)
+        gathered = evaluate.evaluate(vae.model, vae.guide, x, ctx=ranks[1], **kw)
+        assert gathered.per_datapoint.keys() == single.per_datapoint.keys()
+        for key, v in single.per_datapoint.items():
+            np.testing.assert_array_equal(gathered.per_datapoint[key], v, err_msg=key)
+        assert {**gathered, "seconds": 0} == {**single, "seconds": 0}
 
 
 def test_cuda_out_of_memory_halves_the_chunk_and_retries(small_vae):
