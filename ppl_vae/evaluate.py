@@ -223,7 +223,7 @@ def observed_is_discrete(model, guide, x, **kwargs) -> bool:
     """True when every observed site of ``model(x)`` has a discrete support (``support.is_discrete``)
     and its data lie in it, so p(x) is a probability (bits/dim meaningful); False for densities of
     continuous data, and for a Bernoulli fed grey levels (``validate_args=False``)."""
-    with importance._rng_fork(), poutine.block():
+    with importance.rng_fork(), poutine.block():
         guide_tr = poutine.trace(guide).get_trace(x, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **kwargs)
     observed = [s for s in model_tr.nodes.values() if s["type"] == "sample" and s["is_observed"]]

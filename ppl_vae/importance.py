@@ -75,7 +75,7 @@ def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None,
     for units in _plan(num_samples, n, chunk_size, seed):
         k = sum(size for size, _ in units)
         rows = max(1, chunk_size // k)  # datapoints per model pass: k × rows ≈ chunk_size
-        with _rng_fork() if seed is not None else nullcontext():  # restored before each yield
+        with rng_fork() if seed is not None else nullcontext():  # restored before each yield
             values, drawn = _draw(guide, x, units, nesting, kwargs)  # (k, N, ...): the guide runs once per unit
             whole = drawn if rows >= n else None  # one slice, the whole batch: its guide trace is drawn's
             parts = [_pass_terms(*_replay(model, guide, _rows(values, i, min(i + rows, n)), x[i:i + rows], k,
@@ -91,7 +91,7 @@ def max_plate_nesting(model, guide, x, **kwargs) -> int:
     """How many plate dims the model and guide use (traced once on a single datapoint, without
     touching the caller's RNG)."""
     x1 = x[:1]
-    with _rng_fork(), poutine.block():
+    with rng_fork(), poutine.block():
         guide_tr = poutine.trace(guide).get_trace(x1, **kwargs)
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x1, **kwargs)
     dims = [-f.dim for tr in (guide_tr, model_tr) for s in tr.nodes.values() if s["type"] == "sample"
@@ -118,7 +118,22 @@ def check_num_samples(k) -> None:
         raise ValueError(f"the number of samples K must be an integer >= 1, got {k!r}")
 
 
-# --------------------------------------------------------------------------- the pass plan and the RNG
+@contextmanager
+def rng_fork():
+    """Restore the torch RNG (CPU and the current CUDA device) on exit."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def guide_trace(guide, x, k: int, nesting: int, kwargs: dict) -> poutine.Trace:
+    """The trace of ``guide(x, **kwargs)`` under an outer plate of ``k`` particles at dim
+    ``−nesting − 1`` (each latent site ``(k, ..., N, ...)``), blocked from enclosing handlers."""
+    with poutine.block(), pyro.plate("_particles", k, dim=-nesting - 1):
+        return poutine.trace(guide).get_trace(x, **kwargs)
+
+
+# --------------------------------------------------------------------------- the pass plan
 
 def _plan(num_samples: int, n: int, chunk_size: int, seed: int | None):
     """Passes, each a list of units (size, seed). Unseeded: one unit per pass of about
@@ -136,20 +151,7 @@ def _plan(num_samples: int, n: int, chunk_size: int, seed: int | None):
         yield units[i:i + step]
 
 
-@contextmanager
-def _rng_fork():
-    """Restore the torch RNG (CPU and the current CUDA device) on exit."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 # --------------------------------------------------------------------------- drawing and replaying
-
-def _guide_trace(guide, x, k, nesting, kwargs):
-    with poutine.block(), pyro.plate("_particles", k, dim=-nesting - 1):
-        return poutine.trace(guide).get_trace(x, **kwargs)
-
 
 def _draw(guide, x, units, nesting, kwargs) -> tuple[poutine.Trace, poutine.Trace | None]:
     """The latent values of one pass over ``units`` = [(size, seed or None)], each unit drawn by
@@ -160,7 +162,7 @@ def _draw(guide, x, units, nesting, kwargs) -> tuple[poutine.Trace, poutine.Trac
     for size, seed in units:
         if seed is not None:
             torch.manual_seed(seed)
-        traces.append(_guide_trace(guide, x, size, nesting, kwargs))
+        traces.append(guide_trace(guide, x, size, nesting, kwargs))
     return _cat_units(traces, nesting), (traces[0] if len(traces) == 1 else None)
 
 
@@ -192,7 +194,7 @@ def _replay(model, guide, values, x, k, nesting, kwargs, guide_tr=None):
     """Guide and model traces with the latents ``values`` (k particles) replayed on ``x``
     (``guide_tr``: the guide's trace of exactly these, when there is one already)."""
     if guide_tr is None:
-        guide_tr = _guide_trace(poutine.replay(guide, trace=values), x, k, nesting, kwargs)
+        guide_tr = guide_trace(poutine.replay(guide, trace=values), x, k, nesting, kwargs)
     with poutine.block(), pyro.plate("_particles", k, dim=-nesting - 1):
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **kwargs)
     return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)

@@ -89,10 +89,10 @@ def posterior_means(model, guide, x, num_samples: int = MEAN_SAMPLES, seed: int 
     sums, squares, exact, drawn, unit = {}, {}, {}, 0, 0
     while drawn < num_samples:
         k = min(importance.SAMPLE_UNIT, max(2, num_samples - drawn))
-        with importance._rng_fork():
+        with importance.rng_fork():
             if seed is not None:
                 torch.manual_seed(importance.derive_seed(seed, _STREAM, unit))
-            trace = importance._guide_trace(guide, x, k, nesting, kwargs)  # sites (k, ..., N, ...)
+            trace = importance.guide_trace(guide, x, k, nesting, kwargs)  # sites (k, ..., N, ...)
         for name, site in _latent_sites(trace):
             m = _site_mean(site, nesting).double()  # (k, N, d)
             if not drawn:
@@ -127,6 +127,20 @@ def active_units(means: dict[str, PosteriorMean], threshold: float = ACTIVE_THRE
                      "mc_inflation": float(pm.mc_var.mean(0).max()) if pm.mc_var.numel() else 0.0,
                      "mc_samples": pm.samples}
     return out
+
+
+def active_units_of(model, guide, x, num_samples: int = MEAN_SAMPLES, seed: int = 0, block_size: int = 100,
+                    **kwargs) -> dict[str, dict]:
+    """:func:`active_units` of ``guide`` over ``x (N, ...)``, E_q[z|x] computed in blocks of
+    ``block_size`` rows, block b with ``seed = derive_seed(seed, b)``: the numbers
+    ``python -m ppl_vae.evaluate`` reports for the same ``--seed`` and ``--batch-size`` (e.g. for
+    a run's ``summary.json``)."""
+    blocks = [posterior_means(model, guide, x[i:i + block_size], num_samples, importance.derive_seed(seed, b), **kwargs)
+              for b, i in enumerate(range(0, x.shape[0], block_size))]
+    means = {name: PosteriorMean(torch.cat([m[name].mean for m in blocks]), torch.cat([m[name].mc_var for m in blocks]),
+                                 all(m[name].exact for m in blocks), max(m[name].samples for m in blocks))
+             for name in blocks[0]}  # (N, d) per site
+    return active_units(means)
 
 
 def describe(units: dict[str, dict]) -> str:
