@@ -282,6 +282,7 @@ def test_evaluate_a_pyro_tutorial_vae_equals_the_estimators_on_the_same_blocks()
     units = report["active_units"]["latent"]
     assert units["active"] == int((var > 1e-2).sum()) and units["dims"] == 4 and units["mc_samples"] == 1
     np.testing.assert_allclose(units["variance"], var.numpy(), rtol=1e-5)
+    assert latents.active_units_of(vae.model, vae.guide, x, seed=7, block_size=8) == report["active_units"]
     table = report.table().splitlines()
     assert table[0] == "n = 20, K = 50, D = 784; nats per datapoint"
     assert table[1].split() == ["nats", "±", "MC", "SE", "bits/dim"]
