@@ -218,10 +218,11 @@ class VAE(nn.Module):
         if self.register_params:
             self._register(self._guide_parts)
         n = x.shape[0]
-        q = self.posterior(*self.encoder(x if y is None else _join(x, y)))  # batch (N,), event (z_dim,)
+        params = self.encoder(x if y is None else _join(x, y))  # (z_loc, z_logvar[, extra]), each (N, ·)
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
             with _kl_weight(beta):
-                z = pyro.sample(self.bottom_site, q)  # (N, z_dim); (K, N, z_dim) under a particle plate
+                # batch (N,), event (z_dim,); the draw is (N, z_dim), or (K, N, z_dim) under a particle plate
+                z = pyro.sample(self.bottom_site, self.posterior(*params))
                 if self.encoder2 is not None:
                     pyro.sample("z2", self.posterior2(*self.encoder2(z)))  # (..., N, z2_dim)
                 return z

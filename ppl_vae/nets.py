@@ -56,7 +56,7 @@ class Encoder(nn.Module):
         self.body = body
         self.z_dim = z_dim
         self.extra = extra
-        self.split_sizes = [z_dim, z_dim] + ([extra] if extra else [])
+        self.split_sizes = [z_dim, z_dim, extra] if extra else z_dim  # (an int: the plain split op)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.body(x)  # (..., 2·z_dim + extra)
