@@ -26,10 +26,17 @@ from __future__ import annotations
 import sys
 
 import _common
+import torch
 
 from ppl_vae import estimators, plots
 
 KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two ``(N,)`` tensors (no ties expected: continuous values)."""
+    rank = lambda v: v.double().argsort().argsort().double()  # noqa: E731  (N,) ranks 0..N−1
+    return torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1].item()
 
 
 def summarize(est: dict) -> dict:
@@ -42,7 +49,10 @@ def summarize(est: dict) -> dict:
     return {"elbo_analytic": ms(est["elbo_analytic"]), "elbo_mc": ms(est["elbo_mc"]), "k_max": k_max,
             "iwae_by_k": {k: ms(e) for k, e in est["iwae_by_k"].items()},
             "gap_iwae_minus_elbo": {"mean": gap.mean().item(), "median": gap.median().item()},
-            "khat_median": khat.median().item(), "share_khat_above_0.7": (khat > 0.7).double().mean().item()}
+            "khat_median": khat.median().item(), "share_khat_above_0.7": (khat > 0.7).double().mean().item(),
+            # Heavier-tailed weights (higher k̂) go with a guide further from p(z|x) (larger gap):
+            # across images, the two rank together.
+            "khat_gap_rank_correlation": rank_correlation(khat, gap)}
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,9 @@ means μ_φ(x) fill the N(0, I) disc, clustered by digit although no label was u
     python examples/latent_2d.py --quick           # seconds
 
 Writes to ``--out``: ``manifold.png``, ``latent_scatter.png``, ``results.json`` (held-out
-ELBO and IWAE bound, share of codes inside the prior's 2σ disc) and the run in ``run/``.
+ELBO and IWAE bound; how the codes fill the prior: their share inside its 2σ disc and the
+aggregate posterior's second moment; how they cluster by digit: the accuracy of a
+nearest-neighbour vote among the codes) and the run in ``run/``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ import torch
 
 from ppl_vae import plots
 from ppl_vae.cli import int_list
+
+
+def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = 10) -> float:
+    """Leave-one-out accuracy of a ``k``-nearest-neighbour majority vote among codes ``z (N, d)``
+    for ``labels (N,)``: how well the code alone separates the classes (chance: 1/classes)."""
+    dist = torch.cdist(z, z)  # (N, N)
+    dist.fill_diagonal_(float("inf"))  # a code is not its own neighbour
+    votes = labels[dist.topk(k, largest=False).indices]  # (N, k)
+    return (votes.mode(-1).values == labels).float().mean().item()
 
 
 def main(argv=None) -> int:
@@ -36,7 +47,7 @@ def main(argv=None) -> int:
                                   final_iwae_k=0)
 
     with torch.no_grad():
-        z_test, _ = vae.encode(data.test)  # (N, 2)
+        z_test, z_scale = vae.encode(data.test)  # (N, 2) each
         labels = data.labels.get("test")
         plots.manifold_grid(vae.decode, data.image_shape, n=12 if args.quick else 20,
                             title=f"Decoded 2-D latent manifold ({data.name})", path=out / "manifold.png")
@@ -50,11 +61,19 @@ def main(argv=None) -> int:
             # Under N(0, I) in 2-D, P(‖z‖ ≤ 2) = 1 − e^{−2} ≈ 0.865 (‖z‖² ~ χ²₂).
             "share_of_codes_within_2_sigma": (radius <= 2).float().mean().item(),
             "prior_share_within_2_sigma": 1 - torch.exp(torch.tensor(-2.0)).item(),
+            # The aggregate posterior q(z) = E_x q(z|x) has second moment E_x[μμᵀ + diag σ²]; when it
+            # matches the prior N(0, I), its trace per dimension is 1.
+            "aggregate_posterior_second_moment_per_dim": (z_test.pow(2) + z_scale.pow(2)).mean().item(),
+            # "clustered by digit although no label was used"
+            "digit_accuracy_10nn_on_codes": None if labels is None else knn_accuracy(z_test, labels),
         }
     t = results["test"]
     print(f"test ELBO {t['elbo']:.2f} ± {t['elbo_se']:.2f}, IWAE_{t['k']} {t['iwae']:.2f} ± {t['iwae_se']:.2f} "
           f"nats per image; {100 * results['share_of_codes_within_2_sigma']:.1f}% of test codes within the "
-          f"prior's 2σ disc (N(0, I): 86.5%)")
+          f"prior's 2σ disc (N(0, I): 86.5%); aggregate posterior second moment per dimension "
+          f"{results['aggregate_posterior_second_moment_per_dim']:.2f} (N(0, I): 1)"
+          + ("" if labels is None else f"; a 10-NN vote among the codes names the digit of "
+             f"{100 * results['digit_accuracy_10nn_on_codes']:.0f}% of test images"))
     _common.save_json(results, out / "results.json")
     return 0
 

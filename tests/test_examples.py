@@ -8,6 +8,7 @@ models are small, and two threads fighting other work on a 2-core machine are sl
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 D = 784
+
+# Tests over ~20 s on the shared 2-core machine are marked slow (deselect with -m "not slow"): on
+# a loaded day circles took 140–300 s, likelihoods, ae_vs_vae and estimators 45–85 s, latent_2d
+# 18–28 s; the generate pair (one fit of 3 epochs, shared) stays in the quick suite.
 
 
 def run_example(name: str, out: Path, data_dir: Path | None, *args) -> dict:
@@ -37,6 +42,7 @@ def assert_figure(path: Path, min_side: int = 150) -> None:
     assert img[..., :3].std() > 0.02, f"{path} is (nearly) blank"
 
 
+@pytest.mark.slow
 def test_latent_2d(tmp_path, data_dir):
     res = run_example("latent_2d", tmp_path, data_dir)
     assert_figure(tmp_path / "manifold.png")
@@ -46,8 +52,16 @@ def test_latent_2d(tmp_path, data_dir):
     # plausible range for a 2-D latent after a few epochs (nats per image).
     assert t["iwae"] > t["elbo"] - 0.5
     assert -250 < t["elbo"] < -100
-    assert 0.0 < res["share_of_codes_within_2_sigma"] <= 1.0
-    assert res["prior_share_within_2_sigma"] == pytest.approx(1 - math.exp(-2))
+    # The KL term pulls the aggregate posterior towards N(0, I): its second moment per dimension,
+    # E_x[μ² + σ²], stays near the prior's 1 (quick run: 1.6; the autoencoder of ae_vs_vae, with no
+    # such pull, spreads its codes to norms ≈ 15 in 16-D, ≈ 14 per dimension), and most codes lie
+    # inside the prior's 2σ disc (quick run: 72 %; the prior's own share is 1 − e⁻² = 86 %).
+    assert 0.5 < res["aggregate_posterior_second_moment_per_dim"] < 2.5
+    assert res["share_of_codes_within_2_sigma"] > 0.5
+    # ...without collapsing onto it (a collapsed q(z|x) = p(z) also has second moment 1): the codes
+    # cluster by digit although no label was used, a 10-NN vote among them names the digit far
+    # above chance (10 %; quick run: 44 %)
+    assert res["digit_accuracy_10nn_on_codes"] > 0.3
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +90,7 @@ def test_generate_from_an_existing_run(generated, tmp_path, data_dir):
     assert res["mean_pixel_samples"] == pytest.approx(first["mean_pixel_samples"], rel=1e-5)  # same model, seed
 
 
+@pytest.mark.slow
 def test_circles(tmp_path):
     res = run_example("circles", tmp_path, None)
     kinds = ("r2_linear", "r2_one_latent", "r2_knn", "r2_linear_with_norm")
@@ -84,14 +99,17 @@ def test_circles(tmp_path):
         r = res["by_beta"][beta]
         for kind in kinds:
             assert set(r[kind]) == {"x", "y", "radius"}
-            assert all(-1.0 <= v <= 1.0 for v in r[kind].values())
         for f in ("x", "y", "radius"):
-            assert r["r2_one_latent"][f] >= 0  # a squared correlation
             # one coordinate cannot explain more than all three together (up to the train/test
             # difference of the fit), nor can a linear fit lose from adding the feature ‖μ‖
             assert r["r2_one_latent"][f] <= r["r2_linear"][f] + 0.05
             assert r["r2_linear_with_norm"][f] >= r["r2_linear"][f] - 0.02
-        assert all(kl >= 0 for kl in r["kl_per_latent_dim"])
+    b1, b4 = res["by_beta"]["1"], res["by_beta"]["4"]
+    # β = 4 pays four times for KL(q(z|x) ‖ p(z)), so it keeps less of it (quick run: about 3.5 nats
+    # against 6.7), and β = 1, which maximizes the ELBO itself, has the better held-out ELBO
+    # (quick run: by ~20 nats, ten times the standard error of either).
+    assert sum(b4["kl_per_latent_dim"]) < 0.8 * sum(b1["kl_per_latent_dim"])
+    assert b1["test"]["elbo"] > b4["test"]["elbo"] + 2 * (b1["test"]["elbo_se"] + b4["test"]["elbo_se"])
     # even a short run holds every factor in its code: a nearest-neighbour read-out recovers it
     assert min(res["by_beta"]["1"]["r2_knn"].values()) > 0.8
     # and with the broadcast decoder even 4 epochs on 5k images give a code close to linear in all three
@@ -100,6 +118,7 @@ def test_circles(tmp_path):
     assert_figure(tmp_path / "latent_radius_beta1.png")
 
 
+@pytest.mark.slow
 def test_ae_vs_vae(tmp_path, data_dir):
     res = run_example("ae_vs_vae", tmp_path, data_dir)
     for f in ("prior_samples.png", "interpolations.png", "recognisable.png"):
@@ -109,7 +128,10 @@ def test_ae_vs_vae(tmp_path, data_dir):
     # nats after the quick run); its own guide does about as well as the grid's best Gaussian.
     assert vae["test_log_px_grid_proposal"] > ae["test_log_px_grid_proposal"] + 5
     assert vae["test_log_px_own_guide"] > vae["test_log_px_grid_proposal"] - 2
-    assert ae["test_log_px_own_guide"] is None and len(ae["proposal_shrink_and_scale"]) == 2
+    assert ae["test_log_px_own_guide"] is None  # a point-mass guide is no proposal
+    # the AE's codes sit far outside the prior's mass, where p(z|x) is pulled towards the origin:
+    # its best proposal centre is shrunk (c < 1; the quick run picks 0.5)
+    assert ae["proposal_shrink_and_scale"][0] < 1
     # the model's mean image: the AE's prior samples miss the data's mean image by more
     assert ae["mean_image_rms_error"] > vae["mean_image_rms_error"]
     # nothing pulls the AE's codes towards N(0, I): they spread much wider than the VAE's (quick run:
@@ -120,11 +142,14 @@ def test_ae_vs_vae(tmp_path, data_dir):
     # a digit classifier: real images are recognisable (score up to 10), and the scores are sane
     real = res["classifier_on_test_images"]
     assert real["accuracy"] > 0.8 and real["score"] > 5
+    # and it tells real digits from decoded prior draws of either quick model (quick run: score
+    # ≈ 1.5–1.7 and confidence ≈ 0.45 for the draws, 5.6 and 0.82 for real images)
     for m in (ae, vae):
         c = m["classifier_on_prior_samples"]
-        assert 0.1 <= c["mean_confidence"] <= 1 and 1 <= c["score"] <= 10 + 1e-6
+        assert c["score"] < real["score"] - 2 and c["mean_confidence"] < real["mean_confidence"] - 0.2
 
 
+@pytest.mark.slow
 def test_likelihoods(tmp_path, data_dir):
     res = run_example("likelihoods", tmp_path, data_dir)
     assert_figure(tmp_path / "likelihoods.png")
@@ -142,12 +167,16 @@ def test_likelihoods(tmp_path, data_dir):
     # ∫₀¹ λˣ(1 − λ)¹⁻ˣ dx = 1/C(λ) ≤ ½ per pixel (= ½ only at λ = ½): on greyscale x the Bernoulli
     # formula misses at least D·log 2 nats of normalization per image.
     assert m["bernoulli"]["bernoulli_log_mass_on_greyscale"] <= -D * math.log(2) + 1e-3
+    # Without the floor σ collapses on the always-0 background: either it goes below the floor the
+    # other model cannot cross (the quick run: σ_min ≈ 0.002), or the loss overflows.
     nofloor = res["gaussian_learned_without_floor"]
-    assert isinstance(nofloor["finished"], bool)
     if nofloor["finished"]:
-        assert nofloor["sigma_min"] < 0.01  # below the floor the other model could not cross
+        assert nofloor["sigma_min"] < 0.01
+    else:
+        assert re.search(r"became -?(nan|inf)", nofloor["error"]), nofloor["error"]
 
 
+@pytest.mark.slow
 def test_estimators(tmp_path, data_dir):
     res = run_example("estimators", tmp_path, data_dir)
     assert_figure(tmp_path / "convergence.png")
@@ -164,4 +193,7 @@ def test_estimators(tmp_path, data_dir):
         for a, b in zip(ks, ks[1:]):
             assert by_k[b]["value"] > by_k[a]["value"] - 3 * (by_k[a]["mc_se"] + by_k[b]["mc_se"]) - 1e-6, label
         assert r["gap_iwae_minus_elbo"]["mean"] > 0
-        assert 0.0 <= r["share_khat_above_0.7"] <= 1.0
+        # k̂ says which images' IWAE estimate to distrust: the images whose weights are heavier-
+        # tailed are those whose guide is further from p(z|x), i.e. with the larger gap (quick run:
+        # Spearman 0.79 and 0.83 over the 100 images)
+        assert r["khat_gap_rank_correlation"] > 0.5, label
