@@ -422,3 +422,16 @@ def test_conditional_program_takes_indices_or_one_hot_labels_and_refuses_misuse(
         vae.model(x, torch.zeros(6, C + 1))
     with pytest.raises(ValueError, match="conditional VAE"):
         _vae().sample(2, label=1)
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", SHAPE), ("conv", (1, 8, 8)), ("broadcast", (1, 5, 6))])
+def test_every_architecture_reads_the_label_in_encoder_and_decoder(arch, shape):
+    """q(z | x, y) and p(x | z, y): with x and z fixed, another label moves μ_φ and E[x | z, y]."""
+    vae = ConditionalVAE(shape, num_classes=C, z_dim=Z, hidden=[16], arch=arch)
+    n, d = 4, math.prod(shape)
+    x, z = torch.bernoulli(torch.rand(n, d)), torch.randn(n, Z)
+    y0, y1 = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)
+    assert (vae.encode(x, y0)[0] - vae.encode(x, y1)[0]).abs().max() > 1e-5
+    assert (vae.decode(z, y0) - vae.decode(z, y1)).abs().max() > 1e-5
+    model_tr, guide_tr = _traces(vae, x, y0)
+    assert model_tr.nodes["x"]["log_prob"].shape == (n,) and guide_tr.nodes["z"]["value"].shape == (n, Z)
