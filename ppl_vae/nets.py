@@ -32,16 +32,34 @@ from torch import nn
 from .errors import UserError
 
 ARCHS = ("mlp", "conv", "broadcast")
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus}
+
+
+class GatedLinear(nn.Module):
+    """A gated hidden layer, h = (W x + b) ⊙ σ(V x + c) (Dauphin et al. 2017): the ``GatedDense``
+    layer of the VampPrior paper's MLPs (Tomczak & Welling 2018). One matmul gives both halves."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, 2 * out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.linear(x).chunk(2, dim=-1)  # (..., out) each
+        return h * torch.sigmoid(gate)
+
+
+#: hidden-layer nonlinearities; ``gated`` makes every hidden layer a :class:`GatedLinear`
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "softplus": nn.Softplus, "gated": None}
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
-    """Fully connected layers ``sizes[0] → … → sizes[-1]``, activation between, none last."""
+    """Fully connected layers ``sizes[0] → … → sizes[-1]``, activation between, none last
+    (``gated``: gated hidden layers, a plain linear last)."""
     act = ACTIVATIONS[activation]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
+        hidden = i < len(sizes) - 2
+        layers.append(GatedLinear(a, b) if hidden and act is None else nn.Linear(a, b))
+        if hidden and act is not None:
             layers.append(act())
     return nn.Sequential(*layers)
 
@@ -149,7 +167,7 @@ class _BroadcastDecoderBody(nn.Module):
         self.from_z = nn.Linear(z_dim, channels, bias=False)
         self.from_coords = nn.Linear(2, channels)
         self.per_pixel = mlp([channels] * layers + [out_channels], activation)  # on (..., HW, channels)
-        self.act = ACTIVATIONS[activation]()
+        self.act = (ACTIVATIONS[activation] or nn.ReLU)()  # (gated: the pixel MLP gates, its first layer uses ReLU)
 
     def forward(self, z):
         batch = z.shape[:-1]
