@@ -1,7 +1,8 @@
 r"""Per-datapoint estimators of log p(x) for any Pyro model/guide pair.
 
-Every function takes ``(model, guide, x)`` where ``model(x)`` and ``guide(x)`` follow the
-conventions of :mod:`ppl_vae.importance` (all sample sites inside ``pyro.plate("data", N)``).
+Every function takes ``(model, guide, x)``: ``x`` a tensor ``(N, ...)``, or a tuple ``(x, y, ...)``
+of per-datapoint arguments passed positionally to ``model(x, y, ...)`` and ``guide(x, y, ...)``
+and sliced together; all sample sites inside ``pyro.plate("data", N)`` (:mod:`ppl_vae.checks`).
 Results are per datapoint, shape ``(N,)``, in nats, with the sign of a log-density (an ELBO,
 not a loss), as an :class:`Estimate` with its Monte Carlo standard error.
 
@@ -9,8 +10,11 @@ With importance weights w_k = p(x, z_k) / q(z_k | x), z_k ~ q(z | x):
 
 * ELBO = E_q[log w] ≤ E[IWAE_K] = E[log (1/K) Σ_k w_k] ≤ log p(x), and E[IWAE_K] ↑ in K
   (Burda et al. 2016, Thm. 1); the ELBO gap is KL(q(z|x) ‖ p(z|x)). IWAE_1 is the one-draw ELBO.
-* ``elbo(analytic_kl=True)`` replaces E_q[log p(z) − log q(z|x)] by −KL(q ‖ p) in closed
-  form (``torch.distributions.kl_divergence``), leaving only E_q log p(x|z) to sample.
+* ``elbo(analytic_kl=True)`` replaces a latent site's E_q[log p(z_s|·) − log q(z_s|·)] by
+  −KL(q ‖ p) in closed form (``torch.distributions.kl_divergence``) wherever that is valid: p's
+  parents all drawn before z_s in the guide (the order rule of :mod:`ppl_vae.checks`); the other
+  sites stay Monte Carlo, so the value is right for any guide. ``"auto"``: the same, with Monte
+  Carlo also where no closed form is registered (a mixture prior, a flow) instead of raising.
 
 ``elbo``, ``iwae``, ``iwae_curve`` and ``estimate_all`` are views of one streaming pass over
 the K draws (:func:`_stream`): memory ``O(N)`` in K beyond one pass of ``chunk_size``
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .importance import check_num_samples, iter_log_weights
+from .importance import check_num_samples, inspect_program, iter_log_weights
 from .psis import psis_from_log_weights
 
 
@@ -54,12 +58,13 @@ class Estimate:
         return (self.value.std() / math.sqrt(n)).item() if n > 1 else math.nan
 
 
-def elbo(model, guide, x, num_samples: int = 1, analytic_kl: bool = False, seed: int | None = None,
+def elbo(model, guide, x, num_samples: int = 1, analytic_kl=False, seed: int | None = None,
          chunk_size: int | None = None, **kwargs) -> Estimate:
     """ELBO(x) = E_q[log p(x, z) − log q(z|x)] per datapoint, ``(N,)`` nats, the mean of
-    ``num_samples`` draws; ``stderr`` = sample std / √K (NaN for K = 1). With ``analytic_kl``
-    each latent site's E_q[log p(z) − log q(z|x)] is −KL(q ‖ p) in closed form (raises
-    ``NotImplementedError`` where none is registered: no silent fallback)."""
+    ``num_samples`` draws; ``stderr`` = sample std / √K (NaN for K = 1). ``analytic_kl=True``:
+    −KL(q ‖ p) in closed form at every latent site where valid (module docstring), raising
+    :class:`~ppl_vae.checks.NoClosedFormKL` (a ``UserError`` and ``NotImplementedError``) where
+    none is registered; ``"auto"``: Monte Carlo there instead (e.g. for validation of any program)."""
     out = _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, mc=not analytic_kl,
                   analytic_kl=analytic_kl)
     return out["elbo_analytic" if analytic_kl else "elbo_mc"]
@@ -89,19 +94,24 @@ def iwae_curve(model, guide, x, num_samples: int, ks, seed: int | None = None, c
 
 
 def estimate_all(model, guide, x, num_samples: int, ks=(), seed: int | None = None,
-                 chunk_size: int | None = None, analytic_kl: bool = True, psis: bool = True, **kwargs) -> dict:
+                 chunk_size: int | None = None, analytic_kl=True, psis: bool = True, **kwargs) -> dict:
     """Every estimate from one set of K draws per datapoint (what ``evaluate`` reports):
-    ``elbo_mc``, ``elbo_analytic`` (when ``analytic_kl``), ``iwae`` (IWAE_K) as
-    :class:`Estimate` ``(N,)``; ``iwae_by_k`` {k: Estimate} for ``ks``; and, when ``psis``,
-    ``khat`` and ``ess`` ``(N,)`` float64 (this keeps the K × N log-weights, not the decoder
-    outputs)."""
+    ``elbo_mc``, ``elbo_analytic`` (when ``analytic_kl``; ``None`` where a site has no
+    registered closed form, with the reason in ``elbo_analytic_na``; ``"auto"``: Monte Carlo
+    there), ``iwae`` (IWAE_K) as :class:`Estimate` ``(N,)``; ``iwae_by_k`` {k: Estimate} for
+    ``ks``; and, when ``psis``, ``khat`` and ``ess`` ``(N,)`` float64 (this keeps the K × N
+    log-weights, not the decoder outputs)."""
     curve = _check_ks(ks, num_samples)
+    program = inspect_program(model, guide, x, kwargs, "auto" if analytic_kl is True else analytic_kl)
+    na = program.no_closed_form if analytic_kl is True else None
+    if na:  # the analytic ELBO is n/a: report everything else
+        program = program._replace(closed_form=None)
     res = _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, ks=[*curve, num_samples], mc=True,
-                  analytic_kl=analytic_kl, keep_log_w=psis)
+                  keep_log_w=psis, program=program)
     out = {"elbo_mc": res["elbo_mc"], "iwae": res["iwae_by_k"][num_samples],
            "iwae_by_k": {k: res["iwae_by_k"][k] for k in curve}}
     if analytic_kl:
-        out["elbo_analytic"] = res["elbo_analytic"]
+        out["elbo_analytic"], out["elbo_analytic_na"] = res.get("elbo_analytic"), na
     if psis:
         out["khat"], out["ess"] = psis_from_log_weights(res["log_w"])  # from (K, N)
     return out
@@ -111,16 +121,18 @@ def estimate_all(model, guide, x, num_samples: int, ks=(), seed: int | None = No
 
 @torch.no_grad()
 def _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, ks=(), mc=False, analytic_kl=False,
-            keep_log_w=False) -> dict:
+            keep_log_w=False, program=None) -> dict:
     """One pass over ``num_samples`` draws per datapoint, feeding the summaries asked for:
     ``iwae_by_k`` {k: Estimate} for each k in ``ks``, ``elbo_mc`` (``mc``), ``elbo_analytic``
-    (``analytic_kl``) and the log-weights ``log_w (K, N)`` themselves (``keep_log_w``)."""
+    (``analytic_kl``, or ``program.closed_form`` set) and the log-weights ``log_w (K, N)``
+    themselves (``keep_log_w``)."""
     groups = {k: _GroupedLSE(k) for k in ks}
     mc_moments, analytic, kept = _Moments(), _Moments(), []
-    for d in iter_log_weights(model, guide, x, num_samples, seed, chunk_size, analytic_kl, **kwargs):
+    for d in iter_log_weights(model, guide, x, num_samples, seed, chunk_size, analytic_kl, program=program,
+                              **kwargs):
         if mc:
             mc_moments.update(d.log_w)  # (k, N)
-        if analytic_kl:
+        if d.elbo_analytic is not None:
             analytic.update(d.elbo_analytic)  # (k, N)
         for g in groups.values():
             g.update(d.log_w)
@@ -129,7 +141,7 @@ def _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, ks=(), mc=Fa
     out = {"iwae_by_k": {k: g.estimate() for k, g in groups.items()}}
     if mc:
         out["elbo_mc"] = mc_moments.estimate()
-    if analytic_kl:
+    if analytic.count:
         out["elbo_analytic"] = analytic.estimate()
     if keep_log_w:
         out["log_w"] = torch.cat(kept, 0)  # (K, N)
