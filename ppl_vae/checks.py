@@ -55,8 +55,22 @@ def take(args, start: int, stop: int) -> tuple[torch.Tensor, ...]:
 def check_num_samples(k) -> None:
     """Refuse a number of samples K that is not an integer >= 1."""
     if not (isinstance(k, (int, np.integer)) and k >= 1):
-        hint = "; per-datapoint arguments go with x as a tuple (x, y, ...)" if torch.is_tensor(k) else ""
-        raise UserError(f"the number of samples K must be an integer >= 1, got {k!r}{hint}")
+        if torch.is_tensor(k):
+            raise UserError(f"the number of samples K must be an integer >= 1, got a tensor of shape {tuple(k.shape)}: "
+                            f"per-datapoint arguments go with x as a tuple (x, y, ...)")
+        raise UserError(f"the number of samples K must be an integer >= 1, got {k!r}")
+
+
+def num_datapoints(x) -> int:
+    """N, the length of dim 0 of ``x`` (a tensor or a tuple of arguments)."""
+    return as_args(x)[0].shape[0]
+
+
+def select(x, index, device=None):
+    """Datapoints ``index`` (a slice or indices along dim 0) of ``x``, a tensor or a tuple of
+    arguments (then a tuple), moved to ``device`` when given."""
+    args = tuple(a[index] if device is None else a[index].to(device) for a in as_args(x))
+    return args[0] if torch.is_tensor(x) else args
 
 
 def _name(i: int) -> str:
@@ -92,23 +106,43 @@ def check_data(x, kwargs: dict | None = None) -> tuple[torch.Tensor, ...]:
     return args
 
 
+def _module(model, guide) -> torch.nn.Module | None:
+    """The ``nn.Module`` that ``model`` or ``guide`` is a bound method of, if any."""
+    return next((m for m in (getattr(f, "__self__", None) for f in (model, guide)) if isinstance(m, torch.nn.Module)),
+                None)
+
+
+def _module_mismatch(module, x) -> DataError | None:
+    """x of another dtype than the module's parameters, or, for a module with ``x_dim`` (ppl_vae's
+    VAE, which takes flattened datapoints), not of shape (N, x_dim)."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is not None and x.dtype != dtype:
+        return DataError(f"x has dtype {x.dtype} but the program's parameters are {dtype}: pass x.to({dtype})")
+    x_dim = getattr(module, "x_dim", None)
+    if isinstance(x_dim, int) and (x.dim() != 2 or x.shape[1] != x_dim):
+        return DataError(f"x must have shape (N, {x_dim}) (N flattened datapoints of {x_dim} values), "
+                         f"got {tuple(x.shape)}")
+    return None
+
+
+def check_program_inputs(model, guide, args) -> None:
+    """Before running a ppl_vae VAE (a module with ``x_dim``): x's dtype and shape (N, x_dim)."""
+    module = _module(model, guide)
+    if module is not None and isinstance(getattr(module, "x_dim", None), int):
+        err = _module_mismatch(module, args[0])
+        if err is not None:
+            raise err
+
+
 def program_failed(model, guide, args, err: Exception) -> UserError:
-    """One line for a program that raised on the caller's data: the dtype or width a ppl_vae-style
-    module expects (``model``/``guide`` bound to an ``nn.Module``; its ``x_dim``), a missing
-    positional argument, else the shapes given with the program's own message."""
+    """One line for a program that raised on the caller's data: a dtype other than its module's,
+    a missing positional argument, else the shapes given with the program's own message."""
     if isinstance(err, UserError):
         return err
-    x = args[0]
-    module = next((m for m in (getattr(f, "__self__", None) for f in (model, guide))
-                   if isinstance(m, torch.nn.Module)), None)
-    if module is not None:
-        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-        if dtype is not None and x.dtype != dtype:
-            return DataError(f"x has dtype {x.dtype} but the program's parameters are {dtype}: pass x.to({dtype})")
-        x_dim = getattr(module, "x_dim", None)
-        if isinstance(x_dim, int) and (x.dim() != 2 or x.shape[1] != x_dim):
-            return DataError(f"x must have shape (N, {x_dim}) (N flattened datapoints of {x_dim} values), "
-                             f"got {tuple(x.shape)}")
+    module = _module(model, guide)
+    mismatch = _module_mismatch(module, args[0]) if module is not None else None
+    if mismatch is not None:
+        return mismatch
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, TypeError) and "positional argument" in msg:
         return UserError(f"{msg}: pass per-datapoint arguments with x as a tuple (x, y, ...)")

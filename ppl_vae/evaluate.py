@@ -35,7 +35,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from . import distributed, estimators, files, importance, latents
+from . import checks, distributed, estimators, files, importance, latents
 from .cli import ArgumentParser, int_list, user_errors
 from .errors import UserError
 from .report import MEAN, MC_VAR, Report, summarize
@@ -127,14 +127,14 @@ def _block(model, guide, xb, num_samples, ks, seed, chunk_size, analytic_kl, mea
     est = estimators.estimate_all(model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size,
                                   analytic_kl=analytic_kl)
     out = {"khat": est["khat"].numpy(), "ess": est["ess"].numpy()}
-    nan = np.full(xb.shape[0], math.nan)  # no closed-form KL: the analytic ELBO is n/a
+    nan = np.full(checks.num_datapoints(xb), math.nan)  # no closed-form KL: the analytic ELBO is n/a
     for name, key in (("elbo_analytic", "elbo_analytic"), ("elbo_mc", "elbo_mc"), ("log_px", "iwae")):
         e = est.get(key)
         out[name] = nan if e is None else e.value.double().cpu().numpy()
         out[name + "_stderr"] = nan if e is None else e.stderr.double().cpu().numpy()
     for key, attr in (("iwae_by_k", "value"), ("iwae_by_k_stderr", "stderr")):
         rows = [getattr(est["iwae_by_k"][k], attr).double().cpu().numpy() for k in ks]
-        out[key] = np.stack(rows) if rows else np.zeros((0, xb.shape[0]))  # (len(ks), B)
+        out[key] = np.stack(rows) if rows else np.zeros((0, checks.num_datapoints(xb)))  # (len(ks), B)
     if mean_samples:
         for name, pm in latents.posterior_means(model, guide, xb, mean_samples, seed=seed).items():
             out[MEAN + name], out[MC_VAR + name] = pm.mean.T.cpu().numpy(), pm.mc_var.T.cpu().numpy()  # (d, B)
@@ -159,11 +159,11 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
     and ``chunk_size`` (the one finally used).
     """
     ks = sorted(ks)
-    chunk_size = chunk_size or importance.default_chunk(device if device is not None else x.device)
+    chunk_size = chunk_size or importance.default_chunk(device if device is not None else checks.as_args(x)[0].device)
     parts, analytic_kl = [], True
     for b in block_ids:
-        rows = torch.arange(b * block_size, min((b + 1) * block_size, x.shape[0]))
-        xb = x[rows].to(device) if device is not None else x[rows]
+        rows = torch.arange(b * block_size, min((b + 1) * block_size, checks.num_datapoints(x)))
+        xb = checks.select(x, rows, device)  # x (B, ...), or the tuple (x, y, ...) of the block
         while True:
             try:
                 res = _block(model, guide, xb, num_samples, ks, importance.derive_seed(seed, b), chunk_size,
@@ -224,8 +224,8 @@ def observed_is_discrete(model, guide, x, **kwargs) -> bool:
     and its data lie in it, so p(x) is a probability (bits/dim meaningful); False for densities of
     continuous data, and for a Bernoulli fed grey levels (``validate_args=False``)."""
     with importance.rng_fork(), poutine.block():
-        guide_tr = poutine.trace(guide).get_trace(x, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(x, **kwargs)
+        guide_tr = poutine.trace(guide).get_trace(*checks.as_args(x), **kwargs)
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*checks.as_args(x), **kwargs)
     observed = [s for s in model_tr.nodes.values() if s["type"] == "sample" and s["is_observed"]]
     return bool(observed) and all(s["fn"].support.is_discrete and bool(s["fn"].support.check(s["value"]).all())
                                   for s in observed)
@@ -238,6 +238,9 @@ def evaluate(model, guide, data: torch.Tensor, *, num_samples: int = 5000, ks=No
     """Evaluate any Pyro ``model(x)`` / ``guide(x)`` pair on ``data (N, ...)`` (datapoints along
     dim 0, every per-datapoint site in ``pyro.plate("data", ...)``): the report ``python -m
     ppl_vae.evaluate`` prints and writes, in nats per datapoint (see :func:`summarize`).
+    ``data`` may be a tuple ``(x, y, ...)`` of per-datapoint arguments for ``model(x, y, ...)``
+    (e.g. class labels), split into blocks together. A program that is not
+    :func:`~ppl_vae.importance.slice_safe` is evaluated as one block of all N datapoints.
 
     :param num_samples: K, importance samples per datapoint for log p(x) ≈ IWAE_K.
     :param ks: the convergence curve's k ≤ K (default: those of 1, 10, 100, 1000, 5000 ≤ K; K added).
@@ -253,16 +256,18 @@ def evaluate(model, guide, data: torch.Tensor, *, num_samples: int = 5000, ks=No
         every rank returns the gathered report.
     """
     ks = curve_ks(num_samples, ks)
-    if batch_size < 1 or data.shape[0] < 1:
-        raise ValueError(f"need batch_size >= 1 and at least one datapoint, got {batch_size} and {data.shape[0]}")
+    n = checks.num_datapoints(checks.check_data(data))  # bad data: one line, the datapoint named
+    if batch_size < 1:
+        raise ValueError(f"need batch_size >= 1, got {batch_size}")
+    if n > batch_size and not importance.slice_safe(model, guide, checks.select(data, slice(None), device)):
+        batch_size = n  # blocks would give wrong numbers (e.g. guide parameters read by plate index): one block
     ctx = ctx or distributed.Context()
-    n_blocks = math.ceil(data.shape[0] / batch_size)
+    n_blocks = math.ceil(n / batch_size)
     blocks = list(distributed.strided(range(n_blocks), ctx))  # this rank's share: blocks r, r+P, ...
     if discrete is None:
-        first = data[:batch_size].to(device) if device is not None else data[:batch_size]
-        discrete = observed_is_discrete(model, guide, first)
+        discrete = observed_is_discrete(model, guide, checks.select(data, slice(0, batch_size), device))
     t0 = time.perf_counter()
-    rows = sum(min((b + 1) * batch_size, data.shape[0]) - b * batch_size for b in blocks)
+    rows = sum(min((b + 1) * batch_size, n) - b * batch_size for b in blocks)
     bar = tqdm(total=rows, unit="datapoint", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
         res = evaluate_blocks(model, guide, data, blocks, block_size=batch_size, num_samples=num_samples, ks=ks,
@@ -271,7 +276,7 @@ def evaluate(model, guide, data: torch.Tensor, *, num_samples: int = 5000, ks=No
     finally:
         bar.close()
     res = gather_blocks(res, ctx)
-    s = summarize(res, ks, num_samples, int(data[0].numel()), discrete, mean_samples)
+    s = summarize(res, ks, num_samples, int(checks.as_args(data)[0][0].numel()), discrete, mean_samples)
     s.update(ks=ks, seed=seed, batch_size=batch_size, chunk_size=int(res["chunk_size"]), discrete=discrete,
              seconds=time.perf_counter() - t0)
     return Report(s, res)

@@ -40,6 +40,7 @@ from torch.distributions import kl_divergence
 
 from . import checks
 from .checks import DATA_PLATE, check_num_samples  # noqa: F401 (importance.* for evaluate, latents, psis)
+from .errors import UserError
 
 # Particles × datapoints per decoder pass (``chunk_size=None``): bounds memory, not K. On a CPU a
 # pass that stays near the caches is fastest (benchmarks/eval_speed.py: 2k–4k rows 5.0 s, 8k
@@ -91,23 +92,21 @@ def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None,
     slicing). ``analytic_kl``: ``True`` adds the analytic-KL ELBO (:class:`~ppl_vae.checks.NoClosedFormKL`
     where a valid closed form is not registered), ``"auto"`` the same with Monte Carlo there."""
     check_num_samples(num_samples)
-    args = checks.as_args(x)
-    n, chunk_size = args[0].shape[0], chunk_size or default_chunk(args[0].device)
-    plan = list(_plan(num_samples, n, chunk_size, seed))
-    sliced = max(1, chunk_size // sum(size for size, _ in plan[0])) < n  # the first pass has the most particles
     if program is None:
         program = (Program(nesting) if nesting is not None and not analytic_kl else
-                   inspect_program(model, guide, args, kwargs, analytic_kl, slicing=sliced))
-    for units in plan:
+                   inspect_program(model, guide, x, kwargs, analytic_kl))
+    args = checks.as_args(x)
+    n, chunk_size = args[0].shape[0], chunk_size or default_chunk(args[0].device)
+    for units in _plan(num_samples, n, chunk_size, seed):
         k = sum(size for size, _ in units)
         # datapoints per model pass: k × rows ≈ chunk_size; all of them for a program that is not slice-safe
         rows = max(1, chunk_size // k) if program.slice_safe else n
         with rng_fork() if seed is not None else nullcontext():  # restored before each yield
             values, drawn = _draw(guide, args, units, program.nesting, kwargs)  # (k, N, ...): one guide run per unit
             whole = drawn if rows >= n else None  # one slice, the whole batch: its guide trace is drawn's
-            parts = [_pass_terms(*_replay(model, guide, _rows(values, i, min(i + rows, n)), checks.take(args, i, i + rows),
-                                          k, program.nesting, kwargs, whole), program.nesting, program.closed_form)
-                     for i in range(0, n, rows)]
+            parts = [_pass_terms(*_replay(model, guide, _rows(values, i, min(i + rows, n)),
+                                          checks.take(args, i, i + rows), k, program.nesting, kwargs, whole),
+                                 program.nesting, program.closed_form) for i in range(0, n, rows)]
         if len(parts) == 1:
             yield parts[0]
         else:  # (k, N) from the (k, rows) of each slice
@@ -115,32 +114,34 @@ def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None,
                         None if program.closed_form is None else torch.cat([d.elbo_analytic for d in parts], 1))
 
 
-def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False, slicing: bool = True) -> Program:
+def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program:
     """Probe ``guide(*args, **kwargs)`` and the model replayed on it once, on the caller's own
-    arguments, without touching the caller's RNG: the data, the plates and the analytic-KL sites
-    are checked (:mod:`ppl_vae.checks`; one-line ``UserError`` on bad input) and, when
-    ``slicing``, :func:`slice_safe`. Costs one guide and one model run on all N datapoints."""
+    arguments (one draw, no particle plate), without touching the caller's RNG: the data, the
+    plates, the log weights and the analytic-KL sites are checked (:mod:`ppl_vae.checks`; a
+    one-line ``UserError`` on bad input), and :func:`slice_safe`. Costs one guide and one model
+    run on all N datapoints and one on the last two."""
     args = checks.check_data(x, kwargs)
-    n = args[0].shape[0]
+    checks.check_program_inputs(model, guide, args)
     with rng_fork(), poutine.block(), torch.no_grad():
         try:
             guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
             model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+            checks.check_plates(model_tr, guide_tr, args[0].shape[0])
+            nesting = checks.plate_nesting(model_tr, guide_tr)
+            log_w = _pass_terms(prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr), nesting).log_w
         except torch.cuda.OutOfMemoryError:
             raise
         except checks.PROGRAM_ERRORS as e:
             raise checks.program_failed(model, guide, args, e) from e
-        checks.check_plates(model_tr, guide_tr, n)
-        nesting = checks.plate_nesting(model_tr, guide_tr)
         closed, missing = checks.closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
-        safe = not slicing or n == 1 or _same_on_a_slice(model, guide, args, kwargs, nesting, model_tr, guide_tr)
+        safe = _same_on_a_slice(model, guide, args, kwargs, nesting, guide_tr, log_w)
     return Program(nesting, closed, missing, safe)
 
 
 def max_plate_nesting(model, guide, x, **kwargs) -> int:
     """How many plate dims the model and guide use, traced on the caller's own ``x`` (tensor or
     tuple of per-datapoint arguments) without touching the caller's RNG."""
-    return inspect_program(model, guide, x, kwargs, slicing=False).nesting
+    return inspect_program(model, guide, x, kwargs).nesting
 
 
 def slice_safe(model, guide, x, **kwargs) -> bool:
@@ -252,10 +253,11 @@ def _replay(model, guide, values, args, k, nesting, kwargs, guide_tr=None):
     return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
 
 
-def _same_on_a_slice(model, guide, args, kwargs, nesting, model_tr, guide_tr) -> bool:
-    """:func:`slice_safe` from the probe's traces of the whole batch (one draw, no particle plate)."""
+def _same_on_a_slice(model, guide, args, kwargs, nesting, guide_tr, log_w) -> bool:
+    """:func:`slice_safe` from the probe: its guide trace and log weights ``(1, N)`` of the whole batch."""
     n = args[0].shape[0]
-    whole = _pass_terms(prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr), nesting).log_w[:, n - 2:]
+    if n == 1:
+        return True
     try:
         part = _pass_terms(*_replay(model, guide, _rows(_cat_units([guide_tr], nesting), n - 2, n),
                                     checks.take(args, n - 2, n), None, nesting, kwargs), nesting).log_w  # (1, 2)
@@ -263,7 +265,7 @@ def _same_on_a_slice(model, guide, args, kwargs, nesting, model_tr, guide_tr) ->
         raise
     except checks.PROGRAM_ERRORS:  # e.g. a guide holding (N, d) tensors: a slice does not fit its plate
         return False
-    tol = 1000 * torch.finfo(whole.dtype).eps
+    whole, tol = log_w[:, n - 2:], 1000 * torch.finfo(log_w.dtype).eps
     return bool(((part - whole).abs() <= tol * (1 + whole.abs())).all())
 
 
@@ -295,7 +297,7 @@ def _pass_terms(model_tr, guide_tr, nesting, closed_form: frozenset | None = Non
             aux = aux - _per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
     log_w = obs + latent_mc + aux
     if not torch.is_tensor(log_w):
-        raise ValueError("the model and guide have no sample sites to weigh")
+        raise UserError("the model and guide have no sample sites to weigh")
     # + zeros: terms constant over particles broadcast to (k, N)
     analytic = None if closed_form is None else obs + latent_an + aux + torch.zeros_like(log_w)
     return Draws(log_w, analytic)
