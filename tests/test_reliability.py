@@ -2,60 +2,130 @@
 exact resume, SIGINT/SIGTERM, NaN losses, unsafe/corrupt/mismatched checkpoints on --resume.
 
 Every run trains a tiny MLP (16 hidden, z_dim 2) on 300 binary 8x8 images from a .npy file
-(15 steps per epoch), so a run costs little more than the imports. See docs/reliability.md.
+(15 steps per epoch), so a run costs little more than the imports. The reference runs are made
+in process (``ppl_vae.fit.main``; the same numbers as the CLI, without its start-up time).
+
+This module also holds what ``tests/test_faults.py`` and ``benchmarks/fault_trials.py`` share:
+the tiny settings, the one subprocess helper (:func:`spawn`, :func:`finish`, :func:`cli`), its
+in-process twin (:func:`in_process`), the checks (:func:`assert_one_line`,
+:func:`assert_exact_metrics`, :func:`temp_files`), and :func:`inject`, which puts one fault
+into ``ppl_vae``; ``python tests/test_reliability.py FAULT_JSON ARGS...`` runs ``ppl_vae.fit``
+with it. See docs/reliability.md.
 """
+import collections
+import errno
+import importlib
+import json
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_bad_input import REPO, assert_cli_error, digest, fit, fit_in_process
+from test_bad_input import OFFLINE, REPO, assert_cli_error, digest, fit_in_process
 
 TINY = ["--hidden", "16", "--z-dim", "2", "--batch-size", "16", "--seed", "3", "--final-iwae-k", "0", "--quiet"]
+FIT = "python -m ppl_vae.fit"
 
 
-@pytest.fixture(scope="module")
-def bits(tmp_path_factory) -> Path:
-    """300 binary 8x8 images: 5 prototypes with 5% of the pixels flipped, (300, 8, 8) float32."""
-    rng = np.random.default_rng(0)
-    protos = rng.random((5, 8, 8)) < 0.4
-    x = protos[rng.integers(0, 5, 300)] ^ (rng.random((300, 8, 8)) < 0.05)
-    path = tmp_path_factory.mktemp("data") / "bits.npy"
-    np.save(path, x.astype(np.float32))
-    return path
+# --------------------------------------------------------------------------- running the CLI
+
+def spawn(*args, fault: dict | None = None, module: str = "fit") -> subprocess.Popen:
+    """Start ``python -m ppl_vae.MODULE ARGS`` from the repository root, offline, output piped;
+    with ``fault``: ``ppl_vae.fit`` with that fault injected (see :func:`inject`)."""
+    env = {**os.environ, **OFFLINE, "no_proxy": "", "NO_PROXY": ""}
+    head = [sys.executable, "-m", f"ppl_vae.{module}"] if fault is None else \
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(fault)]
+    return subprocess.Popen([*head, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
-def _finished_run(bits, tmp_path_factory, name: str, epochs: int) -> Path:
-    out = tmp_path_factory.mktemp("runs") / name
-    r = fit("--dataset", bits, *TINY, "--epochs", str(epochs), "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+def finish(p: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Wait for ``p`` (killed after ``timeout`` s) and return its exit code and output."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
-@pytest.fixture(scope="module")
-def run4(bits, tmp_path_factory) -> Path:
-    """The reference: 4 epochs in one go."""
-    return _finished_run(bits, tmp_path_factory, "four", 4)
+def cli(*args, fault: dict | None = None, module: str = "fit", timeout: float = 180) -> subprocess.CompletedProcess:
+    """:func:`spawn`, then :func:`finish`."""
+    return finish(spawn(*args, fault=fault, module=module), timeout)
 
 
-@pytest.fixture(scope="module")
-def run2(bits, tmp_path_factory) -> Path:
-    """A finished 2-epoch run with the reference's settings; tests copy it before changing it."""
-    return _finished_run(bits, tmp_path_factory, "two", 2)
+def in_process(argv, capsys, module: str = "fit") -> subprocess.CompletedProcess:
+    """``ppl_vae.MODULE.main(argv)`` in this process, reported like :func:`cli` (the exit code is
+    ``main``'s return value or its ``SystemExit`` code)."""
+    main = importlib.import_module(f"ppl_vae.{module}").main
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def copy_run(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
+def wait_for(path: Path, p: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll until ``path`` exists; fail if ``p`` ends first or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if p.poll() is not None:
+            pytest.fail(f"the process ended (exit {p.returncode}) before {path} appeared: {p.communicate()}")
+        if time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"{path} did not appear within {timeout} s")
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- checks
+
+def assert_one_line(r: subprocess.CompletedProcess, code: int, start: str = f"{FIT}: error: ") -> str:
+    """Exit ``code`` and stderr exactly one line beginning with ``start``, no traceback; returns it."""
+    lines = r.stderr.splitlines()
+    assert (r.returncode, len(lines)) == (code, 1), (r.returncode, r.stderr)
+    assert lines[0].startswith(start) and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def temp_files(run: Path) -> list[str]:
+    """Names of the temporary files of interrupted writes in ``run`` (should be none)."""
+    return sorted(f.name for f in Path(run).iterdir() if f.name.endswith(".tmp"))
+
+
+def metrics_without_timing(run: Path) -> list[dict]:
+    """Every line of ``metrics.jsonl`` parsed strictly (a damaged line fails), ``epoch_seconds`` dropped."""
+    text = (Path(run) / "metrics.jsonl").read_text()
+    assert text == "" or text.endswith("\n"), f"metrics.jsonl ends in a partial line: {text[-80:]!r}"
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"} for line in text.splitlines()]
+
+
+def assert_exact_metrics(run: Path, reference: Path) -> None:
+    """``run``'s metrics hold epochs 1..E exactly once, in order, with the reference's numbers:
+    ``train_objective`` to 1e-7 relative (float32 partial sums regroup after a mid-epoch resume),
+    everything else exactly."""
+    got, want = metrics_without_timing(run), metrics_without_timing(reference)
+    assert [m["epoch"] for m in got] == list(range(1, len(want) + 1)), [m["epoch"] for m in got]
+    for g, w in zip(got, want):
+        assert g["train_objective"] == pytest.approx(w["train_objective"], rel=1e-7, abs=0), (g, w)
+        assert {**g, "train_objective": 0} == {**w, "train_objective": 0}
+
+
+def snapshot(run: Path, lock: bool = False) -> dict:
+    """Content digest and mtime of every file, to prove a failed command left them alone; the lock
+    file ``.lock`` only with ``lock`` (every fit that takes the lock writes its pid there, also
+    one that then refuses bad input)."""
+    return {f.name: (digest(f), f.stat().st_mtime_ns) for f in sorted(run.iterdir()) if lock or f.name != ".lock"}
 
 
 def load_ckpt(run: Path, name="checkpoint.pt") -> dict:
@@ -67,21 +137,129 @@ def max_param_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def metrics_without_timing(run: Path) -> list[dict]:
-    from ppl_vae.runs import read_metrics
-    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in read_metrics(run)]
+def copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
 
 
-def snapshot(run: Path) -> dict:
-    """Content digest and mtime of every file, to prove a failed command left them alone."""
-    return {f.name: (digest(f), f.stat().st_mtime_ns) for f in sorted(run.iterdir())}
+# --------------------------------------------------------------------------- faults
+
+@contextmanager
+def inject(fault: dict):
+    """Put one fault into ``ppl_vae`` while the block runs. NAME is a file name in the run
+    directory; ``nth`` (default 1) counts that file's writes in this process.
+
+    * ``{"block": NAME, "nth": k, "marker": PATH, "release": PATH | None}``: the k-th atomic write
+      of NAME stops once its temporary file is complete, before the rename
+      (``files._before_replace``), creates ``marker`` and waits until ``release`` exists (forever
+      when None): where a kill -9 or a second writer meets a save in flight.
+    * ``{"fsize": NAME, "nth": k, "limit": BYTES}``: just before the k-th atomic write of NAME the
+      file-size limit (RLIMIT_FSIZE) drops to BYTES, so the kernel refuses the write (EFBIG), which
+      torch's zip writer reports as "unexpected pos", as it does a full disk.
+    * ``{"enospc": NAME, "nth": k}``: the k-th fsync of NAME (its temporary file, or the file itself
+      for an append) fails with ENOSPC, as a full disk reports a delayed write (Linux).
+    * ``{"pause_data": PATH}``: start-up creates PATH and sleeps while it loads the data, after the
+      run directory was made and locked (a signal is sent then).
+    """
+    from ppl_vae import files, train
+
+    undo, seen = [], collections.Counter()
+    kind = next(k for k in ("block", "fsize", "enospc", "pause_data") if k in fault)
+    target, nth = fault[kind], fault.get("nth", 1)
+
+    def patch(obj, name, value):
+        undo.append(lambda old=getattr(obj, name): setattr(obj, name, old))
+        setattr(obj, name, value)
+
+    def hold(tmp):
+        Path(fault["marker"]).touch()
+        while fault.get("release") is None or not Path(fault["release"]).exists():
+            time.sleep(0.01)
+
+    def atomic_write(path, *args, _write=files.atomic_write, **kw):
+        seen[Path(path).name] += 1
+        if (Path(path).name, seen[Path(path).name]) != (target, nth):
+            return _write(path, *args, **kw)
+        if kind == "fsize":
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            undo.append(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard)))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fault["limit"], hard))
+            return _write(path, *args, **kw)
+        files._before_replace = hold
+        try:
+            return _write(path, *args, **kw)
+        finally:
+            files._before_replace = None
+
+    def fsync(fd, _fsync=os.fsync):
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if name == target or (name.startswith(f".{target}.") and name.endswith(".tmp")):
+            seen[target] += 1
+            if seen[target] == nth:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _fsync(fd)
+
+    def load_dataset(*args, _load=train.load_dataset, **kw):
+        Path(target).touch()
+        time.sleep(120)
+        return _load(*args, **kw)
+
+    if kind in ("block", "fsize"):
+        patch(files, "atomic_write", atomic_write)
+    elif kind == "enospc":
+        patch(os, "fsync", fsync)
+    else:
+        patch(train, "load_dataset", load_dataset)
+    try:
+        yield
+    finally:
+        for u in reversed(undo):
+            u()
+
+
+# --------------------------------------------------------------------------- runs
+
+def write_bits(path: Path) -> Path:
+    """300 binary 8x8 images: 5 prototypes with 5% of the pixels flipped, (300, 8, 8) float32."""
+    rng = np.random.default_rng(0)
+    protos = rng.random((5, 8, 8)) < 0.4
+    x = protos[rng.integers(0, 5, 300)] ^ (rng.random((300, 8, 8)) < 0.05)
+    np.save(path, x.astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bits(tmp_path_factory) -> Path:
+    return write_bits(tmp_path_factory.mktemp("data") / "bits.npy")
+
+
+def finished_run(bits, folder: Path, epochs: int) -> Path:
+    """A run of ``epochs`` epochs with the tiny settings, made in process."""
+    from ppl_vae.fit import main
+
+    assert main(["--dataset", str(bits), *TINY, "--epochs", str(epochs), "--out", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run4(bits, tmp_path_factory) -> Path:
+    """The reference: 4 epochs in one go."""
+    return finished_run(bits, tmp_path_factory.mktemp("runs") / "four", 4)
+
+
+@pytest.fixture(scope="module")
+def run2(bits, tmp_path_factory) -> Path:
+    """A finished 2-epoch run with the reference's settings; tests copy it before changing it."""
+    return finished_run(bits, tmp_path_factory.mktemp("runs") / "two", 2)
 
 
 # --------------------------------------------------------------------------- exact resume
 
 def test_resume_after_two_epochs_equals_four_in_one_go(run4, run2, tmp_path):
     run = copy_run(run2, tmp_path / "resumed")
-    r = fit("--out", run, "--resume", "--epochs", "4", "--quiet")
+    r = cli("--out", run, "--resume", "--epochs", "4", "--quiet")
     assert r.returncode == 0, r.stderr
     assert max_param_diff(load_ckpt(run)["model"], load_ckpt(run4)["model"]) <= 1e-6
     assert metrics_without_timing(run) == metrics_without_timing(run4)  # the same 4 lines, floats exactly equal
@@ -93,19 +271,13 @@ def test_resume_after_two_epochs_equals_four_in_one_go(run4, run2, tmp_path):
 def _interrupt(bits, out: Path, sig: int) -> subprocess.CompletedProcess:
     """Start a long fit, send ``sig`` as soon as the first epoch's last file (best.pt, written
     after checkpoint.pt) exists, so that it lands in epoch 2, and wait for the process."""
-    cmd = [sys.executable, "-m", "ppl_vae.fit", "--dataset", str(bits), *TINY, "--epochs", "1000", "--out", str(out)]
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "best.pt").exists():
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, "no checkpoint after 120 s"
-        time.sleep(0.002)
+    p = spawn("--dataset", bits, *TINY, "--epochs", "1000", "--out", out)
+    wait_for(out / "best.pt", p)
     p.send_signal(sig)
-    stdout, stderr = p.communicate(timeout=120)
-    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    return finish(p)
 
 
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(bits, run4, tmp_path):
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(bits, run4, tmp_path, capsys):
     out = tmp_path / "killed"
     r = _interrupt(bits, out, signal.SIGTERM)
     assert r.returncode == 143, r.stderr
@@ -113,9 +285,11 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(bits, run4, tmp_path
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "checkpoint saved" in lines[0], r.stderr
     ckpt = load_ckpt(out)
     assert 1 <= ckpt["epoch"] < 4, ckpt["epoch"]  # (almost always mid-epoch: ckpt["step"] >= 1)
-    r = fit("--out", out, "--resume", "--epochs", "4", "--quiet")
-    assert r.returncode == 0, r.stderr
+    r = in_process(["--out", out, "--resume", "--epochs", "4", "--quiet"], capsys)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
     assert max_param_diff(load_ckpt(out)["model"], load_ckpt(run4)["model"]) <= 1e-6
+    assert_exact_metrics(out, run4)
+    assert not temp_files(out)
 
 
 def test_sigint_saves_a_resumable_checkpoint_and_exits_130(bits, tmp_path):
@@ -228,7 +402,7 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_checkpoint(run2, tmp_pa
     run = copy_run(run2, tmp_path / "diverge")
     before = snapshot(run)
     # --lr on --resume applies from here on; 1e6 makes the loss overflow within epoch 3
-    r = fit("--out", run, "--resume", "--epochs", "4", "--lr", "1e6", "--quiet")
+    r = cli("--out", run, "--resume", "--epochs", "4", "--lr", "1e6", "--quiet")
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -306,7 +480,7 @@ def test_malicious_checkpoint_runs_no_code_and_is_refused(run2, tmp_path, capsys
     ckpt["model"] = Evil(marker)  # a well-formed ppl_vae checkpoint but for one object
     torch.save(ckpt, run / "checkpoint.pt")
     before = snapshot(run)
-    r = fit("--out", run, "--resume", "--epochs", "3")
+    r = cli("--out", run, "--resume", "--epochs", "3")
     line = assert_cli_error(r)
     assert "refusing to load" in line and "posix.system" in line and "could run code" in line, line
     assert not marker.exists()
@@ -351,7 +525,7 @@ def test_damaged_checkpoint_on_resume(run2, tmp_path, capsys, damage, match):
         torch.save(ckpt, path)
     before = snapshot(run)
     argv = ["--out", run, "--resume", "--epochs", "3"]
-    line = assert_cli_error(fit(*argv)) if damage == "truncate" else fit_in_process(argv, capsys)
+    line = assert_cli_error(cli(*argv)) if damage == "truncate" else fit_in_process(argv, capsys)
     assert match in line and str(path) in line, line
     assert snapshot(run) == before
 
@@ -362,3 +536,10 @@ def test_resume_with_another_model_is_refused(run2, tmp_path, capsys):
     line = fit_in_process(["--out", run, "--resume", "--z-dim", "5"], capsys)
     assert "does not match the requested model" in line and "z_dim: checkpoint has 2, requested 5" in line
     assert snapshot(run) == before
+
+
+if __name__ == "__main__":  # python tests/test_reliability.py FAULT_JSON ARGS...: ppl_vae.fit with FAULT
+    from ppl_vae.fit import main as fit_main
+
+    with inject(json.loads(sys.argv[1])):
+        sys.exit(fit_main(sys.argv[2:]))
