@@ -65,6 +65,31 @@ def test_a_second_fit_on_a_busy_run_directory_is_refused(bits, run4, tmp_path, c
     assert not temp_files(out)
 
 
+def test_a_reader_writing_into_a_busy_run_directory_keeps_its_file(run2, tmp_path):
+    """``sample`` writes ``samples-seed0.png`` into a run directory that a fit holds: its temporary
+    file is complete, the rename held back while the fit (a Trainer in this process, locked before
+    ``sample`` started) trains two epochs and saves. The fit's clean-up of stale temporary files
+    must spare a live writer's file newer than the lock (issue 15: remove only those whose writer
+    is dead, or which are older than the lock): ``sample`` exits 0 and the figure is there."""
+    from ppl_vae.config import FitConfig
+    from ppl_vae.train import Trainer
+
+    run, held, go = copy_run(run2, tmp_path / "run"), tmp_path / "held", tmp_path / "go"
+    trainer = Trainer(FitConfig.load(run / "config.json"), run, resume=True, quiet=True)
+    trainer.cfg.epochs = 4
+    try:
+        s = spawn(run, "--n", 4, module="sample",
+                  fault={"block": "samples-seed0.png", "marker": str(held), "release": str(go)})
+        wait_for(held, s)
+        trainer.run()
+    finally:
+        trainer.close()
+        go.touch()
+    r = finish(s)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert (run / "samples-seed0.png").exists() and not temp_files(run)
+
+
 # --------------------------------------------------------------------------- full disk, kill -9
 
 def test_a_file_size_limit_while_saving_a_checkpoint_keeps_the_previous_one(run2, run4, tmp_path, capsys):

@@ -9,8 +9,8 @@ This module also holds what ``tests/test_faults.py`` and ``benchmarks/fault_tria
 the tiny settings, the one subprocess helper (:func:`spawn`, :func:`finish`, :func:`cli`), its
 in-process twin (:func:`in_process`), the checks (:func:`assert_one_line`,
 :func:`assert_exact_metrics`, :func:`temp_files`), and :func:`inject`, which puts one fault
-into ``ppl_vae``; ``python tests/test_reliability.py FAULT_JSON ARGS...`` runs ``ppl_vae.fit``
-with it. See docs/reliability.md.
+into ``ppl_vae``; ``python tests/test_reliability.py FAULT_JSON MODULE ARGS...`` runs
+``python -m ppl_vae.MODULE ARGS...`` with it. See docs/reliability.md.
 """
 import collections
 import errno
@@ -40,10 +40,10 @@ FIT = "python -m ppl_vae.fit"
 
 def spawn(*args, fault: dict | None = None, module: str = "fit") -> subprocess.Popen:
     """Start ``python -m ppl_vae.MODULE ARGS`` from the repository root, offline, output piped;
-    with ``fault``: ``ppl_vae.fit`` with that fault injected (see :func:`inject`)."""
+    with ``fault``: the same with that fault injected (see :func:`inject`)."""
     env = {**os.environ, **OFFLINE, "no_proxy": "", "NO_PROXY": ""}
     head = [sys.executable, "-m", f"ppl_vae.{module}"] if fault is None else \
-        [sys.executable, str(Path(__file__).resolve()), json.dumps(fault)]
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(fault), module]
     return subprocess.Popen([*head, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -163,7 +163,7 @@ def inject(fault: dict):
     * ``{"pause_data": PATH}``: start-up creates PATH and sleeps while it loads the data, after the
       run directory was made and locked (a signal is sent then).
     """
-    from ppl_vae import files, train
+    from ppl_vae import files
 
     undo, seen = [], collections.Counter()
     kind = next(k for k in ("block", "fsize", "enospc", "pause_data") if k in fault)
@@ -201,17 +201,20 @@ def inject(fault: dict):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return _fsync(fd)
 
-    def load_dataset(*args, _load=train.load_dataset, **kw):
-        Path(target).touch()
-        time.sleep(120)
-        return _load(*args, **kw)
+    def paused(load):
+        def load_dataset(*args, **kw):
+            Path(target).touch()
+            time.sleep(120)
+            return load(*args, **kw)
+        return load_dataset
 
     if kind in ("block", "fsize"):
         patch(files, "atomic_write", atomic_write)
     elif kind == "enospc":
         patch(os, "fsync", fsync)
     else:
-        patch(train, "load_dataset", load_dataset)
+        from ppl_vae import train
+        patch(train, "load_dataset", paused(train.load_dataset))
     try:
         yield
     finally:
@@ -538,8 +541,6 @@ def test_resume_with_another_model_is_refused(run2, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-if __name__ == "__main__":  # python tests/test_reliability.py FAULT_JSON ARGS...: ppl_vae.fit with FAULT
-    from ppl_vae.fit import main as fit_main
-
+if __name__ == "__main__":  # python tests/test_reliability.py FAULT_JSON MODULE ARGS...: ppl_vae.MODULE with FAULT
     with inject(json.loads(sys.argv[1])):
-        sys.exit(fit_main(sys.argv[2:]))
+        sys.exit(importlib.import_module(f"ppl_vae.{sys.argv[2]}").main(sys.argv[3:]))
