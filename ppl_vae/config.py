@@ -1,19 +1,43 @@
-"""Run configuration: one dataclass, saved as ``config.json`` in every run directory."""
+"""Run configuration: one dataclass, saved as ``config.json`` in every run directory.
+
+Settings come from flags (:mod:`ppl_vae.fit`), from Python, or from a run's ``config.json``
+(``--resume``, ``evaluate``, ``sample``). :meth:`FitConfig.validate` checks every field's type and
+range whichever way it came; a bad value from a file is one :class:`UserError` line naming the
+file and the field. Settings that depend on the data (``epochs`` = None) are fixed by
+:meth:`FitConfig.with_data_defaults` once the data are loaded, and ``config.json`` records the
+fixed value.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import files
 from .data import BINARIZE
 from .errors import UserError
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS, ARCHS
-from .objectives import OBJECTIVES
 
 # Settings that define the model's parameters: a checkpoint only loads into the same ones.
 MODEL_KEYS = ("likelihood", "arch", "hidden", "z_dim", "activation", "image_shape")
+# The training objectives (--elbo); ppl_vae.objectives.OBJECTIVES implements exactly these
+# (tests/test_config.py), named here so that the configuration imports no inference code.
+ELBO_CHOICES = ("trace", "meanfield", "iwae")
+# The default length of a run: at least this many epochs and optimizer steps. Ten epochs of
+# MNIST (391 steps each at batch 128) already give recognisable digits; a small dataset needs
+# more epochs for as many steps (scikit-learn's digits: 250 epochs of 12 steps).
+DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS = 10, 3000
+
+
+def default_epochs(n_train: int, batch_size: int) -> int:
+    """max(10, ⌈3000 / steps per epoch⌉), with ⌈n_train / min(batch_size, n_train)⌉ steps per epoch."""
+    steps_per_epoch = math.ceil(n_train / min(batch_size, n_train))
+    return max(DEFAULT_MIN_EPOCHS, math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch))
 
 
 @dataclass
@@ -36,7 +60,7 @@ class FitConfig:
     beta: float = 1.0                # β-VAE weight of the KL term
     kl_warmup: float = 0.0           # epochs of linear β warm-up (0 = off)
     # optimization
-    epochs: int = 10
+    epochs: int | None = None        # None: default_epochs(N, batch_size), fixed once the data are loaded
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -45,60 +69,155 @@ class FitConfig:
     patience: int | None = None      # stop after this many epochs without a better valid ELBO (IWAE_K for iwae)
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
-    cuda_graph: bool = True          # on CUDA, replay each training step from a captured CUDA graph
+    cuda_graph: bool = False         # on CUDA, replay each step from a captured CUDA graph (not yet verified on a GPU)
     log_every: int = 50              # steps between host syncs (progress bar, NaN check)
     final_iwae_k: int = 100          # K of the validation IWAE bound reported at the end (0 = skip)
     # filled in by fit()
     image_shape: list[int] | None = None
 
-    def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise UserError(msg)
-        for flag, value, choices in (("--likelihood", self.likelihood, LIKELIHOODS), ("--arch", self.arch, ARCHS),
-                                     ("--activation", self.activation, ACTIVATIONS), ("--elbo", self.elbo, OBJECTIVES),
-                                     ("--binarize", self.binarize, BINARIZE)):
-            need(value in choices, f"{flag} must be one of {', '.join(choices)}, got {value!r}")
-        need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(self.num_particles >= 1, f"--num-particles K must be >= 1, got {self.num_particles}")
-        need(self.beta > 0, f"--beta must be > 0, got {self.beta}")
-        need(self.kl_warmup >= 0, f"--kl-warmup must be >= 0, got {self.kl_warmup}")
-        need(self.z_dim >= 1, f"--z-dim must be >= 1, got {self.z_dim}")
-        need(all(h >= 1 for h in self.hidden), f"--hidden sizes must be >= 1, got {self.hidden}")
-        need(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
-        need(self.sigma_floor >= 0, f"--sigma-floor must be >= 0, got {self.sigma_floor}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        need(0 < self.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {self.lr_decay}")
-        need(self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
-        need(self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}")
-        need(self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}")
-        need(self.final_iwae_k >= 0, f"--final-iwae-k must be >= 0, got {self.final_iwae_k}")
-        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             f"--device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.elbo != "iwae" or (self.beta == 1 and self.kl_warmup == 0),
-             "--beta and --kl-warmup apply to the ELBO, not to --elbo iwae; drop them or use --elbo trace")
+    def validate(self, source: str | None = None) -> None:
+        """Raise a one-line :class:`UserError` for a value of the wrong type or out of range.
+        Fields are named as flags (``--z-dim``), or as ``"z_dim"`` of the file ``source``."""
+        where = (lambda name: f'{source}: "{name}"') if source else _flag
+        for f in dataclasses.fields(self):
+            ok, expected = _TYPE_CHECKS[_TYPES[f.name]]
+            value = getattr(self, f.name)
+            if not ok(value):
+                raise UserError(f"{where(f.name)} must be {expected}, got {_show(value, source)}")
+        for name, ok, expected in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise UserError(f"{where(name)} must be {expected}, got {_show(value, source)}")
+        if self.elbo == "iwae" and (self.beta != 1 or self.kl_warmup != 0):
+            raise UserError((f"{source}: " if source else "") + "--beta and --kl-warmup apply to the ELBO, not to "
+                            "--elbo iwae; drop them or use --elbo trace")
+
+    def with_data_defaults(self, n_train: int) -> "FitConfig":
+        """This config with the settings that depend on the data fixed, for ``n_train`` training
+        datapoints: ``epochs`` = None becomes :func:`default_epochs`. Call it once the data are
+        loaded, before the config is saved (``config.json`` records the fixed values)."""
+        if self.epochs is not None:
+            return self
+        return dataclasses.replace(self, epochs=default_epochs(n_train, self.batch_size))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FitConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+    def from_dict(cls, d, source: str | None = None) -> "FitConfig":
+        """A validated config from a JSON object ``d``; missing keys take their defaults (runs of
+        earlier versions), unknown keys are refused. ``source`` names ``d``'s file in errors."""
+        what = source or "the configuration"
+        if not isinstance(d, dict):
+            raise UserError(f"{what} must hold a JSON object of settings, got {_json_type(d)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
         if unknown:
-            raise UserError(f"unknown configuration keys {unknown}; known keys: {sorted(names)}")
-        return cls(**d)
+            raise UserError(f"{what}: unknown keys {unknown}; known keys: {sorted(names)}")
+        # JSON writes 1.0 as 1; a float field takes an integer (but not true/false)
+        d = {k: float(v) if _TYPES[k] in (float, float | None) and _is_int(v) and _is_number(v) else v
+             for k, v in d.items()}
+        cfg = cls(**d)
+        cfg.validate(source)
+        return cfg
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        files.atomic_write(path, lambda f: f.write(text), binary=False)
 
     @classmethod
     def load(cls, path: Path) -> "FitConfig":
+        """The config in the file ``path``, validated; any problem is one :class:`UserError` line."""
+        source = f"run configuration {path}"
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read run configuration {path}: {e}") from None
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"cannot read {source}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                            f"restore or correct the file") from None
+        except (ValueError, RecursionError) as e:  # not UTF-8 text, or absurdly nested
+            raise UserError(f"{source} is not a JSON text file ({e.__class__.__name__}); restore or correct "
+                            f"the file") from None
+        return cls.from_dict(d, source)
+
+
+# --------------------------------------------------------------------------- field checks
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) and abs(v) < 1e300) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _optional(check):
+    ok, expected = check
+    return (lambda v: v is None or ok(v)), f"{expected} or null"
+
+
+_INT_LIST = (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers")
+_TYPE_CHECKS = {
+    int: (_is_int, "an integer"),
+    float: (_is_number, "a finite number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    list[int]: _INT_LIST,
+}
+_TYPE_CHECKS.update({t | None: _optional(c) for t, c in list(_TYPE_CHECKS.items())})
+_TYPES = typing.get_type_hints(FitConfig)  # field name → type, e.g. "epochs" → int | None
+
+
+def _one_of(choices):
+    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+# (field, test, what the value must be); a None value (where the type allows it) is not tested
+_RANGES = (
+    ("binarize", *_one_of(BINARIZE)),
+    ("likelihood", *_one_of(tuple(LIKELIHOODS))),
+    ("arch", *_one_of(ARCHS)),
+    ("activation", *_one_of(tuple(ACTIVATIONS))),
+    ("elbo", *_one_of(ELBO_CHOICES)),
+    ("dataset", lambda v: v.strip() != "", "a dataset name or a .npy/.npz path"),
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("num_particles", lambda v: v >= 1, ">= 1"),
+    ("beta", lambda v: v > 0, "> 0"),
+    ("kl_warmup", lambda v: v >= 0, ">= 0"),
+    ("z_dim", lambda v: v >= 1, ">= 1"),
+    ("hidden", lambda v: all(h >= 1 for h in v), ">= 1"),
+    ("sigma", lambda v: v > 0, "> 0"),
+    ("sigma_floor", lambda v: v >= 0, ">= 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("lr_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("grad_clip", lambda v: v > 0, "> 0"),
+    ("patience", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: 0 <= v < 2 ** 32, "in 0 .. 2**32 - 1 (NumPy's seed range)"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("final_iwae_k", lambda v: v >= 0, ">= 0"),
+    ("device", lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v),
+     "auto, cpu or cuda (or cuda:N)"),
+    ("image_shape", lambda v: len(v) == 3 and all(s >= 1 for s in v), "3 sizes >= 1 (C, H, W)"),
+)
+_FLAG_NAMES = {"num_particles": "--num-particles K", "hidden": "--hidden sizes", "image_shape": "the image shape"}
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _json_type(v) -> str:
+    return {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _show(value, source) -> str:
+    """``value`` as the user wrote it: JSON with its type for a file, Python's repr (str) otherwise."""
+    if source:
+        text = json.dumps(value) + (f" ({_json_type(value)})" if not isinstance(value, (int, float)) else "")
+    else:
+        text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -5,7 +5,8 @@ Every dataset is a :class:`Dataset` with ``train``/``valid``/``test`` splits of 
 training device as plain tensors and are batched by index, with no DataLoader.
 
 Data directory: ``--data-dir``, else ``$PPL_VAE_DATA``, else ``$XDG_CACHE_HOME/ppl_vae``
-(``~/.cache/ppl_vae``). Downloads (torchvision datasets, binarized MNIST) go there.
+(``~/.cache/ppl_vae``). Downloads (torchvision datasets, binarized MNIST) go there; the files
+themselves are found, fetched and read by :mod:`ppl_vae.data_files`.
 
 Binarization (``--binarize``): ``none`` keeps greyscale; ``dynamic`` draws x ~ Bernoulli(pixel)
 afresh for every training batch and once, with a fixed seed, for valid/test;
@@ -14,24 +15,21 @@ greyscale data under a likelihood that needs 0/1 data (``bernoulli``) and ``none
 """
 from __future__ import annotations
 
-import gzip
 import math
-import os
-import urllib.request
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import data_files
+from .data_files import find, read_amat, read_array_file, read_idx, resolve_data_dir
 from .errors import DataError
 
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 DATASETS = ("auto", *TORCHVISION_DATASETS, "binarized-mnist", "mnist-t10k", "digits", "circles")
 BINARIZE = ("auto", "none", "dynamic", "static")
-BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
 SPLIT_SEED = 1234  # seeds every split/binarization below, so a dataset is the same on every machine
 
 
@@ -71,66 +69,6 @@ class Dataset:
         return torch.bernoulli(x) if self.binarize == "dynamic" else x
 
 
-# --------------------------------------------------------------------------- locations
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir``, else ``$PPL_VAE_DATA``, else the per-user cache directory."""
-    if data_dir:
-        return Path(data_dir).expanduser()
-    if os.environ.get("PPL_VAE_DATA"):
-        return Path(os.environ["PPL_VAE_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "ppl_vae"
-
-
-def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``dest`` atomically (a partial download never looks complete)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            f.write(chunk)
-    os.replace(tmp, dest)
-
-
-# --------------------------------------------------------------------------- readers
-
-def read_amat(path: Path) -> torch.Tensor:
-    """A binarized-MNIST ``.amat`` (or ``.amat.gz``) file: one image per line, 784 values
-    ``0``/``1`` separated by spaces. Returns ``(N, 784)`` float32."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    try:
-        rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 2 * 784)  # fixed-width fast path
-        if not (rows[:, 1::2] <= 32).all():  # separators are spaces / newline
-            raise ValueError
-        arr = rows[:, 0::2] - ord("0")  # (N, 784)
-    except ValueError:
-        arr = np.loadtxt(raw.decode().splitlines(), dtype=np.float32, ndmin=2)
-    if arr.ndim != 2 or arr.shape[1] != 784 or arr.shape[0] == 0 or not np.isin(arr, (0, 1)).all():
-        raise DataError(f"{path} is not a binarized-MNIST .amat file (expected lines of 784 values 0/1)")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format), optionally gzip-compressed, as a NumPy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _find(root: Path, names: list[str]) -> Path | None:
-    for n in names:
-        for cand in (root / n, root / (n + ".gz")):
-            if cand.exists():
-                return cand
-    return None
-
-
 # --------------------------------------------------------------------------- splitting
 
 def _seeded_split(n: int, sizes: tuple[int, ...]) -> list[torch.Tensor]:
@@ -163,15 +101,16 @@ def load_binarized_mnist(root: Path, download: bool = True) -> Dataset:
     splits = {}
     for split in ("train", "valid", "test"):
         name = f"binarized_mnist_{split}.amat"
-        path = _find(folder, [name])
+        path = find(folder, [name])
         if path is None and download:
             try:
-                _download(BINARIZED_MNIST_URL.format(split), folder / name)
+                data_files.download(data_files.BINARIZED_MNIST_URL.format(split), folder / name,
+                                    data_files.BINARIZED_MNIST_MD5[split])
                 path = folder / name
-            except OSError as e:
+            except data_files.DownloadFailed as why:
                 raise DataError(
                     f"binarized MNIST file {name}(.gz) is not in {folder} and could not be downloaded "
-                    f"({e.__class__.__name__}); put the three binarized_mnist_{{train,valid,test}}.amat "
+                    f"({why}); put the three binarized_mnist_{{train,valid,test}}.amat "
                     f"files there, or point --data-dir / $PPL_VAE_DATA at a folder holding "
                     f"binarized_mnist/") from None
         if path is None:
@@ -207,8 +146,8 @@ def load_mnist_t10k(root: Path) -> Dataset:
     for machines that have only those files (``mnist_t10k/`` or torchvision's ``MNIST/raw/``)."""
     folders = [root / "mnist_t10k", root / "MNIST" / "raw"]
     for folder in folders:
-        img = _find(folder, ["t10k-images-idx3-ubyte"])
-        lab = _find(folder, ["t10k-labels-idx1-ubyte"])
+        img = find(folder, ["t10k-images-idx3-ubyte"])
+        lab = find(folder, ["t10k-labels-idx1-ubyte"])
         if img and lab:
             x = torch.from_numpy(read_idx(img).reshape(-1, 784).astype(np.float32) / 255.0)
             y = torch.from_numpy(read_idx(lab).astype(np.int64))
@@ -252,35 +191,9 @@ def load_circles(n_train: int = 20000, n_valid: int = 2000, n_test: int = 2000) 
 
 
 def load_array_file(path: Path) -> Dataset:
-    """A user's ``.npy`` / ``.npz`` of images in [0, 1], shape ``(N, H, W)``, ``(N, 1, H, W)`` or
-    ``(N, D)``; split 80/10/10 by a seeded permutation. From a ``.npz``: the array named ``x``,
-    ``images``, ``data`` or ``arr_0``, else its only numeric array with ≥ 2 dimensions. Pickled
-    objects are never loaded (``allow_pickle=False``)."""
-    unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile)
-    try:
-        obj = np.load(path, allow_pickle=False)
-    except unreadable as e:
-        why = ("another format, or pickled Python objects, which ppl_vae never loads" if "pickle" in str(e).lower()
-               else f"{e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}")
-        raise DataError(f"cannot read {path} as a NumPy .npy/.npz file of numbers ({why}); save the images "
-                        f"with numpy.save / numpy.savez") from None
-    if not isinstance(obj, np.lib.npyio.NpzFile):
-        return dataset_from_array(obj, name=str(path))
-    with obj:
-        arrays = {}
-        for k in obj.files:
-            try:
-                arrays[k] = obj[k]
-            except unreadable:  # an object array or a damaged member: not usable
-                pass
-    usable = [k for k, a in arrays.items() if a.ndim >= 2 and a.dtype.kind in "fiub"]
-    pref = [k for k in ("x", "images", "data", "arr_0") if k in usable]
-    if pref or len(usable) == 1:
-        return dataset_from_array(arrays[(pref or usable)[0]], name=str(path))
-    found = (f"several candidates ({', '.join(usable)}) and none named x or images" if usable else
-             f"arrays: {', '.join(obj.files) or 'none'}")
-    raise DataError(f"{path} holds no usable image array ({found}); save one numeric array of shape (N, H, W) "
-                    f"or (N, D) named 'x' or 'images'")
+    """A user's ``.npy`` / ``.npz`` of images (see :func:`ppl_vae.data_files.read_array_file`),
+    split 80/10/10 by a seeded permutation."""
+    return dataset_from_array(read_array_file(path), name=str(path))
 
 
 def dataset_from_array(arr, name: str = "array") -> Dataset:
@@ -395,7 +308,7 @@ def _load_auto(root: Path, download: bool) -> Dataset:
     try:
         return load_torchvision("mnist", root, download)
     except DataError as mnist_error:
-        if _find(root / "binarized_mnist", ["binarized_mnist_train.amat"]):
+        if find(root / "binarized_mnist", ["binarized_mnist_train.amat"]):
             warnings.warn(f"MNIST is not available ({mnist_error}); using the static binarized MNIST found "
                           f"in {root / 'binarized_mnist'} instead", stacklevel=3)
             return load_binarized_mnist(root, download=False)

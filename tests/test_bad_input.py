@@ -6,11 +6,13 @@ process (the same code path: argparse, then ``cli.user_errors`` turning a ``User
 feeds a few hundred random malformed arrays to the data validation. See docs/reliability.md.
 """
 import hashlib
+import io
 import math
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +27,29 @@ REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
 
 
+def command(module: str, *args) -> list[str]:
+    return [sys.executable, "-m", f"ppl_vae.{module}", *map(str, args)]
+
+
+def run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    """``cmd`` from the repository root, offline."""
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+ENV = {**os.environ, **OFFLINE, "no_proxy": "", "NO_PROXY": ""}
+
+
 def fit(*args, timeout: float = 180) -> subprocess.CompletedProcess:
     """``python -m ppl_vae.fit ARGS`` from the repository root, offline."""
-    env = {**os.environ, **OFFLINE, "no_proxy": "", "NO_PROXY": ""}
-    return subprocess.run([sys.executable, "-m", "ppl_vae.fit", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run(command("fit", *args), timeout)
 
 
-def assert_cli_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
+def assert_cli_error(r: subprocess.CompletedProcess, code: int = 2, prog: str = "python -m ppl_vae.fit") -> str:
     """Exit ``code``, stderr exactly one non-empty ``prog: error: ...`` line, no traceback; returns it."""
     lines = r.stderr.splitlines()
     assert r.returncode == code, (r.returncode, r.stderr)
     assert len(lines) == 1 and lines[0].strip(), r.stderr
-    assert "Traceback" not in r.stderr and lines[0].startswith("python -m ppl_vae.fit: error: "), r.stderr
+    assert "Traceback" not in r.stderr and lines[0].startswith(f"{prog}: error: "), r.stderr
     return lines[0]
 
 
@@ -86,6 +98,10 @@ def files(tmp_path_factory) -> dict:
     np.savez(paths["labels_only"], labels=np.arange(20), name=np.array("digits"))
     paths["ambiguous"] = d / "ambiguous.npz"
     np.savez(paths["ambiguous"], a=binary, b=binary)
+    paths["lying"] = d / "lying.npy"  # a valid header declaring (10**12, 64) float32, then 256 bytes
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12, 64)})
+    paths["lying"].write_bytes(header.getvalue() + bytes(256))
     paths["junk"] = d / "junk.npy"
     paths["junk"].write_bytes(b"\x93NUMPY garbage")
     paths["missing"] = d / "missing.npy"
@@ -128,10 +144,13 @@ def test_cli_existing_run_is_never_overwritten_silently(tmp_path):
     run.mkdir()
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt"):
         (run / name).write_text(name)
-    before = {f.name: (digest(f), f.stat().st_mtime_ns) for f in run.iterdir()}
+    def state():  # the run's files; the empty .lock file of the one-writer lock (ppl_vae.files) may appear
+        return {f.name: (digest(f), f.stat().st_mtime_ns) for f in run.iterdir() if f.name != ".lock"}
+
+    before = state()
     line = assert_cli_error(fit("--dataset", "circles", "--out", run))
     assert f"{run} already holds a run" in line and "--resume" in line and "--overwrite" in line
-    assert {f.name: (digest(f), f.stat().st_mtime_ns) for f in run.iterdir()} == before
+    assert state() == before
 
 
 # --------------------------------------------------------------------------- same code path, in process
@@ -152,6 +171,8 @@ def test_cli_existing_run_is_never_overwritten_silently(tmp_path):
     ("strings", [], "images must be numeric, got dtype <U1"),
     ("pickled", [], "pickled Python objects, which ppl_vae never loads"),
     ("junk", [], "cannot read"),
+    ("lying", [], "lying.npy: its header declares an array of shape (1000000000000, 64) and dtype float32 "
+                  "(256,000,000,000,000 bytes) but only 256 bytes follow it"),
     ("labels_only", [], "holds no usable image array (arrays: labels, name)"),
     ("ambiguous", [], "several candidates (a, b) and none named x or images"),
     ("missing", [], "does not exist"),
@@ -171,7 +192,16 @@ def test_missing_mnist_test_files_name_both_folders(files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--epochs", "-1"], "--epochs must be >= 0, got -1"),
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--final-iwae-k", "-1"], "--final-iwae-k must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--sigma-floor", "-1"], "--sigma-floor must be >= 0"),
+    (["--lr-decay", "0"], "--lr-decay must be in (0, 1], got 0.0"),
+    (["--device", "cuda:x"], "--device must be auto, cpu or cuda (or cuda:N), got 'cuda:x'"),
+    (["--dataset", " "], "--dataset must be a dataset name or a .npy/.npz path"),
     (["--num-particles", "0"], "--num-particles K must be >= 1, got 0"),
     (["--beta", "0"], "--beta must be > 0, got 0.0"),
     (["--beta", "-2"], "--beta must be > 0, got -2.0"),
@@ -208,6 +238,67 @@ def test_resume_needs_out_and_out_must_be_a_folder(tmp_path, capsys):
     line = fit_in_process(["--dataset", "circles", "--out", tmp_path / "file"], capsys)
     assert "is a file, not a run directory" in line
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+# a damaged or hand-edited config.json: (content, what the line says after "run configuration <path>")
+BAD_CONFIGS = {
+    "null": ("null", " must hold a JSON object of settings, got null"),
+    "list": ('["z_dim", 20]', " must hold a JSON object of settings, got a list"),
+    "invalid_json": ('{"z_dim": 20', " is not valid JSON (Expecting ',' delimiter at line 1, column 13); "
+                                     "restore or correct the file"),
+    "not_utf8": (b"\x80\x81 binary", " is not a JSON text file (UnicodeDecodeError)"),
+    "string_z_dim": ('{"z_dim": "20"}', ': "z_dim" must be an integer, got "20" (a string)'),
+    "zero_epochs": ('{"epochs": 0}', ': "epochs" must be >= 1, got 0'),
+    "unknown_key": ('{"zdim": 20}', ": unknown keys ['zdim']; known keys: ['activation', "),
+}
+
+
+def _write_config(run_dir: Path, case: str) -> Path:
+    content = BAD_CONFIGS[case][0]
+    run_dir.mkdir()
+    path = run_dir / "config.json"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+def _check_config_error(line: str, module: str, path: Path, case: str) -> None:
+    content, expected = BAD_CONFIGS[case]
+    assert line.startswith(f"python -m ppl_vae.{module}: error: run configuration {path}{expected}"), line
+    assert (path.read_bytes() if isinstance(content, bytes) else path.read_text()) == content  # left as it was
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json"]  # nothing written beside it
+
+
+@pytest.mark.parametrize("module", ["fit", "evaluate"])
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_json_is_one_line(tmp_path, capsys, case, module):
+    """``fit --out D --resume`` and ``evaluate D`` read D/config.json first: every bad one is exit 2
+    and one line naming the file and the field (in process: the CLIs' ``main``)."""
+    import importlib
+
+    path = _write_config(tmp_path / "run", case)
+    argv = ["--out", path.parent, "--resume", "--quiet"] if module == "fit" else [path.parent]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"ppl_vae.{module}").main([str(a) for a in argv])
+    r = subprocess.CompletedProcess(argv, e.value.code, "", capsys.readouterr().err)
+    _check_config_error(assert_cli_error(r, 2, f"python -m ppl_vae.{module}"), module, path, case)
+
+
+def test_bad_config_json_through_the_real_clis(tmp_path):
+    """The two faults of issue 15 through the real commands, in subprocesses run side by side:
+    "z_dim": "20" once broke ``fit --resume`` with a traceback, a config.json holding null
+    raised TypeError. Exit 2, one line, no traceback. (Every case through both commands' ``main``
+    is tested above; a subprocess spends seconds importing torch.)"""
+    runs = {}
+    for case, module in (("string_z_dim", "fit"), ("null", "evaluate")):
+        run_dir = _write_config(tmp_path / case, case).parent
+        runs[case, module] = (command("fit", "--out", run_dir, "--resume", "--quiet") if module == "fit"
+                              else command("evaluate", run_dir))
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(runs, pool.map(run, runs.values())))
+    for (case, module), r in done.items():
+        line = assert_cli_error(r, 2, f"python -m ppl_vae.{module}")
+        _check_config_error(line, module, tmp_path / case / "config.json", case)
 
 
 # --------------------------------------------------------------------------- property test

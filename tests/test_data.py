@@ -3,12 +3,13 @@ binarization, and the checks that refuse data a likelihood cannot model."""
 import gzip
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ppl_vae import data
+from ppl_vae import data, data_files
 from ppl_vae.data import load_dataset
 from ppl_vae.errors import DataError
 from ppl_vae.likelihoods import make_likelihood
@@ -77,6 +78,62 @@ def test_binarized_mnist_missing_without_download_is_a_data_error(tmp_path):
         load_dataset("binarized-mnist", data_dir=tmp_path, download=False)
 
 
+def _fake_download_url(calls, fail=None):
+    """A stand-in for torchvision's ``download_url`` (no network in tests): records its arguments
+    and writes a tiny valid ``.amat`` where asked, or half of one and then raises ``fail``."""
+    def download_url(url, root, filename=None, md5=None):
+        calls.append({"url": url, "root": root, "filename": filename, "md5": md5})
+        text = "".join(" ".join("1" if (i + j) % 3 else "0" for j in range(784)) + "\n" for i in range(4))
+        path = Path(root) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)  # as download_url does
+        path.write_text(text[:len(text) // 2] if fail else text)
+        if fail:
+            raise fail
+    return download_url
+
+
+def test_binarized_mnist_download_is_https_with_the_md5_of_each_file(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", _fake_download_url(calls))
+    ds = load_dataset("binarized-mnist", data_dir=tmp_path)
+    folder = tmp_path / "binarized_mnist"
+    assert [c["url"] for c in calls] == [f"https://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+                                         f"binarized_mnist_{s}.amat" for s in ("train", "valid", "test")]
+    assert [c["md5"] for c in calls] == ["db28b1a6ae0fe70cbd3da91acf46e477", "bf37822a04e94123630de6a7dfd9c9ef",
+                                         "14e41ae11040adba6ab8cb291eda0dd8"]
+    assert all(Path(c["root"]) == folder for c in calls)
+    # each file was fetched under a temporary name and renamed once checked
+    assert sorted(p.name for p in folder.iterdir()) == [f"binarized_mnist_{s}.amat" for s in ("test", "train", "valid")]
+    assert torch.equal(ds.train, torch.tensor([[float((i + j) % 3 != 0) for j in range(784)] for i in range(4)]))
+    # a second load reads the local copies: no download
+    load_dataset("binarized-mnist", data_dir=tmp_path)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("fail,why", [(RuntimeError("File not found or corrupted."), "its MD5 check failed"),
+                                      (ConnectionResetError("reset"), "ConnectionResetError")])
+def test_failed_download_leaves_no_file_that_looks_local(tmp_path, monkeypatch, fail, why):
+    import torchvision.datasets.utils
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", _fake_download_url([], fail=fail))
+    with pytest.raises(DataError) as e:
+        load_dataset("binarized-mnist", data_dir=tmp_path)
+    assert f"could not be downloaded ({why})" in str(e.value)
+    assert list((tmp_path / "binarized_mnist").iterdir()) == []  # neither the .amat nor its .part
+
+
+def test_binarized_mnist_md5_constants_match_the_real_files(data_dir):
+    """The checksums the download checks are those of the public files (the shared gzip copies
+    hold the same bytes, see ../shared/data/README.md)."""
+    import hashlib
+
+    for split, md5 in data_files.BINARIZED_MNIST_MD5.items():
+        with gzip.open(data_dir / "binarized_mnist" / f"binarized_mnist_{split}.amat.gz", "rb") as f:
+            assert hashlib.md5(f.read()).hexdigest() == md5, split
+
+
 def _write_idx(path, arr):
     arr = np.asarray(arr, dtype=np.uint8)
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
@@ -92,6 +149,17 @@ def test_read_idx(tmp_path, suffix):
     _write_idx(path, arr)
     out = data.read_idx(path)
     assert out.shape == (4, 3, 5) and np.array_equal(out, arr)
+
+
+def test_read_idx_refuses_truncated_and_foreign_files(tmp_path):
+    path = tmp_path / "images-idx3-ubyte"
+    _write_idx(path, np.zeros((4, 3, 5)))
+    path.write_bytes(path.read_bytes()[:-7])  # a cut download
+    with pytest.raises(DataError, match=r"header declares shape \(4, 3, 5\) \(60 bytes\) but 53 bytes follow it"):
+        data.read_idx(path)
+    path.write_bytes(b"PK\x03\x04 not idx")
+    with pytest.raises(DataError, match="is not an IDX file"):
+        data.read_idx(path)
 
 
 def test_mnist_t10k_from_idx_files(tmp_path):
@@ -196,6 +264,36 @@ def test_bad_files_refused(tmp_path):
         load_dataset(str(tmp_path / "two.npz"))
     with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("imagenet")
+
+
+def _lying_npy(shape) -> bytes:
+    """A valid ``.npy`` header declaring ``shape`` float32, followed by only 256 bytes."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(256)
+
+
+@pytest.mark.parametrize("ext", [".npy", ".npz"])
+@pytest.mark.parametrize("shape,need", [((10 ** 12, 64), "256,000,000,000,000"), ((10, 8, 8), "2,560")])
+def test_a_header_that_declares_more_than_the_file_holds_is_refused(tmp_path, ext, shape, need):
+    """Refused from the header alone (before NumPy allocates what it declares: 233 TiB here),
+    whether the lie is absurd or a few bytes (a truncated file)."""
+    import zipfile
+
+    path = tmp_path / f"lie{ext}"
+    if ext == ".npy":
+        path.write_bytes(_lying_npy(shape))
+    else:
+        with zipfile.ZipFile(path, "w") as z:  # as numpy.savez stores its members
+            z.writestr("images.npy", _lying_npy(shape))
+    with pytest.raises(DataError) as e:
+        load_dataset(str(path))
+    where = str(path) + (" (array 'images')" if ext == ".npz" else "")
+    assert str(e.value) == (f"{where}: its header declares an array of shape {shape} and dtype float32 ({need} "
+                            f"bytes) but only 256 bytes follow it; the file is truncated or damaged: save the "
+                            f"images again with numpy.save / numpy.savez")
 
 
 # --------------------------------------------------------------------------- data directory
