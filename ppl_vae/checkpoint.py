@@ -168,7 +168,7 @@ def save_training(trainer, best: bool = False) -> None:
         atomic_save(ckpt, trainer.out / "checkpoint.pt")
         if best:
             atomic_save(ckpt, trainer.out / "best.pt")
-        files.remove_stale_temps(trainer.out, locked=True)
+        files.remove_stale_temps(trainer.out, older_than=trainer.lock.acquired_at if trainer.lock else None)
     s.saved_at = (s.epoch, s.step)
 
 

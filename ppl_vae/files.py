@@ -10,7 +10,7 @@ temporary files, and the one-writer lock of a run directory.
 * :func:`append_line` appends one line and fsyncs it (``metrics.jsonl``: an epoch on disk is
   an epoch that survives a power loss).
 * :func:`remove_stale_temps` removes the temporary files of writers that died mid-write
-  (kill -9): those whose PID is not alive, or not this process's while it holds the lock.
+  (kill -9): those whose PID is not alive, or that are older than the run's lock.
 * :class:`RunLock` is an exclusive ``fcntl.flock`` on ``<run>/.lock``, held for a ``fit``'s
   whole life. The OS drops it when the process dies, so a killed run never blocks its own
   resume; a second writer is refused with the holder's PID and host.
@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -122,27 +123,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike, locked: bool = False) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike, older_than: float | None = None) -> list[Path]:
     """Remove temporary files of :func:`atomic_write` left in ``folder`` by writers that died.
 
-    A temp file is stale when its writer PID is not alive, or, when ``locked`` (this process
-    holds the folder's :class:`RunLock`, so it is the only writer), when it is not this
-    process's. Returns the removed paths."""
+    A temp file is stale when its writer PID is not alive, or when it was last written before
+    ``older_than`` (a time stamp: the holder of the folder's :class:`RunLock` passes the time it
+    took the lock, so a temp file of a writer that died before then goes even if its PID has been
+    reused, while a live reader's temp file, e.g. ``sample`` writing into the run, stays).
+    Returns the removed paths."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
         m = TEMP.match(p.name)
-        if not m:
+        if not m or int(m.group(1)) == os.getpid():
             continue
-        pid = int(m.group(1))
-        if (locked and pid != os.getpid()) or not _alive(pid):
-            try:
+        try:
+            old = older_than is not None and p.stat().st_mtime < older_than
+            if old or not _alive(int(m.group(1))):
                 p.unlink()
                 removed.append(p)
-            except OSError:
-                pass
+        except OSError:
+            pass
     return removed
 
 
@@ -156,6 +159,7 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / LOCK_NAME
         self._fd: int | None = None
+        self.acquired_at: float | None = None  # time.time() when this process took the lock
 
     def acquire(self) -> "RunLock":
         import fcntl
@@ -174,6 +178,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
+        self.acquired_at = time.time()
         return self
 
     def release(self) -> None:

@@ -85,7 +85,7 @@ def lock(out: Path) -> files.RunLock:
     except OSError as e:
         raise UserError(f"cannot create run directory {out} ({e.strerror or e}); choose another --out") from None
     held = files.RunLock(out).acquire()
-    files.remove_stale_temps(out, locked=True)
+    files.remove_stale_temps(out, older_than=held.acquired_at)
     return held
 
 

@@ -132,6 +132,7 @@ class Trainer:
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
             raise CheckpointError(f"the data have image shape {list(ds.image_shape)} but the run was trained on "
                                   f"{cfg.image_shape}")
+        cfg = cfg.with_data_defaults(ds.train.shape[0])  # e.g. epochs: enough steps on a small dataset
         cfg.image_shape = list(ds.image_shape)
         cfg.dataset = ds.name if cfg.dataset == "auto" else cfg.dataset
         cfg.binarize = ds.binarize

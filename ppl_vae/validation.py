@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import distributed, estimators
+from .checks import as_args, take
 
 VALID_SEED = 271828  # validation draws are the same every epoch, so epochs compare fairly
 
@@ -16,18 +17,22 @@ VALID_SEED = 271828  # validation draws are the same every epoch, so epochs comp
 @torch.no_grad()
 def bound_on(vae, x: torch.Tensor, kind: str = "elbo", k: int = 1, batch: int | None = None,
              seed: int = VALID_SEED, ctx: distributed.Context | None = None) -> float:
-    """Mean bound over ``x (N, D)`` in nats per datapoint: the analytic-KL ELBO (``kind="elbo"``)
-    or IWAE_k (``kind="iwae"``), with fixed draws (``seed``) per block of ``batch`` rows
+    """Mean bound over ``x (N, D)`` (or a tuple ``(x, y)`` of per-datapoint arguments) in nats per
+    datapoint: the ELBO (``kind="elbo"``; KL in closed form at every site that has a valid one,
+    Monte Carlo at the others, e.g. a VampPrior or an IAF guide: ``analytic_kl="auto"``) or IWAE_k
+    (``kind="iwae"``), with fixed draws (``seed``) per block of ``batch`` rows
     (default: 10,000 for the ELBO, 100,000 / k for IWAE_k).
     Distributed (``ctx``): rank r computes blocks r, r+P, ...; the block sums are gathered and
     added in block order, so every rank returns the single-process value exactly."""
+    args = as_args(x)
+    n = args[0].shape[0]
     batch = batch or (max(1, 100_000 // k) if kind == "iwae" else 10_000)
-    starts = range(0, x.shape[0], batch)
+    starts = range(0, n, batch)
     sums = {}
     for i in starts if ctx is None else distributed.strided(starts, ctx):
-        xb = x[i:i + batch]
+        xb = take(args, i, i + batch)
         if kind == "elbo":
-            est = estimators.elbo(vae.model, vae.guide, xb, num_samples=k, analytic_kl=True, seed=seed + i)
+            est = estimators.elbo(vae.model, vae.guide, xb, num_samples=k, analytic_kl="auto", seed=seed + i)
         else:
             est = estimators.iwae(vae.model, vae.guide, xb, k, seed=seed + i)
         sums[i] = est.value.sum().item()
@@ -36,7 +41,7 @@ def bound_on(vae, x: torch.Tensor, kind: str = "elbo", k: int = 1, batch: int | 
     total = 0.0
     for i in starts:
         total += sums[i]
-    return total / x.shape[0]
+    return total / n
 
 
 def objective_name(cfg, first_beta: float) -> str:
