@@ -1,5 +1,6 @@
-r"""What the estimators accept, checked once per call before any pass: the data, the program's
-plates and, for the analytic-KL ELBO, which latent sites have a valid closed-form KL.
+r"""What the estimators accept, checked once per call before any pass (:func:`inspect_program`):
+the data, the program's plates, whether it is slice-safe and, for the analytic-KL ELBO, which
+latent sites have a valid closed-form KL.
 
 **Data.** ``x`` is a tensor ``(N, ...)`` with the datapoints along dim 0, or a tuple
 ``(x, y, ...)`` of such tensors with the same N: the per-datapoint arguments of
@@ -25,14 +26,18 @@ Every refusal is one line, a :class:`~ppl_vae.errors.UserError` (a ``ValueError`
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
-from pyro.poutine.util import site_is_subsample
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
 from .errors import DataError, UserError
+from .replay import DATA_PLATE, as_args, cat_units, rng_fork, replay, take_rows, weigh
 
-DATA_PLATE = "data"
+PROBE_ROWS = 8  # datapoints of the probe of each call (inspect_program), when the program runs on them
 # What a program raises on data it cannot take (torch shape/dtype errors, Pyro shape mismatches)
 PROGRAM_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
@@ -40,11 +45,6 @@ PROGRAM_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 class NoClosedFormKL(UserError, NotImplementedError):
     """A latent site whose closed-form KL is valid by the order rule but not registered in
     ``torch.distributions`` (a mixture prior, a flow guide). A ``NotImplementedError`` too."""
-
-
-def as_args(x) -> tuple[torch.Tensor, ...]:
-    """The positional per-datapoint arguments: ``(x,)`` for a tensor, the tuple itself otherwise."""
-    return (x,) if torch.is_tensor(x) else tuple(x)
 
 
 def take(args, start: int, stop: int) -> tuple[torch.Tensor, ...]:
@@ -80,8 +80,8 @@ def _name(i: int) -> str:
 def check_data(x, kwargs: dict | None = None) -> tuple[torch.Tensor, ...]:
     """``x`` as a tuple of arguments, refused (:class:`DataError`) unless each is a tensor of
     rank ≥ 1 with the same N ≥ 1 along dim 0 and every floating one is finite (the first bad
-    datapoint is named); a keyword tensor with N rows is refused too. One host sync per
-    floating argument."""
+    datapoint is named); a keyword tensor with N rows is refused too. One reduction and one host
+    sync per floating argument."""
     if not (torch.is_tensor(x) or (isinstance(x, (tuple, list)) and x and all(map(torch.is_tensor, x)))):
         raise DataError(f"x must be a tensor (N, ...) or a tuple (x, y, ...) of tensors with the datapoints along "
                         f"dim 0, got {type(x).__name__}")
@@ -93,7 +93,8 @@ def check_data(x, kwargs: dict | None = None) -> tuple[torch.Tensor, ...]:
         if a.dim() == 0 or a.shape[0] != n:
             raise DataError(f"{_name(i)} has shape {tuple(a.shape)} but x has {n} datapoints: every per-datapoint "
                             f"argument needs them along dim 0")
-        if a.is_floating_point():
+        # a row sum is finite unless the row holds NaN or inf (or overflows: then the rows are looked at)
+        if a.is_floating_point() and not bool(torch.isfinite(a.reshape(n, -1).sum(1)).all()):
             bad = ~torch.isfinite(a.reshape(n, -1)).all(1)  # (N,)
             if bool(bad.any()):
                 rows = bad.nonzero().flatten().tolist()
@@ -171,11 +172,6 @@ def plate_nesting(model_tr, guide_tr) -> int:
                 for f in s["cond_indep_stack"] if f.vectorized], default=0)
 
 
-def data_dim(site) -> int:
-    """The (negative) dim of the data plate in a site's batch shape."""
-    return next(f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE)
-
-
 def _latents(tr) -> list[str]:
     return [name for name, s in tr.nodes.items()
             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)]
@@ -209,3 +205,90 @@ def closed_form_sites(model_tr, guide_tr, analytic_kl) -> tuple[frozenset, str |
     if missing and analytic_kl is True:
         raise NoClosedFormKL(missing)
     return frozenset(closed), missing
+
+
+# --------------------------------------------------------------------------- the probe of each call
+
+class Program(NamedTuple):
+    """What one probe of model and guide on the caller's arguments found (:func:`inspect_program`):
+    ``nesting``, the plate dims they use; ``closed_form``, the latent sites whose KL is taken in
+    closed form (``None``: no analytic ELBO asked for); ``no_closed_form``, why a site that could
+    have one has none; ``slice_safe``, whether weighing slices of the datapoints gives the
+    whole batch's weights (:func:`slice_safe`)."""
+
+    nesting: int
+    closed_form: frozenset | None = None
+    no_closed_form: str | None = None
+    slice_safe: bool = True
+
+
+def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program:
+    """Probe ``guide(*args, **kwargs)`` and the model replayed on it, one draw without particle
+    plate and without touching the caller's RNG, on the caller's own arguments: the first
+    :data:`PROBE_ROWS` datapoints, or all of them where the program does not run on those (a
+    guide holding ``(N, d)`` tensors). Checks the data, the plates, the log weights and the
+    analytic-KL sites (:mod:`ppl_vae.checks`; a one-line ``UserError`` on bad input) and
+    :func:`slice_safe` (the probe's last two datapoints replayed alone)."""
+    args = check_data(x, kwargs)
+    check_program_inputs(model, guide, args)
+    with rng_fork(), poutine.block(), torch.no_grad():
+        probe = None
+        if args[0].shape[0] > PROBE_ROWS:
+            try:
+                probe = _probe(model, guide, take(args, 0, PROBE_ROWS), kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except PROGRAM_ERRORS:  # e.g. a guide holding (N, d) tensors: probe all of x
+                pass
+        if probe is None:
+            try:
+                probe = _probe(model, guide, args, kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except PROGRAM_ERRORS as e:
+                raise program_failed(model, guide, args, e) from e
+        probe_args, model_tr, guide_tr, nesting, log_w = probe
+        closed, missing = closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
+        safe = _same_on_a_slice(model, guide, probe_args, kwargs, nesting, guide_tr, log_w)
+    return Program(nesting, closed, missing, safe)
+
+
+def _probe(model, guide, args, kwargs):
+    """``(args, model trace, guide trace, nesting, log w (1, n))`` of one plain run on ``args``."""
+    guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    check_plates(model_tr, guide_tr, args[0].shape[0])
+    nesting = plate_nesting(model_tr, guide_tr)
+    log_w = weigh(prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr), nesting).log_w  # (1, n)
+    return args, model_tr, guide_tr, nesting, log_w
+
+
+def max_plate_nesting(model, guide, x, **kwargs) -> int:
+    """How many plate dims the model and guide use, traced on the caller's own ``x`` (tensor or
+    tuple of per-datapoint arguments) without touching the caller's RNG."""
+    return inspect_program(model, guide, x, kwargs).nesting
+
+
+def slice_safe(model, guide, x, **kwargs) -> bool:
+    """Whether datapoint i gets the same weight from a run on a slice of ``x`` as from one on all
+    of it: not so for a guide reading per-datapoint parameters by plate index (``loc[idx]``,
+    idx = 0..rows−1 on a slice), holding ``(N, d)`` tensors or using batch statistics. Tested on
+    the probe's last two datapoints (its draw for the probe's batch replayed on those two alone;
+    agreement to 1000 float eps, relative)."""
+    return inspect_program(model, guide, x, kwargs).slice_safe
+
+
+def _same_on_a_slice(model, guide, args, kwargs, nesting, guide_tr, log_w) -> bool:
+    """:func:`slice_safe` from the probe: its arguments, guide trace and log weights ``(1, n)``."""
+    n = args[0].shape[0]
+    if n == 1:
+        return True
+    try:
+        part = weigh(*replay(model, guide, take_rows(cat_units([guide_tr], nesting), n - 2, n), take(args, n - 2, n),
+                             None, nesting, kwargs), nesting).log_w  # (1, 2)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except PROGRAM_ERRORS:  # e.g. a guide holding (N, d) tensors: a slice does not fit its plate
+        return False
+    whole, tol = log_w[:, n - 2:], 1000 * torch.finfo(log_w.dtype).eps
+    return bool(((part - whole).abs() <= tol * (1 + whole.abs())).all())

@@ -548,3 +548,29 @@ def test_extra_arguments_anywhere_but_in_the_tuple_are_refused():
         with pytest.raises(UserError) as err:
             call()
         assert str(err.value) == message
+
+
+def test_the_probe_of_each_call_runs_on_eight_datapoints_unless_the_program_needs_all():
+    """One plain run (no particle plate) on the first 8 datapoints and one on the last two of
+    those; a guide holding (50, d) locations does not run on 8, so it is probed on all 50."""
+    model, x, _ = local_problem()
+    plain = []
+
+    class Spy(pyro.poutine.messenger.Messenger):
+        def _pyro_post_sample(self, msg):
+            if msg["name"] == "x" and len(msg["fn"].batch_shape) == 1:  # (n,): no particle plate
+                plain.append(msg["fn"].batch_shape[0])
+
+    def spied(x):
+        with Spy():
+            model(x)
+
+    def amortized(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.9).to_event(1))
+
+    E.iwae(spied, amortized, x, 10, seed=0)
+    assert plain == [8, 2]
+    plain.clear()
+    E.iwae(spied, closure_guide(x / 2, 0.9), x, 10, seed=0)
+    assert plain == [50]  # its slice of two does not run either: not slice-safe, weighed unsliced
