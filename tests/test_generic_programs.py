@@ -12,7 +12,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro import poutine
 
 from ppl_vae import estimators as E
 from ppl_vae import evaluate as V
