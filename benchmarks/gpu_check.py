@@ -66,11 +66,11 @@ def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: floa
         optim = make_optimizer(vae.parameters(), FitConfig(), device, capturable=True)
         objective = make_objective("trace")
 
-        def loss_fn(xb, size, beta):
-            return objective(vae.model, vae.guide, xb, size=size, beta=beta)
+        def loss_fn(batch, size, beta):
+            return objective(vae.model, vae.guide, *batch, size=size, beta=beta)
 
         def step(idx, beta, weight=1.0):
-            return train_step(loss_fn, optim, vae.parameters(), x[idx], x.shape[0], beta)
+            return train_step(loss_fn, optim, vae.parameters(), (x[idx],), x.shape[0], beta)
 
         step_fn = GraphedStep(step, device) if graphed else step
         torch.manual_seed(seed + 1)  # the ε stream of the steps

@@ -120,9 +120,13 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def check_config_matches(saved: dict, requested: dict, keys) -> None:
-    """Refuse to resume/load when a model-defining setting differs."""
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, requested {requested.get(k)!r}"
-             for k in keys if saved.get(k) != requested.get(k)]
+    """Refuse to resume/load when a model-defining setting differs (a key that an older
+    ``config.json`` lacks counts as its default: the program of version 0.1 is the default one)."""
+    from .config import FitConfig
+
+    default = FitConfig().to_dict()
+    diffs = [f"{k}: checkpoint has {saved.get(k, default.get(k))!r}, requested {requested.get(k, default.get(k))!r}"
+             for k in keys if saved.get(k, default.get(k)) != requested.get(k, default.get(k))]
     if diffs:
         raise CheckpointError("checkpoint does not match the requested model (" + "; ".join(diffs) +
                               "); use the run's own settings or start a new --out")

@@ -58,10 +58,30 @@ def user_errors(prog: str):
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
-        print(f"{prog}: interrupted by {name}", file=sys.stderr)
-        sys.exit(code)
+        _exit_interrupted(prog, e)
     finally:
         warnings.showwarning = show
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+def _exit_interrupted(prog: str, e: KeyboardInterrupt, when: str = ""):
+    name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+    print(f"{prog}: interrupted by {name}{when}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextmanager
+def startup(prog: str):
+    """Around a command-line module's heavy imports (torch, Pyro: seconds): Ctrl-C or SIGTERM
+    while they load exits 130 / 143 with one line instead of a traceback. Nothing has been
+    written yet, so there is nothing to clean up."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        _exit_interrupted(prog, e, " while starting")
+    finally:
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)

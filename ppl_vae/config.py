@@ -21,10 +21,15 @@ from . import files
 from .data import BINARIZE
 from .errors import UserError
 from .likelihoods import LIKELIHOODS
+from .guides import POSTERIORS
+from .model import DEFAULT_DIMS
 from .nets import ACTIVATIONS, ARCHS
+from .priors import PRIORS
 
 # Settings that define the model's parameters: a checkpoint only loads into the same ones.
-MODEL_KEYS = ("likelihood", "arch", "hidden", "z_dim", "activation", "image_shape")
+MODEL_KEYS = ("likelihood", "arch", "hidden", "z_dim", "activation", "image_shape", "prior", "guide",
+              "latent_layers", "z2_dim", "hidden2", "pseudo_inputs", "mixture_components", "flow_steps",
+              "conditional", "num_classes")
 # The training objectives (--elbo); ppl_vae.objectives.OBJECTIVES implements exactly these
 # (tests/test_config.py), named here so that the configuration imports no inference code.
 ELBO_CHOICES = ("trace", "meanfield", "iwae")
@@ -51,9 +56,20 @@ class FitConfig:
     sigma: float = 1.0               # fixed σ of the `gaussian` likelihood (σ = 1: MSE)
     sigma_floor: float = 0.01        # lower bound on the learned σ of `gaussian-learned`
     arch: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [400])
-    z_dim: int = 20
-    activation: str = "relu"
+    hidden: list[int] | None = None  # None: [400] with one latent layer, [200, 200] with two
+    z_dim: int | None = None         # None: 20 with one latent layer, 100 (z1) with two
+    activation: str = "relu"         # or gated (gated hidden layers, as the VampPrior paper's MLPs)
+    # the program (docs/models.md)
+    prior: str = "normal"            # normal | mog | vampprior: p(z) of the top latent layer
+    guide: str = "diagonal"          # diagonal | full-rank | iaf: the posterior family of every layer
+    latent_layers: int = 1           # 1: z; 2: z2 → z1 → x with the guide q(z1|x) q(z2|z1)
+    z2_dim: int = 50                 # (two layers) dimension of z2
+    hidden2: list[int] = field(default_factory=lambda: [100, 100])  # (two layers) the z1 ↔ z2 networks
+    pseudo_inputs: int = 500         # (vampprior) K learned pseudo-inputs
+    mixture_components: int = 10     # (mog) M components
+    flow_steps: int = 2              # (iaf) inverse-autoregressive steps
+    conditional: bool = False        # class-conditional p(x|z,y), q(z|x,y) (datasets with labels)
+    num_classes: int | None = None   # (conditional) filled in from the dataset's labels
     # objective
     elbo: str = "trace"              # trace | meanfield | iwae
     num_particles: int = 1           # K: vectorized particles (IWAE: importance samples)
@@ -88,6 +104,10 @@ class FitConfig:
             value = getattr(self, name)
             if value is not None and not ok(value):
                 raise UserError(f"{where(name)} must be {expected}, got {_show(value, source)}")
+        if self.elbo == "meanfield" and self.latent_layers == 2:
+            raise UserError((f"{source}: " if source else "") + "--elbo meanfield takes every KL in closed form, "
+                            "which is biased for the two-layer guide q(z1|x) q(z2|z1) (not mean-field); use "
+                            "--elbo trace or iwae")
         if self.elbo == "iwae" and (self.beta != 1 or self.kl_warmup != 0):
             raise UserError((f"{source}: " if source else "") + "--beta and --kl-warmup apply to the ELBO, not to "
                             "--elbo iwae; drop them or use --elbo trace")
@@ -96,9 +116,10 @@ class FitConfig:
         """This config with the settings that depend on the data fixed, for ``n_train`` training
         datapoints: ``epochs`` = None becomes :func:`default_epochs`. Call it once the data are
         loaded, before the config is saved (``config.json`` records the fixed values)."""
-        if self.epochs is not None:
-            return self
-        return dataclasses.replace(self, epochs=default_epochs(n_train, self.batch_size))
+        z_dim, hidden = DEFAULT_DIMS[self.latent_layers]
+        return dataclasses.replace(
+            self, epochs=self.epochs or default_epochs(n_train, self.batch_size),
+            z_dim=self.z_dim or z_dim, hidden=list(hidden) if self.hidden is None else self.hidden)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,6 +221,15 @@ _RANGES = (
     ("final_iwae_k", lambda v: v >= 0, ">= 0"),
     ("device", lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v),
      "auto, cpu or cuda (or cuda:N)"),
+    ("prior", *_one_of(tuple(PRIORS))),
+    ("guide", *_one_of(tuple(POSTERIORS))),
+    ("latent_layers", lambda v: v in (1, 2), "1 or 2"),
+    ("z2_dim", lambda v: v >= 1, ">= 1"),
+    ("hidden2", lambda v: all(h >= 1 for h in v), ">= 1"),
+    ("pseudo_inputs", lambda v: v >= 1, ">= 1"),
+    ("mixture_components", lambda v: v >= 1, ">= 1"),
+    ("flow_steps", lambda v: v >= 1, ">= 1"),
+    ("num_classes", lambda v: v >= 2, ">= 2"),
     ("image_shape", lambda v: len(v) == 3 and all(s >= 1 for s in v), "3 sizes >= 1 (C, H, W)"),
 )
 _FLAG_NAMES = {"num_particles": "--num-particles K", "hidden": "--hidden sizes", "image_shape": "the image shape"}

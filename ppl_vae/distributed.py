@@ -170,9 +170,9 @@ def signal_number(flag: dict, ctx: Context) -> int:
 
 
 class LossModule(nn.Module):
-    """The ELBO as a module, so that DistributedDataParallel can wrap it: ``forward(x, size, beta)``
-    returns ``objective(vae.model, vae.guide, x, size=size, beta=beta)`` (a scalar), and DDP
-    all-reduces the gradients that reach ``vae``'s parameters.
+    """The ELBO as a module, so that DistributedDataParallel can wrap it: ``forward(batch, size,
+    beta)`` returns ``objective(vae.model, vae.guide, *batch, size=size, beta=beta)`` (a scalar) for
+    a batch ``(x,)`` or ``(x, y)``, and DDP all-reduces the gradients that reach ``vae``'s parameters.
 
     An empty slice (a global batch with fewer rows than ranks) gives a zero loss that still
     touches every parameter, so DDP's gradient all-reduce sees all of them."""
@@ -182,14 +182,14 @@ class LossModule(nn.Module):
         self.vae = vae
         self.objective = objective
 
-    def forward(self, x, size, beta=1.0):
-        if x.shape[0] == 0:
+    def forward(self, batch, size, beta=1.0):
+        if batch[0].shape[0] == 0:
             return sum(p.sum() for p in self.vae.parameters()) * 0.0
-        return self.objective(self.vae.model, self.vae.guide, x, size=size, beta=beta)
+        return self.objective(self.vae.model, self.vae.guide, *batch, size=size, beta=beta)
 
 
 def wrap(vae: nn.Module, objective, ctx: Context, device: torch.device) -> nn.Module:
-    """``loss_fn(x, size, beta)``: the objective as a :class:`LossModule`, wrapped in DDP when
+    """``loss_fn(batch, size, beta)``: the objective as a :class:`LossModule`, wrapped in DDP when
     distributed. Buffers (the prior's constants) are not broadcast at every step: they never change."""
     module = LossModule(vae, objective)
     if not ctx.enabled:

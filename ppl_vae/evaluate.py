@@ -306,6 +306,10 @@ def main(argv=None) -> int:
         x_split = ds.split(args.split)
         index = choose_subset(x_split.shape[0], args.subset, args.seed)
         x = x_split[index]  # (n, D)
+        if cfg.conditional:  # the program takes the labels too: (x, y) sliced together
+            if args.split not in ds.labels:
+                raise UserError(f"this run is class-conditional, and {ds.name} has no labels for the {args.split} split")
+            x = (x, ds.labels[args.split][index])  # labels (n,) class indices
         report = evaluate(vae.model, vae.guide, x, num_samples=args.num_samples, ks=ks, seed=args.seed,
                           batch_size=args.batch_size, chunk_size=args.chunk_size, discrete=vae.likelihood.binary_data,
                           device=device, progress=not args.quiet and ctx.is_main, ctx=ctx)

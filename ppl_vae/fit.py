@@ -16,12 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import ArgumentParser, int_list, user_errors
-from .config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, FitConfig
-from .data import BINARIZE, DATASETS
+from .cli import ArgumentParser, int_list, startup, user_errors
 from .errors import UserError
-from .likelihoods import LIKELIHOODS
-from .nets import ACTIVATIONS, ARCHS
+
+PROG = "python -m ppl_vae.fit"
+with startup(PROG):  # torch loads here: a signal meanwhile is one line, not a traceback
+    from .config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, FitConfig
+    from .data import BINARIZE, DATASETS
+    from .likelihoods import LIKELIHOODS
+    from .guides import POSTERIORS
+    from .nets import ACTIVATIONS, ARCHS
+    from .priors import PRIORS
 
 S = argparse.SUPPRESS  # only flags given on the command line appear, so --resume can merge them
 
@@ -36,7 +41,7 @@ def _opt_int(text):
 
 def build_parser() -> ArgumentParser:
     d = FitConfig()
-    p = ArgumentParser(prog="python -m ppl_vae.fit", description=__doc__,
+    p = ArgumentParser(prog=PROG, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=S, help=f"one of {', '.join(DATASETS)}, or a .npy/.npz file of images in "
@@ -55,9 +60,28 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--arch", choices=ARCHS, default=S, help=f"networks (default: {d.arch}; conv needs H and W "
                    f"divisible by 4, e.g. 28x28; broadcast: MLP encoder, spatial broadcast decoder)")
     g.add_argument("--hidden", type=int_list, default=S, help="hidden widths of the MLP, comma-separated "
-                   "(default: 400)")
-    g.add_argument("--z-dim", type=int, default=S, help=f"latent dimension (default: {d.z_dim})")
+                   "(default: 400; 200,200 with two latent layers)")
+    g.add_argument("--z-dim", type=int, default=S, help="latent dimension, of z1 with two layers (default: 20; "
+                   "100 with two layers)")
     g.add_argument("--activation", choices=list(ACTIVATIONS), default=S, help=f"(default: {d.activation})")
+    g = p.add_argument_group("program (docs/models.md)")
+    g.add_argument("--prior", choices=PRIORS, default=S, help="p(z) of the top latent layer: normal N(0, I), mog (a "
+                   "learned mixture of Gaussians), vampprior (a mixture of the guide's encodings of learned "
+                   "pseudo-inputs) (default: normal)")
+    g.add_argument("--guide", choices=list(POSTERIORS), default=S, help="posterior family q(z|x): diagonal, "
+                   "full-rank (Cholesky factor from the encoder) or iaf (inverse autoregressive flow) (default: diagonal)")
+    g.add_argument("--latent-layers", type=int, choices=(1, 2), default=S, help="2: z2 → z1 → x with the guide "
+                   "q(z1|x) q(z2|z1), sites z1 and z2 (default: 1; with 2, --z-dim 100 and --hidden 200,200 by default)")
+    g.add_argument("--z2-dim", type=int, default=S, help=f"dimension of z2 with --latent-layers 2 (default: {d.z2_dim})")
+    g.add_argument("--hidden2", type=int_list, default=S, help="hidden widths of the z1 ↔ z2 networks "
+                   "(default: 100,100)")
+    g.add_argument("--pseudo-inputs", type=int, default=S, help=f"K learned pseudo-inputs of --prior vampprior "
+                   f"(default: {d.pseudo_inputs})")
+    g.add_argument("--mixture-components", type=int, default=S, help=f"M components of --prior mog (default: "
+                   f"{d.mixture_components})")
+    g.add_argument("--flow-steps", type=int, default=S, help=f"IAF steps of --guide iaf (default: {d.flow_steps})")
+    g.add_argument("--conditional", action="store_true", default=S, help="class-conditional p(x|z,y) and q(z|x,y) "
+                   "(datasets with labels: digits, mnist, mnist-t10k, fashion-mnist, kmnist)")
     g = p.add_argument_group("objective")
     g.add_argument("--elbo", choices=ELBO_CHOICES, default=S, help="trace = Trace_ELBO (Monte Carlo KL), meanfield = "
                    "TraceMeanField_ELBO (analytic KL), iwae = importance-weighted bound (default: trace)")
@@ -106,11 +130,10 @@ def config_from_args(args: argparse.Namespace, base: FitConfig | None = None) ->
 
 
 def main(argv=None) -> int:
-    from .train import Interrupted, NonFiniteLoss, Trainer
-
-    prog = "python -m ppl_vae.fit"
     args = build_parser().parse_args(argv)
-    with user_errors(prog):
+    with user_errors(PROG):
+        from .train import Interrupted, NonFiniteLoss, Trainer  # (a signal while it loads: one line)
+
         if args.resume and args.overwrite:
             raise UserError("--resume and --overwrite contradict each other; pick one")
         if args.resume and not args.out:
@@ -127,10 +150,10 @@ def main(argv=None) -> int:
             trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
             summary = trainer.run()
         except Interrupted as e:
-            print(f"{prog}: {e}", file=sys.stderr)
+            print(f"{PROG}: {e}", file=sys.stderr)
             return e.exit_code
         except NonFiniteLoss as e:
-            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
     if not trainer.ctx.is_main:  # under torchrun, rank 0 reports
         return 0

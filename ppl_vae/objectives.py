@@ -125,8 +125,9 @@ def make_objective(name: str, num_particles: int = 1):
         return DeviceTraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
                                          max_plate_nesting=1).differentiable_loss
     if name == "iwae":
-        def loss_fn(model, guide, x, size=None, beta=1.0):
-            return iwae_loss(model, guide, x, num_particles, size=size, beta=beta, nesting=1)
+        def loss_fn(model, guide, *args, size=None, beta=1.0):  # args: (x,) or (x, y, ...)
+            return iwae_loss(model, guide, args if len(args) > 1 else args[0], num_particles, size=size, beta=beta,
+                             nesting=1)
         return loss_fn
     raise ValueError(f"unknown --elbo {name!r}; choose one of {', '.join(OBJECTIVES)}")
 
@@ -146,7 +147,7 @@ def iwae_loss(model, guide, x, num_particles: int, size: int | None = None, beta
     if not torch.is_tensor(beta) and beta != 1:
         raise ValueError(f"the IWAE objective has no beta (got beta={beta}): beta weights the KL term of "
                          f"the ELBO, which IWAE's log-sum-exp does not have; use beta=1 or the trace objective")
-    n = x.shape[0]
+    n = (x if torch.is_tensor(x) else x[0]).shape[0]  # x: a batch, or a tuple (x, y, ...) of per-datapoint args
     lw = log_importance_weights(model, guide, x, num_particles, chunk_size=num_particles * n, nesting=nesting,
                                 size=size, **kwargs)  # (K, N)
     bound = torch.logsumexp(lw, 0) - math.log(num_particles)  # (N,)

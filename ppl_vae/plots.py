@@ -93,14 +93,16 @@ def training_curve(metrics, title: str = "Training curve", path=None):
 
 
 @torch.no_grad()
-def run_figures(vae, data, metrics, out: Path, n: int = 10, seed: int = 0) -> None:
-    """The figures every ``fit`` writes: reconstructions, prior samples, training curve."""
+def run_figures(vae, data, metrics, out: Path, n: int = 10, seed: int = 0, valid_labels=None) -> None:
+    """The figures every ``fit`` writes: reconstructions, prior samples, training curve
+    (``valid_labels (N, C)``: the labels of a conditional program's validation images)."""
     out = Path(out)
     vae.eval()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(data.valid.shape[0], generator=g)[:n].to(data.valid.device)
     x = data.valid[idx]
-    reconstruction_grid(x, vae.reconstruct(x), data.image_shape, "Validation images and reconstructions",
+    recon = vae.reconstruct(x) if valid_labels is None else vae.reconstruct(x, valid_labels[idx])
+    reconstruction_grid(x, recon, data.image_shape, "Validation images and reconstructions",
                         out / "reconstructions.png")
     prior_sample_grid(vae, 100, nrow=10, seed=seed, path=out / "samples.png")
     if metrics:
@@ -118,13 +120,23 @@ def prior_draws(n: int, z_dim: int, seed: int = 0, temperature: float = 1.0, dev
 
 @torch.no_grad()
 def prior_sample_grid(vae, n: int = 100, nrow: int | None = None, seed: int = 0, temperature: float = 1.0,
-                      title: str | None = None, path=None):
-    """Decoded means E[x|z] of ``n`` draws z ~ N(0, τ² I) (τ = ``temperature``): what the
-    generative model p(z) p_θ(x|z) produces. ``nrow`` defaults to ⌈√n⌉."""
+                      title: str | None = None, path=None, label: int | None = None):
+    """Decoded means E[x|z] of ``n`` draws from the model's prior (``vae.sample``: two layers draw
+    z2, then z1 | z2; a conditional program draws class ``label``, or each class in turn): what the
+    generative model produces. ``temperature`` τ ≠ 1 draws z ~ N(0, τ² I) and needs the N(0, I)
+    prior of one latent layer. ``nrow`` defaults to ⌈√n⌉."""
     nrow = nrow or math.ceil(math.sqrt(n))
-    x = vae.decode(prior_draws(n, vae.z_dim, seed, temperature, vae.prior_loc.device))  # (n, D)
+    if temperature == 1:
+        x = vae.sample(n, torch.Generator().manual_seed(seed), label=label)  # (n, D); same z as prior_draws
+    else:
+        if not hasattr(vae, "prior_loc") or getattr(vae, "layer", None) is not None:
+            raise ValueError("a temperature needs the N(0, I) prior of one latent layer")
+        y = None if label is None else torch.full((n,), int(label), device=vae.prior_loc.device)
+        z = prior_draws(n, vae.z_dim, seed, temperature, vae.prior_loc.device)  # (n, z_dim)
+        x = vae.decode(z) if y is None else vae.decode(z, y)
     tau = "" if temperature == 1 else f"{temperature:g}² "
-    return image_grid(x, vae.image_shape, nrow, title or f"Samples: E[x | z], z ~ N(0, {tau}I)", path)
+    prior = f"N(0, {tau}I)" if hasattr(vae, "prior_loc") and getattr(vae, "layer", None) is None else "p(z)"
+    return image_grid(x, vae.image_shape, nrow, title or f"Samples: E[x | z], z ~ {prior}", path)
 
 
 def image_panels(panels: dict, image_shape, nrow: int = 10, title: str = "", path=None):

@@ -29,7 +29,7 @@ from . import checkpoint, files
 from .config import MODEL_KEYS, FitConfig
 from .errors import CheckpointError, UserError
 from .likelihoods import make_likelihood
-from .model import VAE
+from .model import VAE, make_vae
 
 RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json",
              "reconstructions.png", "samples.png", "training_curve.png")
@@ -47,9 +47,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: FitConfig) -> VAE:
-    """The program a config describes (its parameters freshly initialized from the global RNG)."""
+    """The program a config describes (its parameters freshly initialized from the global RNG):
+    a :class:`~ppl_vae.model.ConditionalVAE` under ``conditional``, else a :class:`~ppl_vae.model.VAE`."""
     likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
-    return VAE(cfg.image_shape, cfg.z_dim, cfg.hidden, likelihood, cfg.arch, cfg.activation)
+    return make_vae(cfg.image_shape, cfg.z_dim, cfg.hidden, likelihood, cfg.arch, cfg.activation,
+                    prior=cfg.prior, posterior=cfg.guide, latent_layers=cfg.latent_layers, z2_dim=cfg.z2_dim,
+                    hidden2=cfg.hidden2, pseudo_inputs=cfg.pseudo_inputs, mixture_components=cfg.mixture_components,
+                    flow_steps=cfg.flow_steps, num_classes=cfg.num_classes if cfg.conditional else 0)
 
 
 # --------------------------------------------------------------------------- the directory

@@ -54,14 +54,15 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-def train_step(loss_fn, optim: torch.optim.Optimizer, params, x: torch.Tensor, size: int, beta,
+def train_step(loss_fn, optim: torch.optim.Optimizer, params, batch: tuple, size: int, beta,
                grad_clip: float | None = None, weight: float = 1.0) -> torch.Tensor:
-    """One SVI update on the batch ``x (B, D)``; returns the detached loss (a device scalar).
+    """One SVI update on the batch ``(x,)`` or ``(x, y)`` (``x (B, D)``, labels ``y (B, C)``);
+    returns the detached loss (a device scalar).
 
-    ``loss_fn(x, size, beta)`` is the negative bound scaled to ``size`` datapoints. No host
+    ``loss_fn(batch, size, beta)`` is the negative bound scaled to ``size`` datapoints. No host
     synchronization happens here (tests/test_training.py checks it), so the same step runs
     eagerly or inside a CUDA graph. ``weight``: this rank's loss weight under torchrun."""
-    loss = loss_fn(x, size, beta)
+    loss = loss_fn(batch, size, beta)
     if weight != 1.0:
         loss = loss * weight
     optim.zero_grad(set_to_none=True)
@@ -70,6 +71,23 @@ def train_step(loss_fn, optim: torch.optim.Optimizer, params, x: torch.Tensor, s
         torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     optim.step()
     return loss.detach()
+
+
+def class_labels(data: Dataset, cfg: FitConfig) -> dict | None:
+    """One-hot labels ``{split: (N, C)}`` of a conditional run (None otherwise), made once on the
+    data's device so that a step only indexes them; fills in ``cfg.num_classes``. A dataset
+    without labels is refused."""
+    if not cfg.conditional:
+        return None
+    if not all(s in data.labels for s in ("train", "valid")):
+        raise UserError(f"--conditional needs class labels, and {data.name} has none; use a labelled dataset "
+                        f"(digits, mnist, mnist-t10k, fashion-mnist, kmnist) or drop --conditional")
+    c = int(max(int(data.labels[s].max()) for s in ("train", "valid"))) + 1
+    if cfg.num_classes is not None and c > cfg.num_classes:
+        raise CheckpointError(f"the data have {c} classes but the run was trained on {cfg.num_classes}")
+    cfg.num_classes = cfg.num_classes or c
+    return {s: torch.nn.functional.one_hot(y.long(), cfg.num_classes).to(data.train.dtype)
+            for s, y in data.labels.items()}
 
 
 @contextmanager
@@ -137,6 +155,7 @@ class Trainer:
         cfg.dataset = ds.name if cfg.dataset == "auto" else cfg.dataset
         cfg.binarize = ds.binarize
         self.cfg, self.data = cfg, ds.to(self.device)
+        self.labels = class_labels(self.data, cfg)  # one-hot (N, C) per split for a conditional program
         self.model = (runs.build_model(cfg) if model is None else model).to(self.device)
         self.model.register_params = False  # one torch optimizer owns the parameters (see VAE)
         # (distributed: eager steps; DDP's all-reduce inside a captured graph is not supported here)
@@ -215,15 +234,17 @@ class Trainer:
             pyro.enable_validation(validation)
             self.close()
 
-    def _objective(self, model, guide, x, size, beta):
+    def _objective(self, model, guide, *batch, size, beta):
         """``self.objective``, looked up at every call (tests replace it on a built Trainer)."""
-        return self.objective(model, guide, x, size=size, beta=beta)
+        return self.objective(model, guide, *batch, size=size, beta=beta)
 
     def _step(self, idx: torch.Tensor, beta, weight: float = 1.0) -> torch.Tensor:
         """:func:`train_step` on the training rows ``idx`` (``beta`` is a device tensor under a CUDA
         graph; ``idx`` and ``weight`` are this rank's under torchrun, see ``distributed.shard``)."""
-        return train_step(self.loss_fn, self.optim, self.model.parameters(), self.data.train_batch(idx),
-                          self.data.train.shape[0], beta, self.cfg.grad_clip, weight)
+        batch = (self.data.train_batch(idx),) if self.labels is None else (self.data.train_batch(idx),
+                                                                            self.labels["train"][idx])
+        return train_step(self.loss_fn, self.optim, self.model.parameters(), batch, self.data.train.shape[0], beta,
+                          self.cfg.grad_clip, weight)
 
     def _run_epoch(self, steps, b, n, bar, flag):
         cfg, s, ctx = self.cfg, self.state, self.ctx
@@ -260,11 +281,12 @@ class Trainer:
         """Validate, log, checkpoint; True when early stopping says stop."""
         cfg, s = self.cfg, self.state
         self.model.eval()
-        valid = {"valid_elbo": bound_on(self.model, self.data.valid, ctx=self.ctx)}
+        x = self.data.valid if self.labels is None else (self.data.valid, self.labels["valid"])
+        valid = {"valid_elbo": bound_on(self.model, x, ctx=self.ctx)}
         # best.pt and early stopping follow the bound being trained: IWAE training lowers the ELBO
         # while it raises IWAE_K, so an IWAE run is selected on its validation IWAE_K
         if cfg.elbo == "iwae":
-            valid["valid_iwae_k"] = bound_on(self.model, self.data.valid, "iwae", cfg.num_particles, ctx=self.ctx)
+            valid["valid_iwae_k"] = bound_on(self.model, x, "iwae", cfg.num_particles, ctx=self.ctx)
         for key, value in valid.items():
             if not math.isfinite(value):  # the last update broke the parameters: keep the old checkpoint
                 what = "validation ELBO" if key == "valid_elbo" else f"validation IWAE_{cfg.num_particles}"
@@ -299,12 +321,13 @@ class Trainer:
                    "final": self.state.rows[-1] if self.state.rows else None}
         if self.cfg.final_iwae_k and self.state.epoch > 0:
             self.model.eval()
-            summary["final_valid_iwae"] = bound_on(self.model, self.data.valid, "iwae", self.cfg.final_iwae_k,
-                                                   ctx=self.ctx)
+            x = self.data.valid if self.labels is None else (self.data.valid, self.labels["valid"])
+            summary["final_valid_iwae"] = bound_on(self.model, x, "iwae", self.cfg.final_iwae_k, ctx=self.ctx)
             summary["final_iwae_k"] = self.cfg.final_iwae_k
             self._log(f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['final_valid_iwae']:.3f} "
                       f"nats/datapoint")
         if self.ctx.is_main:
             files.write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            plots.run_figures(self.model, self.data, self.state.rows, self.out)
+            plots.run_figures(self.model, self.data, self.state.rows, self.out,
+                              valid_labels=None if self.labels is None else self.labels["valid"])
         return summary

@@ -26,24 +26,26 @@ def _forbid_host_syncs(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse)
 
 
-@pytest.mark.parametrize("elbo,k,grad_clip,beta", [("trace", 1, None, 1.0), ("meanfield", 1, 5.0, 0.3),
-                                                    ("trace", 4, 1.0, 0.5), ("iwae", 5, None, 1.0)])
-def test_train_step_makes_no_host_sync(device, monkeypatch, elbo, k, grad_clip, beta):
+@pytest.mark.parametrize("elbo,k,grad_clip,beta,program", [
+    ("trace", 1, None, 1.0, {}), ("meanfield", 1, 5.0, 0.3, {}), ("trace", 4, 1.0, 0.5, {}),
+    ("iwae", 5, None, 1.0, {}), ("trace", 1, None, 1.0, {"prior": "vampprior", "pseudo_inputs": 3}),
+    ("trace", 1, None, 1.0, {"posterior": "iaf"}), ("trace", 2, None, 1.0, {"latent_layers": 2, "z2_dim": 2})])
+def test_train_step_makes_no_host_sync(device, monkeypatch, elbo, k, grad_clip, beta, program):
     pyro.enable_validation(False)  # as in the training loop: the data were checked at load time
-    vae = VAE((1, 4, 4), z_dim=3, hidden=[8]).to(device)
+    vae = VAE((1, 4, 4), z_dim=3, hidden=[8], **program).to(device)
     vae.register_params = False
     cfg = FitConfig(lr=1e-2)
     optim = make_optimizer(vae.parameters(), cfg, device)
     objective = make_objective(elbo, k)
 
-    def loss_fn(x, size, b):
-        return objective(vae.model, vae.guide, x, size=size, beta=b)
+    def loss_fn(batch, size, b):
+        return objective(vae.model, vae.guide, *batch, size=size, beta=b)
 
     x = (torch.rand(6, 16, device=device) < 0.5).float()
-    train_step(loss_fn, optim, vae.parameters(), x, 60, beta, grad_clip)  # first call: one-time checks
+    train_step(loss_fn, optim, vae.parameters(), (x,), 60, beta, grad_clip)  # first call: one-time checks
     before = [p.detach().clone() for p in vae.parameters()]
     _forbid_host_syncs(monkeypatch)
-    loss = train_step(loss_fn, optim, vae.parameters(), x, 60, beta, grad_clip)
+    loss = train_step(loss_fn, optim, vae.parameters(), (x,), 60, beta, grad_clip)
     monkeypatch.undo()
     assert loss.device.type == device.type and loss.dim() == 0 and torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, vae.parameters()))  # it did update
@@ -55,8 +57,8 @@ def test_the_guard_catches_a_host_sync(monkeypatch):
     optim = make_optimizer(vae.parameters(), FitConfig(), torch.device("cpu"))
     objective = make_objective("trace")
 
-    def syncing_loss(x, size, b):
-        loss = objective(vae.model, vae.guide, x, size=size, beta=b)
+    def syncing_loss(batch, size, b):
+        loss = objective(vae.model, vae.guide, *batch, size=size, beta=b)
         if loss > 0:  # Tensor.__bool__: a host sync
             return loss
         return loss
@@ -64,4 +66,4 @@ def test_the_guard_catches_a_host_sync(monkeypatch):
     x = (torch.rand(6, 16) < 0.5).float()
     _forbid_host_syncs(monkeypatch)
     with pytest.raises(HostSync, match="__bool__"):
-        train_step(syncing_loss, optim, vae.parameters(), x, 60, 1.0)
+        train_step(syncing_loss, optim, vae.parameters(), (x,), 60, 1.0)
