@@ -123,10 +123,12 @@ def choose_subset(n: int, subset: int | None, seed: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- per-datapoint work in blocks
 
-def _block(model, guide, xb, num_samples, ks, seed, chunk_size, analytic_kl, mean_samples) -> dict[str, np.ndarray]:
-    est = estimators.estimate_all(model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size,
-                                  analytic_kl=analytic_kl)
-    out = {"khat": est["khat"].numpy(), "ess": est["ess"].numpy()}
+META = ("chunk_size", "elbo_analytic_na")  # per-call entries of a block result, not per datapoint
+
+
+def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples) -> dict:
+    est = estimators.estimate_all(model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size)
+    out = {"khat": est["khat"].numpy(), "ess": est["ess"].numpy(), "elbo_analytic_na": est["elbo_analytic_na"]}
     nan = np.full(checks.num_datapoints(xb), math.nan)  # no closed-form KL: the analytic ELBO is n/a
     for name, key in (("elbo_analytic", "elbo_analytic"), ("elbo_mc", "elbo_mc"), ("log_px", "iwae")):
         e = est.get(key)
@@ -150,31 +152,25 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
     :func:`ppl_vae.estimators.estimate_all` and :func:`ppl_vae.latents.posterior_means` (from
     ``mean_samples`` guide draws where not exact; 0: skip) seeded by ``derive_seed(seed, b)``:
     any split of the block ids over processes gives the same numbers. Where a latent site has
-    no closed-form KL the analytic ELBO is NaN (n/a). On CUDA out-of-memory the chunk size is
+    no closed-form KL the analytic ELBO is NaN (n/a) and ``elbo_analytic_na`` says why. On CUDA out-of-memory the chunk size is
     halved and the block retried (same draws, so the same results).
 
     Returns arrays over the M datapoints of the blocks, in block order: ``position (M,)`` (row
     of ``x``), those of :data:`PER_DATAPOINT` ``(M,)``, ``iwae_by_k`` and ``iwae_by_k_stderr``
     ``(len(ks), M)``, per latent site s ``posterior_mean:s`` and ``posterior_mc_var:s`` ``(d_s, M)``,
-    and ``chunk_size`` (the one finally used).
+    ``chunk_size`` (the one finally used) and ``elbo_analytic_na`` (``None``, or why n/a).
     """
     ks = sorted(ks)
     chunk_size = chunk_size or importance.default_chunk(device if device is not None else checks.as_args(x)[0].device)
-    parts, analytic_kl = [], True
+    parts = []
     for b in block_ids:
         rows = torch.arange(b * block_size, min((b + 1) * block_size, checks.num_datapoints(x)))
         xb = checks.select(x, rows, device)  # x (B, ...), or the tuple (x, y, ...) of the block
         while True:
             try:
                 res = _block(model, guide, xb, num_samples, ks, importance.derive_seed(seed, b), chunk_size,
-                             analytic_kl, mean_samples)
+                             mean_samples)
                 break
-            except NotImplementedError as e:  # no closed-form KL for some site: go on without it
-                if not analytic_kl:
-                    raise
-                analytic_kl = False
-                if log:
-                    log(f"analytic ELBO n/a: {e}")
             except torch.cuda.OutOfMemoryError:
                 smallest = importance.SAMPLE_UNIT  # a pass holds at least one unit on one datapoint
                 if chunk_size <= smallest:
@@ -195,19 +191,21 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
                   "iwae_by_k": np.zeros((len(ks), 0)), "iwae_by_k_stderr": np.zeros((len(ks), 0))}]
     out = _concat(parts)
     out["chunk_size"] = chunk_size
+    out["elbo_analytic_na"] = next((p["elbo_analytic_na"] for p in parts if p.get("elbo_analytic_na")), None)
     return out
 
 
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     """Per-datapoint arrays of several results joined along the last (datapoint) axis; a key
     missing from a part (latent sites of a process that had no blocks) has no datapoints there."""
-    keys = dict.fromkeys(k for p in parts for k in p if k != "chunk_size")
+    keys = dict.fromkeys(k for p in parts for k in p if k not in META)
     return {k: np.concatenate([p[k] for p in parts if k in p], axis=-1) for k in keys}
 
 
 def gather_blocks(res: dict, ctx: distributed.Context) -> dict[str, np.ndarray]:
     """Every rank's :func:`evaluate_blocks` result merged in row order, as one process over all
-    blocks gives it (``chunk_size``: the smallest any rank used). A no-op single-process."""
+    blocks gives it (``chunk_size``: the smallest any rank used; ``elbo_analytic_na``: any
+    rank's). A no-op single-process."""
     if not ctx.enabled:
         return res
     parts = distributed.all_gather_objects(res, ctx)
@@ -216,6 +214,7 @@ def gather_blocks(res: dict, ctx: distributed.Context) -> dict[str, np.ndarray]:
     out = {key: v[..., order] for key, v in out.items()}
     out["position"] = out["position"].astype(np.int64)
     out["chunk_size"] = min(int(p["chunk_size"]) for p in parts)
+    out["elbo_analytic_na"] = next((p["elbo_analytic_na"] for p in parts if p.get("elbo_analytic_na")), None)
     return out
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from . import importance
+from . import checks, importance
 
 ACTIVE_THRESHOLD = 1e-2  # Burda et al. 2016: Cov_x(E_q[z_u|x]) > 10⁻²
 MEAN_SAMPLES = 1000  # guide draws when E_q[z|x] needs Monte Carlo (see the module docstring)
@@ -78,8 +78,9 @@ def _latent_sites(trace):
 @torch.no_grad()
 def posterior_means(model, guide, x, num_samples: int = MEAN_SAMPLES, seed: int | None = None,
                     **kwargs) -> dict[str, PosteriorMean]:
-    """E_q[z_s | x] for every latent site s of ``guide(x, **kwargs)`` in the data plate, by name,
-    each ``(N, d_s)``. The guide runs on all of ``x`` once per unit of up to
+    """E_q[z_s | x] for every latent site s of ``guide(*x, **kwargs)`` in the data plate, by name,
+    each ``(N, d_s)`` (``x``: a tensor ``(N, ...)`` or a tuple ``(x, y, ...)`` of per-datapoint
+    arguments). The guide runs on all of ``x`` once per unit of up to
     :data:`~ppl_vae.importance.SAMPLE_UNIT` particles (at least 2); after the first unit it stops
     if every site's mean was the same in all draws (exact), else it draws ``num_samples`` in all.
     ``seed`` fixes the draws (unit j: ``derive_seed(seed, _STREAM, j)``) and leaves the caller's
@@ -131,12 +132,13 @@ def active_units(means: dict[str, PosteriorMean], threshold: float = ACTIVE_THRE
 
 def active_units_of(model, guide, x, num_samples: int = MEAN_SAMPLES, seed: int = 0, block_size: int = 100,
                     **kwargs) -> dict[str, dict]:
-    """:func:`active_units` of ``guide`` over ``x (N, ...)``, E_q[z|x] computed in blocks of
+    """:func:`active_units` of ``guide`` over ``x`` (as :func:`posterior_means`), E_q[z|x] in blocks of
     ``block_size`` rows, block b with ``seed = derive_seed(seed, b)``: the numbers
     ``python -m ppl_vae.evaluate`` reports for the same ``--seed`` and ``--batch-size`` (e.g. for
     a run's ``summary.json``)."""
-    blocks = [posterior_means(model, guide, x[i:i + block_size], num_samples, importance.derive_seed(seed, b), **kwargs)
-              for b, i in enumerate(range(0, x.shape[0], block_size))]
+    blocks = [posterior_means(model, guide, checks.select(x, slice(i, i + block_size)), num_samples,
+                              importance.derive_seed(seed, b), **kwargs)
+              for b, i in enumerate(range(0, checks.num_datapoints(x), block_size))]
     means = {name: PosteriorMean(torch.cat([m[name].mean for m in blocks]), torch.cat([m[name].mc_var for m in blocks]),
                                  all(m[name].exact for m in blocks), max(m[name].samples for m in blocks))
              for name in blocks[0]}  # (N, d) per site

@@ -58,7 +58,9 @@ def summarize(res: dict, ks, num_samples: int, dim: int, discrete: bool, mean_sa
         e = est(name)
         s[name], s[name + "_stderr"] = e.mean(), e.mean_stderr()
         s[name + "_stderr_across_datapoints"] = e.across_datapoints_stderr()
-    s["gap_elbo"] = "elbo_analytic" if math.isfinite(s["elbo_analytic"]) else "elbo_mc"  # n/a: no closed-form KL
+    if res.get("elbo_analytic_na"):  # a latent site without closed-form KL: the analytic ELBO is n/a
+        s["elbo_analytic_na"] = res["elbo_analytic_na"]
+    s["gap_elbo"] = "elbo_analytic" if math.isfinite(s["elbo_analytic"]) else "elbo_mc"
     s["gap"] = s["log_px"] - s[s["gap_elbo"]]
     s["gap_stderr"] = math.hypot(s["log_px_stderr"], s[s["gap_elbo"] + "_stderr"])
     if discrete:

@@ -357,6 +357,7 @@ def test_no_closed_form_kl_reports_the_analytic_elbo_as_na():
     x = torch.linspace(-2.0, 2.0, 10, dtype=torch.float64)
     report = evaluate.evaluate(model, guide, x, num_samples=200, seed=0, mean_samples=400)
     assert report["elbo_analytic"] is not None and math.isnan(report["elbo_analytic"])
+    assert report["elbo_analytic_na"].startswith("no closed-form KL for site 'z' (guide TransformedDistribution")
     assert report["gap_elbo"] == "elbo_mc" and report["gap"] == pytest.approx(report["log_px"] - report["elbo_mc"])
     assert json.loads(report.to_json())["elbo_analytic"] is None
     assert "ELBO (analytic KL)                   n/a  (no closed-form KL)" in report.table()
@@ -444,3 +445,19 @@ def test_too_few_samples_for_khat_leave_the_verdict_unknown():
     assert report["log_px_reliable"] is None and report["khat_frac_above_threshold"] is None
     assert json.loads(report.to_json())["khat_threshold"] is None  # NaN below K = 21
     assert "log p(x) (IWAE K=20)" in report.table() and "reliability unknown: k̂ needs K >= 21" in report.table()
+
+
+def test_a_conditional_program_gets_its_labels_block_by_block():
+    """model(x, y): data = (x, y), split into blocks together; the same numbers as the estimators
+    (and the active units as latents.active_units_of) on each block's (x, y)."""
+    from ppl_vae.model import ConditionalVAE
+
+    torch.manual_seed(0)
+    cvae = ConditionalVAE((1, 4, 4), z_dim=3, hidden=[16], num_classes=3).eval()
+    x, y = torch.bernoulli(torch.full((25, 16), 0.3)), torch.arange(25) % 3
+    report = evaluate.evaluate(cvae.model, cvae.guide, (x, y), num_samples=40, seed=4, batch_size=10)
+    for b, rows in enumerate((slice(0, 10), slice(10, 20), slice(20, 25))):
+        ref = estimators.iwae(cvae.model, cvae.guide, (x[rows], y[rows]), 40, seed=importance.derive_seed(4, b))
+        np.testing.assert_allclose(report.per_datapoint["log_px"][rows], ref.value.numpy(), rtol=1e-6)
+    assert (report["n"], report["dim"], report["discrete"]) == (25, 16, True)
+    assert latents.active_units_of(cvae.model, cvae.guide, (x, y), seed=4, block_size=10) == report["active_units"]
