@@ -1,5 +1,6 @@
-"""Faults during training, through the real CLI (``python -m ppl_vae.fit`` in a subprocess):
-exact resume, SIGINT/SIGTERM, NaN losses, unsafe/corrupt/mismatched checkpoints on --resume.
+"""Faults during training: exact resume, SIGINT/SIGTERM, NaN losses, unsafe/corrupt/mismatched
+checkpoints on --resume; through the real CLI (``python -m ppl_vae.fit`` in a subprocess) where
+the fault needs a process of its own, else through ``ppl_vae.fit.main`` in process.
 
 Every run trains a tiny MLP (16 hidden, z_dim 2) on 300 binary 8x8 images from a .npy file
 (15 steps per epoch), so a run costs little more than the imports. The reference runs are made
@@ -30,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_bad_input import OFFLINE, REPO, assert_cli_error, digest, fit_in_process
+from test_bad_input import OFFLINE, REPO, digest
 
 TINY = ["--hidden", "16", "--z-dim", "2", "--batch-size", "16", "--seed", "3", "--final-iwae-k", "0", "--quiet"]
 FIT = "python -m ppl_vae.fit"
@@ -401,16 +402,13 @@ def test_grad_clip_bounds_the_gradient_norm(bits, tmp_path):
 
 # --------------------------------------------------------------------------- NaN / inf
 
-def test_non_finite_loss_stops_with_exit_1_and_keeps_the_checkpoint(run2, tmp_path):
+def test_non_finite_loss_stops_with_exit_1_and_keeps_the_checkpoint(run2, tmp_path, capsys):
     run = copy_run(run2, tmp_path / "diverge")
     before = snapshot(run)
     # --lr on --resume applies from here on; 1e6 makes the loss overflow within epoch 3
-    r = cli("--out", run, "--resume", "--epochs", "4", "--lr", "1e6", "--quiet")
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "became nan" in lines[0] or "became inf" in lines[0]
-    assert "at epoch 3, step" in lines[0] and "(after epoch 2) is kept" in lines[0], lines[0]
+    line = assert_one_line(in_process(["--out", run, "--resume", "--epochs", "4", "--lr", "1e6", "--quiet"], capsys), 1)
+    assert "became nan" in line or "became inf" in line
+    assert "at epoch 3, step" in line and "(after epoch 2) is kept" in line, line
     for name in ("checkpoint.pt", "best.pt"):
         assert before[name] == snapshot(run)[name]  # not rewritten
     assert torch.isfinite(torch.cat([p.flatten() for p in load_ckpt(run)["model"].values()])).all()
@@ -483,8 +481,7 @@ def test_malicious_checkpoint_runs_no_code_and_is_refused(run2, tmp_path, capsys
     ckpt["model"] = Evil(marker)  # a well-formed ppl_vae checkpoint but for one object
     torch.save(ckpt, run / "checkpoint.pt")
     before = snapshot(run)
-    r = cli("--out", run, "--resume", "--epochs", "3")
-    line = assert_cli_error(r)
+    line = assert_one_line(cli("--out", run, "--resume", "--epochs", "3"), 2)
     assert "refusing to load" in line and "posix.system" in line and "could run code" in line, line
     assert not marker.exists()
     assert snapshot(run) == before
@@ -513,7 +510,7 @@ def test_malicious_checkpoint_runs_no_code_and_is_refused(run2, tmp_path, capsys
     ("format", "has checkpoint format 99, this ppl_vae reads format 1"),
 ])
 def test_damaged_checkpoint_on_resume(run2, tmp_path, capsys, damage, match):
-    """The real CLI for a truncated file; ``fit.main`` in process for the others."""
+    """``fit --resume`` (``fit.main`` in process) on a truncated, bit-flipped or other-format checkpoint."""
     run = copy_run(run2, tmp_path / damage)
     path = run / "checkpoint.pt"
     data = bytearray(path.read_bytes())
@@ -528,7 +525,7 @@ def test_damaged_checkpoint_on_resume(run2, tmp_path, capsys, damage, match):
         torch.save(ckpt, path)
     before = snapshot(run)
     argv = ["--out", run, "--resume", "--epochs", "3"]
-    line = assert_cli_error(cli(*argv)) if damage == "truncate" else fit_in_process(argv, capsys)
+    line = assert_one_line(in_process(argv, capsys), 2)
     assert match in line and str(path) in line, line
     assert snapshot(run) == before
 
@@ -536,7 +533,7 @@ def test_damaged_checkpoint_on_resume(run2, tmp_path, capsys, damage, match):
 def test_resume_with_another_model_is_refused(run2, tmp_path, capsys):
     run = copy_run(run2, tmp_path / "zdim")
     before = snapshot(run)
-    line = fit_in_process(["--out", run, "--resume", "--z-dim", "5"], capsys)
+    line = assert_one_line(in_process(["--out", run, "--resume", "--z-dim", "5"], capsys), 2)
     assert "does not match the requested model" in line and "z_dim: checkpoint has 2, requested 5" in line
     assert snapshot(run) == before
 
