@@ -247,7 +247,7 @@ BAD_CONFIGS = {
     "invalid_json": ('{"z_dim": 20', " is not valid JSON (Expecting ',' delimiter at line 1, column 13); "
                                      "restore or correct the file"),
     "not_utf8": (b"\x80\x81 binary", " is not a JSON text file (UnicodeDecodeError)"),
-    "string_z_dim": ('{"z_dim": "20"}', ': "z_dim" must be an integer, got "20" (a string)'),
+    "string_z_dim": ('{"z_dim": "20"}', ': "z_dim" must be an integer or null, got "20" (a string)'),
     "zero_epochs": ('{"epochs": 0}', ': "epochs" must be >= 1, got 0'),
     "unknown_key": ('{"zdim": 20}', ": unknown keys ['zdim']; known keys: ['activation', "),
 }

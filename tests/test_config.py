@@ -91,10 +91,10 @@ BAD_CONFIGS = {
     "invalid_json": ('{"z_dim": 20,', " is not valid JSON (Expecting property name enclosed in double quotes "
                                       "at line 1, column 14)"),
     "not_utf8": (b"\xff\xfe\x00garbage", " is not a JSON text file (UnicodeDecodeError)"),
-    "string_int": ('{"z_dim": "20"}', ': "z_dim" must be an integer, got "20" (a string)'),
+    "string_int": ('{"z_dim": "20"}', ': "z_dim" must be an integer or null, got "20" (a string)'),
     "bool_int": ('{"epochs": true}', ': "epochs" must be an integer or null, got true'),
     "float_int": ('{"batch_size": 64.5}', ': "batch_size" must be an integer, got 64.5'),
-    "int_list": ('{"hidden": [400, "200"]}', ': "hidden" must be a list of integers, got [400, "200"] (a list)'),
+    "int_list": ('{"hidden": [400, "200"]}', ': "hidden" must be a list of integers or null, got [400, "200"] (a list)'),
     "string_float": ('{"lr": "1e-3"}', ': "lr" must be a finite number, got "1e-3" (a string)'),
     "nan": ('{"beta": NaN}', ': "beta" must be a finite number, got NaN'),
     "null_required": ('{"dataset": null}', ': "dataset" must be a string, got null (null)'),
