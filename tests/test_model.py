@@ -19,14 +19,7 @@ from ppl_vae.objectives import DeviceTrace_ELBO, DeviceTraceMeanField_ELBO, make
 Z = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronization (10x slower
-    on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (conftest.one_thread)
 
 
 def _data(n, d, likelihood="bernoulli"):

@@ -24,13 +24,7 @@ Z, Z2, C, K_PSEUDO, M = 4, 3, 3, 7, 5
 LOG_2PI = math.log(2 * math.pi)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronization on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (conftest.one_thread)
 
 
 def _vae(prior="normal", posterior="diagonal", layers=1, classes=0, **kw):

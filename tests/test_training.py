@@ -18,13 +18,7 @@ from ppl_vae.train import Trainer
 from ppl_vae.validation import bound_on
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small layers: on a busy 2-core machine a second intra-op thread makes a step ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (conftest.one_thread)
 
 
 def _fit(tmp_path, ds, **cfg):
