@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from test_reliability import (TINY, FIT, assert_exact_metrics, assert_one_line, bits, cli, copy_run,  # noqa: F401
-                              digest, finish, in_process, inject, run2, run4, snapshot, spawn, temp_files,
-                              wait_for)
+                              digest, finish, in_process, inject, metrics_without_timing, run2, run4, snapshot, spawn,
+                              temp_files, wait_for)
 
 WARNING = f"{FIT}: warning: "
 
@@ -250,17 +250,33 @@ def test_zero_epochs_is_refused(bits, run2, tmp_path, capsys, resume):
 
 # --------------------------------------------------------------------------- signals at start-up
 
+@pytest.mark.parametrize("module", ["fit", "evaluate", "sample"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_the_imports_is_one_line(bits, tmp_path, sig):
-    """Ctrl-C or SIGTERM 0.5 s after ``python -m ppl_vae.fit`` starts (importing torch and Pyro):
-    exit 128 + signal, one line, no traceback, no run directory."""
+def test_a_signal_during_the_imports_is_one_line(bits, tmp_path, sig, module):
+    """Ctrl-C or SIGTERM 0.5 s after ``python -m ppl_vae.MODULE`` starts (importing torch and
+    Pyro): exit 128 + signal, one line, no traceback, no run directory."""
     out = tmp_path / "run"
-    p = spawn("--dataset", bits, *TINY, "--out", out)
+    p = spawn(*(["--dataset", bits, *TINY, "--out", out] if module == "fit" else [out]), module=module)
     time.sleep(0.5)
     assert p.poll() is None, "start-up took under 0.5 s: the signal would not land in it"
     p.send_signal(sig)
-    assert_one_line(finish(p), 128 + sig, f"{FIT}: interrupted by {sig.name}")
+    assert_one_line(finish(p), 128 + sig, f"python -m ppl_vae.{module}: interrupted by {sig.name}")
     assert not out.exists()
+
+
+def test_ctrl_c_as_a_finished_run_exits_is_not_a_traceback(bits, tmp_path):
+    """Ctrl-C the moment ``fit`` prints its result (every file written; the interpreter about to
+    run its exit handlers, matplotlib's and torch's): exit 0 or 130, at most one line, no
+    traceback, and the run complete."""
+    out = tmp_path / "run"
+    p = spawn("--dataset", bits, *TINY, "--epochs", 2, "--out", out, env={"PYTHONUNBUFFERED": "1"})
+    first = p.stdout.readline()
+    p.send_signal(signal.SIGINT)
+    r = finish(p)
+    assert first.startswith("best validation ELBO"), (first, r.stderr)
+    assert r.returncode in (0, 130) and len(r.stderr.splitlines()) <= 1 and "Traceback" not in r.stderr, \
+        (r.returncode, r.stderr)
+    assert [m["epoch"] for m in metrics_without_timing(out)] == [1, 2] and (out / "summary.json").exists()
 
 
 @pytest.mark.parametrize("sig,existing", [(signal.SIGINT, False), (signal.SIGTERM, True)])

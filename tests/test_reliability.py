@@ -39,10 +39,11 @@ FIT = "python -m ppl_vae.fit"
 
 # --------------------------------------------------------------------------- running the CLI
 
-def spawn(*args, fault: dict | None = None, module: str = "fit") -> subprocess.Popen:
-    """Start ``python -m ppl_vae.MODULE ARGS`` from the repository root, offline, output piped;
-    with ``fault``: the same with that fault injected (see :func:`inject`)."""
-    env = {**os.environ, **OFFLINE, "no_proxy": "", "NO_PROXY": ""}
+def spawn(*args, fault: dict | None = None, module: str = "fit", env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m ppl_vae.MODULE ARGS`` from the repository root, offline, output piped,
+    with ``env`` added to the environment; with ``fault``: the same with that fault injected
+    (see :func:`inject`)."""
+    env = {**os.environ, **OFFLINE, "no_proxy": "", "NO_PROXY": "", **(env or {})}
     head = [sys.executable, "-m", f"ppl_vae.{module}"] if fault is None else \
         [sys.executable, str(Path(__file__).resolve()), json.dumps(fault), module]
     return subprocess.Popen([*head, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
