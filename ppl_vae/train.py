@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyro
@@ -34,24 +31,12 @@ from .config import FitConfig
 from .cuda_graph import GraphedStep
 from .data import Dataset, load_dataset
 from .errors import CheckpointError, UserError
+from .interrupts import Interrupted, NonFiniteLoss, signals_to_flag
 from .likelihoods import make_likelihood
 from .model import VAE
 from .objectives import make_objective
 from .optim import beta_at, make_optimizer
 from .validation import bound_on, objective_name
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` = 128 + signal number."""
-
-    def __init__(self, signum: int, path: Path):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved to {path}; "
-                         f"continue with --resume")
-        self.exit_code = 128 + signum
 
 
 def train_step(loss_fn, optim: torch.optim.Optimizer, params, batch: tuple, size: int, beta,
@@ -88,23 +73,6 @@ def class_labels(data: Dataset, cfg: FitConfig) -> dict | None:
     cfg.num_classes = cfg.num_classes or c
     return {s: torch.nn.functional.one_hot(y.long(), cfg.num_classes).to(data.train.dtype)
             for s, y in data.labels.items()}
-
-
-@contextmanager
-def signals_to_flag(flag: dict):
-    """While training, SIGINT/SIGTERM only set ``flag['signum']``; the loop saves and stops at
-    the next step boundary. Handlers are installed only in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, lambda signum, frame: flag.__setitem__("signum", signum))
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 class Trainer:
