@@ -85,3 +85,12 @@ def startup(prog: str):
     finally:
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+def exit_quietly(code: int):
+    """Exit with ``code`` once a command's work is done and reported: Ctrl-C or SIGTERM from here
+    on (while the interpreter tears torch and matplotlib down) is ignored, not a traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

@@ -30,17 +30,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from pyro import poutine
-from tqdm.auto import tqdm
-
-from . import checks, distributed, estimators, files, importance, latents
-from .cli import ArgumentParser, int_list, user_errors
+from .cli import ArgumentParser, exit_quietly, int_list, startup, user_errors
 from .errors import UserError
-from .report import MEAN, MC_VAR, Report, summarize
 
 PROG = "python -m ppl_vae.evaluate"
+with startup(PROG):  # torch loads here: a signal meanwhile is one line, not a traceback
+    import numpy as np
+    import torch
+    from pyro import poutine
+    from tqdm.auto import tqdm
+
+    from . import checks, distributed, estimators, files, importance, latents
+    from .report import MEAN, MC_VAR, Report, summarize
 DEFAULT_KS = (1, 10, 100, 1000, 5000)
 DEFAULT_BLOCK = 100
 PER_DATAPOINT = ("elbo_analytic", "elbo_analytic_stderr", "elbo_mc", "elbo_mc_stderr", "log_px",
@@ -339,4 +340,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())

@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import socket
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -159,7 +158,7 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / LOCK_NAME
         self._fd: int | None = None
-        self.acquired_at: float | None = None  # time.time() when this process took the lock
+        self.acquired_at: float | None = None  # when this process took the lock (the lock file's mtime)
 
     def acquire(self) -> "RunLock":
         import fcntl
@@ -178,7 +177,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
-        self.acquired_at = time.time()
+        self.acquired_at = os.fstat(fd).st_mtime  # the file system's clock, the one temp files are stamped with
         return self
 
     def release(self) -> None:

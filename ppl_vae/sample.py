@@ -12,10 +12,9 @@ Gaussian means, continuous-Bernoulli means), the usual way to show samples of an
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .cli import ArgumentParser, user_errors
+from .cli import ArgumentParser, exit_quietly, user_errors
 from .errors import UserError
 
 
@@ -76,4 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())
