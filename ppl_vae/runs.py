@@ -127,7 +127,10 @@ def heal_metrics(out: Path, rows: list[dict]) -> str | None:
     if have == want:
         return None
     files.write_text(path, "".join(ln + "\n" for ln in want))
-    kept = [r["epoch"] for r in map(_row, have) if r is not None]
+    parsed = [r for r in map(_row, have) if r is not None]
+    if parsed == rows and len(parsed) == len(have):  # intact, written by an earlier version: keys renamed
+        return None
+    kept = [r["epoch"] for r in parsed]
     if not rows:
         return None if not have else f"{METRICS}: dropped {len(have)} line(s) of epochs not in the checkpoint"
     last = rows[-1]["epoch"]

@@ -2,6 +2,7 @@
 every damaged or crafted file with one clear line, RNG states that round-trip exactly.
 See docs/reliability.md."""
 import errno
+import json
 import os
 import pickle
 import random
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae import __version__, checkpoint
+from ppl_vae import __version__, checkpoint, runs
 from ppl_vae.config import FitConfig
 from ppl_vae.errors import CheckpointError, WriteError, UserError
 from ppl_vae.runs import load_run, read_metrics
@@ -268,3 +269,19 @@ def test_rng_states_round_trip_exactly_through_a_safe_checkpoint(tmp_path):
     draws()
     checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     assert draws() == first
+
+
+def test_heal_metrics_renames_a_legacy_file_silently_and_reports_damage(tmp_path):
+    """A metrics.jsonl of version 0.1 (train_elbo, valid_iwae) is intact: rewritten under the new
+    keys without a note. A line cut short is damage: rewritten from the rows, with a note."""
+    legacy = [{"epoch": 1, "train_elbo": -1.0, "valid_elbo": -2.0}, {"epoch": 2, "train_elbo": -0.5, "valid_iwae": -1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    rows = read_metrics(tmp_path)
+    assert rows == [{"epoch": 1, "train_objective": -1.0, "valid_elbo": -2.0},
+                    {"epoch": 2, "train_objective": -0.5, "valid_iwae_k": -1.5}]
+    assert runs.heal_metrics(tmp_path, rows) is None
+    assert [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
+    (tmp_path / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text()[:-10])
+    note = runs.heal_metrics(tmp_path, rows)
+    assert note == "metrics.jsonl was damaged or incomplete (2 line(s)); rewritten from the checkpoint (epochs 1-2)"
+    assert read_metrics(tmp_path) == rows
