@@ -37,18 +37,18 @@ class LinearGaussian:
 
     def model(self, x):
         d = self.W.shape[1]
-        p_z = (dist.MultivariateNormal(torch.zeros(d), torch.eye(d)) if self.prior == "mvn"
-               else dist.Normal(torch.zeros(d), 1.0).to_event(1))
+        zeros, eye = torch.zeros(d, device=x.device), torch.eye(d, device=x.device)
+        p_z = dist.MultivariateNormal(zeros, eye) if self.prior == "mvn" else dist.Normal(zeros, 1.0).to_event(1)
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", p_z)  # (..., N, d)
             pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
 
     def log_px(self, x):  # (N,)
-        cov = self.W @ self.W.T + self.sigma ** 2 * torch.eye(self.W.shape[0])
+        cov = self.W @ self.W.T + self.sigma ** 2 * torch.eye(self.W.shape[0], device=x.device)
         return dist.MultivariateNormal(self.b, cov).log_prob(x)
 
     def posterior(self, x):  # μ (N, d), Σ (d, d)
-        cov = torch.linalg.inv(torch.eye(self.W.shape[1]) + self.W.T @ self.W / self.sigma ** 2)
+        cov = torch.linalg.inv(torch.eye(self.W.shape[1], device=x.device) + self.W.T @ self.W / self.sigma ** 2)
         return (x - self.b) @ self.W @ cov / self.sigma ** 2, cov
 
     def exact_guide(self, x):
@@ -83,19 +83,20 @@ def gaussian_kl(loc, scale):
     return 0.5 * (scale.pow(2) + loc.pow(2) - 1 - 2 * scale.log()).sum(-1)
 
 
-def make_problem(seed=0, W_scale=1.0, prior="normal"):
+def make_problem(seed=0, W_scale=1.0, prior="normal", device="cpu"):
+    """The model with a random W (D, Z), b (D,), σ = 0.7 and N datapoints x (N, D) drawn from it,
+    on ``device`` (drawn on the CPU, so every device gets the same numbers)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(D, Z, generator=g) * W_scale
     b = torch.randn(D, generator=g)
-    lg = LinearGaussian(W, b, sigma=0.7, prior=prior)
     x = torch.randn(Z, generator=g) @ W.T + b + 0.7 * torch.randn(N, D, generator=g)  # (N, D)
-    return lg, x
+    return LinearGaussian(W.to(device), b.to(device), sigma=0.7, prior=prior), x.to(device)
 
 
 # --------------------------------------------------------------------------- exact posterior
 
-def test_exact_posterior_every_estimator_returns_log_px():
-    lg, x = make_problem(prior="mvn")
+def test_exact_posterior_every_estimator_returns_log_px(device):
+    lg, x = make_problem(prior="mvn", device=device)
     log_px = lg.log_px(x)
     m, q = lg.model, lg.exact_guide
     lw = I.log_importance_weights(m, q, x, 50, seed=1)  # (50, N): log w = log p(x) for every z
@@ -123,7 +124,8 @@ def test_exact_posterior_every_estimator_returns_log_px():
     allest = E.estimate_all(m, q, x, 500, ks=[1, 10, 500], seed=4)
     for key in ("elbo_mc", "iwae"):
         torch.testing.assert_close(allest[key].value, log_px, atol=1e-4, rtol=0)
-    torch.testing.assert_close(allest["ess"], torch.full((N,), 500.0), rtol=1e-6, atol=0)  # equal weights
+    torch.testing.assert_close(allest["ess"], torch.full((N,), 500.0, dtype=allest["ess"].dtype), rtol=1e-6,
+                               atol=0)  # equal weights
 
 
 # --------------------------------------------------------------------------- mean-field guide
