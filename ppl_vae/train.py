@@ -202,6 +202,10 @@ class Trainer:
             pyro.enable_validation(validation)
             self.close()
 
+    def _valid_args(self):
+        """The validation data as the program takes them: ``x``, or ``(x, y)`` for a conditional run."""
+        return self.data.valid if self.labels is None else (self.data.valid, self.labels["valid"])
+
     def _objective(self, model, guide, *batch, size, beta):
         """``self.objective``, looked up at every call (tests replace it on a built Trainer)."""
         return self.objective(model, guide, *batch, size=size, beta=beta)
@@ -209,8 +213,8 @@ class Trainer:
     def _step(self, idx: torch.Tensor, beta, weight: float = 1.0) -> torch.Tensor:
         """:func:`train_step` on the training rows ``idx`` (``beta`` is a device tensor under a CUDA
         graph; ``idx`` and ``weight`` are this rank's under torchrun, see ``distributed.shard``)."""
-        batch = (self.data.train_batch(idx),) if self.labels is None else (self.data.train_batch(idx),
-                                                                            self.labels["train"][idx])
+        x = self.data.train_batch(idx)
+        batch = (x,) if self.labels is None else (x, self.labels["train"][idx])
         return train_step(self.loss_fn, self.optim, self.model.parameters(), batch, self.data.train.shape[0], beta,
                           self.cfg.grad_clip, weight)
 
@@ -249,7 +253,7 @@ class Trainer:
         """Validate, log, checkpoint; True when early stopping says stop."""
         cfg, s = self.cfg, self.state
         self.model.eval()
-        x = self.data.valid if self.labels is None else (self.data.valid, self.labels["valid"])
+        x = self._valid_args()
         valid = {"valid_elbo": bound_on(self.model, x, ctx=self.ctx)}
         # best.pt and early stopping follow the bound being trained: IWAE training lowers the ELBO
         # while it raises IWAE_K, so an IWAE run is selected on its validation IWAE_K
@@ -289,7 +293,7 @@ class Trainer:
                    "final": self.state.rows[-1] if self.state.rows else None}
         if self.cfg.final_iwae_k and self.state.epoch > 0:
             self.model.eval()
-            x = self.data.valid if self.labels is None else (self.data.valid, self.labels["valid"])
+            x = self._valid_args()
             summary["final_valid_iwae"] = bound_on(self.model, x, "iwae", self.cfg.final_iwae_k, ctx=self.ctx)
             summary["final_iwae_k"] = self.cfg.final_iwae_k
             self._log(f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['final_valid_iwae']:.3f} "
