@@ -83,6 +83,7 @@ class FitConfig:
     lr_decay: float = 1.0            # multiply the learning rate by this after every epoch
     grad_clip: float | None = None   # clip the global gradient norm (None = off)
     patience: int | None = None      # stop after this many epochs without a better valid ELBO (IWAE_K for iwae)
+    time_limit: float | None = None  # stop after the epoch that ends past this many minutes of this invocation
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
     cuda_graph: bool = False         # on CUDA, replay each step from a captured CUDA graph (not yet verified on a GPU)
@@ -216,6 +217,7 @@ _RANGES = (
     ("lr_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("grad_clip", lambda v: v > 0, "> 0"),
     ("patience", lambda v: v >= 1, ">= 1"),
+    ("time_limit", lambda v: v > 0, "> 0 (minutes)"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "in 0 .. 2**32 - 1 (NumPy's seed range)"),
     ("log_every", lambda v: v >= 1, ">= 1"),
     ("final_iwae_k", lambda v: v >= 0, ">= 0"),

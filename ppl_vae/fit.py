@@ -99,6 +99,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--grad-clip", type=_opt_float, default=S, help="clip the gradient norm (default: off)")
     g.add_argument("--patience", type=_opt_int, default=S, help="early stop after this many epochs without a "
                    "better validation ELBO (IWAE_K bound with --elbo iwae) (default: off)")
+    g.add_argument("--time-limit", type=_opt_float, default=S, metavar="MINUTES", help="stop after the first "
+                   "epoch that ends past this many minutes of training in this invocation; best.pt is still "
+                   "chosen on validation (default: off)")
     g.add_argument("--seed", type=int, default=S, help="(default: 0)")
     g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
     g.add_argument("--cuda-graph", action="store_true", default=S, help="capture each training step in a CUDA "

@@ -14,8 +14,9 @@ name           p(z)                                                             
 =============  ===================================================================  ===========
 
 Both mixtures are Pyro's ``MixtureSameFamily(Categorical(logits), components)``, whose
-``log_prob`` is log Σ_m π_m p_m(z) by ``logsumexp``. Scoring z ``(K, N, d)`` builds the
-component terms ``(K, N, M, d)``: memory grows with the number of components.
+``log_prob`` is log Σ_m π_m p_m(z) by ``logsumexp``. With diagonal Gaussian components (a
+diagonal guide's VampPrior, the MoG) it is :class:`DiagonalNormalMixture`, which scores z
+``(..., d)`` by two matrix products instead of the ``(..., M, d)`` tensor of component terms.
 
 References: J. M. Tomczak, M. Welling, "VAE with a VampPrior", AISTATS 2018.
 """
@@ -36,6 +37,50 @@ from .nets import Encoder, mlp
 PSEUDO_INPUT_MEAN, PSEUDO_INPUT_STD = 0.05, 0.01
 
 
+class DiagonalNormalMixture(dist.MixtureSameFamily):
+    r"""``MixtureSameFamily`` of M diagonal Gaussians ``Normal(loc (M, d), scale (M, d)).to_event(1)``
+    with a faster, equal ``log_prob``: expanding the square,
+
+        Σ_d (z_d − μ_md)² / σ_md² = z² · (1/σ_m²) − 2 z · (μ_m/σ_m²) + Σ_d μ_md²/σ_md²,
+
+    two matrix products ``(..., d) × (d, M)`` give every component's log-density ``(..., M)``;
+    ``MixtureSameFamily.log_prob`` builds the ``(..., M, d)`` tensor of elementwise terms
+    instead. Measured on 2 CPU cores, VampPrior with K = 500, d = 40, batch 250: the training
+    step took 5.4x the normal-prior step with ``MixtureSameFamily``'s log_prob (docs/models.md).
+    The expansion loses float32 digits when |z| ≫ σ: tests/test_priors.py bounds the error
+    against the float64 ``MixtureSameFamily`` value at 2e-3 nats for realistic scales.
+    Sampling, mean and variance are ``MixtureSameFamily``'s."""
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, _instance)
+        new._params = self._mixture_params()  # the (M, d) tensors, not the plate's stride-0 views
+        return new
+
+    def _mixture_params(self):
+        """``logits (M,)``, ``loc (M, d)``, ``scale (M, d)`` of the unexpanded mixture."""
+        if hasattr(self, "_params"):
+            return self._params
+        comp = self.component_distribution.base_dist
+        return self.mixture_distribution.logits, comp.loc, comp.scale
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logits, loc, scale = self._mixture_params()  # (M,), (M, d), (M, d)
+        prec = scale.pow(-2)  # (M, d)
+        quad = (value.pow(2) @ prec.T - 2 * value @ (loc * prec).T
+                + (loc.pow(2) * prec).sum(-1))  # (..., M): Σ_d (z − μ_m)² / σ_m²
+        log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)  # (M,)
+        log_mix = torch.log_softmax(logits, -1)  # (M,)
+        return torch.logsumexp(log_mix - log_norm - 0.5 * quad, -1)  # (...,)
+
+
+def mixture(logits: torch.Tensor, components: dist.Distribution) -> dist.MixtureSameFamily:
+    """The mixture Σ_m softmax(logits)_m p_m: a :class:`DiagonalNormalMixture` when the
+    components are diagonal Gaussians, else Pyro's ``MixtureSameFamily``."""
+    diagonal = (isinstance(components, dist.Independent) and components.reinterpreted_batch_ndims == 1
+                and isinstance(components.base_dist, torch.distributions.Normal) and len(components.batch_shape) == 1)
+    return (DiagonalNormalMixture if diagonal else dist.MixtureSameFamily)(dist.Categorical(logits=logits), components)
+
+
 class MixturePrior(nn.Module):
     r"""p(z) = Σ_m π_m N(z; μ_m, diag σ_m²), π = softmax(logits), σ_m = exp(log σ_m), all learned.
 
@@ -51,8 +96,7 @@ class MixturePrior(nn.Module):
         self.log_scales = nn.Parameter(torch.zeros(components, z_dim))  # (M, d)
 
     def forward(self) -> dist.Distribution:
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
-                                      dist.Normal(self.locs, self.log_scales.exp()).to_event(1))
+        return mixture(self.logits, dist.Normal(self.locs, self.log_scales.exp()).to_event(1))
 
 
 class VampPrior(nn.Module):
@@ -91,7 +135,7 @@ class VampPrior(nn.Module):
         return u if self.pseudo_labels is None else torch.cat([u, self.pseudo_labels], -1)
 
     def forward(self) -> dist.Distribution:
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.mixture_logits), self.components(self.inputs()))
+        return mixture(self.mixture_logits, self.components(self.inputs()))
 
 
 class GaussianLayer(nn.Module):

@@ -187,6 +187,7 @@ class Trainer:
         validation = pyro.infer.util.is_validation_enabled()
         pyro.enable_validation(False)  # data were validated at load time; keep the hot loop lean
         self.model.train()
+        started, self.stopped_by = time.monotonic(), "epochs"
         try:
             with signals_to_flag(flag):
                 while s.epoch < cfg.epochs:
@@ -195,12 +196,25 @@ class Trainer:
                     if distributed.any_signalled(flag, self.ctx, self.device):  # during validation or the save: the epoch's checkpoint holds it all
                         raise Interrupted(distributed.signal_number(flag, self.ctx), self.out / "checkpoint.pt")
                     if stop:
+                        self.stopped_by = "patience"
+                        break
+                    if self._out_of_time(started):
+                        self.stopped_by = "time_limit"
+                        self._log(f"stopping after epoch {s.epoch}: --time-limit {cfg.time_limit:g} minutes reached")
                         break
             return self._finish()
         finally:
             bar.close()
             pyro.enable_validation(validation)
             self.close()
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether this invocation has trained for ``--time-limit`` minutes (rank 0's clock decides
+        for every rank, so that all stop after the same epoch)."""
+        if self.cfg.time_limit is None:
+            return False
+        over = torch.tensor(float(time.monotonic() - started >= 60 * self.cfg.time_limit), device=self.device)
+        return bool(distributed.broadcast_tensor(over, self.ctx).item())
 
     def _valid_args(self):
         """The validation data as the program takes them: ``x``, or ``(x, y)`` for a conditional run."""
@@ -288,7 +302,7 @@ class Trainer:
         from . import files, plots  # (matplotlib: imported only when a run ends)
 
         bound = "iwae_k" if self.cfg.elbo == "iwae" else "elbo"
-        summary = {"epochs": self.state.epoch, f"best_valid_{bound}": self.state.best,
+        summary = {"epochs": self.state.epoch, "stopped_by": self.stopped_by, f"best_valid_{bound}": self.state.best,
                    **({"iwae_k": self.cfg.num_particles} if bound == "iwae_k" else {}),
                    "final": self.state.rows[-1] if self.state.rows else None}
         if self.cfg.final_iwae_k and self.state.epoch > 0:

@@ -162,7 +162,7 @@ def test_mixture_prior_has_no_closed_form_kl_and_is_evaluated_without_it():
     """analytic_kl=True refuses in one line; "auto" is the Monte Carlo ELBO of the same draws;
     estimate_all and evaluate report the analytic ELBO as n/a and everything else."""
     mix = MixtureLinear()
-    msg = ("no closed-form KL for site 'z' (guide MultivariateNormal, prior MixtureSameFamily): use analytic_kl=False "
+    msg = ("no closed-form KL for site 'z' (guide MultivariateNormal, prior DiagonalNormalMixture): use analytic_kl=False "
            "or 'auto' (Monte Carlo KL), or --elbo trace")
     with pytest.raises(NoClosedFormKL) as err:
         E.elbo(mix.model, mix.guide, mix.x, 3, analytic_kl=True)

@@ -1,0 +1,177 @@
+"""Record numbers on static binarized MNIST: fit a named recipe, then evaluate it on the test set.
+
+    python benchmarks/quality.py vampprior --data-dir ../shared/data [--time-limit 110]
+    python benchmarks/quality.py vae --quick --data-dir ../shared/data      # a wiring check in minutes
+
+Each recipe is a ``python -m ppl_vae.fit`` command on the 50k training images. Model selection
+uses the validation split only: ``best.pt`` keeps the parameters of the best validation bound
+(ELBO; IWAE_K for an IWAE run), early stopping watches the same bound, and ``--time-limit``
+ends training after the epoch that passes the budget. Then ``python -m ppl_vae.evaluate RUN
+--split test --num-samples 5000`` estimates log p(x) ≈ IWAE_5000 on all 10,000 test images,
+with its standard error, the Pareto k̂ diagnostics and the active units.
+
+The result, ``benchmarks/results/quality-<recipe>-<device>.json``, holds both commands, the
+config, training and evaluation seconds, the test ELBO, log p(x) ± SE, the k̂ summary, the
+active units and the device; the metrics curve goes beside it as ``...-metrics.jsonl``.
+
+``--quick`` runs the same recipe with a few hundred steps on 3,000 training images (and 50
+pseudo-inputs, 100 importance samples on 200 images): it checks the wiring, not the number,
+and writes its JSON into the run directory only. The recipes are in docs/benchmarks.md ("Quality").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+
+# The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, Adam 5e-4, batch 100,
+# KL warm-up over 100 epochs, early stopping after 50 epochs without a better validation bound.
+PAPER_MLP = ["--activation", "gated", "--hidden", "300,300", "--z-dim", "40", "--batch-size", "100",
+             "--lr", "5e-4", "--epochs", "2000", "--patience", "50"]
+WARMUP = ["--kl-warmup", "100"]
+# A VampPrior step also encodes all 500 pseudo-inputs: with batch 100 the encoder sees 600 rows per
+# step, 6x the plain VAE's. Batch 250 spends fewer steps on them per epoch; the learning rate is
+# doubled with it and the warm-up halved to fit a ~2 h CPU budget.
+VAMP_CPU = ["--batch-size", "250", "--lr", "1e-3", "--kl-warmup", "50"]
+TWO_LAYERS = ["--latent-layers", "2", "--z2-dim", "40", "--hidden2", "300,300"]
+
+RECIPES = {
+    "vae": ["--elbo", "meanfield", *PAPER_MLP, *WARMUP],
+    "iwae5": ["--elbo", "iwae", "--num-particles", "5", *PAPER_MLP],
+    "vampprior": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", *PAPER_MLP, *VAMP_CPU],
+    "hvae-vampprior": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", *PAPER_MLP,
+                       *TWO_LAYERS, *VAMP_CPU],
+    "best": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", "--guide", "iaf",
+             "--flow-steps", "2", *PAPER_MLP, *TWO_LAYERS, *VAMP_CPU],
+}
+# --quick: the same programs, small: flags appended after the recipe's (argparse keeps the last)
+QUICK = {"--epochs": "12", "--patience": "1000", "--kl-warmup": "3", "--pseudo-inputs": "50"}
+QUICK_TRAIN_IMAGES = 3000
+
+
+def fit_command(recipe: str, out: Path, data: list[str], time_limit: float | None, device: str,
+                quick: bool) -> list[str]:
+    args = list(RECIPES[recipe])
+    if quick:
+        args += [a for flag, value in QUICK.items() if flag == "--epochs" or flag in args for a in (flag, value)]
+    limit = [] if time_limit is None else ["--time-limit", f"{time_limit:g}"]
+    return [sys.executable, "-m", "ppl_vae.fit", *data, *args, *limit, "--device", device, "--seed", "0",
+            "--out", str(out)]
+
+
+def evaluate_command(out: Path, data_dir: str | None, num_samples: int, device: str, quick: bool) -> list[str]:
+    subset = ["--subset", "200"] if quick else []
+    data = ["--data-dir", data_dir] if data_dir else []
+    return [sys.executable, "-m", "ppl_vae.evaluate", str(out), "--split", "test", "--num-samples",
+            str(num_samples), *subset, *data, "--device", device, "--checkpoint", "best",
+            "--json", str(out / f"test-k{num_samples}.json")]
+
+
+def quick_data(data_dir: str | None, out: Path) -> Path:
+    """3,000 random training images of static binarized MNIST as an ``.npz`` for ``--quick``."""
+    from ppl_vae.data import load_dataset
+
+    ds = load_dataset("binarized-mnist", data_dir)
+    idx = np.random.default_rng(0).permutation(ds.train.shape[0])[:QUICK_TRAIN_IMAGES]
+    path = out.parent / f"{out.name}-data.npz"
+    np.savez_compressed(path, images=ds.train[idx].numpy().reshape(-1, 28, 28))
+    return path
+
+
+def run(cmd: list[str]) -> float:
+    """Run ``cmd`` (its output goes to ours); its wall seconds, or exit with its status."""
+    print("$", shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        sys.exit(rc)
+    return time.perf_counter() - t0
+
+
+def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick) -> dict:
+    test = json.loads(sorted(out.glob("test-k*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    fit_summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    keep = ("n", "num_samples", "elbo_analytic", "elbo_analytic_stderr", "elbo_mc", "elbo_mc_stderr", "log_px",
+            "log_px_stderr", "log_px_stderr_across_datapoints", "gap", "gap_elbo", "khat_mean",
+            "khat_threshold", "khat_frac_above_threshold", "khat_frac_above_0_7", "log_px_reliable",
+            "ess_median", "active_units", "iwae_by_k", "bits_per_dim", "seconds")
+    return {
+        "recipe": recipe, "quick": quick,
+        "test_nll": -test["log_px"], "test_nll_stderr": test["log_px_stderr"],
+        "fit_command": shlex.join(fit_cmd), "evaluate_command": shlex.join(eval_cmd),
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "epochs": fit_summary["epochs"], "stopped_by": fit_summary.get("stopped_by"),
+        "best_epoch": max(rows, key=lambda r: r.get("valid_iwae_k", r["valid_elbo"]))["epoch"] if rows else None,
+        "fit_summary": {k: v for k, v in fit_summary.items() if k != "final"},
+        "test": {k: test[k] for k in keep if k in test},
+        "device": test["device"], "device_name": _device_name(test["device"]),
+        "config": test["config"],
+    }
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("--data-dir", default=None, help="where binarized_mnist/ is (default: $PPL_VAE_DATA, ...)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quality-RECIPE[-quick])")
+    p.add_argument("--time-limit", type=float, default=110.0, help="minutes of training (default: 110)")
+    p.add_argument("--num-samples", type=int, default=5000, help="K of the test log p(x) (default: 5000)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--evaluate-only", action="store_true", help="evaluate an already trained --out")
+    p.add_argument("--quick", action="store_true", help="a few hundred steps on a subset: checks the wiring")
+    a = p.parse_args(argv)
+    out = a.out or Path("runs") / f"quality-{a.recipe}{'-quick' if a.quick else ''}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if a.quick:
+        data = ["--dataset", str(quick_data(a.data_dir, out)), "--binarize", "none"]
+        a.time_limit, a.num_samples = None, min(a.num_samples, 100)
+    else:
+        data = ["--dataset", "binarized-mnist"] + (["--data-dir", a.data_dir] if a.data_dir else [])
+    fit_cmd = fit_command(a.recipe, out, data, a.time_limit, a.device, a.quick)
+    eval_cmd = evaluate_command(out, None if a.quick else a.data_dir, a.num_samples, a.device, a.quick)
+    train_seconds = None
+    if a.evaluate_only:
+        fit_cmd = json.loads((out / "quality-fit.json").read_text())["fit_command_argv"]
+        train_seconds = json.loads((out / "quality-fit.json").read_text())["train_seconds"]
+    else:
+        train_seconds = run(fit_cmd)
+        (out / "quality-fit.json").write_text(json.dumps({"fit_command_argv": fit_cmd,
+                                                           "train_seconds": train_seconds}) + "\n")
+    eval_seconds = run(eval_cmd)
+    result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick)
+    kind = result["device"].split(":")[0]
+    path = out / f"quality-{a.recipe}-quick.json" if a.quick else RESULTS / f"quality-{a.recipe}-{kind}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if not a.quick:
+        shutil.copyfile(out / "metrics.jsonl", RESULTS / f"quality-{a.recipe}-{kind}-metrics.jsonl")
+    t = result["test"]
+    print(f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.2f} nats "
+          f"(log p(x) ≈ IWAE_{t['num_samples']} on {t['n']} test images; "
+          f"{'reliable' if t.get('log_px_reliable') else 'a lower bound; k̂ says the SE is unreliable'}), "
+          f"test ELBO {t['elbo_mc']:.2f}, k̂ mean {t['khat_mean']:.2f}, trained {train_seconds / 60:.0f} min, "
+          f"{result['epochs']} epochs ({result['stopped_by']}) → {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
