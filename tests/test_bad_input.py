@@ -216,6 +216,7 @@ def test_missing_mnist_test_files_name_both_folders(files, tmp_path, capsys):
     (["--likelihood", "gaussian", "--sigma", "0"], "--sigma must be > 0"),
     (["--grad-clip", "0"], "--grad-clip must be > 0"),
     (["--patience", "0"], "--patience must be >= 1"),
+    (["--time-limit", "0"], "--time-limit must be > 0 (minutes)"),
     (["--lr-decay", "1.5"], "--lr-decay must be in (0, 1]"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--seed", "x"], "argument --seed: invalid int value"),

@@ -84,4 +84,16 @@ def test_early_stopping_after_patience_epochs_without_improvement(images, tmp_pa
     else:  # the improvement counter was reset at least once before it ran out
         assert max(valid) > valid[0] and len(rows) > 1 + patience
     assert summary["best_valid_elbo"] == max(valid)
+    assert summary["stopped_by"] == ("patience" if len(rows) < epochs else "epochs")
     assert all(r["beta"] == 1.0 and r["lr"] == lr for r in rows)
+
+
+def test_time_limit_stops_after_the_epoch_that_passes_it(images, tmp_path):
+    """``--time-limit``: training stops after the first epoch that ends past the limit (here the
+    first: 0.0001 minutes), best.pt and the summary still chosen on validation; without a limit the
+    same run goes on to ``--epochs``."""
+    rows, summary = _fit(images, tmp_path / "limited", "--time-limit", "0.0001", "--epochs", 30)
+    assert len(rows) == summary["epochs"] == 1 and summary["stopped_by"] == "time_limit"
+    assert summary["best_valid_elbo"] == rows[0]["valid_elbo"] and (tmp_path / "limited" / "best.pt").exists()
+    rows, summary = _fit(images, tmp_path / "free", "--time-limit", "60", "--epochs", 3)
+    assert len(rows) == summary["epochs"] == 3 and summary["stopped_by"] == "epochs"

@@ -1,0 +1,77 @@
+"""The record recipes of ``benchmarks/quality.py`` run with ``--quick`` (160 steps on 2,000
+binarized-MNIST training images): each is wired as documented: the program it names, the
+objective it trains, a validation bound that improves, and a result JSON whose numbers are the
+evaluation's. The record numbers themselves are in benchmarks/results/ (docs/benchmarks.md).
+"""
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppl_vae.runs import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# recipe → (program settings its config must hold, the training objective's name in metrics.jsonl)
+WIRING = {
+    "vae": ({"prior": "normal", "guide": "diagonal", "latent_layers": 1, "elbo": "meanfield"}, "beta-elbo"),
+    "iwae5": ({"prior": "normal", "elbo": "iwae", "num_particles": 5}, "iwae-5"),
+    "vampprior": ({"prior": "vampprior", "latent_layers": 1, "elbo": "trace"}, "beta-elbo"),
+    "hvae-vampprior": ({"prior": "vampprior", "latent_layers": 2, "guide": "diagonal"}, "beta-elbo"),
+    "best": ({"prior": "vampprior", "latent_layers": 2, "guide": "iaf"}, "beta-elbo"),
+}
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory, data_dir) -> dict:
+    """Every recipe with ``--quick``, two at a time (each subprocess uses one core)."""
+    root = tmp_path_factory.mktemp("quality")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+    def run(recipe):
+        return subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), recipe, "--quick",
+                               "--data-dir", str(data_dir), "--out", str(root / recipe), "--device", "cpu"],
+                              capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(WIRING, pool.map(run, WIRING)))
+    return {recipe: (r, root / recipe) for recipe, r in done.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(WIRING))
+def test_quick_recipe_is_wired(recipe, quick_runs):
+    r, out = quick_runs[recipe]
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / f"quality-{recipe}-quick.json").read_text())
+    settings, objective = WIRING[recipe]
+    cfg = result["config"]
+    assert {k: cfg[k] for k in settings} == settings
+    assert cfg["activation"] == "gated" and cfg["hidden"] == [300, 300] and cfg["z_dim"] == 40
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == result["epochs"] == 10 and rows[-1]["objective"] in (objective, "elbo", "iwae-5")
+    assert rows[0]["objective"] == objective  # warm-up (β < 1) or IWAE from the first epoch
+    bound = [row.get("valid_iwae_k", row["valid_elbo"]) for row in rows]
+    assert max(bound[-3:]) > bound[0] + 5, bound  # the validation bound improves by nats, not noise
+
+    test = json.loads((out / "test-k100.json").read_text())  # what evaluate wrote
+    assert result["test_nll"] == -test["log_px"] and result["test"]["n"] == 200
+    assert result["test"]["num_samples"] == 100 and result["eval_seconds"] > 0 and result["train_seconds"] > 0
+    assert result["test"]["log_px"] >= result["test"]["elbo_mc"]  # IWAE_100 above the ELBO on 200 images
+    assert recipe in result["fit_command"] and "--quick" not in result["fit_command"]
+
+    vae, _ = load_run(out)
+    prior = vae.prior()
+    if cfg["prior"] == "vampprior":  # the top site's prior is a mixture of the guide at K = 50 pseudo-inputs
+        assert isinstance(prior, torch.distributions.MixtureSameFamily)
+        assert prior.mixture_distribution.logits.shape == (50,) and prior.event_shape == (cfg["z2_dim"]
+                                                                                          if cfg["latent_layers"] == 2
+                                                                                          else cfg["z_dim"],)
+    units = result["test"]["active_units"]
+    assert set(units) == ({"z1", "z2"} if cfg["latent_layers"] == 2 else {"z"})
