@@ -197,3 +197,26 @@ def test_estimators(tmp_path, data_dir):
         # tailed are those whose guide is further from p(z|x), i.e. with the larger gap (quick run:
         # Spearman 0.79 and 0.83 over the 100 images)
         assert r["khat_gap_rank_correlation"] > 0.5, label
+
+
+@pytest.mark.slow
+def test_priors_and_posteriors(tmp_path, data_dir):
+    """Five programs, one evaluator: every program's numbers obey ELBO ≤ IWAE_k ≤ IWAE_K (up to
+    Monte Carlo error), the gap is log p(x) − ELBO, and each program is the one it names."""
+    res = run_example("priors_and_posteriors", tmp_path, data_dir)
+    assert_figure(tmp_path / "gaps.png")
+    assert_figure(tmp_path / "iwae_curves.png")
+    progs = res["programs"]
+    assert list(progs) == ["normal × diagonal", "normal × full-rank", "normal × iaf", "vampprior × diagonal",
+                           "two-layer"]
+    assert res["data"] == "binarized-mnist" and res["n_test"] == 300 and res["k"] == 100
+    for name, r in progs.items():
+        assert r["gap"] == pytest.approx(r["log_px"] - r["elbo"], abs=1e-9)
+        assert r["gap"] > 5 * r["log_px_stderr"] + 5 * r["elbo_stderr"], name  # IWAE_100 above the ELBO
+        assert -250 < r["elbo"] < r["log_px"] < -100, name
+        assert r["train_seconds"] > 0 and 0 <= r["khat_mean"] < 3
+    # the analytic-KL ELBO exists exactly where a closed form does (normal prior; not a VampPrior, not a flow)
+    assert [r["elbo_analytic"] is not None for r in progs.values()] == [True, True, False, False, True]
+    assert set(progs["two-layer"]["latent_dims"]) == {"z1", "z2"} and progs["normal × iaf"]["latent_dims"] == {"z": 20}
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 5 and all(name in "\n".join(table) for name in progs)
