@@ -15,11 +15,13 @@ With importance weights w_k = p(x, z_k) / q(z_k | x), z_k ~ q(z | x):
   parents all drawn before z_s in the guide (the order rule of :mod:`ppl_vae.checks`); the other
   sites stay Monte Carlo, so the value is right for any guide. ``"auto"``: the same, with Monte
   Carlo also where no closed form is registered (a mixture prior, a flow) instead of raising.
+* ``elbo_terms``: the ELBO's two terms, ELBO = recon − KL, the reconstruction term
+  E_q[log p(x|z)] and the total KL term (in closed form where the ELBO takes it so).
 
-``elbo``, ``iwae``, ``iwae_curve`` and ``estimate_all`` are views of one streaming pass over
-the K draws (:func:`_stream`): memory ``O(N)`` in K beyond one pass of ``chunk_size``
-particles × datapoints, and with the same ``seed`` they see the same draws, so their numbers
-are consistent with each other (``seed`` and ``chunk_size``: see :mod:`ppl_vae.importance`).
+``elbo``, ``elbo_terms``, ``iwae``, ``iwae_curve`` and ``estimate_all`` are views of one
+streaming pass over the K draws (:func:`_stream`): memory ``O(N)`` in K beyond one pass of
+``chunk_size`` particles × datapoints, and with the same ``seed`` they see the same draws, so
+their numbers are consistent with each other (``seed`` and ``chunk_size``: see :mod:`ppl_vae.importance`).
 k̂ and the PSIS ESS are in :mod:`ppl_vae.psis`. See ``docs/estimators.md`` for the bias,
 variance and standard errors of each estimator.
 """
@@ -68,6 +70,27 @@ def elbo(model, guide, x, num_samples: int = 1, analytic_kl=False, seed: int | N
     out = _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, mc=not analytic_kl,
                   analytic_kl=analytic_kl)
     return out["elbo_analytic" if analytic_kl else "elbo_mc"]
+
+
+def elbo_terms(model, guide, x, num_samples: int = 1, analytic_kl=False, seed: int | None = None,
+               chunk_size: int | None = None, **kwargs) -> dict[str, Estimate]:
+    r"""The ELBO of :func:`elbo` (same arguments, same draws for the same ``seed``) and its two
+    terms, each an :class:`Estimate` ``(N,)`` in nats, the mean of ``num_samples`` draws:
+
+    * ``"recon"`` = E_q[log p(x|z)], the sum of the observed sites' log-densities (the
+      reconstruction term; −recon is the reconstruction NLL);
+    * ``"kl"`` = recon − ELBO, the total KL term: Σ_sites KL(q ‖ p) in closed form where the ELBO
+      takes it (``analytic_kl``), E_q[log q(z|x) − log p(z)] by Monte Carlo at the other latent
+      sites (and E_q[log q] of auxiliary guide-only sites);
+    * ``"elbo"`` = recon − kl (the value of :func:`elbo`; ``kl.value`` is taken as
+      ``recon.value − elbo.value``, so the identity holds up to float rounding).
+
+    ``stderr``: the sample std of each per-draw term / √K (NaN for K = 1); for ``"kl"`` the per-draw
+    term is log p(x|z_k) − ELBO_k. With a closed-form KL everywhere it is 0: the KL is then exact."""
+    out = _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, mc=not analytic_kl,
+                  analytic_kl=analytic_kl, terms=True)
+    bound, recon = out["elbo_analytic" if analytic_kl else "elbo_mc"], out["recon"]
+    return {"elbo": bound, "recon": recon, "kl": Estimate(recon.value - bound.value, out["kl"].stderr)}
 
 
 def iwae(model, guide, x, num_samples: int, seed: int | None = None, chunk_size: int | None = None,
@@ -121,19 +144,23 @@ def estimate_all(model, guide, x, num_samples: int, ks=(), seed: int | None = No
 
 @torch.no_grad()
 def _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, ks=(), mc=False, analytic_kl=False,
-            keep_log_w=False, program=None) -> dict:
+            keep_log_w=False, program=None, terms=False) -> dict:
     """One pass over ``num_samples`` draws per datapoint, feeding the summaries asked for:
     ``iwae_by_k`` {k: Estimate} for each k in ``ks``, ``elbo_mc`` (``mc``), ``elbo_analytic``
-    (``analytic_kl``, or ``program.closed_form`` set) and the log-weights ``log_w (K, N)``
-    themselves (``keep_log_w``)."""
+    (``analytic_kl``, or ``program.closed_form`` set), the log-weights ``log_w (K, N)``
+    themselves (``keep_log_w``), and (``terms``) ``recon`` = E_q[log p(x|z)] and ``kl``, the
+    moments of the per-draw log p(x|z_k) − ELBO_k (the analytic ELBO's terms where there are any)."""
     groups = {k: _GroupedLSE(k) for k in ks}
-    mc_moments, analytic, kept = _Moments(), _Moments(), []
+    mc_moments, analytic, recon, kl, kept = _Moments(), _Moments(), _Moments(), _Moments(), []
     for d in iter_log_weights(model, guide, x, num_samples, seed, chunk_size, analytic_kl, program=program,
                               **kwargs):
         if mc:
             mc_moments.update(d.log_w)  # (k, N)
         if d.elbo_analytic is not None:
             analytic.update(d.elbo_analytic)  # (k, N)
+        if terms:
+            recon.update(d.log_lik)  # (k, N)
+            kl.update(d.log_lik - (d.log_w if d.elbo_analytic is None else d.elbo_analytic))  # (k, N)
         for g in groups.values():
             g.update(d.log_w)
         if keep_log_w:
@@ -145,6 +172,8 @@ def _stream(model, guide, x, num_samples, seed, chunk_size, kwargs, ks=(), mc=Fa
         out["elbo_analytic"] = analytic.estimate()
     if keep_log_w:
         out["log_w"] = torch.cat(kept, 0)  # (K, N)
+    if terms:
+        out["recon"], out["kl"] = recon.estimate(), kl.estimate()
     return out
 
 

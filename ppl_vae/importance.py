@@ -82,11 +82,7 @@ def iter_log_weights(model, guide, x, num_samples: int, seed: int | None = None,
             parts = [weigh(*replay(model, guide, take_rows(values, i, min(i + rows, n)), checks.take(args, i, i + rows),
                                    k, program.nesting, kwargs, whole), program.nesting, program.closed_form)
                      for i in range(0, n, rows)]
-        if len(parts) == 1:
-            yield parts[0]
-        else:  # (k, N) from the (k, rows) of each slice
-            yield Draws(torch.cat([d.log_w for d in parts], 1),
-                        None if program.closed_form is None else torch.cat([d.elbo_analytic for d in parts], 1))
+        yield parts[0] if len(parts) == 1 else Draws.cat(parts)  # (k, N) from the (k, rows) of each slice
 
 
 def derive_seed(seed: int, *keys: int) -> int:

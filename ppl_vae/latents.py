@@ -58,8 +58,8 @@ def _site_mean(site, nesting: int) -> torch.Tensor:
     """The draw-wise E[z | parents] of a site as ``(k, N, d)``: its distribution's ``.mean``
     (else its value), the data-plate dim second, every other per-datapoint dim flattened."""
     fn, value = site["fn"], site["value"]
-    try:
-        m = torch.broadcast_to(fn.mean, value.shape)
+    try:  # (a guide may set a value without the particle dim: both broadcast)
+        m = torch.broadcast_to(fn.mean, torch.broadcast_shapes(fn.mean.shape, value.shape))
     except (NotImplementedError, AttributeError):
         m = value
     batch = m.dim() - fn.event_dim

@@ -71,9 +71,13 @@ def reconstruction_grid(x: torch.Tensor, recon: torch.Tensor, image_shape, title
 def training_curve(metrics, title: str = "Training curve", path=None):
     """Train and validation ELBO (nats per datapoint) against epoch, from ``metrics.jsonl`` rows.
     ``metrics`` is one run's rows, or ``{label: rows}`` to compare runs (solid: validation
-    ELBO, dashed: the training objective)."""
+    ELBO, dashed: the training objective). Rows with ``valid_recon`` and ``valid_kl`` add a second
+    panel: the validation reconstruction NLL −E_q[log p(x|z)] and KL term (older rows have none)."""
     runs = metrics if isinstance(metrics, dict) else {"": metrics}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    terms = {label: [m for m in rows if "valid_kl" in m and "valid_recon" in m] for label, rows in runs.items()}
+    two = any(terms.values())
+    fig, axes = plt.subplots(1, 1 + two, figsize=(10 if two else 5, 3.5), squeeze=False)
+    ax = axes[0, 0]
     for i, (label, rows) in enumerate(runs.items()):
         ep = [m["epoch"] for m in rows]
         name = f"{label}: " if label else ""
@@ -83,13 +87,22 @@ def training_curve(metrics, title: str = "Training curve", path=None):
                 label=f"{name}train ({what}, running mean)")
         ax.plot(ep, [m["valid_elbo"] for m in rows], "s-", ms=3, color=f"C{i}" if label else "C1",
                 label=f"{name}validation ELBO (analytic KL)")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("ELBO (nats per datapoint)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8 if len(runs) > 1 else None)
+        for key, sign, style, what in _TERMS if terms[label] else ():
+            axes[0, 1].plot([m["epoch"] for m in terms[label]], [sign * m[key] for m in terms[label]], style, ms=3,
+                            color=f"C{i}" if label else None, label=f"{name}{what}")
+    for ax, ylabel, head in zip(axes[0], ("ELBO (nats per datapoint)", "nats per datapoint"),
+                                (title, "Validation ELBO = −(reconstruction NLL + KL)")):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.set_title(head)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8 if len(runs) > 1 else None)
     return _save(fig, path)
+
+
+# the second panel of training_curve: (row key, sign, line style, legend)
+_TERMS = (("valid_recon", -1, "o-", "reconstruction NLL −E_q[log p(x|z)]"), ("valid_kl", 1, "s--", "KL term"))
 
 
 @torch.no_grad()

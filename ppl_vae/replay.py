@@ -26,10 +26,18 @@ class Draws(NamedTuple):
     """One pass of draws: ``log_w (k, N)`` = log p(x, z_k) − log q(z_k|x), and, when asked for,
     ``elbo_analytic (k, N)`` = log p(x|z_k) − Σ_sites KL(q ‖ p), closed form at the sites of
     :attr:`ppl_vae.checks.Program.closed_form` and Monte Carlo at the others (per-draw terms of the
-    analytic-KL ELBO), else ``None``."""
+    analytic-KL ELBO), else ``None``; ``log_lik (k, N)`` = log p(x|z_k), the sum over the observed
+    sites (the reconstruction term; ``None`` where a caller built the tuple without it)."""
 
     log_w: torch.Tensor
     elbo_analytic: torch.Tensor | None
+    log_lik: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts) -> "Draws":
+        """The draws of consecutive slices of datapoints joined along N: each field ``(k, N)``
+        from the ``(k, rows)`` of each slice (``None`` stays ``None``)."""
+        return Draws(*(None if f[0] is None else torch.cat(f, 1) for f in zip(*parts)))
 
 
 @contextmanager
@@ -110,8 +118,9 @@ def replay(model, guide, values, args, k, nesting, kwargs, guide_tr=None):
 
 
 def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> Draws:
-    """The per-draw terms ``(k, N)`` of one pass; the analytic-KL ELBO's when ``closed_form`` is a
-    set of sites (−KL(q ‖ p) at those, log p − log q at the other latent sites)."""
+    """The per-draw terms ``(k, N)`` of one pass: log w, log p(x|z) (the observed sites), and the
+    analytic-KL ELBO's when ``closed_form`` is a set of sites (−KL(q ‖ p) at those, log p − log q
+    at the other latent sites)."""
     obs = latent_mc = latent_an = 0.0  # each becomes (k, N)
     for name, site in model_tr.nodes.items():
         if site["type"] != "sample":
@@ -138,7 +147,8 @@ def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> 
         raise UserError("the model and guide have no sample sites to weigh")
     # + zeros: terms constant over particles broadcast to (k, N)
     analytic = None if closed_form is None else obs + latent_an + aux + torch.zeros_like(log_w)
-    return Draws(log_w, analytic)
+    log_lik = torch.broadcast_to(torch.as_tensor(obs, dtype=log_w.dtype, device=log_w.device), log_w.shape)  # a view
+    return Draws(log_w, analytic, log_lik)
 
 
 def _per_datapoint(site, log_prob: torch.Tensor, nesting: int) -> torch.Tensor:

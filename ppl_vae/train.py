@@ -36,7 +36,7 @@ from .likelihoods import make_likelihood
 from .model import VAE
 from .objectives import make_objective
 from .optim import beta_at, make_optimizer
-from .validation import bound_on, objective_name
+from .validation import active_units_on, bound_on, elbo_terms_on, objective_name
 
 
 def train_step(loss_fn, optim: torch.optim.Optimizer, params, batch: tuple, size: int, beta,
@@ -268,14 +268,14 @@ class Trainer:
         cfg, s = self.cfg, self.state
         self.model.eval()
         x = self._valid_args()
-        valid = {"valid_elbo": bound_on(self.model, x, ctx=self.ctx)}
+        valid = elbo_terms_on(self.model, x, ctx=self.ctx)  # valid_elbo = valid_recon − valid_kl, one pass
         # best.pt and early stopping follow the bound being trained: IWAE training lowers the ELBO
         # while it raises IWAE_K, so an IWAE run is selected on its validation IWAE_K
         if cfg.elbo == "iwae":
             valid["valid_iwae_k"] = bound_on(self.model, x, "iwae", cfg.num_particles, ctx=self.ctx)
         for key, value in valid.items():
             if not math.isfinite(value):  # the last update broke the parameters: keep the old checkpoint
-                what = "validation ELBO" if key == "valid_elbo" else f"validation IWAE_{cfg.num_particles}"
+                what = f"validation IWAE_{cfg.num_particles}" if key == "valid_iwae_k" else "validation ELBO"
                 raise self._non_finite(what, value, f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
         self.model.train()
         criterion = valid.get("valid_iwae_k", valid["valid_elbo"])
@@ -313,6 +313,11 @@ class Trainer:
             self._log(f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['final_valid_iwae']:.3f} "
                       f"nats/datapoint")
         if self.ctx.is_main:
+            self.model.eval()
+            summary.update(active_units_on(self.model, self._valid_args()))  # a fixed subset, see validation
+            if summary.get("active_units"):
+                self._log(f"active units on {summary['active_units_n']} validation images: " + ", ".join(
+                    f"{s} {a} of {summary['active_units_of'][s]}" for s, a in summary["active_units"].items()))
             files.write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             plots.run_figures(self.model, self.data, self.state.rows, self.out,
                               valid_labels=None if self.labels is None else self.labels["valid"])

@@ -150,6 +150,31 @@ def test_latent_scatter_one_group_per_label_or_a_colour_bar():
     plt.close(fig)
 
 
+def test_training_curve_adds_the_recon_and_kl_panel_when_rows_have_them(tmp_path):
+    """Rows of an older run (no valid_recon / valid_kl; train_elbo of version 0.1) give the one
+    ELBO panel; rows with the terms add a panel of −valid_recon and valid_kl; comparing the two
+    runs, the second panel holds only the newer run's lines, in its colour."""
+    old = [{"epoch": e, "train_elbo": -100.0 + e, "valid_elbo": -101.0 + e} for e in (1, 2, 3)]
+    new = [{"epoch": e, "objective": "elbo", "train_objective": -90.0 + e, "valid_elbo": -91.0 + e,
+            "valid_recon": -70.0 + 2 * e, "valid_kl": 21.0 + e} for e in (1, 2, 3)]
+    fig = plots.training_curve(old)
+    assert len(fig.axes) == 1
+    np.testing.assert_array_equal(fig.axes[0].get_lines()[1].get_ydata(), [-100.0, -99.0, -98.0])
+    plt.close(fig)
+    fig = plots.training_curve(new, path=tmp_path / "curve.png")
+    assert len(fig.axes) == 2 and (tmp_path / "curve.png").stat().st_size > 1000
+    nll, kl = fig.axes[1].get_lines()
+    np.testing.assert_array_equal(nll.get_ydata(), [68.0, 66.0, 64.0])  # −E_q[log p(x|z)]
+    np.testing.assert_array_equal(kl.get_ydata(), [22.0, 23.0, 24.0])
+    assert "nats" in fig.axes[1].get_ylabel() and "NLL" in nll.get_label() and "KL" in kl.get_label()
+    fig = plots.training_curve({"old": old, "new": new})
+    lines = fig.axes[1].get_lines()
+    assert [ln.get_label()[:5] for ln in lines] == ["new: ", "new: "]
+    assert {ln.get_color() for ln in lines} == {fig.axes[0].get_lines()[2].get_color()}  # run 2's colour
+    np.testing.assert_array_equal(lines[1].get_ydata(), [22.0, 23.0, 24.0])
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- python -m ppl_vae.sample
 
 @pytest.fixture(scope="module")
