@@ -314,7 +314,11 @@ class Trainer:
                       f"nats/datapoint")
         if self.ctx.is_main:
             self.model.eval()
-            summary.update(active_units_on(self.model, self._valid_args()))  # a fixed subset, see validation
+            try:  # a diagnostic: a program it cannot handle must not cost the run its summary
+                summary.update(active_units_on(self.model, self._valid_args()))  # a fixed subset, see validation
+            except Exception as e:  # noqa: BLE001
+                summary["active_units_error"] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"active units not computed: {summary['active_units_error']}", RuntimeWarning)
             if summary.get("active_units"):
                 self._log(f"active units on {summary['active_units_n']} validation images: " + ", ".join(
                     f"{s} {a} of {summary['active_units_of'][s]}" for s, a in summary["active_units"].items()))
