@@ -110,3 +110,20 @@ def test_fit_writes_valid_recon_and_kl_and_active_units(tmp_path, digits, settin
     assert rows[-1]["valid_kl"] == pytest.approx(kl.mean().item(), abs=1e-4)
     active = int((loc.var(0) > latents.ACTIVE_THRESHOLD).sum())
     assert summary["active_units"] == {"z": active} and 0 < active <= 6
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_failing_active_units_diagnostic_still_writes_the_summary(tmp_path, digits, monkeypatch):
+    """The active units are a diagnostic: if they fail (e.g. on a user's program), the run still
+    ends with its summary, which records why, and a warning says so."""
+    import ppl_vae.train
+
+    def broken(*args, **kwargs):
+        raise ValueError("this guide has no .mean")
+
+    monkeypatch.setattr(ppl_vae.train, "active_units_on", broken)
+    cfg = FitConfig(dataset="digits", hidden=[16], z_dim=2, epochs=1, final_iwae_k=0, device="cpu")
+    with pytest.warns(RuntimeWarning, match="active units not computed: ValueError: this guide has no .mean"):
+        Trainer(cfg, tmp_path / "run", quiet=True, dataset=digits).run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["active_units_error"] == "ValueError: this guide has no .mean" and summary["epochs"] == 1
