@@ -11,7 +11,9 @@ Metric rows (nats per datapoint, the sign of a bound):
 * ``train_objective``: the bound the optimizer maximized, averaged over the epoch's steps, and
   ``objective``, its name: ``elbo``, ``beta-elbo`` (β ≠ 1 at some step, e.g. KL warm-up) or
   ``iwae-K``;
-* ``valid_elbo`` (analytic KL, fixed draws), and ``valid_iwae_k`` with ``iwae_k`` for IWAE runs;
+* ``valid_elbo`` (analytic KL where it has a closed form, fixed draws), split into ``valid_recon``
+  = E_q[log p(x|z)] and ``valid_kl`` = valid_recon − valid_elbo (since 0.2), and ``valid_iwae_k``
+  with ``iwae_k`` for IWAE runs;
 * ``beta`` (at the epoch's last step), ``lr``, ``epoch_seconds``.
 
 Rows of earlier versions (``train_elbo``, ``valid_iwae``) are read under the new names.
