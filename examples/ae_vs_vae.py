@@ -35,6 +35,7 @@ from __future__ import annotations
 import sys
 
 import _common
+import _figures
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -201,13 +202,13 @@ def main(argv=None) -> int:
         c = results["classifier_on_test_images"]
         print(f"classifier on real test images: confidence {c['mean_confidence']:.3f}, score {c['score']:.2f}, "
               f"accuracy {c['accuracy']:.3f}")
-        plots.histograms(confidences, "classifier confidence max_y p(y | x)",
+        _figures.histograms(confidences, "classifier confidence max_y p(y | x)",
                          "Do decoded prior draws look like digits?", path=out / "recognisable.png")
 
-    plots.image_panels({"z ~ N(0, I)": prior_grids}, data.image_shape, nrow=8,
+    _figures.image_panels({"z ~ N(0, I)": prior_grids}, data.image_shape, nrow=8,
                        title=f"E[x | z] for the same 40 draws z ~ N(0, I) ({data.name}, z_dim = {args.z_dim})",
                        path=out / "prior_samples.png")
-    plots.image_panels(interp_rows, data.image_shape, nrow=10,
+    _figures.image_panels(interp_rows, data.image_shape, nrow=10,
                        title="Decoded straight lines between the codes of two test images",
                        path=out / "interpolations.png")
     _common.save_json(results, out / "results.json")

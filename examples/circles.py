@@ -34,6 +34,7 @@ from __future__ import annotations
 import sys
 
 import _common
+import _figures
 import numpy as np
 import torch
 from sklearn.linear_model import LinearRegression
@@ -41,7 +42,7 @@ from sklearn.metrics import r2_score
 from sklearn.neighbors import KNeighborsRegressor
 from torch.distributions import Normal, kl_divergence
 
-from ppl_vae import plots
+
 from ppl_vae.cli import int_list
 from ppl_vae.data import load_dataset
 from ppl_vae.nets import ARCHS
@@ -94,11 +95,11 @@ def main(argv=None) -> int:
             loc, scale = vae.encode(data.test)  # (N, 3) each
             # KL(q(z_j|x) ‖ N(0, 1)) per coordinate, averaged over test images: ≈ 0 means an unused latent.
             kl_per_dim = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).mean(0)  # (3,) nats
-            plots.latent_traversal(vae.decode, torch.zeros(3), data.image_shape, torch.linspace(-2.5, 2.5, 9),
+            _figures.latent_traversal(vae.decode, torch.zeros(3), data.image_shape, torch.linspace(-2.5, 2.5, 9),
                                    title=f"Circles, β = {beta:g}: one latent varied, the others at 0",
                                    path=out / f"traversals_{tag}.png")
             if beta == args.betas[0]:
-                plots.latent_scatter(loc, data.factors["test"][:, 2], discrete=False, c_label="radius (pixels)",
+                _figures.latent_scatter(loc, data.factors["test"][:, 2], discrete=False, c_label="radius (pixels)",
                                      title=f"Circles, β = {beta:g}: test codes μ(x), coloured by radius",
                                      path=out / f"latent_radius_{tag}.png")
         r2 = factor_r2(z_tr, data.factors["train"][:N_FIT].numpy(), loc.numpy(), data.factors["test"].numpy())
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         print(f"β = {beta:g}: held-out R² " + "; ".join(
             f"{kind} " + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r2[kind])) for kind in r2)
               + f"; test ELBO {test['elbo']:.2f}, IWAE_{test['k']} {test['iwae']:.2f} nats")
-    plots.bar_comparison(bars, "R² on held-out images", "How well the latent means predict the true factors",
+    _figures.bar_comparison(bars, "R² on held-out images", "How well the latent means predict the true factors",
                          hline=0.9, path=out / "r2.png")
     _common.save_json(results, out / "results.json")
     return 0

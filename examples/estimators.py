@@ -26,9 +26,10 @@ from __future__ import annotations
 import sys
 
 import _common
+import _figures
 import torch
 
-from ppl_vae import estimators, plots
+from ppl_vae import estimators
 
 KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -92,10 +93,10 @@ def main(argv=None) -> int:
               + f"; gap IWAE_{k_max} − ELBO {r['gap_iwae_minus_elbo']['mean']:.2f} nats; "
               f"{100 * r['share_khat_above_0.7']:.0f}% of images with k̂ > 0.7; its training bound is "
               f"{r['gap_of_trained_bound']:.2f} nats below IWAE_{k_max}")
-    plots.iwae_convergence(curves, refs, title=f"Held-out bounds on log p(x) ({data.name}, {data.test.shape[0]} "
+    _figures.iwae_convergence(curves, refs, title=f"Held-out bounds on log p(x) ({data.name}, {data.test.shape[0]} "
                            f"test images; bands ±2 MC s.e.)", path=out / "convergence.png")
     first = next(iter(khats))
-    plots.khat_histogram(khats[first], title=f"PSIS k̂ of IWAE_{k_max}, {first} model", path=out / "khat.png")
+    _figures.khat_histogram(khats[first], title=f"PSIS k̂ of IWAE_{k_max}, {first} model", path=out / "khat.png")
     _common.save_json(results, out / "results.json")
     return 0
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import _common
+import _figures
 import torch
 
 from ppl_vae import plots, sample
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         rows = {f"τ = {t:g}": {"E[x | z],  z ~ N(0, τ² I)": vae.decode(plots.prior_draws(16, vae.z_dim, args.seed, t))}
                 for t in temps}  # 16 images (16, D) per τ
-        plots.image_panels(rows, vae.image_shape, nrow=16, title=f"Prior temperature ({cfg.dataset}, "
+        _figures.image_panels(rows, vae.image_shape, nrow=16, title=f"Prior temperature ({cfg.dataset}, "
                            f"z_dim = {vae.z_dim})", path=out / "temperatures.png")
         # If q's aggregate matches the prior, E_z[E[x|z]] = E[x]: compare the mean pixel of many samples
         # with the data's.

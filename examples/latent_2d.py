@@ -18,9 +18,10 @@ from __future__ import annotations
 import sys
 
 import _common
+import _figures
 import torch
 
-from ppl_vae import plots
+
 from ppl_vae.cli import int_list
 
 
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
     with torch.no_grad():
         z_test, z_scale = vae.encode(data.test)  # (N, 2) each
         labels = data.labels.get("test")
-        plots.manifold_grid(vae.decode, data.image_shape, n=12 if args.quick else 20,
+        _figures.manifold_grid(vae.decode, data.image_shape, n=12 if args.quick else 20,
                             title=f"Decoded 2-D latent manifold ({data.name})", path=out / "manifold.png")
-        plots.latent_scatter(z_test, labels, c_label="digit",
+        _figures.latent_scatter(z_test, labels, c_label="digit",
                              title=f"Test set encoded: posterior means μ(x) ({data.name})",
                              path=out / "latent_scatter.png")
         radius = z_test.norm(dim=-1)  # (N,)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import sys
 
 import _common
+import _figures
 import torch
 import torch.nn.functional as F
 from torch.distributions import ContinuousBernoulli
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
     mass = results["models"]["bernoulli"]["bernoulli_log_mass_on_greyscale"]
     print(f"Bernoulli formula at greyscale x integrates to exp({mass:.1f}) over [0, 1]^D: not a density")
 
-    plots.image_panels(panels, data.image_shape, nrow=8,
+    _figures.image_panels(panels, data.image_shape, nrow=8,
                        title=f"One VAE, four likelihoods ({data.name}, {epochs} epochs): test images, "
                              f"reconstructions E[x | z = μ(x)], samples E[x | z] with z ~ N(0, I)",
                        path=out / "likelihoods.png")

@@ -31,8 +31,9 @@ import sys
 import time
 
 import _common
+import _figures
 
-from ppl_vae import plots
+
 from ppl_vae.evaluate import evaluate
 
 # name → the FitConfig fields that make the program (all other settings shared)
@@ -86,9 +87,9 @@ def main(argv=None) -> int:
     (out / "table.md").write_text(table)
     print("\n" + table)
     title = f"{data.name}, {epochs} epochs, {results['n_test']} test images"
-    plots.bar_comparison({"log p(x) − ELBO": gaps}, "gap (nats per datapoint)",
+    _figures.bar_comparison({"log p(x) − ELBO": gaps}, "gap (nats per datapoint)",
                          title=f"ELBO → log p(x) gap per program\n({title})", path=out / "gaps.png")
-    plots.iwae_convergence(curves, title=f"IWAE_k: from the ELBO (k = 1) towards log p(x)\n({title})",
+    _figures.iwae_convergence(curves, title=f"IWAE_k: from the ELBO (k = 1) towards log p(x)\n({title})",
                            path=out / "iwae_curves.png")
     _common.save_json(results, out / "results.json")
     return 0

@@ -18,6 +18,8 @@ from torch.distributions import Normal
 from ppl_vae import fit, plots, sample
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+import _figures  # noqa: E402  (the examples' figures: examples/_figures.py)
 SHAPE = (1, 4, 4)  # tiny images: D = 16
 
 
@@ -52,7 +54,7 @@ def test_manifold_grid_places_prior_quantiles_with_z2_upwards():
         return _constant_decoder(lambda z: Normal(0.0, 1.0).cdf(z[:, 0]))(z)  # brightness = Φ(z₁)
 
     n, q = 5, 0.9
-    fig = plots.manifold_grid(decode, SHAPE, n=n, quantile=q)
+    fig = _figures.manifold_grid(decode, SHAPE, n=n, quantile=q)
     z = seen[0]  # (n², 2)
     expected = Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
     assert z.shape == (n * n, 2)
@@ -74,7 +76,7 @@ def test_latent_traversal_varies_one_coordinate_per_row():
         seen.append(z.clone())
         return torch.zeros(z.shape[0], 16)
 
-    fig = plots.latent_traversal(decode, z0, SHAPE, values=values)
+    fig = _figures.latent_traversal(decode, z0, SHAPE, values=values)
     z = seen[0].reshape(3, 3, 3)  # (rows = traversed dim, cols = value, z_dim)
     for d in range(3):
         torch.testing.assert_close(z[d, :, d], values)
@@ -87,7 +89,7 @@ def test_latent_traversal_varies_one_coordinate_per_row():
 def test_image_panels_table_layout_and_content():
     a = torch.rand(6, 16)
     b = torch.rand(6, 16)
-    fig = plots.image_panels({"row A": {"left": a, "right": b}, "row B": {"left": b}}, SHAPE, nrow=3)
+    fig = _figures.image_panels({"row A": {"left": a, "right": b}, "row B": {"left": b}}, SHAPE, nrow=3)
     axes = fig.axes
     assert len(axes) == 4  # 2 rows × 2 columns; the missing panel stays empty
     assert [ax.get_title() for ax in axes[:2]] == ["left", "right"]
@@ -101,7 +103,7 @@ def test_image_panels_table_layout_and_content():
 def test_iwae_convergence_plots_values_bands_and_matching_reference_colours():
     curves = {"model A": {100: (-90.0, 0.5), 1: (-95.0, 1.0), 10: (-92.0, 0.2)}, "model B": {1: (-99.0, 0.0)}}
     refs = {"model A: ELBO": (-95.5, 0.1), "other": (-100.0, float("nan"))}
-    fig = plots.iwae_convergence(curves, refs)
+    fig = _figures.iwae_convergence(curves, refs)
     ax = fig.axes[0]
     line = ax.get_lines()[0]
     np.testing.assert_array_equal(line.get_xdata(), [1, 10, 100])  # sorted by K
@@ -115,14 +117,14 @@ def test_iwae_convergence_plots_values_bands_and_matching_reference_colours():
     assert "nats" in ax.get_ylabel() and "K" in ax.get_xlabel()
     plt.close(fig)
     # the single-curve form {K: (value, stderr)}
-    fig = plots.iwae_convergence({1: (-3.0, 0.1), 5: (-2.0, 0.1)})
+    fig = _figures.iwae_convergence({1: (-3.0, 0.1), 5: (-2.0, 0.1)})
     assert fig.axes[0].get_lines()[0].get_label() == "IWAE_K"
     plt.close(fig)
 
 
 def test_khat_histogram_reports_share_above_threshold():
     khat = torch.tensor([0.1, 0.2, 0.6, 0.75, 0.9, 1.2, 0.3, 0.4, 0.5, 0.65])  # 3 of 10 above 0.7
-    fig = plots.khat_histogram(khat)
+    fig = _figures.khat_histogram(khat)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any("30.0% with k̂ > 0.7" in t for t in labels)
     xs = sorted(ln.get_xdata()[0] for ln in fig.axes[0].get_lines())
@@ -132,7 +134,7 @@ def test_khat_histogram_reports_share_above_threshold():
 
 def test_bar_comparison_heights_are_the_values():
     values = {"β = 1": {"x": 0.95, "y": 0.9}, "β = 4": {"x": 0.7, "y": 0.8}}
-    fig = plots.bar_comparison(values, "R²", hline=0.9)
+    fig = _figures.bar_comparison(values, "R²", hline=0.9)
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == pytest.approx([0.95, 0.9, 0.7, 0.8])
     assert fig.axes[0].get_ylim()[1] >= 0.95
@@ -141,11 +143,11 @@ def test_bar_comparison_heights_are_the_values():
 
 def test_latent_scatter_one_group_per_label_or_a_colour_bar():
     z = torch.randn(60, 3)
-    fig = plots.latent_scatter(z, torch.arange(60) % 3, dims=(0, 2), prior=False)
+    fig = _figures.latent_scatter(z, torch.arange(60) % 3, dims=(0, 2), prior=False)
     assert len(fig.axes[0].collections) == 3  # one scatter per class
     np.testing.assert_allclose(fig.axes[0].collections[0].get_offsets(), z[::3][:, [0, 2]].numpy(), rtol=1e-6)
     plt.close(fig)
-    fig = plots.latent_scatter(z, torch.rand(60), c_label="radius")
+    fig = _figures.latent_scatter(z, torch.rand(60), c_label="radius")
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "radius"  # colour bar
     plt.close(fig)
 
