@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import data_files
+from .circles import make_circles
 from .data_files import find, read_amat, read_array_file, read_idx, resolve_data_dir
 from .errors import DataError
 
@@ -165,21 +166,6 @@ def load_digits() -> Dataset:
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0  # (1797, 64)
     (tr, va, te), labels, _ = _split_three(x, labels=torch.tensor(d.target))
     return Dataset("digits", tr, va, te, (1, 8, 8), labels=labels)
-
-
-def make_circles(n: int, size: int = 28, r_min: float = 3.0, r_max: float = 8.0, seed: int = 0):
-    """``n`` binary images ``(n, size·size)`` of one filled circle each, and their factors
-    ``(n, 3)`` = (x, y, radius) in pixels, drawn uniformly (the centre keeps the whole circle
-    inside the image). A pixel is 1 when its centre lies within the circle."""
-    g = torch.Generator().manual_seed(seed)
-    r = r_min + (r_max - r_min) * torch.rand(n, generator=g)  # (n,)
-    cx = r + (size - 2 * r) * torch.rand(n, generator=g)  # (n,)
-    cy = r + (size - 2 * r) * torch.rand(n, generator=g)  # (n,)
-    grid = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centres
-    dx2 = (grid[None, None, :] - cx[:, None, None]) ** 2  # (n, 1, W)
-    dy2 = (grid[None, :, None] - cy[:, None, None]) ** 2  # (n, H, 1)
-    img = (dx2 + dy2 <= r[:, None, None] ** 2).float()  # (n, H, W)
-    return img.reshape(n, size * size), torch.stack([cx, cy, r], dim=-1)
 
 
 def load_circles(n_train: int = 20000, n_valid: int = 2000, n_test: int = 2000) -> Dataset:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ppl_vae import data, data_files
+from ppl_vae.circles import make_circles
 from ppl_vae.data import load_dataset
 from ppl_vae.errors import DataError
 from ppl_vae.likelihoods import make_likelihood
@@ -196,7 +197,7 @@ def test_circles_factors_match_pixels():
     """Each image is a filled circle of its factors (x, y, r): pixel count ≈ πr² (off by less
     than a quarter of the rim's 2πr pixels; unbiased, mean error < 0.5 px over 200 circles) and
     pixel centroid ≈ (x, y) (within 0.25 px)."""
-    x, f = data.make_circles(200, seed=5)
+    x, f = make_circles(200, seed=5)
     img = x.reshape(200, 28, 28)
     cx, cy, r = f.unbind(-1)
     area = img.sum((1, 2))
