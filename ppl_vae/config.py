@@ -89,6 +89,7 @@ class FitConfig:
     cuda_graph: bool = False         # on CUDA, replay each step from a captured CUDA graph (not yet verified on a GPU)
     log_every: int = 50              # steps between host syncs (progress bar, NaN check)
     final_iwae_k: int = 100          # K of the validation IWAE bound reported at the end (0 = skip)
+    tensorboard: str | None = None   # also write each epoch's metrics and image grids as TensorBoard events here
     # filled in by fit()
     image_shape: list[int] | None = None
 
@@ -221,6 +222,7 @@ _RANGES = (
     ("seed", lambda v: 0 <= v < 2 ** 32, "in 0 .. 2**32 - 1 (NumPy's seed range)"),
     ("log_every", lambda v: v >= 1, ">= 1"),
     ("final_iwae_k", lambda v: v >= 0, ">= 0"),
+    ("tensorboard", lambda v: v.strip() != "", "a directory name"),
     ("device", lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v),
      "auto, cpu or cuda (or cuda:N)"),
     ("prior", *_one_of(tuple(PRIORS))),

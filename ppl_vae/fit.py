@@ -39,6 +39,10 @@ def _opt_int(text):
     return None if text.lower() == "none" else int(text)
 
 
+def _opt_str(text):
+    return None if text.lower() == "none" else text
+
+
 def build_parser() -> ArgumentParser:
     d = FitConfig()
     p = ArgumentParser(prog=PROG, description=__doc__,
@@ -117,6 +121,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    g.add_argument("--tensorboard", type=_opt_str, default=S, metavar="DIR", help="also write each epoch's "
+                   "metrics and image grids (reconstructions, prior samples) as TensorBoard events in DIR, step = "
+                   "epoch; --resume continues there ('none' turns it off); needs pip install 'ppl_vae[tensorboard]' "
+                   "(default: off)")
     return p
 
 

@@ -36,6 +36,7 @@ from .likelihoods import make_likelihood
 from .model import VAE
 from .objectives import make_objective
 from .optim import beta_at, make_optimizer
+from .tensorboard_log import TensorBoardLog
 from .validation import active_units_on, bound_on, elbo_terms_on, objective_name
 
 
@@ -86,6 +87,7 @@ class Trainer:
                  quiet: bool = False, dataset: Dataset | None = None, model: VAE | None = None):
         cfg.validate()
         self.out, self.quiet, self.lock = Path(out), quiet, None
+        self.board = TensorBoardLog(cfg.tensorboard) if cfg.tensorboard else None  # (not installed: refused here)
         # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
         self.ctx, self.device = distributed.setup(runs.resolve_device(cfg.device))
         created = not self.out.exists()
@@ -206,6 +208,8 @@ class Trainer:
         finally:
             bar.close()
             pyro.enable_validation(validation)
+            if self.board:
+                self.board.close()
             self.close()
 
     def _out_of_time(self, started: float) -> bool:
@@ -292,6 +296,8 @@ class Trainer:
         s.rows.append(row)
         if self.ctx.is_main:
             runs.append_metrics(self.out, row)
+            if self.board:
+                self.board.log_epoch(row, self.model, self.data, self.labels)
         self._log(f"epoch {s.epoch:>3}/{cfg.epochs}  train {row['objective']} {row['train_objective']:9.3f}  "
                   + "  ".join(f"{k.replace('_', ' ')} {v:9.3f}" for k, v in valid.items())
                   + f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
