@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +34,9 @@ from .config import MODEL_KEYS, FitConfig
 from .errors import CheckpointError, UserError
 from .likelihoods import make_likelihood
 from .model import VAE, make_vae
+
+if TYPE_CHECKING:
+    from .data import Dataset
 
 RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json",
              "reconstructions.png", "samples.png", "training_curve.png")
@@ -56,6 +61,23 @@ def build_model(cfg: FitConfig) -> VAE:
                     prior=cfg.prior, posterior=cfg.guide, latent_layers=cfg.latent_layers, z2_dim=cfg.z2_dim,
                     hidden2=cfg.hidden2, pseudo_inputs=cfg.pseudo_inputs, mixture_components=cfg.mixture_components,
                     flow_steps=cfg.flow_steps, num_classes=cfg.num_classes if cfg.conditional else 0)
+
+
+def class_labels(data: "Dataset", cfg: FitConfig) -> dict | None:
+    """One-hot labels ``{split: (N, C)}`` of a conditional run (None otherwise), made once on the
+    data's device so that a step only indexes them; fills in ``cfg.num_classes``. A dataset
+    without labels is refused."""
+    if not cfg.conditional:
+        return None
+    if not all(s in data.labels for s in ("train", "valid")):
+        raise UserError(f"--conditional needs class labels, and {data.name} has none; use a labelled dataset "
+                        f"(digits, mnist, mnist-t10k, fashion-mnist, kmnist) or drop --conditional")
+    c = int(max(int(data.labels[s].max()) for s in ("train", "valid"))) + 1
+    if cfg.num_classes is not None and c > cfg.num_classes:
+        raise CheckpointError(f"the data have {c} classes but the run was trained on {cfg.num_classes}")
+    cfg.num_classes = cfg.num_classes or c
+    return {s: torch.nn.functional.one_hot(y.long(), cfg.num_classes).to(data.train.dtype)
+            for s, y in data.labels.items()}
 
 
 # --------------------------------------------------------------------------- the directory
@@ -139,6 +161,18 @@ def heal_metrics(out: Path, rows: list[dict]) -> str | None:
     if kept[:len(rows)] == [r["epoch"] for r in rows] and len(have) > len(rows):
         return f"{METRICS}: dropped the line(s) after epoch {last}, which the checkpoint does not hold (redone now)"
     return f"{METRICS} was damaged or incomplete ({len(have)} line(s)); rewritten from the checkpoint (epochs 1-{last})"
+
+
+def resume_metrics(out: Path, rows: list[dict] | None, epoch: int) -> list[dict]:
+    """The metric rows of a resumed run: the checkpoint's ``rows`` (else, for checkpoints of
+    earlier versions, the file's rows up to ``epoch``), with ``metrics.jsonl`` made to hold
+    exactly them (:func:`heal_metrics`; a repair is warned about in one line)."""
+    if rows is None:
+        rows = [r for r in read_metrics(out) if r["epoch"] <= epoch]
+    note = heal_metrics(out, rows)
+    if note:
+        warnings.warn(note)  # (the CLIs print it as one "warning:" line)
+    return rows
 
 
 # --------------------------------------------------------------------------- reading a run

@@ -59,23 +59,6 @@ def train_step(loss_fn, optim: torch.optim.Optimizer, params, batch: tuple, size
     return loss.detach()
 
 
-def class_labels(data: Dataset, cfg: FitConfig) -> dict | None:
-    """One-hot labels ``{split: (N, C)}`` of a conditional run (None otherwise), made once on the
-    data's device so that a step only indexes them; fills in ``cfg.num_classes``. A dataset
-    without labels is refused."""
-    if not cfg.conditional:
-        return None
-    if not all(s in data.labels for s in ("train", "valid")):
-        raise UserError(f"--conditional needs class labels, and {data.name} has none; use a labelled dataset "
-                        f"(digits, mnist, mnist-t10k, fashion-mnist, kmnist) or drop --conditional")
-    c = int(max(int(data.labels[s].max()) for s in ("train", "valid"))) + 1
-    if cfg.num_classes is not None and c > cfg.num_classes:
-        raise CheckpointError(f"the data have {c} classes but the run was trained on {cfg.num_classes}")
-    cfg.num_classes = cfg.num_classes or c
-    return {s: torch.nn.functional.one_hot(y.long(), cfg.num_classes).to(data.train.dtype)
-            for s, y in data.labels.items()}
-
-
 class Trainer:
     """Model, data, optimizer and run directory; :meth:`run` trains to ``cfg.epochs``.
 
@@ -125,7 +108,7 @@ class Trainer:
         cfg.dataset = ds.name if cfg.dataset == "auto" else cfg.dataset
         cfg.binarize = ds.binarize
         self.cfg, self.data = cfg, ds.to(self.device)
-        self.labels = class_labels(self.data, cfg)  # one-hot (N, C) per split for a conditional program
+        self.labels = runs.class_labels(self.data, cfg)  # one-hot (N, C) per split for a conditional program
         self.model = (runs.build_model(cfg) if model is None else model).to(self.device)
         self.model.register_params = False  # one torch optimizer owns the parameters (see VAE)
         # (distributed: eager steps; DDP's all-reduce inside a captured graph is not supported here)
@@ -140,13 +123,8 @@ class Trainer:
             pyro.set_rng_seed(distributed.rank_seed(cfg.seed, self.ctx.rank))
         if resume:
             self.state = checkpoint.restore(ckpt, self)
-            if self.ctx.is_main:
-                rows = self.state.rows if self.state.rows is not None else \
-                    [r for r in runs.read_metrics(self.out) if r["epoch"] <= self.state.epoch]  # older checkpoints
-                self.state.rows = rows
-                note = runs.heal_metrics(self.out, rows)
-                if note:
-                    warnings.warn(note)  # (the CLIs print it as one "warning:" line)
+            if self.ctx.is_main:  # metrics.jsonl made to agree with the checkpoint (a warning says what changed)
+                self.state.rows = runs.resume_metrics(self.out, self.state.rows, self.state.epoch)
         distributed.barrier(self.ctx)  # every rank has checked the run directory before rank 0 writes
         if self.ctx.is_main:
             runs.prepare(self.out, resume, overwrite)
@@ -296,12 +274,12 @@ class Trainer:
         s.rows.append(row)
         if self.ctx.is_main:
             runs.append_metrics(self.out, row)
-            if self.board:
-                self.board.log_epoch(row, self.model, self.data, self.labels)
         self._log(f"epoch {s.epoch:>3}/{cfg.epochs}  train {row['objective']} {row['train_objective']:9.3f}  "
                   + "  ".join(f"{k.replace('_', ' ')} {v:9.3f}" for k, v in valid.items())
                   + f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
         self.save(best=improved)
+        if self.board and self.ctx.is_main:  # after the checkpoint: a diagnostic never delays it
+            self.board.log_epoch(row, self.model, self.data, self.labels)
         return cfg.patience is not None and s.bad_epochs >= cfg.patience
 
     def _finish(self) -> dict:
