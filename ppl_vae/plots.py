@@ -101,15 +101,23 @@ _TERMS = (("valid_recon", -1, "o-", "reconstruction NLL −E_q[log p(x|z)]"), ("
 
 
 @torch.no_grad()
+def validation_reconstructions(vae, data, n: int = 10, seed: int = 0, valid_labels=None):
+    """The ``n`` validation images a run's figures show (a choice seeded by ``seed``), ``(n, D)``,
+    and their reconstructions E[x | z = μ(x)], ``(n, D)`` (``valid_labels (N, C)``: a conditional
+    program's labels of the validation images). ``vae`` in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(data.valid.shape[0], generator=g)[:n].to(data.valid.device)
+    x = data.valid[idx]
+    return x, (vae.reconstruct(x) if valid_labels is None else vae.reconstruct(x, valid_labels[idx]))
+
+
+@torch.no_grad()
 def run_figures(vae, data, metrics, out: Path, n: int = 10, seed: int = 0, valid_labels=None) -> None:
     """The figures every ``fit`` writes: reconstructions, prior samples, training curve
     (``valid_labels (N, C)``: the labels of a conditional program's validation images)."""
     out = Path(out)
     vae.eval()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(data.valid.shape[0], generator=g)[:n].to(data.valid.device)
-    x = data.valid[idx]
-    recon = vae.reconstruct(x) if valid_labels is None else vae.reconstruct(x, valid_labels[idx])
+    x, recon = validation_reconstructions(vae, data, n, seed, valid_labels)
     reconstruction_grid(x, recon, data.image_shape, "Validation images and reconstructions",
                         out / "reconstructions.png")
     prior_sample_grid(vae, 100, nrow=10, seed=seed, path=out / "samples.png")

@@ -66,10 +66,10 @@ class TensorBoardLog:
         training = model.training
         model.eval()
         try:
-            g = torch.Generator().manual_seed(self.seed)  # plots.run_figures' choice of images
-            idx = torch.randperm(data.valid.shape[0], generator=g)[:self.n].to(data.valid.device)
-            x = data.valid[idx]
-            recon = model.reconstruct(x) if labels is None else model.reconstruct(x, labels["valid"][idx])
+            from .plots import validation_reconstructions  # the images of reconstructions.png
+
+            valid_labels = None if labels is None else labels["valid"]
+            x, recon = validation_reconstructions(model, data, self.n, self.seed, valid_labels)
             samples = model.sample(self.n_samples, torch.Generator().manual_seed(self.seed))
         finally:
             model.train(training)
