@@ -1,7 +1,9 @@
 """``python -m ppl_vae.evaluate``: end to end on a short binarized-MNIST run, bad input, the
-block design (results independent of how blocks are split over calls and of the chunk size),
-the public ``evaluate`` on other Pyro programs (Pyro's tutorial VAE, a linear-Gaussian model
-with log p(x) in closed form) and active units against closed forms."""
+block design of :mod:`ppl_vae.evaluation` (results independent of how blocks are split over
+calls and of the chunk size), the public ``evaluate`` on other Pyro programs (Pyro's tutorial
+VAE, a linear-Gaussian model with log p(x) in closed form) and active units against closed
+forms. The in-process tests run on every ``device`` (conftest): programs and data are put there,
+and every number read back is moved to the CPU first."""
 import json
 import math
 import subprocess
@@ -15,8 +17,9 @@ import torch
 from torch import nn
 from torch.distributions.transforms import AffineTransform
 
-from ppl_vae import distributed, estimators, evaluate, importance, latents
+from ppl_vae import distributed, estimators, evaluation, importance, latents
 from ppl_vae import report as report_module
+from ppl_vae.evaluate import evaluate, main
 from ppl_vae.model import VAE
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -123,7 +126,7 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
 ])
 def test_bad_input_is_one_line_and_exit_2(bmnist_run, data_dir, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        evaluate.main([str(bmnist_run), "--data-dir", str(data_dir), "--quiet", *args])
+        main([str(bmnist_run), "--data-dir", str(data_dir), "--quiet", *args])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("python -m ppl_vae.evaluate: error:")
@@ -139,28 +142,33 @@ def test_missing_run_dir_exits_2_through_the_cli(tmp_path):
 # --------------------------------------------------------------------------- block design
 
 @pytest.fixture
-def small_vae():
+def small_vae(device):
+    """A small VAE and 25 binary datapoints (drawn on the CPU: the same data on every device)."""
     torch.manual_seed(0)
-    vae = VAE((1, 4, 4), z_dim=3, hidden=[16]).eval()
-    x = torch.bernoulli(torch.full((25, 16), 0.3))
+    vae = VAE((1, 4, 4), z_dim=3, hidden=[16]).eval().to(device)
+    x = torch.bernoulli(torch.full((25, 16), 0.3)).to(device)
     return vae, x
 
 
-def test_blocks_give_the_same_numbers_however_they_are_split(small_vae):
+def test_blocks_give_the_same_numbers_however_they_are_split(small_vae, device):
     vae, x = small_vae
     kw = dict(block_size=10, num_samples=250, ks=[1, 10, 250], seed=3)
-    whole = evaluate.evaluate_blocks(vae.model, vae.guide, x, range(3), chunk_size=10 ** 6, **kw)
-    last = evaluate.evaluate_blocks(vae.model, vae.guide, x, [2], chunk_size=10, **kw)  # another "process"
-    first = evaluate.evaluate_blocks(vae.model, vae.guide, x, [0, 1], chunk_size=1000, **kw)
+    whole = evaluation.evaluate_blocks(vae.model, vae.guide, x, range(3), chunk_size=10 ** 6, **kw)
+    last = evaluation.evaluate_blocks(vae.model, vae.guide, x, [2], chunk_size=10, **kw)  # another "process"
+    first = evaluation.evaluate_blocks(vae.model, vae.guide, x, [0, 1], chunk_size=1000, **kw)
     assert whole["position"].tolist() == list(range(25))
     assert np.concatenate([first["position"], last["position"]]).tolist() == list(range(25))
-    for key in (*evaluate.PER_DATAPOINT, "iwae_by_k"):
+    for key in (*evaluation.PER_DATAPOINT, "iwae_by_k"):
         np.testing.assert_allclose(np.concatenate([first[key], last[key]], -1), whole[key], rtol=1e-6, atol=1e-5)
     # block 1 is estimate_all on x[10:20] with the block's derived seed
     ref = estimators.estimate_all(vae.model, vae.guide, x[10:20], 250, ks=[1, 10, 250],
                                   seed=importance.derive_seed(3, 1))
-    np.testing.assert_allclose(whole["log_px"][10:20], ref["iwae"].value.numpy(), rtol=1e-6)
-    assert evaluate.evaluate_blocks(vae.model, vae.guide, x, [], **kw)["log_px"].shape == (0,)
+    np.testing.assert_allclose(whole["log_px"][10:20], ref["iwae"].value.cpu().numpy(), rtol=1e-6)
+    # data held on the CPU, blocks moved to the program's device (device=): the same numbers
+    moved = evaluation.evaluate_blocks(vae.model, vae.guide, x.cpu(), [1], chunk_size=1000, device=device, **kw)
+    for key in (*evaluation.PER_DATAPOINT, "iwae_by_k"):
+        np.testing.assert_allclose(moved[key], whole[key][..., 10:20], rtol=1e-6, atol=1e-5)
+    assert evaluation.evaluate_blocks(vae.model, vae.guide, x, [], **kw)["log_px"].shape == (0,)
 
 
 def test_ranks_gathered_give_the_single_process_report(small_vae, monkeypatch):
@@ -169,14 +177,14 @@ def test_ranks_gathered_give_the_single_process_report(small_vae, monkeypatch):
     ranks one of them has no block and no latent site to gather)."""
     vae, x = small_vae
     kw = dict(num_samples=60, ks=[1, 10], seed=2, batch_size=10)
-    single = evaluate.evaluate(vae.model, vae.guide, x, **kw)
+    single = evaluate(vae.model, vae.guide, x, **kw)
     for world in (2, 4):
         ranks = [distributed.Context(rank=r, world_size=world) for r in range(world)]
-        shares = [evaluate.evaluate_blocks(vae.model, vae.guide, x, distributed.strided(range(3), c), block_size=10,
-                                           num_samples=60, ks=[1, 10, 60], seed=2) for c in ranks]
+        shares = [evaluation.evaluate_blocks(vae.model, vae.guide, x, distributed.strided(range(3), c), block_size=10,
+                                             num_samples=60, ks=[1, 10, 60], seed=2) for c in ranks]
         assert (world == 4) is not any(k.startswith("posterior_mean:") for k in shares[-1])  # 4: rank 3 has no block
         monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, ctx: shares)
-        gathered = evaluate.evaluate(vae.model, vae.guide, x, ctx=ranks[1], **kw)
+        gathered = evaluate(vae.model, vae.guide, x, ctx=ranks[1], **kw)
         assert gathered.per_datapoint.keys() == single.per_datapoint.keys()
         for key, v in single.per_datapoint.items():
             np.testing.assert_array_equal(gathered.per_datapoint[key], v, err_msg=key)
@@ -200,15 +208,26 @@ def test_cuda_out_of_memory_halves_the_chunk_and_retries(small_vae):
 
     kw = dict(block_size=25, num_samples=400, ks=[1, 400], seed=1)
     logs = []
-    got = evaluate.evaluate_blocks(fragile_model, vae.guide, x, [0], chunk_size=25 * 400, log=logs.append, **kw)
-    ref = evaluate.evaluate_blocks(vae.model, vae.guide, x, [0], chunk_size=25 * 100, **kw)
+    got = evaluation.evaluate_blocks(fragile_model, vae.guide, x, [0], chunk_size=25 * 400, log=logs.append, **kw)
+    ref = evaluation.evaluate_blocks(vae.model, vae.guide, x, [0], chunk_size=25 * 100, **kw)
     assert max(calls) > importance.SAMPLE_UNIT and got["chunk_size"] < 25 * 2 * importance.SAMPLE_UNIT
     assert len(logs) >= 1 and "retrying block 0" in logs[0]
-    for key in evaluate.PER_DATAPOINT:
+    for key in evaluation.PER_DATAPOINT:
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- the public API on other programs
+
+def assert_same_units(got: dict, want: dict):
+    """Active units alike: the counts exactly, the variances to float64 rounding (``evaluate``
+    takes them on the CPU from the gathered means, ``active_units_of`` on the program's device)."""
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        g = got[name]
+        assert (g["active"], g["dims"], g["mc_samples"]) == (w["active"], w["dims"], w["mc_samples"]), name
+        np.testing.assert_allclose([*g["variance"], g["mc_inflation"]], [*w["variance"], w["mc_inflation"]],
+                                   rtol=1e-12, atol=0, err_msg=name)
+
 
 class Encoder(nn.Module):
     """Pyro's VAE tutorial (examples/vae/vae.py), shrunk: 784 → hidden → (z_loc, z_scale)."""
@@ -262,15 +281,15 @@ class TutorialVAE(nn.Module):
             pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
 
 
-def test_evaluate_a_pyro_tutorial_vae_equals_the_estimators_on_the_same_blocks():
+def test_evaluate_a_pyro_tutorial_vae_equals_the_estimators_on_the_same_blocks(device):
     torch.manual_seed(0)
-    vae = TutorialVAE()
-    x = torch.bernoulli(torch.full((20, 784), 0.3))  # 20 random binary images
-    report = evaluate.evaluate(vae.model, vae.guide, x, num_samples=50, ks=[1, 10], seed=7, batch_size=8)
+    vae = TutorialVAE().to(device)
+    x = torch.bernoulli(torch.full((20, 784), 0.3)).to(device)  # 20 random binary images
+    report = evaluate(vae.model, vae.guide, x, num_samples=50, ks=[1, 10], seed=7, batch_size=8)
     # block b = x[8b : 8b + 8], drawn with derive_seed(7, b): the same numbers as the estimators there
     for b, rows in enumerate((slice(0, 8), slice(8, 16), slice(16, 20))):
         ref = estimators.iwae(vae.model, vae.guide, x[rows], 50, seed=importance.derive_seed(7, b))
-        np.testing.assert_allclose(report.per_datapoint["log_px"][rows], ref.value.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(report.per_datapoint["log_px"][rows], ref.value.cpu().numpy(), rtol=1e-6)
     assert report["log_px"] == pytest.approx(report.per_datapoint["log_px"].mean(), rel=1e-12)
     assert (report["n"], report["dim"], report["ks"], report["discrete"]) == (20, 784, [1, 10, 50], True)
     assert report["bits_per_dim"] == pytest.approx(-report["log_px"] / (784 * math.log(2)), rel=1e-12)
@@ -278,11 +297,11 @@ def test_evaluate_a_pyro_tutorial_vae_equals_the_estimators_on_the_same_blocks()
     assert report["khat_threshold"] == pytest.approx(1 - 1 / math.log10(50), rel=1e-12)
     # E_q[latent | x] is the encoder's z_loc: the active units in closed form
     with torch.no_grad():
-        var = vae.encoder(x)[0].double().var(0)  # (4,)
+        var = vae.encoder(x)[0].double().var(0).cpu()  # (4,)
     units = report["active_units"]["latent"]
     assert units["active"] == int((var > 1e-2).sum()) and units["dims"] == 4 and units["mc_samples"] == 1
     np.testing.assert_allclose(units["variance"], var.numpy(), rtol=1e-5)
-    assert latents.active_units_of(vae.model, vae.guide, x, seed=7, block_size=8) == report["active_units"]
+    assert_same_units(latents.active_units_of(vae.model, vae.guide, x, seed=7, block_size=8), report["active_units"])
     table = report.table().splitlines()
     assert table[0] == "n = 20, K = 50, D = 784; nats per datapoint"
     assert table[1].split() == ["nats", "±", "MC", "SE", "bits/dim"]
@@ -299,10 +318,10 @@ def test_evaluate_a_pyro_tutorial_vae_equals_the_estimators_on_the_same_blocks()
 def linear_gaussian(guide_scale):
     """z ~ N(0, 1), x | z ~ N(z, 1) per datapoint: log p(x) = log N(x; 0, 2), posterior
     N(x/2, 1/2). A guide N(x/2, s) with s > 1/√2 has bounded weights (k̂ small); s = 0.25 makes
-    the weights' tail heavy (k̂ large)."""
+    the weights' tail heavy (k̂ large). The prior lives on x's device."""
     def model(x):
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     def guide(x):
@@ -312,11 +331,11 @@ def linear_gaussian(guide_scale):
 
 
 @pytest.mark.parametrize("guide_scale, reliable", [(0.8, True), (0.25, False)])
-def test_k_dependent_verdict_and_no_bits_per_dim_for_a_density(guide_scale, reliable):
-    x = torch.linspace(-2.0, 2.0, 40, dtype=torch.float64)
+def test_k_dependent_verdict_and_no_bits_per_dim_for_a_density(guide_scale, reliable, device):
+    x = torch.linspace(-2.0, 2.0, 40, dtype=torch.float64, device=device)
     model, guide = linear_gaussian(guide_scale)
-    report = evaluate.evaluate(model, guide, x, num_samples=1000, seed=0, batch_size=20)
-    log_px = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).mean().item()
+    report = evaluate(model, guide, x, num_samples=1000, seed=0, batch_size=20)
+    log_px = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x.cpu()).mean().item()
     above = np.mean(report.per_datapoint["khat"] > 1 - 1 / 3)  # khat_threshold(1000) = 2/3
     assert report["khat_frac_above_threshold"] == pytest.approx(above, abs=1e-12)
     assert report["log_px_reliable"] is reliable and bool(above <= 0.1) is reliable
@@ -333,16 +352,16 @@ def test_k_dependent_verdict_and_no_bits_per_dim_for_a_density(guide_scale, reli
     assert table.splitlines()[1].split() == ["nats", "±", "MC", "SE"]
 
 
-def test_discreteness_is_read_from_the_observed_sites(small_vae):
+def test_discreteness_is_read_from_the_observed_sites(small_vae, device):
     vae, x = small_vae
-    assert evaluate.observed_is_discrete(vae.model, vae.guide, x) is True
+    assert evaluation.observed_is_discrete(vae.model, vae.guide, x) is True
     # a Bernoulli fed grey levels (validate_args=False, as Pyro's tutorial on MNIST does): not a probability
-    assert evaluate.observed_is_discrete(vae.model, vae.guide, x * 0.5 + 0.25) is False
-    gauss = VAE((1, 4, 4), z_dim=3, hidden=[16], likelihood="gaussian").eval()
-    assert evaluate.observed_is_discrete(gauss.model, gauss.guide, x) is False
+    assert evaluation.observed_is_discrete(vae.model, vae.guide, x * 0.5 + 0.25) is False
+    gauss = VAE((1, 4, 4), z_dim=3, hidden=[16], likelihood="gaussian").eval().to(device)
+    assert evaluation.observed_is_discrete(gauss.model, gauss.guide, x) is False
 
 
-def test_no_closed_form_kl_reports_the_analytic_elbo_as_na():
+def test_no_closed_form_kl_reports_the_analytic_elbo_as_na(device):
     """A guide through a transform has no registered KL against the prior: the analytic ELBO is
     n/a, the gap is taken against the Monte Carlo ELBO, and everything else is reported."""
     model, _ = linear_gaussian(1.0)
@@ -351,8 +370,8 @@ def test_no_closed_form_kl_reports_the_analytic_elbo_as_na():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.TransformedDistribution(dist.Normal(x / 4, 0.5), [AffineTransform(0.0, 2.0)]))
 
-    x = torch.linspace(-2.0, 2.0, 10, dtype=torch.float64)
-    report = evaluate.evaluate(model, guide, x, num_samples=200, seed=0, mean_samples=400)
+    x = torch.linspace(-2.0, 2.0, 10, dtype=torch.float64, device=device)
+    report = evaluate(model, guide, x, num_samples=200, seed=0, mean_samples=400)
     assert report["elbo_analytic"] is not None and math.isnan(report["elbo_analytic"])
     assert report["elbo_analytic_na"].startswith("no closed-form KL for site 'z' (guide TransformedDistribution")
     assert report["gap_elbo"] == "elbo_mc" and report["gap"] == pytest.approx(report["log_px"] - report["elbo_mc"])
@@ -361,22 +380,22 @@ def test_no_closed_form_kl_reports_the_analytic_elbo_as_na():
     # no .mean on a TransformedDistribution: E_q[z|x] = x/2 by Monte Carlo over 400 draws (se 1/√400)
     units = report["active_units"]["z"]
     assert units["mc_samples"] == 400 and units["mc_inflation"] == pytest.approx(1 / 400, rel=0.2)
-    np.testing.assert_allclose(report.per_datapoint["posterior_mean:z"][0], x.numpy() / 2, atol=5 * 0.05)
+    np.testing.assert_allclose(report.per_datapoint["posterior_mean:z"][0], x.cpu().numpy() / 2, atol=5 * 0.05)
 
 
 # --------------------------------------------------------------------------- active units in closed form
 
-def linear_guide_program(scales):
+def linear_guide_program(scales, device):
     """x (N, 3) → E_q[z|x] = A x + b with row u of A = scales[u] · e_(u mod 3) and the columns of
     x standardized (sample variance 1): Cov_x(E_q[z_u|x]) = scales[u]² exactly."""
-    A = torch.zeros(len(scales), 3, dtype=torch.float64)
+    A = torch.zeros(len(scales), 3, dtype=torch.float64, device=device)
     for u, c in enumerate(scales):
         A[u, u % 3] = c
-    b = torch.arange(len(scales), dtype=torch.float64)  # constant offsets: no variance
+    b = torch.arange(len(scales), dtype=torch.float64, device=device)  # constant offsets: no variance
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(len(scales), dtype=x.dtype), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(len(scales)), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z[..., :3], 1.0).to_event(1), obs=x)
 
     def guide(x):
@@ -385,15 +404,16 @@ def linear_guide_program(scales):
     return model, guide, A, b
 
 
-def standardized(n=50):
+def standardized(device, n=50):
+    """x (n, 3), drawn on the CPU and moved to ``device``, each column of sample mean 0 and variance 1."""
     x = torch.randn(n, 3, dtype=torch.float64)
-    return (x - x.mean(0)) / x.std(0)
+    return ((x - x.mean(0)) / x.std(0)).to(device)
 
 
-def test_active_units_of_a_linear_guide_in_closed_form():
+def test_active_units_of_a_linear_guide_in_closed_form(device):
     scales = [0.5 ** 0.5, 0.0, 0.02 ** 0.5, 0.005 ** 0.5, 0.0, 0.15]  # variances .5, 0, .02, .005, 0, .0225
-    model, guide, A, b = linear_guide_program(scales)
-    x = standardized()
+    model, guide, A, b = linear_guide_program(scales, device)
+    x = standardized(device)
     means = latents.posterior_means(model, guide, x, seed=0)
     assert list(means) == ["z"] and means["z"].exact and means["z"].samples == 1
     torch.testing.assert_close(means["z"].mean, x @ A.T + b, rtol=1e-12, atol=1e-12)
@@ -402,17 +422,18 @@ def test_active_units_of_a_linear_guide_in_closed_form():
     assert (units["active"], units["dims"], units["mc_inflation"]) == (3, 6, 0.0)
 
 
-def test_active_units_of_a_lower_layer_by_monte_carlo():
+def test_active_units_of_a_lower_layer_by_monte_carlo(device):
     """z1 ~ q(z1|x) = N(A x + b, 0.3), z2 ~ q(z2|z1) = N(W z1, 0.1) (sites by name, the second
     below the first): E_q[z2|x] = W (A x + b), averaged over draws of z1 (Rao-Blackwellized:
     mean of W z1), Monte Carlo error se² = 0.09 ‖W_u‖² / S per entry."""
-    _, _, A, b = linear_guide_program([1.0, 1.0, 1.0])  # z1 = x + b, Cov_x = I
-    W = torch.tensor([[0.8, 0.0, 0.0], [0.0, 0.0, 0.0], [0.05, 0.0, 0.0], [0.0, 0.6, 0.0]], dtype=torch.float64)
+    _, _, A, b = linear_guide_program([1.0, 1.0, 1.0], device)  # z1 = x + b, Cov_x = I
+    W = torch.tensor([[0.8, 0.0, 0.0], [0.0, 0.0, 0.0], [0.05, 0.0, 0.0], [0.0, 0.6, 0.0]], dtype=torch.float64,
+                     device=device)
     S = 1000
 
     def model(x):  # only traced for its plates
         with pyro.plate("data", x.shape[0]):
-            z1 = pyro.sample("z", dist.Normal(torch.zeros(3, dtype=x.dtype), 1.0).to_event(1))
+            z1 = pyro.sample("z", dist.Normal(x.new_zeros(3), 1.0).to_event(1))
             pyro.sample("z2", dist.Normal(z1 @ W.T, 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z1, 1.0).to_event(1), obs=x)
 
@@ -421,40 +442,42 @@ def test_active_units_of_a_lower_layer_by_monte_carlo():
             z1 = pyro.sample("z", dist.Normal(x @ A.T + b, 0.3).to_event(1))
             pyro.sample("z2", dist.Normal(z1 @ W.T, 0.1).to_event(1))
 
-    x = standardized()
+    x = standardized(device)
     means = latents.posterior_means(model, guide, x, num_samples=S, seed=1)
     assert means["z"].exact and not means["z2"].exact and means["z2"].samples == S
-    se = 0.3 * W.norm(dim=1) / math.sqrt(S)  # (4,)
+    se = 0.3 * W.norm(dim=1) / math.sqrt(S)  # (4,) on the device
     assert ((means["z2"].mean - (x @ A.T + b) @ W.T).abs() <= 5 * se + 1e-12).all()
     units = latents.active_units(means)
-    exact_var = np.square(W.numpy()).sum(1)  # Cov_x(W (x + b)) = W Wᵀ diagonal: .64, 0, .0025, .36
+    exact_var = np.square(W.cpu().numpy()).sum(1)  # Cov_x(W (x + b)) = W Wᵀ diagonal: .64, 0, .0025, .36
     # the Monte Carlo error of a variance: cross term 2 sd_x se / √N (random) plus se² (upward bias)
-    tol = 5 * 2 * np.sqrt(exact_var) * se.numpy() / math.sqrt(x.shape[0]) + 2 * se.numpy() ** 2
+    se = se.cpu().numpy()
+    tol = 5 * 2 * np.sqrt(exact_var) * se / math.sqrt(x.shape[0]) + 2 * se ** 2
     assert (np.abs(np.array(units["z2"]["variance"]) - exact_var) <= tol).all(), (units["z2"]["variance"], tol)
     assert units["z2"]["active"] == 2 and units["z"]["active"] == 3
     assert units["z2"]["mc_inflation"] == pytest.approx(0.09 * 0.64 / S, rel=0.2)
     assert latents.describe(units).startswith("z 3 of 3, z2 2 of 4 (Monte Carlo mean over 1000 draws")
 
 
-def test_too_few_samples_for_khat_leave_the_verdict_unknown():
+def test_too_few_samples_for_khat_leave_the_verdict_unknown(device):
     model, guide = linear_gaussian(0.8)
-    report = evaluate.evaluate(model, guide, torch.linspace(-1.0, 1.0, 6, dtype=torch.float64), num_samples=20)
+    report = evaluate(model, guide, torch.linspace(-1.0, 1.0, 6, dtype=torch.float64, device=device), num_samples=20)
     assert report["log_px_reliable"] is None and report["khat_frac_above_threshold"] is None
     assert json.loads(report.to_json())["khat_threshold"] is None  # NaN below K = 21
     assert "log p(x) (IWAE K=20)" in report.table() and "reliability unknown: k̂ needs K >= 21" in report.table()
 
 
-def test_a_conditional_program_gets_its_labels_block_by_block():
+def test_a_conditional_program_gets_its_labels_block_by_block(device):
     """model(x, y): data = (x, y), split into blocks together; the same numbers as the estimators
     (and the active units as latents.active_units_of) on each block's (x, y)."""
     from ppl_vae.model import ConditionalVAE
 
     torch.manual_seed(0)
-    cvae = ConditionalVAE((1, 4, 4), z_dim=3, hidden=[16], num_classes=3).eval()
-    x, y = torch.bernoulli(torch.full((25, 16), 0.3)), torch.arange(25) % 3
-    report = evaluate.evaluate(cvae.model, cvae.guide, (x, y), num_samples=40, seed=4, batch_size=10)
+    cvae = ConditionalVAE((1, 4, 4), z_dim=3, hidden=[16], num_classes=3).eval().to(device)
+    x, y = torch.bernoulli(torch.full((25, 16), 0.3)).to(device), torch.arange(25, device=device) % 3
+    report = evaluate(cvae.model, cvae.guide, (x, y), num_samples=40, seed=4, batch_size=10)
     for b, rows in enumerate((slice(0, 10), slice(10, 20), slice(20, 25))):
         ref = estimators.iwae(cvae.model, cvae.guide, (x[rows], y[rows]), 40, seed=importance.derive_seed(4, b))
-        np.testing.assert_allclose(report.per_datapoint["log_px"][rows], ref.value.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(report.per_datapoint["log_px"][rows], ref.value.cpu().numpy(), rtol=1e-6)
     assert (report["n"], report["dim"], report["discrete"]) == (25, 16, True)
-    assert latents.active_units_of(cvae.model, cvae.guide, (x, y), seed=4, block_size=10) == report["active_units"]
+    assert_same_units(latents.active_units_of(cvae.model, cvae.guide, (x, y), seed=4, block_size=10),
+                      report["active_units"])

@@ -4,8 +4,13 @@ parameters, extra per-datapoint arguments, and every refusal with its exact one-
 
 Gaussian identities used (Bishop 2006, §2.3.3): for z ~ N(m, P) and x | z ~ N(W z + b, σ² I),
 x ~ N(W m + b, W P Wᵀ + σ² I) and z | x ~ N(Σ (P⁻¹ m + Wᵀ (x − b) / σ²), Σ), Σ = (P⁻¹ + WᵀW/σ²)⁻¹.
+
+The estimators and ``evaluate`` run on each ``device`` (conftest): every program's parameters and
+data are drawn on the CPU from a seeded generator and moved there (the same numbers on every
+device), its constants are built there, and values are moved to the CPU before NumPy compares them.
 """
 import math
+from functools import partial
 
 import numpy as np
 import pyro
@@ -14,7 +19,7 @@ import pytest
 import torch
 
 from ppl_vae import estimators as E
-from ppl_vae import evaluate as V
+from ppl_vae import evaluation as V
 from ppl_vae import importance as I
 from ppl_vae import psis as P
 from ppl_vae.checks import NoClosedFormKL
@@ -36,6 +41,11 @@ def gaussian_posterior(m, P, W, b, sigma, x):
     return (m @ torch.linalg.inv(P) + (x - b) @ W / sigma ** 2) @ cov, cov
 
 
+def constants(device):
+    """``zeros(*shape)`` and ``eye(n)`` on ``device``, for the constants of the programs below."""
+    return partial(torch.zeros, device=device), partial(torch.eye, device=device)
+
+
 def mvn(loc, cov):
     """N(loc, cov); its arguments are not validated (a Cholesky factor is lower triangular by
     construction, and checking it on every expanded particle would take most of these tests' time)."""
@@ -49,38 +59,40 @@ class TwoLayers:
     the model's order. Every conditional is Gaussian, so log p(x), p(z1 | x), p(z2 | z1) (= p(z2 | z1, x)),
     p(z2 | x) and p(z1 | z2, x) are exact (the identities of the module docstring)."""
 
-    def __init__(self, seed=0):
+    def __init__(self, device, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.A, self.c = torch.randn(3, 2, generator=g), torch.randn(3, generator=g)
-        self.S1 = torch.diag(0.3 + torch.rand(3, generator=g))
-        self.W, self.b, self.sigma = torch.randn(4, 3, generator=g), torch.randn(4, generator=g), 0.6
-        z1 = torch.randn(5, 2, generator=g) @ self.A.T + self.c
-        self.x = z1 @ self.W.T + self.b + self.sigma * torch.randn(5, 4, generator=g)  # (N, 4)
+        A, c = torch.randn(3, 2, generator=g), torch.randn(3, generator=g)
+        S1 = torch.diag(0.3 + torch.rand(3, generator=g))
+        W, b, self.sigma = torch.randn(4, 3, generator=g), torch.randn(4, generator=g), 0.6
+        z1 = torch.randn(5, 2, generator=g) @ A.T + c
+        x = z1 @ W.T + b + self.sigma * torch.randn(5, 4, generator=g)  # (N, 4)
+        self.A, self.c, self.S1, self.W, self.b, self.x = (t.to(device) for t in (A, c, S1, W, b, x))
+        self.zeros, self.eye = constants(device)
 
     def model(self, x):
         with pyro.plate("data", x.shape[0]):
-            z2 = pyro.sample("z2", mvn(torch.zeros(2), torch.eye(2)))  # (..., N, 2)
+            z2 = pyro.sample("z2", mvn(self.zeros(2), self.eye(2)))  # (..., N, 2)
             z1 = pyro.sample("z1", mvn(z2 @ self.A.T + self.c, self.S1))  # (..., N, 3)
             pyro.sample("x", dist.Normal(z1 @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
 
     def log_px(self, x):  # (N,)
         P1 = self.A @ self.A.T + self.S1
-        return mvn(self.c @ self.W.T + self.b, self.W @ P1 @ self.W.T + self.sigma ** 2 * torch.eye(4)).log_prob(x)
+        return mvn(self.c @ self.W.T + self.b, self.W @ P1 @ self.W.T + self.sigma ** 2 * self.eye(4)).log_prob(x)
 
     def bottom_up_guide(self, x):
         """q(z1 | x) q(z2 | z1), the two-layer IWAE's order: the exact posterior."""
         mu1, cov1 = gaussian_posterior(self.c, self.A @ self.A.T + self.S1, self.W, self.b, self.sigma, x)
         S1_inv = torch.linalg.inv(self.S1)
-        cov2 = torch.linalg.inv(torch.eye(2) + self.A.T @ S1_inv @ self.A)
+        cov2 = torch.linalg.inv(self.eye(2) + self.A.T @ S1_inv @ self.A)
         with pyro.plate("data", x.shape[0]):
             z1 = pyro.sample("z1", mvn(mu1, cov1))
             pyro.sample("z2", mvn((z1 - self.c) @ S1_inv @ self.A @ cov2, cov2))
 
     def top_down_guide(self, x):
         """q(z2 | x) q(z1 | z2, x), the model's order: the exact posterior too."""
-        R = self.W @ self.S1 @ self.W.T + self.sigma ** 2 * torch.eye(4)  # Cov(x | z2)
+        R = self.W @ self.S1 @ self.W.T + self.sigma ** 2 * self.eye(4)  # Cov(x | z2)
         WA, R_inv = self.W @ self.A, torch.linalg.inv(R)
-        cov2 = torch.linalg.inv(torch.eye(2) + WA.T @ R_inv @ WA)
+        cov2 = torch.linalg.inv(self.eye(2) + WA.T @ R_inv @ WA)
         mu2 = (x - self.W @ self.c - self.b) @ R_inv @ WA @ cov2  # (N, 2)
         with pyro.plate("data", x.shape[0]):
             z2 = pyro.sample("z2", mvn(mu2, cov2))
@@ -99,7 +111,7 @@ class MixtureLinear:
     Gaussian with its mean and 1.5² times its covariance (wider than the posterior, so the
     weights are bounded and IWAE_K converges)."""
 
-    def __init__(self, seed=0, n=4):
+    def __init__(self, device, seed=0, n=4):
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.prior = MixturePrior(2, 3).double()
@@ -107,10 +119,12 @@ class MixtureLinear:
             self.prior.logits.copy_(torch.randn(3, generator=g))
             self.prior.locs.copy_(2 * torch.randn(3, 2, generator=g))
             self.prior.log_scales.copy_(0.3 * torch.randn(3, 2, generator=g))
-        self.W, self.b, self.sigma = torch.randn(3, 2, generator=g), torch.randn(3, generator=g), 0.8
+        W, b, self.sigma = torch.randn(3, 2, generator=g), torch.randn(3, generator=g), 0.8
         with torch.no_grad():
             z = self.prior().sample((n,))  # (N, 2)
-        self.x = z @ self.W.T + self.b + self.sigma * torch.randn(n, 3, generator=g)
+        x = z @ W.T + b + self.sigma * torch.randn(n, 3, generator=g)  # (N, 3)
+        self.prior, self.W, self.b, self.x = (t.to(device) for t in (self.prior, W, b, x))
+        self.eye = constants(device)[1]
         self._moments = {}
 
     def model(self, x):
@@ -124,7 +138,7 @@ class MixtureLinear:
             log_pi = torch.log_softmax(self.prior.logits, 0)
             covs = torch.diag_embed(self.prior.log_scales.exp() ** 2)  # (M, 2, 2)
             joint = torch.stack([log_pi[m] + mvn(self.prior.locs[m] @ self.W.T + self.b,
-                                                 self.W @ covs[m] @ self.W.T + self.sigma ** 2 * torch.eye(3)).log_prob(x)
+                                                 self.W @ covs[m] @ self.W.T + self.sigma ** 2 * self.eye(3)).log_prob(x)
                                  for m in range(3)], -1)  # (N, M)
             post = [gaussian_posterior(self.prior.locs[m], covs[m], self.W, self.b, self.sigma, x) for m in range(3)]
         return joint, torch.stack([p[0] for p in post], 1), torch.stack([p[1] for p in post])
@@ -147,8 +161,8 @@ class MixtureLinear:
             pyro.sample("z", dist.MultivariateNormal(mean, scale_tril=scale_tril, validate_args=False))
 
 
-def test_mixture_prior_iwae_at_k_10000_matches_the_closed_form_within_3_se():
-    mix = MixtureLinear()
+def test_mixture_prior_iwae_at_k_10000_matches_the_closed_form_within_3_se(device):
+    mix = MixtureLinear(device)
     log_px = mix.log_px(mix.x)
     est = E.estimate_all(mix.model, mix.guide, mix.x, 10_000, seed=0, analytic_kl=False)  # one set of draws
     iwae, elbo = est["iwae"], est["elbo_mc"]
@@ -158,10 +172,10 @@ def test_mixture_prior_iwae_at_k_10000_matches_the_closed_form_within_3_se():
     assert (est["khat"] < 0.5).all()  # bounded weights: the delta-method SE is trustworthy
 
 
-def test_mixture_prior_has_no_closed_form_kl_and_is_evaluated_without_it():
+def test_mixture_prior_has_no_closed_form_kl_and_is_evaluated_without_it(device):
     """analytic_kl=True refuses in one line; "auto" is the Monte Carlo ELBO of the same draws;
     estimate_all and evaluate report the analytic ELBO as n/a and everything else."""
-    mix = MixtureLinear()
+    mix = MixtureLinear(device)
     msg = ("no closed-form KL for site 'z' (guide MultivariateNormal, prior DiagonalNormalMixture): use analytic_kl=False "
            "or 'auto' (Monte Carlo KL), or --elbo trace")
     with pytest.raises(NoClosedFormKL) as err:
@@ -177,21 +191,21 @@ def test_mixture_prior_has_no_closed_form_kl_and_is_evaluated_without_it():
     assert math.isnan(report["elbo_analytic"]) and report["gap_elbo"] == "elbo_mc"
     assert "ELBO (analytic KL)                   n/a  (no closed-form KL)" in report.table()
     res = report.per_datapoint
-    assert (np.abs(res["log_px"] - mix.log_px(mix.x).numpy()) <= 4 * res["log_px_stderr"]).all()
+    assert (np.abs(res["log_px"] - mix.log_px(mix.x).cpu().numpy()) <= 4 * res["log_px_stderr"]).all()
 
 
 @pytest.mark.parametrize("layers,posterior,prior,closed", [
     (1, "diagonal", "normal", {"z"}), (1, "full-rank", "normal", {"z"}), (2, "diagonal", "normal", {"z2"}),
     (2, "full-rank", "normal", {"z2"}), (1, "iaf", "normal", set()), (2, "diagonal", "mog", set())])
-def test_vae_programs_take_the_kl_in_closed_form_where_the_order_rule_allows(layers, posterior, prior, closed):
+def test_vae_programs_take_the_kl_in_closed_form_where_the_order_rule_allows(layers, posterior, prior, closed, device):
     """ppl_vae's programs: one layer in closed form (a full-rank guide against the MVN prior
     included); two layers: z2 in closed form given z1, z1 by Monte Carlo (p(z1 | z2) reads z2,
     which the guide draws after z1). Both ELBOs estimate the same number: within 4 SE (float32)."""
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     vae = VAE((1, 4, 4), 4, [16], prior=prior, posterior=posterior, latent_layers=layers, z2_dim=2, hidden2=[8],
-              mixture_components=3).eval()
-    x = torch.bernoulli(torch.full((6, 16), 0.4))
+              mixture_components=3).eval().to(device)
+    x = torch.bernoulli(torch.full((6, 16), 0.4)).to(device)
     program = I.inspect_program(vae.model, vae.guide, x, {}, "auto")
     assert program.closed_form == frozenset(closed) and program.slice_safe
     assert (program.no_closed_form is None) == (prior == "normal" and posterior != "iaf")
@@ -202,12 +216,12 @@ def test_vae_programs_take_the_kl_in_closed_form_where_the_order_rule_allows(lay
         assert torch.equal(analytic.value, mc.value)
 
 
-def test_two_layers_with_the_exact_posterior_every_estimator_returns_log_px():
+def test_two_layers_with_the_exact_posterior_every_estimator_returns_log_px(device):
     """Model z2 → z1 → x, guide q(z1 | x) q(z2 | z1) = p(z1, z2 | x): every log weight is log p(x).
     The analytic ELBO takes z2's KL in closed form and z1 by Monte Carlo (the order rule), so it
     is right in expectation (within 4 SE of log p(x)); taking z1's in closed form too, as before,
     was 2.4 nats low here (−9.07 for −6.59 on datapoint 0)."""
-    h = TwoLayers()
+    h = TwoLayers(device)
     log_px = h.log_px(h.x)
     m, q = h.model, h.bottom_up_guide
     torch.testing.assert_close(I.log_importance_weights(m, q, h.x, 30, seed=0), log_px.expand(30, 5), rtol=0, atol=1e-4)
@@ -222,14 +236,14 @@ def test_two_layers_with_the_exact_posterior_every_estimator_returns_log_px():
     assert (analytic.stderr < 0.04).all() and ((analytic.value - log_px).abs() <= 4 * analytic.stderr).all()
     report = V.evaluate(m, q, h.x, num_samples=100, ks=[10], seed=0, batch_size=2, mean_samples=0)
     for key in ("elbo_mc", "log_px"):
-        np.testing.assert_allclose(report.per_datapoint[key], log_px.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(report.per_datapoint[key], log_px.cpu().numpy(), rtol=0, atol=1e-4)
     assert abs(report["elbo_analytic"] - log_px.mean().item()) <= 4 * report["elbo_analytic_stderr"]
 
 
-def test_two_layers_in_the_models_order_take_both_kls_in_closed_form():
+def test_two_layers_in_the_models_order_take_both_kls_in_closed_form(device):
     """Guide q(z2 | x) q(z1 | z2, x), the exact posterior in the model's order: p(z1 | z2) reads
     only z2, drawn before z1, so both KLs are closed-form; the analytic ELBO is log p(x) within 4 SE."""
-    h = TwoLayers()
+    h = TwoLayers(device)
     log_px = h.log_px(h.x)
     m, q = h.model, h.top_down_guide
     assert I.inspect_program(m, q, h.x, {}, True).closed_form == {"z1", "z2"}
@@ -240,16 +254,16 @@ def test_two_layers_in_the_models_order_take_both_kls_in_closed_form():
 
 # --------------------------------------------------------------------------- per-datapoint guide parameters
 
-def local_problem(n=50, d=2):
-    """z ~ N(0, I), x | z ~ N(z, I): log p(x) = log N(x; 0, 2 I), posterior N(x/2, I/2)."""
-    x = 2 * torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+def local_problem(n=50, d=2, device="cpu"):
+    """z ~ N(0, I), x | z ~ N(z, I): log p(x) = log N(x; 0, 2 I), posterior N(x/2, I/2); x (n, d) on ``device``."""
+    x = 2 * torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(device)
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(d), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
 
-    return model, x, dist.Normal(torch.zeros(d), math.sqrt(2)).to_event(1).log_prob(x)
+    return model, x, dist.Normal(x.new_zeros(d), math.sqrt(2)).to_event(1).log_prob(x)
 
 
 def plate_indexed_guide(init, scale):
@@ -269,13 +283,13 @@ def closure_guide(loc, scale):
     return guide
 
 
-def test_plate_indexed_guide_gives_the_same_numbers_at_every_chunk_size():
+def test_plate_indexed_guide_gives_the_same_numbers_at_every_chunk_size(device):
     """Slicing the 50 datapoints into blocks of chunk_size // K rows used to re-run this guide on
     each block, which then read loc[0:rows]: rows 40–49 off by up to 27 nats. It is not slice-safe,
     so it is weighed unsliced, and every chunk size gives the unsliced numbers (exact posterior:
     log p(x) to 1e-10; a shifted guide: the unsliced values exactly, and the IWAE recomputed by
     hand from the seeded draws to 1e-10)."""
-    model, x, log_px = local_problem()
+    model, x, log_px = local_problem(device=device)
     exact = plate_indexed_guide(x / 2, math.sqrt(0.5))
     assert not I.slice_safe(model, exact, x)
     for chunk in (1, 37, 200, None, 10 ** 9):
@@ -304,10 +318,10 @@ def test_plate_indexed_guide_gives_the_same_numbers_at_every_chunk_size():
                                rtol=0, atol=1e-10)
 
 
-def test_closure_guide_with_n_by_d_locations_works_and_equals_the_plate_indexed_one():
+def test_closure_guide_with_n_by_d_locations_works_and_equals_the_plate_indexed_one(device):
     """Plate nesting used to be probed on x[:1] ("Shape mismatch inside plate('data') … 1 vs 50");
     it is probed on the caller's own x, and the closure guide gives the plate-indexed guide's numbers."""
-    model, x, log_px = local_problem()
+    model, x, log_px = local_problem(device=device)
     loc = x / 2 + 0.3
     closure = closure_guide(loc, 0.9)
     assert I.max_plate_nesting(model, closure, x) == 1 and not I.slice_safe(model, closure, x)
@@ -319,13 +333,13 @@ def test_closure_guide_with_n_by_d_locations_works_and_equals_the_plate_indexed_
                                log_px, rtol=0, atol=1e-10)
 
 
-def test_evaluate_takes_a_program_that_is_not_slice_safe_as_one_block():
-    model, x, log_px = local_problem(n=20)
+def test_evaluate_takes_a_program_that_is_not_slice_safe_as_one_block(device):
+    model, x, log_px = local_problem(n=20, device=device)
     guide = plate_indexed_guide(x / 2 + 0.3, 0.9)
     report = V.evaluate(model, guide, x, num_samples=100, ks=[10], seed=4, batch_size=8, mean_samples=0)
     assert report["batch_size"] == 20  # one block, drawn with derive_seed(4, 0)
     ref = E.iwae(model, guide, x, 100, seed=I.derive_seed(4, 0))
-    np.testing.assert_allclose(report.per_datapoint["log_px"], ref.value.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(report.per_datapoint["log_px"], ref.value.cpu().numpy(), rtol=0, atol=1e-12)
     # an amortized guide of the same law is slice-safe and keeps its blocks of 8
 
     def amortized(x):
@@ -343,33 +357,35 @@ class ConditionalLinear:
     with y one-hot over 3 classes, so log p(x | y) = log N(x; B y, W Wᵀ + σ² I) and
     z | x, y ~ N(Σ Wᵀ (x − B y) / σ², Σ), Σ = (I + WᵀW/σ²)⁻¹; the guide is that posterior."""
 
-    def __init__(self, n=10):
+    def __init__(self, device, n=10):
         g = torch.Generator().manual_seed(1)
-        self.W, self.B, self.sigma = torch.randn(3, 2, generator=g), 3 * torch.randn(3, 3, generator=g), 0.5
-        self.y = torch.eye(3)[torch.arange(n) % 3]  # (N, 3)
-        self.x = self.y @ self.B.T + torch.randn(n, 3, generator=g)  # (N, 3)
+        W, B, self.sigma = torch.randn(3, 2, generator=g), 3 * torch.randn(3, 3, generator=g), 0.5
+        y = torch.eye(3)[torch.arange(n) % 3]  # (N, 3)
+        x = y @ B.T + torch.randn(n, 3, generator=g)  # (N, 3)
+        self.W, self.B, self.y, self.x = (t.to(device) for t in (W, B, y, x))
+        self.zeros, self.eye = constants(device)
         self.batches = []  # (particles, rows) of every model pass
 
     def model(self, x, y):
         self.batches.append((x.shape[0], y.shape[0]))
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", mvn(torch.zeros(2), torch.eye(2)))  # an MVN: closed-form KL to the guide's
+            z = pyro.sample("z", mvn(self.zeros(2), self.eye(2)))  # an MVN: closed-form KL to the guide's
             pyro.sample("x", dist.Normal(z @ self.W.T + y @ self.B.T, self.sigma).to_event(1), obs=x)
 
     def guide(self, x, y):
-        mu, cov = gaussian_posterior(torch.zeros(2), torch.eye(2), self.W, y @ self.B.T, self.sigma, x)
+        mu, cov = gaussian_posterior(self.zeros(2), self.eye(2), self.W, y @ self.B.T, self.sigma, x)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", mvn(mu, cov))
 
     def log_px(self, x, y):
-        return mvn(y @ self.B.T, self.W @ self.W.T + self.sigma ** 2 * torch.eye(3)).log_prob(x)
+        return mvn(y @ self.B.T, self.W @ self.W.T + self.sigma ** 2 * self.eye(3)).log_prob(x)
 
 
-def test_extra_arguments_go_in_a_tuple_and_are_sliced_with_x():
+def test_extra_arguments_go_in_a_tuple_and_are_sliced_with_x(device):
     """x = (x, y): model(x, y) and guide(x, y), y sliced with x. With chunk_size = 1 every model
     pass sees a slice of both, and every estimator returns log p(x | y) (exact guide, 1e-4); with
     the labels shifted by one class the numbers move (the pairing matters)."""
-    c = ConditionalLinear()
+    c = ConditionalLinear(device)
     log_px = c.log_px(c.x, c.y)
     data = (c.x, c.y)
     assert I.slice_safe(c.model, c.guide, data)
@@ -392,20 +408,20 @@ def test_extra_arguments_go_in_a_tuple_and_are_sliced_with_x():
     report = V.evaluate(c.model, c.guide, data, num_samples=40, ks=[4], seed=0, batch_size=4, mean_samples=0)
     assert report["batch_size"] == 4 and report["n"] == 10 and report["dim"] == 3
     for key in ("elbo_mc", "log_px"):
-        np.testing.assert_allclose(report.per_datapoint[key], log_px.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(report.per_datapoint[key], log_px.cpu().numpy(), rtol=0, atol=1e-4)
     shifted = E.iwae(c.model, c.guide, (c.x, c.y.roll(1, 1)), 150, seed=0)
     assert ((shifted.value - log_px).abs() > 1).all()
 
 
-def test_conditional_vae_takes_its_labels_in_the_tuple():
+def test_conditional_vae_takes_its_labels_in_the_tuple(device):
     """ppl_vae's ConditionalVAE (float32): (x, y) with y one-hot or as indices gives the same
     numbers at every chunk size, those of a closure over y (which is not slice-safe, so weighed
     unsliced), and evaluate's blocks are estimate_all on (x[rows], y[rows])."""
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    cvae = ConditionalVAE((1, 4, 4), 3, [16], num_classes=4).eval()
-    x, labels = torch.bernoulli(torch.full((9, 16), 0.4)), torch.arange(9) % 4
-    y = torch.eye(4)[labels]
+    cvae = ConditionalVAE((1, 4, 4), 3, [16], num_classes=4).eval().to(device)
+    x, labels = torch.bernoulli(torch.full((9, 16), 0.4)).to(device), torch.arange(9, device=device) % 4
+    y = torch.eye(4, device=device)[labels]
     ref = E.iwae(cvae.model, cvae.guide, (x, y), 200, seed=1, chunk_size=10 ** 9)
 
     def closure_model(x):
@@ -424,17 +440,17 @@ def test_conditional_vae_takes_its_labels_in_the_tuple():
     assert not torch.allclose(other.value, ref.value, atol=1e-3)
     report = V.evaluate(cvae.model, cvae.guide, (x, labels), num_samples=50, ks=[5], seed=2, batch_size=4, mean_samples=0)
     block = E.estimate_all(cvae.model, cvae.guide, (x[4:8], labels[4:8]), 50, ks=[5], seed=I.derive_seed(2, 1))
-    np.testing.assert_allclose(report.per_datapoint["log_px"][4:8], block["iwae"].value.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(report.per_datapoint["elbo_analytic"][4:8], block["elbo_analytic"].value.numpy(),
+    np.testing.assert_allclose(report.per_datapoint["log_px"][4:8], block["iwae"].value.cpu().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(report.per_datapoint["elbo_analytic"][4:8], block["elbo_analytic"].value.cpu().numpy(),
                                rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- refusals, one line each
 
-def _small_vae():
+def _small_vae(device="cpu"):
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    return VAE((1, 4, 4), 3, [8]).eval(), torch.bernoulli(torch.full((5, 16), 0.4))
+    return VAE((1, 4, 4), 3, [8]).eval().to(device), torch.bernoulli(torch.full((5, 16), 0.4)).to(device)
 
 
 def _with(x, row, value):
@@ -519,10 +535,10 @@ def test_bad_input_is_refused_in_one_line(case):
     lambda m, g, x: E.estimate_all(m, g, x, 30), lambda m, g, x: I.log_importance_weights(m, g, x, 2),
     lambda m, g, x: P.psis_diagnostics(m, g, x, 30), lambda m, g, x: I.max_plate_nesting(m, g, x),
     lambda m, g, x: V.evaluate(m, g, x, num_samples=30, batch_size=4)])
-def test_every_entry_point_checks_its_data(estimator):
+def test_every_entry_point_checks_its_data(estimator, device):
     """The same line from every public function; evaluate names the datapoint in all of the data
     (row 13 sits in its fourth block of 4)."""
-    vae, x = _small_vae()
+    vae, x = _small_vae(device)
     x = torch.cat([x, x, x, x])  # (20, 16)
     with pytest.raises(DataError, match=r"^x has NaN or inf at datapoint 13: drop or fix those rows$"):
         estimator(vae.model, vae.guide, _with(x, 13, math.nan))

@@ -6,6 +6,9 @@ standard-normal noise, z_ik = μ_i + s ⊙ ε_ik and the loss is
 −(size/N) Σ_i [logsumexp_k log w_ik − log K], log w = log p(z) + log p(x|z) − log q(z|x).
 The exact posterior is N(Σ Wᵀ(x − b)/σ², Σ), Σ = (I + WᵀW/σ²)⁻¹, and
 log p(x) = log N(x; b, W Wᵀ + σ² I) (Bishop 2006, §2.3.3).
+
+Every test runs on each ``device`` (conftest): parameters and data are drawn on the CPU from a
+seeded generator and moved there, so the programs are the same on every device.
 """
 import math
 
@@ -29,24 +32,30 @@ def float64():
     torch.set_default_dtype(torch.float32)
 
 
-def init_params(seed=0):
+def init_params(device, seed=0):
+    """The parameters W, b, A, c, log_s and x (N, D), drawn on the CPU and moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"W": (D, Z), "b": (D,), "A": (D, Z), "c": (Z,), "log_s": (Z,)}
     for name, shape in shapes.items():
-        pyro.param(name, 0.5 * torch.randn(shape, generator=g))
-    return torch.randn(N, D, generator=g)  # x (N, D)
+        pyro.param(name, 0.5 * torch.randn(shape, generator=g).to(device))
+    return torch.randn(N, D, generator=g).to(device)  # x (N, D)
+
+
+def data_plate(x, size):
+    """The batch x (N, D) as the subsample 0..N−1 of ``size`` datapoints, its indices on x's device."""
+    return pyro.plate("data", size or x.shape[0], subsample=torch.arange(x.shape[0], device=x.device), dim=-1)
 
 
 def model(x, size=None):
     W, b = pyro.param("W"), pyro.param("b")
-    with pyro.plate("data", size or x.shape[0], subsample=torch.arange(x.shape[0]), dim=-1):
-        z = pyro.sample("z", dist.Normal(torch.zeros(Z), 1.0).to_event(1))  # (..., N, Z)
+    with data_plate(x, size):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))  # (..., N, Z)
         pyro.sample("x", dist.Normal(z @ W.T + b, SIGMA).to_event(1), obs=x)
 
 
 def guide(x, size=None):
     A, c, log_s = pyro.param("A"), pyro.param("c"), pyro.param("log_s")
-    with pyro.plate("data", size or x.shape[0], subsample=torch.arange(x.shape[0]), dim=-1):
+    with data_plate(x, size):
         pyro.sample("z", dist.Normal(x @ A + c, log_s.exp()).to_event(1))
 
 
@@ -64,16 +73,16 @@ def seeded_loss(x, size, seed=7):
     return iwae_loss(model, guide, x, K, size=size)
 
 
-def test_iwae_loss_value_and_gradient_match_closed_form_and_finite_differences():
+def test_iwae_loss_value_and_gradient_match_closed_form_and_finite_differences(device):
     """K = 5 particles, fixed noise (the same seed): the loss equals the plain-torch formula to
     1e-10; its autograd gradient equals that formula's gradient to 1e-10 and central finite
     differences of the loss itself (h = 1e-5) to 1e-6 · (1 + |g|)."""
-    x, size = init_params(), 40
+    x, size = init_params(device), 40
     loss = seeded_loss(x, size)
     params = [pyro.param(n).unconstrained() for n in PARAMS]
     grads = torch.autograd.grad(loss, params)
     pyro.set_rng_seed(7)
-    eps = torch.randn(K, N, Z)  # the noise the guide's Normal.rsample draws first after the seed
+    eps = torch.randn(K, N, Z, device=device)  # the noise the guide's Normal.rsample draws first after the seed
     leaves = [p.detach().clone().requires_grad_() for p in params]
     ref = closed_form_loss(x, size, eps, *leaves)
     torch.testing.assert_close(loss, ref, atol=1e-10, rtol=0)
@@ -112,11 +121,11 @@ def renyi_and_iwae(x, size):
     return renyi_loss, renyi_grads, ours.item(), our_grads, log_w
 
 
-def test_renyi_elbo_scales_inside_the_log_sum_exp_under_subsampling():
+def test_renyi_elbo_scales_inside_the_log_sum_exp_under_subsampling(device):
     """Our loss is −s Σ_i [LSE_k log w_ik − log K] with s = size/N. Renyi's is −Σ_i [LSE_k(s log w_ik)
     − log K]: equal when the batch is the dataset (s = 1), different by exactly that formula
     otherwise, gradients included (to 1e-8 relative)."""
-    x = init_params()
+    x = init_params(device)
     renyi, renyi_grads, ours, our_grads, log_w = renyi_and_iwae(x, size=N)  # s = 1
     assert ours == pytest.approx(renyi, rel=1e-10)
     for a, b in zip(renyi_grads, our_grads):
@@ -130,20 +139,21 @@ def test_renyi_elbo_scales_inside_the_log_sum_exp_under_subsampling():
     assert max((a - b).abs().max().item() for a, b in zip(renyi_grads, our_grads)) > 1e-2
 
 
-def test_iwae_loss_scaling_and_k1_matches_trace_elbo():
-    x, size = init_params(), 60
+def test_iwae_loss_scaling_and_k1_matches_trace_elbo(device):
+    x, size = init_params(device), 60
     W, b = pyro.param("W").detach(), pyro.param("b").detach()
-    cov = torch.linalg.inv(torch.eye(Z) + W.T @ W / SIGMA ** 2)  # the exact posterior's Σ
-    log_px = dist.MultivariateNormal(b, W @ W.T + SIGMA ** 2 * torch.eye(D)).log_prob(x)  # (N,)
+    eye_z = torch.eye(Z, device=device)
+    cov = torch.linalg.inv(eye_z + W.T @ W / SIGMA ** 2)  # the exact posterior's Σ
+    log_px = dist.MultivariateNormal(b, W @ W.T + SIGMA ** 2 * torch.eye(D, device=device)).log_prob(x)  # (N,)
 
     def exact_guide(x, size=None):
-        with pyro.plate("data", size or x.shape[0], subsample=torch.arange(x.shape[0]), dim=-1):
+        with data_plate(x, size):
             mu = (x - b) @ W @ cov / SIGMA ** 2  # (N, Z)
             pyro.sample("z", dist.MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov)))
 
     def mvn_model(x, size=None):  # the model above with p(z) as an MVN, to match the guide's event shape
-        with pyro.plate("data", size or x.shape[0], subsample=torch.arange(x.shape[0]), dim=-1):
-            z = pyro.sample("z", dist.MultivariateNormal(torch.zeros(Z), torch.eye(Z)))
+        with data_plate(x, size):
+            z = pyro.sample("z", dist.MultivariateNormal(x.new_zeros(Z), eye_z))
             pyro.sample("x", dist.Normal(z @ W.T + b, SIGMA).to_event(1), obs=x)
 
     # exact posterior: every log w = log p(x), so −IWAE_K = −log p(x), summed and scaled by size / N
@@ -157,8 +167,8 @@ def test_iwae_loss_scaling_and_k1_matches_trace_elbo():
     torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-10)
 
 
-def test_iwae_objective_refuses_beta():
-    x = init_params()
+def test_iwae_objective_refuses_beta(device):
+    x = init_params(device)
     for fn in (lambda beta: iwae_loss(model, guide, x, K, beta=beta),
                lambda beta: make_objective("iwae", K)(model, guide, x, size=20, beta=beta)):
         for beta in (0.5, 2, 0.0):

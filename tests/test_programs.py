@@ -2,6 +2,8 @@
 
 Every combination is traced for its sites, shapes, event dims and scales; the densities are
 checked against closed forms written out by hand (float64, tolerances stated at each check).
+The tests of a program's tensors run on each ``device`` (conftest): the program is moved there
+and its inputs are drawn on the CPU and moved to it (``_args``), so they are the same everywhere.
 """
 import itertools
 import math
@@ -27,14 +29,15 @@ LOG_2PI = math.log(2 * math.pi)
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (conftest.one_thread)
 
 
-def _vae(prior="normal", posterior="diagonal", layers=1, classes=0, **kw):
+def _vae(prior="normal", posterior="diagonal", layers=1, classes=0, device="cpu", **kw):
     return make_vae(SHAPE, Z, [16], prior=prior, posterior=posterior, latent_layers=layers, z2_dim=Z2, hidden2=[8],
-                    pseudo_inputs=K_PSEUDO, mixture_components=M, num_classes=classes, **kw)
+                    pseudo_inputs=K_PSEUDO, mixture_components=M, num_classes=classes, **kw).to(device)
 
 
 def _args(vae, n=6):
-    x = torch.bernoulli(torch.rand(n, D))
-    return (x, torch.arange(n) % C) if vae.conditional else (x,)
+    """``(x,)`` or ``(x, y)`` on the program's device: x (n, D) binary, y (n,) class indices."""
+    x = torch.bernoulli(torch.rand(n, D)).to(vae.device)
+    return (x, torch.arange(n, device=vae.device) % C) if vae.conditional else (x,)
 
 
 def _traces(vae, *args, **kw):
@@ -69,8 +72,8 @@ GUIDE_TYPES = {"diagonal": torch.distributions.Independent, "full-rank": torch.d
 
 @pytest.mark.parametrize("prior,posterior,layers,classes",
                          list(itertools.product(PRIOR_TYPES, GUIDE_TYPES, (1, 2), (0, C))))
-def test_every_program_has_its_sites_shapes_scales_and_gradients(prior, posterior, layers, classes):
-    vae = _vae(prior, posterior, layers, classes)
+def test_every_program_has_its_sites_shapes_scales_and_gradients(prior, posterior, layers, classes, device):
+    vae = _vae(prior, posterior, layers, classes, device)
     n, k, size, beta = 6, 4, 30, 0.5
     args = _args(vae, n)
     latents = ("z",) if layers == 1 else ("z1", "z2")
@@ -131,12 +134,12 @@ def test_plain_vae_keeps_its_parameters_and_state_dict_keys():
 # --------------------------------------------------------------------------- priors
 
 @pytest.mark.parametrize("layers,classes", [(1, 0), (1, C), (2, 0)])
-def test_vampprior_is_the_mixture_of_the_encoders_gaussians_at_the_pseudo_inputs(layers, classes):
+def test_vampprior_is_the_mixture_of_the_encoders_gaussians_at_the_pseudo_inputs(layers, classes, device):
     """p(z) = (1/K) Σ_k N(z; μ_φ(u_k), σ_φ(u_k)²), u = hardtanh(pseudo_inputs) ∈ [0, 1]; with labels
     u_k carries the one-hot of k mod C; with two layers the components are q(z2 | z1 = μ_φ(u_k)).
     Means, scales and the log-density (written out) agree to 1e-12 (float64)."""
     torch.set_default_dtype(torch.float64)
-    vae = _vae("vampprior", layers=layers, classes=classes)
+    vae = _vae("vampprior", layers=layers, classes=classes, device=device)
     with torch.no_grad():
         vae.prior.pseudo_inputs.normal_(0.5, 1.0)  # many outside [0, 1]: the clamp must act
     args = _args(vae, 5)
@@ -144,10 +147,10 @@ def test_vampprior_is_the_mixture_of_the_encoders_gaussians_at_the_pseudo_inputs
     top = model_tr.nodes[vae.top_site]
     p = top["fn"]
     assert p.mixture_distribution.probs.shape == (5, K_PSEUDO)
-    torch.testing.assert_close(p.mixture_distribution.probs, torch.full((5, K_PSEUDO), 1 / K_PSEUDO))
+    torch.testing.assert_close(p.mixture_distribution.probs, torch.full((5, K_PSEUDO), 1 / K_PSEUDO, device=device))
     u = vae.prior.pseudo_inputs.clamp(0, 1)  # (K, D)
     if classes:
-        u = torch.cat([u, F.one_hot(torch.arange(K_PSEUDO) % C, C).double()], -1)  # (K, D + C)
+        u = torch.cat([u, F.one_hot(torch.arange(K_PSEUDO, device=device) % C, C).double()], -1)  # (K, D + C)
     loc, logvar = vae.encoder(u)  # (K, Z)
     if layers == 2:
         loc, logvar = vae.encoder2(loc)  # (K, Z2)
@@ -173,10 +176,10 @@ def test_vampprior_pseudo_inputs_start_at_the_papers_setting():
     assert ((u > 0) & (u < 1)).all()
 
 
-def test_mixture_prior_log_density_is_the_gaussian_mixture():
+def test_mixture_prior_log_density_is_the_gaussian_mixture(device):
     """log p(z) = log Σ_m π_m N(z; μ_m, diag σ_m²) written out, to 1e-12 (float64)."""
     torch.set_default_dtype(torch.float64)
-    vae = _vae("mog")
+    vae = _vae("mog", device=device)
     with torch.no_grad():
         for q in vae.prior.parameters():
             q.normal_()
@@ -188,11 +191,12 @@ def test_mixture_prior_log_density_is_the_gaussian_mixture():
     torch.testing.assert_close(top["log_prob"], by_hand, rtol=1e-12, atol=1e-12)
 
 
-def test_draws_from_a_mixture_follow_its_weights_and_components():
-    """``draw`` from a two-component mixture, π = (0.8, 0.2), components far apart: the share of each
-    component and each component's mean and sd match within 5 standard errors (n = 4000)."""
+def test_draws_from_a_mixture_follow_its_weights_and_components(device):
+    """``draw`` from a two-component mixture, π = (0.8, 0.2), components far apart, with a generator
+    on the prior's device: the share of each component and each component's mean and sd match
+    within 5 standard errors (n = 4000), and the same generator state gives the same draws."""
     torch.set_default_dtype(torch.float64)
-    mog = _vae("mog").prior
+    mog = _vae("mog", device=device).prior
     with torch.no_grad():
         mog.logits.copy_(torch.log(torch.tensor([0.8, 0.2, 1e-30, 1e-30, 1e-30])))
         mog.locs.zero_()
@@ -201,13 +205,13 @@ def test_draws_from_a_mixture_follow_its_weights_and_components():
         mog.log_scales.zero_()
         mog.log_scales[1] = math.log(2.0)
     n = 4000
-    z = draw(mog(), torch.Generator().manual_seed(0), n)  # (n, Z)
+    z = draw(mog(), torch.Generator(device=device).manual_seed(0), n)  # (n, Z)
     first = z[:, 0] < 0
     assert abs(first.double().mean().item() - 0.8) < 5 * math.sqrt(0.8 * 0.2 / n)
     for part, loc, sd in ((z[first], -10.0, 1.0), (z[~first], 10.0, 2.0)):
         assert (part.mean(0) - loc).abs().max() < 5 * sd / math.sqrt(len(part))
         assert (part.std(0) - sd).abs().max() < 5 * sd / math.sqrt(2 * len(part))
-    torch.testing.assert_close(draw(mog(), torch.Generator().manual_seed(0), n), z, rtol=0, atol=0)
+    torch.testing.assert_close(draw(mog(), torch.Generator(device=device).manual_seed(0), n), z, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- posterior families
@@ -233,14 +237,14 @@ def _draws_and_log_weights(vae, x, seed=7, particles=3):
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_identity_iaf_gives_the_diagonal_guides_draws_and_log_weights(layers):
+def test_identity_iaf_gives_the_diagonal_guides_draws_and_log_weights(layers, device):
     """With its autoregressive output layers at zero every IAF step is the identity: from the same
     seed the IAF guide draws the same z and scores the same log q as its base N(μ, σ²) without the
     flow, bit for bit, so the log weights are identical. Against a separately built diagonal VAE
     with the same weights they agree to 1e-12 (its encoder's last matmul has fewer rows, which
     changes the rounding of μ by ~1e-17)."""
     torch.set_default_dtype(torch.float64)
-    diag, iaf = _vae("normal", "diagonal", layers), _vae("normal", "iaf", layers)
+    diag, iaf = _vae("normal", "diagonal", layers, device=device), _vae("normal", "iaf", layers, device=device)
     _copy_shared(diag, iaf)
     x = _args(diag, 5)[0]
     with_flow = _draws_and_log_weights(iaf, x)
@@ -259,15 +263,16 @@ def test_identity_iaf_gives_the_diagonal_guides_draws_and_log_weights(layers):
     torch.testing.assert_close(with_flow[2], other[2], rtol=1e-12, atol=1e-12)
 
 
-def test_iaf_log_density_is_base_minus_log_jacobian_and_trains_with_torch():
+def test_iaf_log_density_is_base_minus_log_jacobian_and_trains_with_torch(device):
     """Away from the identity, log q(z|x) = log N(z₀; μ, σ²) − log |det ∂z/∂z₀| with the Jacobian
     of the whole flow taken by autograd, per datapoint (1e-10, float64). The transforms are in
     ``vae.parameters()``: one Adam step over them moves the flow off the identity."""
     torch.set_default_dtype(torch.float64)
-    vae = _vae("normal", "iaf")
+    vae = _vae("normal", "iaf", device=device)
     flow = vae.posterior
     assert {id(p) for p in flow.parameters()} <= {id(p) for p in vae.parameters()}
-    assert len(flow.transforms) == 2 and torch.equal(flow.transforms[1].nn.permutation, torch.arange(Z).flip(0))
+    assert len(flow.transforms) == 2 and torch.equal(flow.transforms[1].nn.permutation,
+                                                   torch.arange(Z, device=device).flip(0))
     opt = torch.optim.Adam(vae.parameters(), lr=0.1)
     x = _args(vae, 4)[0]
     DeviceTrace_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x).backward()
@@ -293,11 +298,11 @@ def test_iaf_log_density_is_base_minus_log_jacobian_and_trains_with_torch():
         torch.testing.assert_close(f(z0), site["value"][i:i + 1], rtol=1e-10, atol=1e-10)
 
 
-def test_full_rank_kl_to_the_standard_normal_is_the_mvn_formula():
+def test_full_rank_kl_to_the_standard_normal_is_the_mvn_formula(device):
     """KL(N(μ, Σ) ‖ N(0, I)) = ½ (tr Σ + μᵀμ − d − log det Σ), Σ = L Lᵀ, to 1e-10 (float64); L has
     σ = exp(½ log σ²) on its diagonal and the encoder's extra outputs below it, row by row."""
     torch.set_default_dtype(torch.float64)
-    vae = _vae("normal", "full-rank")
+    vae = _vae("normal", "full-rank", device=device)
     with torch.no_grad():  # off-diagonal outputs start at zero: make L a full lower triangle
         last = vae.encoder.body[-1]
         last.weight[2 * Z:].normal_(0, 0.5)
@@ -306,7 +311,7 @@ def test_full_rank_kl_to_the_standard_normal_is_the_mvn_formula():
     model_tr, guide_tr = _traces(vae, x)
     q, p = guide_tr.nodes["z"]["fn"], model_tr.nodes["z"]["fn"]
     mu, logvar, lower = vae.encoder(x)
-    rows, cols = torch.tril_indices(Z, Z, -1)
+    rows, cols = torch.tril_indices(Z, Z, -1, device=device)
     L = torch.diag_embed(torch.exp(0.5 * logvar))  # (N, Z, Z)
     L[:, rows, cols] = lower
     torch.testing.assert_close(q.scale_tril, L, rtol=0, atol=0)
@@ -316,11 +321,11 @@ def test_full_rank_kl_to_the_standard_normal_is_the_mvn_formula():
     assert (lower.abs() > 1e-3).any()
 
 
-def test_untrained_full_rank_guide_is_the_diagonal_guide():
+def test_untrained_full_rank_guide_is_the_diagonal_guide(device):
     """Zero off-diagonal outputs at initialisation: same draws and log q as the diagonal guide with
     the same encoder (1e-12; the MVN scores through a triangular solve, so not bit for bit)."""
     torch.set_default_dtype(torch.float64)
-    diag, full = _vae("normal", "diagonal"), _vae("normal", "full-rank")
+    diag, full = _vae("normal", "diagonal", device=device), _vae("normal", "full-rank", device=device)
     _copy_shared(diag, full)
     x = _args(diag, 5)[0]
     sites = []
@@ -333,12 +338,12 @@ def test_untrained_full_rank_guide_is_the_diagonal_guide():
 
 # --------------------------------------------------------------------------- two latent layers
 
-def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms():
+def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms(device):
     """log p(x, z1, z2) = log N(z2; 0, I) + log N(z1; μ_θ(z2), σ_θ(z2)²) + log Bern(x; decoder(z1)) and
     log q(z1, z2 | x) = log N(z1; μ_φ(x), σ_φ(x)²) + log N(z2; μ_φ(z1), σ_φ(z1)²), each written out,
     agree with the traces to 1e-10 (float64); the ELBO loss of that draw is their difference."""
     torch.set_default_dtype(torch.float64)
-    vae = _vae(layers=2)
+    vae = _vae(layers=2, device=device)
     x = _args(vae, 5)[0]
     pyro.set_rng_seed(5)
     model_tr, guide_tr = _traces(vae, x)
@@ -347,7 +352,7 @@ def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms():
     prior_loc, prior_logvar = vae.layer.net(z2)
     q1_loc, q1_logvar = vae.encoder(x)
     q2_loc, q2_logvar = vae.encoder2(z1)
-    log_p = (_normal_log_density(z2, torch.zeros(Z2), torch.ones(Z2))
+    log_p = (_normal_log_density(z2, torch.zeros(Z2, device=device), torch.ones(Z2, device=device))
              + _normal_log_density(z1, prior_loc, torch.exp(0.5 * prior_logvar))
              + _bernoulli_log_density(x, vae.decoder(z1)))  # (N,)
     log_q = (_normal_log_density(z1, q1_loc, torch.exp(0.5 * q1_logvar))
@@ -359,48 +364,50 @@ def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms():
     torch.testing.assert_close(loss, -(log_p - log_q).sum(), rtol=1e-10, atol=1e-10)
 
 
-def test_two_layer_sample_draws_z2_from_the_prior_then_z1_given_z2():
-    """sample(n, g) = E[x | z1] with z2 = ε₂, z1 = μ_θ(z2) + σ_θ(z2)·ε₁, ε₂ then ε₁ drawn from g: exact."""
-    vae = _vae(layers=2)
+def test_two_layer_sample_draws_z2_from_the_prior_then_z1_given_z2(device):
+    """sample(n, g) = E[x | z1] with z2 = ε₂, z1 = μ_θ(z2) + σ_θ(z2)·ε₁, ε₂ then ε₁ drawn from g: exact.
+    g is a CPU generator: its numbers are drawn on the CPU and moved to the program's device."""
+    vae = _vae(layers=2, device=device)
     n = 6
     g = torch.Generator().manual_seed(4)
-    z2 = torch.randn(n, Z2, generator=g)
+    z2 = torch.randn(n, Z2, generator=g).to(device)
     loc, logvar = vae.layer.net(z2)
-    z1 = loc + torch.exp(0.5 * logvar) * torch.randn(n, Z, generator=g)
+    z1 = loc + torch.exp(0.5 * logvar) * torch.randn(n, Z, generator=g).to(device)
     torch.testing.assert_close(vae.sample(n, torch.Generator().manual_seed(4)), torch.sigmoid(vae.decoder(z1)),
                                rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- conditioning
 
-def test_conditional_decoder_reads_the_label():
+def test_conditional_decoder_reads_the_label(device):
     """E[x | z, y] = σ(decoder(cat(z, onehot(y)))) exactly, and changing y changes it."""
-    vae = _vae(classes=C)
-    z = torch.randn(5, Z)
+    vae = _vae(classes=C, device=device)
+    z = torch.randn(5, Z).to(device)
     for c in range(C):
-        y = torch.full((5,), c)
+        y = torch.full((5,), c, device=device)
         torch.testing.assert_close(vae.decode(z, y), torch.sigmoid(vae.decoder(torch.cat([z, F.one_hot(y, C).float()], -1))),
                                    rtol=0, atol=0)
-    assert (vae.decode(z, torch.zeros(5, dtype=torch.long)) - vae.decode(z, torch.ones(5, dtype=torch.long))).abs().max() > 1e-4
+    y0, y1 = torch.zeros(5, dtype=torch.long, device=device), torch.ones(5, dtype=torch.long, device=device)
+    assert (vae.decode(z, y0) - vae.decode(z, y1)).abs().max() > 1e-4
 
 
-def test_conditional_sample_of_a_label_is_deterministic_given_the_generator():
+def test_conditional_sample_of_a_label_is_deterministic_given_the_generator(device):
     """sample(n, g, label=3) = E[x | z, y = 3], z = randn(n, Z, generator=g): the same generator state
     gives the same images (exact); another label gives other images from the same z."""
-    vae = ConditionalVAE(SHAPE, num_classes=5, z_dim=Z, hidden=[16])
+    vae = ConditionalVAE(SHAPE, num_classes=5, z_dim=Z, hidden=[16]).to(device)
     s3 = vae.sample(8, torch.Generator().manual_seed(2), label=3)
-    z = torch.randn(8, Z, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(s3, vae.decode(z, torch.full((8,), 3)), rtol=0, atol=0)
+    z = torch.randn(8, Z, generator=torch.Generator().manual_seed(2)).to(device)
+    torch.testing.assert_close(s3, vae.decode(z, torch.full((8,), 3, device=device)), rtol=0, atol=0)
     torch.testing.assert_close(vae.sample(8, torch.Generator().manual_seed(2), label=3), s3, rtol=0, atol=0)
     assert not torch.equal(s3, vae.sample(8, torch.Generator().manual_seed(2), label=4))
     cycle = vae.sample(10, torch.Generator().manual_seed(2))  # no label: classes 0..4 in turn
-    z = torch.randn(10, Z, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(cycle, vae.decode(z, torch.arange(10) % 5), rtol=0, atol=0)
+    z = torch.randn(10, Z, generator=torch.Generator().manual_seed(2)).to(device)
+    torch.testing.assert_close(cycle, vae.decode(z, torch.arange(10, device=device) % 5), rtol=0, atol=0)
 
 
-def test_conditional_program_takes_indices_or_one_hot_labels_and_refuses_misuse():
+def test_conditional_program_takes_indices_or_one_hot_labels_and_refuses_misuse(device):
     """model(x, y)/guide(x, y) with class indices and with one-hot rows: identical traces (same seed)."""
-    vae = _vae(classes=C)
+    vae = _vae(classes=C, device=device)
     x, y = _args(vae, 6)
     logs = []
     for labels in (y, F.one_hot(y, C).float()):
@@ -409,22 +416,22 @@ def test_conditional_program_takes_indices_or_one_hot_labels_and_refuses_misuse(
         logs.append(model_tr.log_prob_sum() - guide_tr.log_prob_sum())
     assert torch.equal(logs[0], logs[1])
     with pytest.raises(ValueError, match="needs class labels"):
-        vae.decode(torch.zeros(2, Z))
+        vae.decode(torch.zeros(2, Z, device=device))
     with pytest.raises(ValueError, match="label must be in 0..2"):
         vae.sample(2, label=3)
     with pytest.raises(ValueError, match="one-hot labels must have shape"):
-        vae.model(x, torch.zeros(6, C + 1))
+        vae.model(x, torch.zeros(6, C + 1, device=device))
     with pytest.raises(ValueError, match="conditional VAE"):
         _vae().sample(2, label=1)
 
 
 @pytest.mark.parametrize("arch,shape", [("mlp", SHAPE), ("conv", (1, 8, 8)), ("broadcast", (1, 5, 6))])
-def test_every_architecture_reads_the_label_in_encoder_and_decoder(arch, shape):
+def test_every_architecture_reads_the_label_in_encoder_and_decoder(arch, shape, device):
     """q(z | x, y) and p(x | z, y): with x and z fixed, another label moves μ_φ and E[x | z, y]."""
-    vae = ConditionalVAE(shape, num_classes=C, z_dim=Z, hidden=[16], arch=arch)
+    vae = ConditionalVAE(shape, num_classes=C, z_dim=Z, hidden=[16], arch=arch).to(device)
     n, d = 4, math.prod(shape)
-    x, z = torch.bernoulli(torch.rand(n, d)), torch.randn(n, Z)
-    y0, y1 = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)
+    x, z = torch.bernoulli(torch.rand(n, d)).to(device), torch.randn(n, Z).to(device)
+    y0, y1 = torch.zeros(n, dtype=torch.long, device=device), torch.ones(n, dtype=torch.long, device=device)
     assert (vae.encode(x, y0)[0] - vae.encode(x, y1)[0]).abs().max() > 1e-5
     assert (vae.decode(z, y0) - vae.decode(z, y1)).abs().max() > 1e-5
     model_tr, guide_tr = _traces(vae, x, y0)
