@@ -34,7 +34,7 @@ import _common
 import _figures
 
 
-from ppl_vae.evaluate import evaluate
+from ppl_vae.evaluation import evaluate
 
 # name → the FitConfig fields that make the program (all other settings shared)
 PROGRAMS = {

@@ -1,7 +1,7 @@
 r"""The evaluation report: dataset means of per-datapoint estimates, the k̂ verdict on
 log p(x), bits per dimension where they mean something, active units, and the table.
 
-Input: the per-datapoint arrays of :func:`ppl_vae.evaluate.evaluate_blocks` over n datapoints
+Input: the per-datapoint arrays of :func:`ppl_vae.evaluation.evaluate_blocks` over n datapoints
 (those of every block, gathered).
 Output: a JSON-ready dict in nats per datapoint (the sign of a log-density), with two kinds of
 standard error for each mean: ``*_stderr``, the Monte Carlo error on these datapoints,
@@ -41,7 +41,7 @@ def bits_per_dim(nats: float, dim: int) -> float:
 
 
 def summarize(res: dict, ks, num_samples: int, dim: int, discrete: bool, mean_samples: int = 0) -> dict:
-    """Dataset means of :func:`~ppl_vae.evaluate.evaluate_blocks`' arrays with their Monte Carlo standard errors
+    """Dataset means of :func:`~ppl_vae.evaluation.evaluate_blocks`' arrays with their Monte Carlo standard errors
     (``*_stderr``: :meth:`~ppl_vae.estimators.Estimate.mean_stderr`) and, under
     ``*_stderr_across_datapoints``, the spread of the datapoints themselves
     (:meth:`~ppl_vae.estimators.Estimate.across_datapoints_stderr`); k̂ against
@@ -144,9 +144,9 @@ def format_table(s: dict, header: str | None = None) -> str:
 
 
 class Report(dict):
-    """What :func:`ppl_vae.evaluate.evaluate` returns: the summary dict (the CLI's ``--json``; keys
+    """What :func:`ppl_vae.evaluation.evaluate` returns: the summary dict (the CLI's ``--json``; keys
     as :func:`summarize`, plus ``ks``, ``seed``, ``batch_size``, ``chunk_size``, ``discrete``,
-    ``seconds``), with ``per_datapoint`` (the arrays of :func:`~ppl_vae.evaluate.evaluate_blocks`),
+    ``seconds``), with ``per_datapoint`` (the arrays of :func:`~ppl_vae.evaluation.evaluate_blocks`),
     :meth:`table` and :meth:`to_json` (strict JSON: NaN and inf become ``null``)."""
 
     def __init__(self, summary: dict, per_datapoint: dict):
