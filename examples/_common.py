@@ -48,6 +48,22 @@ def parser(description: str, name: str, dataset: str = "auto") -> argparse.Argum
     return p
 
 
+def sized_option(p: argparse.ArgumentParser, flag: str, full: int, quick: int, help: str) -> None:
+    """``flag N`` (an int) whose default is ``full``, or ``quick`` under ``--quick``; the help says
+    both. :func:`parse` fills it in."""
+    p.add_argument(flag, type=int, default=None, help=f"{help} (default: {full}; --quick: {quick})")
+    p.set_defaults(_sized={**(p.get_default("_sized") or {}), flag.lstrip("-").replace("-", "_"): (full, quick)})
+
+
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``p.parse_args(argv)`` with every :func:`sized_option` left unset given its full or quick default."""
+    args = p.parse_args(argv)
+    for dest, (full, quick) in (args._sized or {}).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, quick if args.quick else full)
+    return args
+
+
 def setup(args) -> Path:
     """Make ``--out`` and seed torch's global generator (training seeds itself from the config)."""
     out = Path(args.out)

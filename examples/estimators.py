@@ -58,16 +58,13 @@ def summarize(est: dict) -> dict:
 
 def main(argv=None) -> int:
     p = _common.parser(__doc__.split("\n\n")[0], "estimators")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default: 30; --quick: 3)")
+    _common.sized_option(p, "--epochs", 30, 3, "epochs per model")
     p.add_argument("--train-k", type=int, default=5, help="K of the IWAE-trained model (default: 5)")
-    p.add_argument("--k-max", type=int, default=None, help="largest K evaluated (default: 5000; --quick: 500)")
-    p.add_argument("--n-test", type=int, default=None, help="held-out images evaluated, a seeded random subset "
-                   "(default: 500; --quick: 100)")
-    args = p.parse_args(argv)
+    _common.sized_option(p, "--k-max", 5000, 500, "largest K evaluated")
+    _common.sized_option(p, "--n-test", 500, 100, "held-out images evaluated, a seeded random subset")
+    args = _common.parse(p, argv)
     out = _common.setup(args)
-    epochs = args.epochs or (3 if args.quick else 30)
-    k_max = args.k_max or (500 if args.quick else 5000)
-    n_test = args.n_test or (100 if args.quick else 500)
+    epochs, k_max, n_test = args.epochs, args.k_max, args.n_test
     data = _common.load_data(args.dataset, args.data_dir, "bernoulli")
     data = _common.subset(data, 4000 if args.quick else None, 1000, n_test)
     runs = {"ELBO-trained": dict(elbo="trace"), f"IWAE_{args.train_k}-trained": dict(elbo="iwae",

@@ -48,16 +48,12 @@ PROGRAMS = {
 
 def main(argv=None) -> int:
     p = _common.parser(__doc__.split("\n\n")[0], "priors_and_posteriors", dataset="binarized-mnist")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per program (default: 20; --quick: 3)")
-    p.add_argument("--num-samples", type=int, default=None, help="K of log p(x) ≈ IWAE_K (default: 1000; "
-                   "--quick: 100)")
-    p.add_argument("--test-images", type=int, default=None, help="a seeded random subset of the test split "
-                   "(default: 2000; --quick: 300)")
-    args = p.parse_args(argv)
+    _common.sized_option(p, "--epochs", 20, 3, "epochs per program")
+    _common.sized_option(p, "--num-samples", 1000, 100, "K of log p(x) ≈ IWAE_K")
+    _common.sized_option(p, "--test-images", 2000, 300, "a seeded random subset of the test split")
+    args = _common.parse(p, argv)
     out = _common.setup(args)
-    epochs = args.epochs or (3 if args.quick else 20)
-    k = args.num_samples or (100 if args.quick else 1000)
-    n_test = args.test_images or (300 if args.quick else 2000)
+    epochs, k, n_test = args.epochs, args.num_samples, args.test_images
     sizes = (3000, 500, n_test) if args.quick else (None, None, n_test)
     data = _common.subset(_common.load_data(args.dataset, args.data_dir), *sizes)
     extra = {"pseudo_inputs": 50} if args.quick else {}  # the paper's K = 500 needs more data than --quick has
