@@ -18,12 +18,23 @@ and prints seconds per epoch and the ratios a/b, a/c, a/d (targets on CPU: ≤ 1
 It also times (b) with ppl_vae's own Bernoulli log-density (``b_own_density``): ppl_vae's
 Bernoulli avoids a slow PyTorch CPU kernel (log1p), and a/b_own_density is what the Pyro
 program costs with that advantage taken away.
+
+``--base REV`` also trains ppl_vae as of git revision REV in the same process (the package
+extracted by ``git archive`` and imported as ``ppl_vae_base``), its epochs interleaved with the
+others, and prints a/a_base: what a change costs the training loop, free of the minute-to-minute
+drift of a shared machine that separate runs suffer.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -39,25 +50,39 @@ from common import TorchVAE, device_name, save_result, timed  # noqa: E402
 
 from ppl_vae.config import FitConfig  # noqa: E402
 from ppl_vae.data import load_dataset  # noqa: E402
-from ppl_vae.runs import read_metrics  # noqa: E402
 from ppl_vae.train import Trainer  # noqa: E402
 
 B, LR = 128, 1e-3
+REPO = Path(__file__).resolve().parents[1]
 
 
-def ppl_vae_loop(ds, elbo, device, out):
+def ppl_vae_loop(ds, elbo, device, out, package=None):
     """(a): each call trains one more epoch with ppl_vae's own loop (``Trainer.run``) and returns
-    the ``epoch_seconds`` it records, which covers the training steps only."""
-    cfg = FitConfig(dataset=ds.name, elbo=elbo, epochs=1, batch_size=B, lr=LR, hidden=[400], z_dim=20,
-                    device=str(device), final_iwae_k=0, log_every=100)
-    trainer = Trainer(cfg, out, dataset=ds, quiet=True)
+    the ``epoch_seconds`` it records, which covers the training steps only. ``package``: another
+    version of ppl_vae (:func:`base_package`) instead of this one."""
+    config, train = (FitConfig, Trainer) if package is None else \
+        (importlib.import_module(package.__name__ + ".config").FitConfig,
+         importlib.import_module(package.__name__ + ".train").Trainer)
+    cfg = config(dataset=ds.name, elbo=elbo, epochs=1, batch_size=B, lr=LR, hidden=[400], z_dim=20,
+                 device=str(device), final_iwae_k=0, log_every=100)
+    trainer = train(cfg, out, dataset=ds, quiet=True)
 
     def epoch():
         trainer.cfg.epochs = trainer.state.epoch + 1
         trainer.run()
-        return read_metrics(Path(out))[-1]["epoch_seconds"]
+        return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])["epoch_seconds"]
 
     return epoch
+
+
+def base_package(rev: str, into: str):
+    """ppl_vae as of git revision ``rev``, imported as the package ``ppl_vae_base`` from ``into``
+    (its modules import each other relatively), so that two versions train in one process."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "ppl_vae"], capture_output=True, check=True)
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(into)
+    os.rename(os.path.join(into, "ppl_vae"), os.path.join(into, "ppl_vae_base"))
+    sys.path.insert(0, into)
+    return importlib.import_module("ppl_vae_base")
 
 
 def handwritten_loop(x, device, own_density=False):
@@ -149,6 +174,8 @@ def main(argv=None):
                    "interleaved across the loops (default 5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", default="a,b,c,d", help="subset of loops to run, e.g. a,b")
+    p.add_argument("--base", default=None, metavar="REV", help="also time ppl_vae as of git revision REV "
+                   "(a_trace_base, a_meanfield_base), interleaved in this process: a/a_base is the change's cost")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -163,6 +190,12 @@ def main(argv=None):
                  "c_textbook": lambda: textbook_loop(x, device),
                  "d_pyro_example": lambda: pyro_example_loop(x, device)}
     tmp = tempfile.TemporaryDirectory()
+    if args.base:
+        base = base_package(args.base, tmp.name + "/base")
+        for elbo in ("trace", "meanfield"):
+            if "a" in which:
+                factories[f"a_{elbo}_base"] = (lambda e: lambda: ppl_vae_loop(ds, e, device, f"{tmp.name}/{e}-base",
+                                                                             base))(elbo)
     loops = {}
     for name, make in factories.items():
         if name[0] in which:
@@ -185,12 +218,15 @@ def main(argv=None):
                          ("b_own_density", "b_own_density")):
             if a in med and ref in med:
                 ratios[f"{a}/{tag}"] = med[a] / med[ref]
+    for a in ("a_trace", "a_meanfield"):
+        if f"{a}_base" in med:
+            ratios[f"{a}/{a}_base"] = med[a] / med[f"{a}_base"]
     for k, v in ratios.items():
         print(f"{k:<16} {v:6.3f}")
     if not args.no_save:
         path = save_result("fit_speed", {"device": device_name(device), "device_kind": device.type,
                                          "torch": torch.__version__, "pyro": pyro.__version__,
-                                         "epochs_timed": args.epochs, "seconds_per_epoch": med, "ratios": ratios,
+                                         "epochs_timed": args.epochs, "base": args.base, "seconds_per_epoch": med, "ratios": ratios,
                                          "command": "python benchmarks/fit_speed.py " + " ".join(argv or sys.argv[1:])})
         print(f"saved {path}")
 
