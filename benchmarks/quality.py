@@ -59,11 +59,21 @@ QUICK = {"--epochs": "10", "--batch-size": "100", "--patience": "1000", "--kl-wa
 QUICK_TRAIN_IMAGES = 2000
 
 
+def merged(args: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs with a later value replacing an earlier one in place (what argparse
+    would do), so that a recorded command names each flag once."""
+    pairs = {}
+    for flag, value in zip(args[::2], args[1::2]):
+        pairs[flag] = value
+    return pairs
+
+
 def fit_command(recipe: str, out: Path, data: list[str], time_limit: float | None, device: str,
                 quick: bool) -> list[str]:
     args = list(RECIPES[recipe])
     if quick:
         args += [a for flag, value in QUICK.items() if flag in args for a in (flag, value)]
+    args = [a for flag, value in merged(args).items() for a in (flag, value)]
     limit = [] if time_limit is None else ["--time-limit", f"{time_limit:g}"]
     return [sys.executable, "-m", "ppl_vae.fit", *data, *args, *limit, "--device", device, "--seed", "0",
             "--out", str(out)]
@@ -204,7 +214,7 @@ def main(argv=None) -> int:
     if not a.quick:
         shutil.copyfile(out / "metrics.jsonl", RESULTS / f"quality-{a.recipe}-{kind}-metrics.jsonl")
     t = result["test"]
-    print(f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.2f} nats "
+    print(f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.3f} nats (Monte Carlo SE) "
           f"(log p(x) ≈ IWAE_{t['num_samples']} on {t['n']} test images; "
           f"{'reliable' if t.get('log_px_reliable') else 'a lower bound; k̂ says the SE is unreliable'}), "
           f"test ELBO {t['elbo_mc']:.2f}, k̂ mean {t['khat_mean']:.2f}, trained {train_seconds / 60:.0f} min, "
