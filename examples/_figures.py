@@ -242,6 +242,8 @@ def bar_comparison(values: dict, ylabel: str, title: str = "", hline: float | No
     ax.set_xticklabels(cats)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=min(len(series) + (hline is not None), 4), loc="upper center",
-              bbox_to_anchor=(0.5, -0.1))
+    if len(series) > 1 or hline is not None:  # (one series: the y label says what the bars are)
+        rows = max(label.count("\n") for label in map(str, cats)) + 1  # tick-label lines to clear
+        ax.legend(fontsize=7, ncol=min(len(series) + (hline is not None), 4), loc="upper center",
+                  bbox_to_anchor=(0.5, -0.06 - 0.06 * rows))
     return save_figure(fig, path)

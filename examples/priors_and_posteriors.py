@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     (out / "table.md").write_text(table)
     print("\n" + table)
     title = f"{data.name}, {epochs} epochs, {results['n_test']} test images"
-    _figures.bar_comparison({"log p(x) − ELBO": gaps}, "gap (nats per datapoint)",
+    _figures.bar_comparison({"log p(x) − ELBO": gaps}, "gap log p(x) − ELBO (nats per datapoint)",
                          title=f"ELBO → log p(x) gap per program\n({title})", path=out / "gaps.png")
     _figures.iwae_convergence(curves, title=f"IWAE_k: from the ELBO (k = 1) towards log p(x)\n({title})",
                            path=out / "iwae_curves.png")
