@@ -48,13 +48,13 @@ PROGRAMS = {
 
 def main(argv=None) -> int:
     p = _common.parser(__doc__.split("\n\n")[0], "priors_and_posteriors", dataset="binarized-mnist")
-    _common.sized_option(p, "--epochs", 20, 3, "epochs per program")
+    _common.sized_option(p, "--epochs", 20, 2, "epochs per program")
     _common.sized_option(p, "--num-samples", 1000, 100, "K of log p(x) ≈ IWAE_K")
     _common.sized_option(p, "--test-images", 2000, 300, "a seeded random subset of the test split")
     args = _common.parse(p, argv)
     out = _common.setup(args)
     epochs, k, n_test = args.epochs, args.num_samples, args.test_images
-    sizes = (3000, 500, n_test) if args.quick else (None, None, n_test)
+    sizes = (2000, 500, n_test) if args.quick else (None, None, n_test)
     data = _common.subset(_common.load_data(args.dataset, args.data_dir), *sizes)
     extra = {"pseudo_inputs": 50} if args.quick else {}  # the paper's K = 500 needs more data than --quick has
     results = {"data": data.name, "epochs": epochs, "k": k, "n_test": int(data.test.shape[0]), "seed": args.seed,
