@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, device_name  # noqa: E402
 
 # The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, Adam 5e-4, batch 100,
 # KL warm-up over 100 epochs, early stopping after 50 epochs without a better validation bound.
@@ -58,17 +58,15 @@ RECIPES = {
 # the published test NLLs drawn as reference lines (docs/benchmarks.md has the sources)
 LITERATURE = {"VAE, Tomczak & Welling 2018": 88.56, "VampPrior, Tomczak & Welling 2018": 85.57,
               "HVAE + VampPrior, Tomczak & Welling 2018": 83.19}
-QUICK = {"--epochs": "8", "--final-iwae-k": "0", "--batch-size": "100", "--patience": "1000", "--kl-warmup": "3", "--pseudo-inputs": "50"}
+QUICK = {"--epochs": "8", "--final-iwae-k": "0", "--batch-size": "100", "--patience": "1000", "--kl-warmup": "3",
+         "--pseudo-inputs": "50"}
 QUICK_TRAIN_IMAGES = 2000
 
 
 def merged(args: list[str]) -> dict[str, str]:
     """``--flag value`` pairs with a later value replacing an earlier one in place (what argparse
     would do), so that a recorded command names each flag once."""
-    pairs = {}
-    for flag, value in zip(args[::2], args[1::2]):
-        pairs[flag] = value
-    return pairs
+    return dict(zip(args[::2], args[1::2]))
 
 
 def fit_command(recipe: str, out: Path, data: list[str], time_limit: float | None, device: str,
@@ -112,7 +110,7 @@ def run(cmd: list[str]) -> float:
 
 
 def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick) -> dict:
-    test = json.loads(sorted(out.glob("test-k*.json"), key=lambda p: p.stat().st_mtime)[-1].read_text())
+    test = json.loads(Path(eval_cmd[eval_cmd.index("--json") + 1]).read_text())  # what this evaluate wrote
     fit_summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     keep = ("n", "num_samples", "elbo_analytic", "elbo_analytic_stderr", "elbo_mc", "elbo_mc_stderr", "log_px",
@@ -128,23 +126,14 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
         "best_epoch": max(rows, key=lambda r: r.get("valid_iwae_k", r["valid_elbo"]))["epoch"] if rows else None,
         "fit_summary": {k: v for k, v in fit_summary.items() if k != "final"},
         "test": {k: test[k] for k in keep if k in test},
-        "device": test["device"], "device_name": _device_name(test["device"]),
+        "device": test["device"], "device_name": device_name(test["device"]),
         "config": test["config"],
     }
 
 
-def _device_name(device: str) -> str:
-    import platform
-
-    import torch
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def figure(path: Path) -> Path:
     """Every committed recipe on one time axis: the validation bound per epoch against cumulative
-    training minutes (lines) and the test log p(x) at the end of training (markers, ±2 SE)."""
+    training minutes (lines) and the test log p(x) of best.pt at its epoch's time (markers, ±2 SE)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,7 +141,8 @@ def figure(path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, res_path in enumerate(sorted(RESULTS.glob("quality-*-*.json"))):
         res = json.loads(res_path.read_text())
-        rows = [json.loads(line) for line in res_path.with_name(res_path.stem + "-metrics.jsonl").read_text().splitlines()]
+        curve = res_path.with_name(res_path.stem + "-metrics.jsonl")  # the run's metrics.jsonl, committed beside it
+        rows = [json.loads(line) for line in curve.read_text().splitlines()]
         minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
         scale = res["train_seconds"] / 60 / minutes[-1]  # stretch to the wall clock (validation, saves)
         bound = [r.get("valid_iwae_k", r["valid_elbo"]) for r in rows]

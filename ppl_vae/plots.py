@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
@@ -37,9 +38,16 @@ def save_figure(fig, path):
     return fig
 
 
-def grid_image(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
+def grid_tensor(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
+    """Images ``x (N, D)`` as one ``(3, H', W')`` grid in [0, 1], ``nrow`` per row, 1-pixel grey
+    padding (``torchvision.utils.make_grid``; a single channel is repeated three times)."""
     imgs = x.detach().float().cpu().clamp(0, 1).reshape(-1, *image_shape)  # (N, C, H, W)
-    return make_grid(imgs, nrow=nrow, padding=1, pad_value=0.5)[0].numpy()  # (H', W') first channel
+    return make_grid(imgs, nrow=nrow, padding=1, pad_value=0.5)  # (3, H', W')
+
+
+def grid_image(x: torch.Tensor, image_shape, nrow: int) -> np.ndarray:
+    """The first channel of :func:`grid_tensor`, ``(H', W')``, for ``imshow``."""
+    return grid_tensor(x, image_shape, nrow)[0].numpy()
 
 
 def image_grid(x: torch.Tensor, image_shape, nrow: int = 10, title: str = "", path=None):

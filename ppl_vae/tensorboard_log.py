@@ -53,10 +53,12 @@ class TensorBoardLog:
         for key, value in row.items():
             if key != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 self.writer.add_scalar(key, float(value), step)
+        from .plots import grid_tensor  # (matplotlib and torchvision: imported only when a run logs)
+
         x, recon, samples = self._images(model, data, labels)
         shape = tuple(data.image_shape)
-        self.writer.add_image("reconstructions", _grid(torch.cat([x, recon]), shape, len(x)), step)
-        self.writer.add_image("samples", _grid(samples, shape, math.ceil(math.sqrt(len(samples)))), step)
+        self.writer.add_image("reconstructions", grid_tensor(torch.cat([x, recon]), shape, len(x)), step)
+        self.writer.add_image("samples", grid_tensor(samples, shape, math.ceil(math.sqrt(len(samples)))), step)
         self.writer.flush()  # each epoch shows up at once, and survives a killed job
 
     @torch.no_grad()
@@ -80,11 +82,3 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def _grid(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
-    """Images ``x (N, D)`` as one ``(3, H', W')`` grid in [0, 1], ``nrow`` per row."""
-    from torchvision.utils import make_grid  # (imported only when a run logs)
-
-    imgs = x.detach().float().cpu().clamp(0, 1).reshape(-1, *image_shape)  # (N, C, H, W)
-    return make_grid(imgs, nrow=nrow, padding=1, pad_value=0.5)  # (3, H', W'): one channel is repeated
