@@ -131,15 +131,17 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
     }
 
 
-def figure(path: Path) -> Path:
+def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]]:
     """Every committed recipe on one time axis: the validation bound per epoch against cumulative
-    training minutes (lines) and the test log p(x) of best.pt at its epoch's time (markers, ±2 SE)."""
+    training minutes (lines) and the test log p(x) of best.pt at its epoch's time (markers, ±2 SE).
+    Returns each marker, ``{"recipe (device)": (minutes, test log p(x))}``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, res_path in enumerate(sorted(RESULTS.glob("quality-*-*.json"))):
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    markers = {}
+    for i, res_path in enumerate(sorted(results.glob("quality-*-*.json"))):
         res = json.loads(res_path.read_text())
         curve = res_path.with_name(res_path.stem + "-metrics.jsonl")  # the run's metrics.jsonl, committed beside it
         rows = [json.loads(line) for line in curve.read_text().splitlines()]
@@ -150,7 +152,8 @@ def figure(path: Path) -> Path:
         ax.plot(minutes * scale, bound, color=f"C{i}", lw=1, alpha=0.7,
                 label=f"{label}: validation {'IWAE_k' if 'valid_iwae_k' in rows[0] else 'ELBO'}")
         best = res["best_epoch"] or len(rows)  # the parameters evaluated: best.pt, chosen on validation
-        ax.errorbar([minutes[best - 1] * scale], [-res["test_nll"]], yerr=[2 * res["test_nll_stderr"]], fmt="o",
+        markers[label] = (minutes[best - 1] * scale, -res["test_nll"])
+        ax.errorbar(*([v] for v in markers[label]), yerr=[2 * res["test_nll_stderr"]], fmt="o",
                     color=f"C{i}", ms=6, label=f"{label}: test log p(x) ≈ IWAE_{res['test']['num_samples']} of "
                                                 f"best.pt (epoch {best}), {-res['test_nll']:.2f}")
     for j, (name, nll) in enumerate(LITERATURE.items()):  # named on the line, left and right in turn
@@ -162,11 +165,11 @@ def figure(path: Path) -> Path:
     ax.set_ylim(-105, -80)
     ax.set_title("Static binarized MNIST: validation bound while training, test log p(x)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)  # below: curves stay clear
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
-    return path
+    return markers
 
 
 def main(argv=None) -> int:

@@ -75,3 +75,37 @@ def test_quick_recipe_is_wired(recipe, quick_runs):
                                                                                           else cfg["z_dim"],)
     units = result["test"]["active_units"]
     assert set(units) == ({"z1", "z2"} if cfg["latent_layers"] == 2 else {"z"})
+
+
+def _quality_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return quality
+
+
+def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_path):
+    """10 epochs of 60 s of steps in a run whose wall clock was 20 min: the curve is stretched 2x,
+    so best.pt of epoch 5 is drawn at 10 min, at the JSON's test log p(x)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [{"epoch": e, "valid_elbo": -100.0 + e, "epoch_seconds": 60.0} for e in range(1, 11)]
+    (results / "quality-vae-cpu-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (results / "quality-vae-cpu.json").write_text(json.dumps({
+        "recipe": "vae", "device": "cpu", "train_seconds": 1200.0, "best_epoch": 5, "test_nll": 88.25,
+        "test_nll_stderr": 0.004, "test": {"num_samples": 5000}}))
+    markers = _quality_module().figure(tmp_path / "q.png", results)
+    assert markers == {"vae (cpu)": (pytest.approx(10.0), -88.25)}
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+
+
+def test_figure_draws_every_committed_result(tmp_path):
+    committed = sorted((REPO / "benchmarks" / "results").glob("quality-*-*.json"))
+    markers = _quality_module().figure(tmp_path / "q.png")
+    assert len(markers) == len(committed) >= 2  # vampprior and vae were run (docs/benchmarks.md)
+    for path in committed:
+        res = json.loads(path.read_text())
+        minutes, log_px = markers[f"{res['recipe']} ({res['device']})"]
+        assert log_px == -res["test_nll"] and 0 < minutes <= res["train_seconds"] / 60 + 1e-9
