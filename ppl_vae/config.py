@@ -110,9 +110,9 @@ class FitConfig:
             raise UserError((f"{source}: " if source else "") + "--elbo meanfield takes every KL in closed form, "
                             "which is biased for the two-layer guide q(z1|x) q(z2|z1) (not mean-field); use "
                             "--elbo trace or iwae")
-        if self.elbo == "iwae" and (self.beta != 1 or self.kl_warmup != 0):
-            raise UserError((f"{source}: " if source else "") + "--beta and --kl-warmup apply to the ELBO, not to "
-                            "--elbo iwae; drop them or use --elbo trace")
+        if self.elbo == "iwae" and self.beta != 1:  # (--kl-warmup is fine: it ramps β up to 1)
+            raise UserError((f"{source}: " if source else "") + "--beta ≠ 1 makes --elbo iwae no bound on log p(x); "
+                            "drop it (--kl-warmup may ramp β to 1) or use --elbo trace")
 
     def with_data_defaults(self, n_train: int) -> "FitConfig":
         """This config with the settings that depend on the data fixed, for ``n_train`` training

@@ -92,7 +92,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--num-particles", type=int, default=S, help="K particles per datapoint, vectorized "
                    "(default: 1)")
     g.add_argument("--beta", type=float, default=S, help="β-VAE: weight of the KL term (default: 1)")
-    g.add_argument("--kl-warmup", type=float, default=S, help="epochs of linear β warm-up (default: 0, off)")
+    g.add_argument("--kl-warmup", type=float, default=S, help="epochs of linear β warm-up; with --elbo iwae it "
+                   "tempers log p(z) − log q(z|x) in each weight (default: 0, off)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=S, help=f"(default: enough epochs for {DEFAULT_MIN_STEPS} optimizer "
                    f"steps, at least {DEFAULT_MIN_EPOCHS}: 10 on MNIST, 250 on digits)")

@@ -34,7 +34,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.distributions.util import scale_and_mask
 from torch.distributions import kl_divergence
 
-from .importance import log_importance_weights
+from .importance import iter_log_weights
 
 OBJECTIVES = ("trace", "meanfield", "iwae")
 
@@ -140,15 +140,19 @@ def iwae_loss(model, guide, x, num_particles: int, size: int | None = None, beta
     data plate's minibatch scaling, applied outside the log-sum-exp because the log-weights are
     unscaled; the loss estimates −Σ over the full dataset. ``kwargs`` go to model and guide.
 
-    ``beta`` must be 1: a β-weighted KL term has no place inside the log-sum-exp of IWAE, so any
-    other number raises. A tensor ``beta`` (the CUDA-graph step's device copy, which
-    :class:`~ppl_vae.config.FitConfig` pins to 1 for this objective) is not read: reading it
-    would synchronize with the device."""
-    if not torch.is_tensor(beta) and beta != 1:
-        raise ValueError(f"the IWAE objective has no beta (got beta={beta}): beta weights the KL term of "
-                         f"the ELBO, which IWAE's log-sum-exp does not have; use beta=1 or the trace objective")
+    ``beta`` < 1 is KL warm-up for IWAE (the "WU" with importance samples of Sønderby et al.
+    2016): each log-weight's prior-to-guide ratio is tempered,
+    log w_k^β = log p(x|z_k) + β (log p(z_k) − log q(z_k|x)), z_k ~ q(z|x).
+    With K = 1 that is the β-ELBO's single-draw estimate; at β = 1 it is IWAE. For β < 1 it is
+    not a bound on log p(x), so ``--kl-warmup`` may ramp β to 1 but ``--beta`` stays 1
+    (:class:`~ppl_vae.config.FitConfig`). A tensor ``beta`` (the CUDA-graph step's device copy)
+    is used as a tensor, never read on the host."""
     n = (x if torch.is_tensor(x) else x[0]).shape[0]  # x: a batch, or a tuple (x, y, ...) of per-datapoint args
-    lw = log_importance_weights(model, guide, x, num_particles, chunk_size=num_particles * n, nesting=nesting,
-                                size=size, **kwargs)  # (K, N)
+    draws = [d for d in iter_log_weights(model, guide, x, num_particles, chunk_size=num_particles * n,
+                                         nesting=nesting, size=size, **kwargs)]  # one pass: chunk = K × N
+    lw = torch.cat([d.log_w for d in draws], 0)  # (K, N): log p(x, z_k) − log q(z_k|x)
+    if torch.is_tensor(beta) or beta != 1:
+        log_lik = torch.cat([d.log_lik for d in draws], 0)  # (K, N): log p(x|z_k)
+        lw = log_lik + beta * (lw - log_lik)
     bound = torch.logsumexp(lw, 0) - math.log(num_particles)  # (N,)
     return -bound.sum() * ((size or n) / n)

@@ -9,8 +9,8 @@ atomically, so a reader never sees a torn file.
 Metric rows (nats per datapoint, the sign of a bound):
 
 * ``train_objective``: the bound the optimizer maximized, averaged over the epoch's steps, and
-  ``objective``, its name: ``elbo``, ``beta-elbo`` (β ≠ 1 at some step, e.g. KL warm-up) or
-  ``iwae-K``;
+  ``objective``, its name: ``elbo`` or ``iwae-K``, or ``beta-elbo`` / ``beta-iwae-K`` (β ≠ 1
+  at some step, e.g. KL warm-up);
 * ``valid_elbo`` (analytic KL where it has a closed form, fixed draws), split into ``valid_recon``
   = E_q[log p(x|z)] and ``valid_kl`` = valid_recon − valid_elbo (since 0.2), and ``valid_iwae_k``
   with ``iwae_k`` for IWAE runs;

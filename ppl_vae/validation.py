@@ -94,7 +94,6 @@ def active_units_on(vae, x, max_n: int = ACTIVE_UNITS_N, num_samples: int = ACTI
 
 def objective_name(cfg, first_beta: float) -> str:
     """What ``train_objective`` holds for an epoch whose first step has β = ``first_beta``:
-    ``iwae-K``, ``beta-elbo`` (β ≠ 1 at some step: a β-VAE or KL warm-up), or ``elbo``."""
-    if cfg.elbo == "iwae":
-        return f"iwae-{cfg.num_particles}"
-    return "elbo" if cfg.beta == 1 and first_beta == 1 else "beta-elbo"
+    ``elbo`` or ``iwae-K``, prefixed ``beta-`` where β ≠ 1 at some step (a β-VAE, or KL warm-up)."""
+    name = f"iwae-{cfg.num_particles}" if cfg.elbo == "iwae" else "elbo"
+    return name if cfg.beta == 1 and first_beta == 1 else f"beta-{name}"

@@ -222,7 +222,7 @@ def test_missing_mnist_test_files_name_both_folders(files, tmp_path, capsys):
     (["--seed", "x"], "argument --seed: invalid int value"),
     (["--likelihood", "poisson"], "argument --likelihood: invalid choice: 'poisson'"),
     (["--elbo", "vi"], "argument --elbo: invalid choice: 'vi'"),
-    (["--elbo", "iwae", "--beta", "2"], "--beta and --kl-warmup apply to the ELBO, not to --elbo iwae"),
+    (["--elbo", "iwae", "--beta", "2"], "--beta ≠ 1 makes --elbo iwae no bound on log p(x)"),
     (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     (["--resume"], "holds no run (no config.json)"),
 ])

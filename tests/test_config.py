@@ -104,7 +104,7 @@ BAD_CONFIGS = {
     "choice": ('{"elbo": "renyi"}', ': "elbo" must be one of trace, meanfield, iwae, got "renyi" (a string)'),
     "image_shape": ('{"image_shape": [28, 28]}', ': "image_shape" must be 3 sizes >= 1 (C, H, W), got [28, 28]'),
     "unknown_key": ('{"z_dim": 20, "colour": "red"}', ": unknown keys ['colour']; known keys: ['activation'"),
-    "iwae_beta": ('{"elbo": "iwae", "beta": 2}', ": --beta and --kl-warmup apply to the ELBO, not to --elbo iwae"),
+    "iwae_beta": ('{"elbo": "iwae", "beta": 2}', ": --beta ≠ 1 makes --elbo iwae no bound on log p(x)"),
 }
 
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 # recipe → (program settings its config must hold, the training objective's name in metrics.jsonl)
 WIRING = {
     "vae": ({"prior": "normal", "guide": "diagonal", "latent_layers": 1, "elbo": "meanfield"}, "beta-elbo"),
-    "iwae5": ({"prior": "normal", "elbo": "iwae", "num_particles": 5}, "iwae-5"),
+    "iwae5": ({"prior": "normal", "elbo": "iwae", "num_particles": 5}, "beta-iwae-5"),
     "vampprior": ({"prior": "vampprior", "latent_layers": 1, "elbo": "trace"}, "beta-elbo"),
     "hvae-vampprior": ({"prior": "vampprior", "latent_layers": 2, "guide": "diagonal"}, "beta-elbo"),
     "best": ({"prior": "vampprior", "latent_layers": 2, "guide": "iaf"}, "beta-elbo"),

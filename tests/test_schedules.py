@@ -55,6 +55,18 @@ def test_lr_decays_by_gamma_after_every_epoch(warmup_and_decay):
     assert [r["lr"] for r in rows] == [0.01 * 0.5 ** e for e in range(1, 7)]
 
 
+def test_kl_warmup_with_the_iwae_objective(images, tmp_path):
+    """``--elbo iwae --kl-warmup 2``: β of the tempered IWAE weights rises 0.5, 1, then stays 1;
+    the warm-up epochs are named ``beta-iwae-K`` and the rest ``iwae-K``, and the validation bound
+    the run selects on is the true IWAE_K (β = 1) from the first epoch."""
+    rows, summary = _fit(images, tmp_path / "run", "--elbo", "iwae", "--num-particles", 3, "--kl-warmup", 2,
+                         "--epochs", 4)
+    assert [r["beta"] for r in rows] == [0.5, 1.0, 1.0, 1.0]
+    assert [r["objective"] for r in rows] == ["beta-iwae-3", "beta-iwae-3", "iwae-3", "iwae-3"]
+    assert all(r["iwae_k"] == 3 and r["valid_iwae_k"] >= r["valid_elbo"] - 0.5 for r in rows)
+    assert summary["epochs"] == 4
+
+
 def _stop_epoch(valid: list[float], patience: int) -> int | None:
     """The epoch after which a run stops: the first epoch that ends the ``patience``-th epoch in
     a row without a strictly better validation bound than all before it (None: it never stops)."""
