@@ -148,8 +148,8 @@ def iwae_loss(model, guide, x, num_particles: int, size: int | None = None, beta
     (:class:`~ppl_vae.config.FitConfig`). A tensor ``beta`` (the CUDA-graph step's device copy)
     is used as a tensor, never read on the host."""
     n = (x if torch.is_tensor(x) else x[0]).shape[0]  # x: a batch, or a tuple (x, y, ...) of per-datapoint args
-    draws = [d for d in iter_log_weights(model, guide, x, num_particles, chunk_size=num_particles * n,
-                                         nesting=nesting, size=size, **kwargs)]  # one pass: chunk = K × N
+    draws = list(iter_log_weights(model, guide, x, num_particles, chunk_size=num_particles * n,
+                                  nesting=nesting, size=size, **kwargs))  # one pass: chunk = K × N
     lw = torch.cat([d.log_w for d in draws], 0)  # (K, N): log p(x, z_k) − log q(z_k|x)
     if torch.is_tensor(beta) or beta != 1:
         log_lik = torch.cat([d.log_lik for d in draws], 0)  # (K, N): log p(x|z_k)
