@@ -166,7 +166,7 @@ def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]
                 transform=ax.get_yaxis_transform(), fontsize=7, color="0.3")
     ax.set_xlabel("training time (minutes, wall clock)")
     ax.set_ylabel("nats per datapoint")
-    ax.set_ylim(-105, -80)
+    ax.set_ylim(-100, -82)
     ax.set_title("Static binarized MNIST: validation bound while training, test log p(x)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)  # below: curves stay clear
