@@ -47,7 +47,14 @@ def spawn(*args, fault: dict | None = None, module: str = "fit", env: dict | Non
     head = [sys.executable, "-m", f"ppl_vae.{module}"] if fault is None else \
         [sys.executable, str(Path(__file__).resolve()), json.dumps(fault), module]
     return subprocess.Popen([*head, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """A suite started in the background (``pytest &`` from a script) inherits SIGINT ignored, and
+    so would every child, which then never sees the test's Ctrl-C: the child starts with the
+    default disposition, as from a terminal (a user's ``nohup fit &`` keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(p: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
