@@ -113,6 +113,11 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def selection_bound(row: dict) -> float:
+    """The validation bound a run selects best.pt on (ppl_vae.train): IWAE_K for IWAE runs, else the ELBO."""
+    return row.get("valid_iwae_k", row["valid_elbo"])
+
+
 def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick) -> dict:
     test = json.loads(Path(eval_cmd[eval_cmd.index("--json") + 1]).read_text())  # what this evaluate wrote
     fit_summary = json.loads((out / "summary.json").read_text())
@@ -127,7 +132,7 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
         "fit_command": shlex.join(fit_cmd), "evaluate_command": shlex.join(eval_cmd),
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "epochs": fit_summary["epochs"], "stopped_by": fit_summary.get("stopped_by"),
-        "best_epoch": max(rows, key=lambda r: r.get("valid_iwae_k", r["valid_elbo"]))["epoch"] if rows else None,
+        "best_epoch": max(rows, key=selection_bound)["epoch"] if rows else None,
         "fit_summary": {k: v for k, v in fit_summary.items() if k != "final"},
         "test": {k: test[k] for k in keep if k in test},
         "device": test["device"], "device_name": device_name(test["device"]),
@@ -151,7 +156,7 @@ def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]
         rows = [json.loads(line) for line in curve.read_text().splitlines()]
         minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
         scale = res["train_seconds"] / 60 / minutes[-1]  # stretch to the wall clock (validation, saves)
-        bound = [r.get("valid_iwae_k", r["valid_elbo"]) for r in rows]
+        bound = [selection_bound(r) for r in rows]
         label = f"{res['recipe']} ({res['device']})"
         ax.plot(minutes * scale, bound, color=f"C{i}", lw=1, alpha=0.7,
                 label=f"{label}: validation {'IWAE_k' if 'valid_iwae_k' in rows[0] else 'ELBO'}")
