@@ -34,6 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_name  # noqa: E402
 
+from ppl_vae.runs import best_epoch, read_metrics, selection_bound  # noqa: E402
+
 # The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, Adam 5e-4, batch 100,
 # KL warm-up over 100 epochs, early stopping after 50 epochs without a better validation bound.
 PAPER_MLP = ["--activation", "gated", "--hidden", "300,300", "--z-dim", "40", "--batch-size", "100",
@@ -113,15 +115,10 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def selection_bound(row: dict) -> float:
-    """The validation bound a run selects best.pt on (ppl_vae.train): IWAE_K for IWAE runs, else the ELBO."""
-    return row.get("valid_iwae_k", row["valid_elbo"])
-
-
 def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick) -> dict:
     test = json.loads(Path(eval_cmd[eval_cmd.index("--json") + 1]).read_text())  # what this evaluate wrote
     fit_summary = json.loads((out / "summary.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out)
     keep = ("n", "num_samples", "elbo_analytic", "elbo_analytic_stderr", "elbo_mc", "elbo_mc_stderr", "log_px",
             "log_px_stderr", "log_px_stderr_across_datapoints", "gap", "gap_elbo", "khat_mean",
             "khat_threshold", "khat_frac_above_threshold", "khat_frac_above_0_7", "log_px_reliable",
@@ -132,7 +129,7 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
         "fit_command": shlex.join(fit_cmd), "evaluate_command": shlex.join(eval_cmd),
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "epochs": fit_summary["epochs"], "stopped_by": fit_summary.get("stopped_by"),
-        "best_epoch": max(rows, key=selection_bound)["epoch"] if rows else None,
+        "best_epoch": best_epoch(rows),  # the epoch of best.pt, the parameters evaluated
         "fit_summary": {k: v for k, v in fit_summary.items() if k != "final"},
         "test": {k: test[k] for k in keep if k in test},
         "device": test["device"], "device_name": device_name(test["device"]),

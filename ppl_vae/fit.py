@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     cfg = trainer.cfg
     best = (f"best validation IWAE_{cfg.num_particles} (the bound trained): {summary['best_valid_iwae_k']:.3f}"
             if "best_valid_iwae_k" in summary else f"best validation ELBO: {summary['best_valid_elbo']:.3f}")
-    print(f"{best} nats per datapoint" + (
+    at = f" (epoch {summary['best_epoch']}, kept in best.pt)" if summary.get("best_epoch") else ""
+    print(f"{best} nats per datapoint{at}" + (
         f"; validation IWAE_{summary['final_iwae_k']} of the last epoch: {summary['final_valid_iwae']:.3f}"
         if "final_valid_iwae" in summary else ""))
     print(f"run directory: {out}")

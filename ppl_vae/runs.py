@@ -129,6 +129,19 @@ def _row(line: str) -> dict | None:
     return {LEGACY_KEYS.get(k, k): v for k, v in row.items()}
 
 
+def selection_bound(row: dict) -> float:
+    """The validation bound of a metric row that ``best.pt`` and early stopping follow: the bound
+    being trained, IWAE_K for an IWAE run (IWAE training lowers the ELBO while it raises IWAE_K),
+    else the ELBO."""
+    return row.get("valid_iwae_k", row["valid_elbo"])
+
+
+def best_epoch(rows: list[dict]) -> int | None:
+    """The epoch ``best.pt`` holds: the first with the highest :func:`selection_bound` (the trainer
+    keeps a new best only on strict improvement); None before the first epoch."""
+    return max(rows, key=selection_bound)["epoch"] if rows else None
+
+
 def read_metrics(out: str | os.PathLike) -> list[dict]:
     """The rows of ``metrics.jsonl`` (damaged lines skipped, legacy keys renamed)."""
     path = Path(out) / METRICS

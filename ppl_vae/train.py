@@ -251,16 +251,14 @@ class Trainer:
         self.model.eval()
         x = self._valid_args()
         valid = elbo_terms_on(self.model, x, ctx=self.ctx)  # valid_elbo = valid_recon − valid_kl, one pass
-        # best.pt and early stopping follow the bound being trained: IWAE training lowers the ELBO
-        # while it raises IWAE_K, so an IWAE run is selected on its validation IWAE_K
-        if cfg.elbo == "iwae":
+        if cfg.elbo == "iwae":  # an IWAE run is selected on its IWAE_K (runs.selection_bound)
             valid["valid_iwae_k"] = bound_on(self.model, x, "iwae", cfg.num_particles, ctx=self.ctx)
         for key, value in valid.items():
             if not math.isfinite(value):  # the last update broke the parameters: keep the old checkpoint
                 what = f"validation IWAE_{cfg.num_particles}" if key == "valid_iwae_k" else "validation ELBO"
                 raise self._non_finite(what, value, f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})")
         self.model.train()
-        criterion = valid.get("valid_iwae_k", valid["valid_elbo"])
+        criterion = runs.selection_bound(valid)
         improved = criterion > s.best
         s.best, s.bad_epochs = (criterion, 0) if improved else (s.best, s.bad_epochs + 1)
         self.scheduler.step()
@@ -287,6 +285,7 @@ class Trainer:
 
         bound = "iwae_k" if self.cfg.elbo == "iwae" else "elbo"
         summary = {"epochs": self.state.epoch, "stopped_by": self.stopped_by, f"best_valid_{bound}": self.state.best,
+                   "best_epoch": runs.best_epoch(self.state.rows),
                    **({"iwae_k": self.cfg.num_particles} if bound == "iwae_k" else {}),
                    "final": self.state.rows[-1] if self.state.rows else None}
         if self.cfg.final_iwae_k and self.state.epoch > 0:

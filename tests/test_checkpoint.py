@@ -285,3 +285,15 @@ def test_heal_metrics_renames_a_legacy_file_silently_and_reports_damage(tmp_path
     note = runs.heal_metrics(tmp_path, rows)
     assert note == "metrics.jsonl was damaged or incomplete (2 line(s)); rewritten from the checkpoint (epochs 1-2)"
     assert read_metrics(tmp_path) == rows
+
+
+def test_best_epoch_is_the_first_maximum_of_the_bound_the_run_selects_on():
+    """An ELBO run is selected on valid_elbo; an IWAE run on valid_iwae_k, even where its ELBO
+    is higher at another epoch; a tie keeps the earlier epoch (the trainer needs a strict gain)."""
+    elbo_rows = [{"epoch": 1, "valid_elbo": -90.0}, {"epoch": 2, "valid_elbo": -88.0},
+                 {"epoch": 3, "valid_elbo": -88.0}, {"epoch": 4, "valid_elbo": -89.0}]
+    assert runs.best_epoch(elbo_rows) == 2
+    iwae_rows = [{"epoch": 1, "valid_elbo": -88.0, "valid_iwae_k": -87.5},
+                 {"epoch": 2, "valid_elbo": -89.0, "valid_iwae_k": -86.9}]
+    assert runs.best_epoch(iwae_rows) == 2 and runs.selection_bound(iwae_rows[0]) == -87.5
+    assert runs.best_epoch([]) is None

@@ -57,7 +57,8 @@ def test_fit_digits_writes_every_output(tmp_path):
     assert summary["best_valid_elbo"] == pytest.approx(max(m["valid_elbo"] for m in metrics))
     # IWAE_50 ≥ ELBO (in expectation; the gap is ≥ 0 and the estimates are on 180 datapoints)
     assert summary["final_iwae_k"] == 50 and summary["final_valid_iwae"] > metrics[-1]["valid_elbo"]
-    assert f"{summary['best_valid_elbo']:.3f}" in r.stdout
+    best = max(metrics, key=lambda m: m["valid_elbo"])["epoch"]
+    assert summary["best_epoch"] == best and f"{summary['best_valid_elbo']:.3f} nats per datapoint (epoch {best}," in r.stdout
 
     for name in ("reconstructions.png", "samples.png", "training_curve.png"):
         data = (out / name).read_bytes()

@@ -59,6 +59,10 @@ def test_quick_recipe_is_wired(recipe, quick_runs):
     assert rows[0]["objective"] == objective  # warm-up (β < 1) or IWAE from the first epoch
     bound = [row.get("valid_iwae_k", row["valid_elbo"]) for row in rows]
     assert max(bound[-3:]) > bound[0] + 5, bound  # the validation bound improves by nats, not noise
+    # the epoch reported as best.pt's is the one best.pt holds: the first maximum of that bound
+    best = bound.index(max(bound)) + 1
+    assert result["best_epoch"] == result["fit_summary"]["best_epoch"] == best
+    assert torch.load(out / "best.pt", map_location="cpu", weights_only=False)["epoch"] == best
 
     test = json.loads((out / "test-k100.json").read_text())  # what evaluate wrote
     assert result["test_nll"] == -test["log_px"] and result["test"]["n"] == 200
