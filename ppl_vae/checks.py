@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
@@ -214,12 +215,16 @@ class Program(NamedTuple):
     ``nesting``, the plate dims they use; ``closed_form``, the latent sites whose KL is taken in
     closed form (``None``: no analytic ELBO asked for); ``no_closed_form``, why a site that could
     have one has none; ``slice_safe``, whether weighing slices of the datapoints gives the
-    whole batch's weights (:func:`slice_safe`)."""
+    whole batch's weights (:func:`slice_safe`); ``flow_guide``, whether a guide site is a
+    transformed distribution (an IAF), whose log q(z|x) of a *replayed* z needs the flow's
+    inverse, for an autoregressive flow one network pass per dimension, where the trace that drew
+    z has it cached (:func:`flow_guide`)."""
 
     nesting: int
     closed_form: frozenset | None = None
     no_closed_form: str | None = None
     slice_safe: bool = True
+    flow_guide: bool = False
 
 
 def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program:
@@ -250,7 +255,20 @@ def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program
         probe_args, model_tr, guide_tr, nesting, log_w = probe
         closed, missing = closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
         safe = _same_on_a_slice(model, guide, probe_args, kwargs, nesting, guide_tr, log_w)
-    return Program(nesting, closed, missing, safe)
+    return Program(nesting, closed, missing, safe, flow_guide(guide_tr))
+
+
+def flow_guide(guide_tr) -> bool:
+    """Whether a latent site of the guide trace draws from a ``TransformedDistribution`` (under
+    any ``Independent`` / mask wrappers)."""
+    for site in guide_tr.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"]:
+            fn = site["fn"]
+            while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
+                fn = fn.base_dist
+            if isinstance(fn, torch.distributions.TransformedDistribution):
+                return True
+    return False
 
 
 def _probe(model, guide, args, kwargs):
