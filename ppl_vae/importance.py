@@ -24,7 +24,9 @@ caller's RNG stream is left untouched. A pass draws its units' latents for the w
 so that the decoder sees about ``chunk_size`` particles × datapoints at a time. A program
 that is not :func:`slice_safe` (per-datapoint guide parameters read by plate index, ``(N, d)``
 tensors in a closure, batch statistics) is weighed on all N rows in one model pass instead:
-``max(chunk_size, SAMPLE_UNIT · N)`` rows when seeded. The draws for datapoint i still depend
+``max(chunk_size, SAMPLE_UNIT · N)`` rows when seeded. So is a program whose guide is a flow
+(``Program.flow_guide``), one unit of particles per pass, weighed on the guide trace that drew
+it: scoring a replayed z would invert the flow (one network pass per dimension for an IAF). The draws for datapoint i still depend
 on the whole batch (the guide draws (u, N, ...) at once): fix the batches too (as
 :mod:`ppl_vae.evaluation` does) when results must not depend on how work is split.
 """
