@@ -1,6 +1,6 @@
 r"""What the estimators accept, checked once per call before any pass (:func:`inspect_program`):
-the data, the program's plates, whether it is slice-safe and, for the analytic-KL ELBO, which
-latent sites have a valid closed-form KL.
+the data, the program's plates, whether it is slice-safe, whether its guide is a flow and, for
+the analytic-KL ELBO, which latent sites have a valid closed-form KL.
 
 **Data.** ``x`` is a tensor ``(N, ...)`` with the datapoints along dim 0, or a tuple
 ``(x, y, ...)`` of such tensors with the same N: the per-datapoint arguments of
@@ -31,12 +31,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from pyro import poutine
-from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
 from .errors import DataError, UserError
-from .replay import DATA_PLATE, as_args, cat_units, rng_fork, replay, take_rows, weigh
+from .replay import DATA_PLATE, as_args, cat_units, flow_guide, rng_fork, replay, take_rows, weigh
 
 PROBE_ROWS = 8  # datapoints of the probe of each call (inspect_program), when the program runs on them
 # What a program raises on data it cannot take (torch shape/dtype errors, Pyro shape mismatches)
@@ -256,19 +255,6 @@ def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program
         closed, missing = closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
         safe = _same_on_a_slice(model, guide, probe_args, kwargs, nesting, guide_tr, log_w)
     return Program(nesting, closed, missing, safe, flow_guide(guide_tr))
-
-
-def flow_guide(guide_tr) -> bool:
-    """Whether a latent site of the guide trace draws from a ``TransformedDistribution`` (under
-    any ``Independent`` / mask wrappers)."""
-    for site in guide_tr.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"]:
-            fn = site["fn"]
-            while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
-                fn = fn.base_dist
-            if isinstance(fn, torch.distributions.TransformedDistribution):
-                return True
-    return False
 
 
 def _probe(model, guide, args, kwargs):

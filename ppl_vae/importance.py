@@ -26,9 +26,10 @@ that is not :func:`slice_safe` (per-datapoint guide parameters read by plate ind
 tensors in a closure, batch statistics) is weighed on all N rows in one model pass instead:
 ``max(chunk_size, SAMPLE_UNIT · N)`` rows when seeded. So is a program whose guide is a flow
 (``Program.flow_guide``), one unit of particles per pass, weighed on the guide trace that drew
-it: scoring a replayed z would invert the flow (one network pass per dimension for an IAF). The draws for datapoint i still depend
-on the whole batch (the guide draws (u, N, ...) at once): fix the batches too (as
-:mod:`ppl_vae.evaluation` does) when results must not depend on how work is split.
+it: scoring a replayed z would invert the flow (one network pass per dimension for an IAF).
+The draws for datapoint i still depend on the whole batch (the guide draws (u, N, ...) at
+once): fix the batches too (as :mod:`ppl_vae.evaluation` does) when results must not depend on
+how work is split.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
@@ -105,6 +106,20 @@ def take_rows(values: poutine.Trace, start: int, stop: int) -> poutine.Trace:
         out.add_node(name, type="sample", is_observed=False, infer=site["infer"],
                      value=v.narrow(dim, start, stop - start))
     return out
+
+
+def flow_guide(guide_tr) -> bool:
+    """Whether a latent site of the guide trace draws from a ``TransformedDistribution`` (under
+    any ``Independent`` / mask wrappers): replaying such a guide on other values than it drew
+    needs the flow's inverse, for an autoregressive flow one network pass per dimension."""
+    for site in guide_tr.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"]:
+            fn = site["fn"]
+            while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
+                fn = fn.base_dist
+            if isinstance(fn, torch.distributions.TransformedDistribution):
+                return True
+    return False
 
 
 def replay(model, guide, values, args, k, nesting, kwargs, guide_tr=None):
