@@ -22,13 +22,13 @@ from .data import BINARIZE
 from .errors import UserError
 from .likelihoods import LIKELIHOODS
 from .guides import POSTERIORS
-from .model import DEFAULT_DIMS
+from .model import DEFAULT_DIMS, HIERARCHIES
 from .nets import ACTIVATIONS, ARCHS
 from .priors import PRIORS
 
 # Settings that define the model's parameters: a checkpoint only loads into the same ones.
 MODEL_KEYS = ("likelihood", "arch", "hidden", "z_dim", "activation", "image_shape", "prior", "guide",
-              "latent_layers", "z2_dim", "hidden2", "pseudo_inputs", "mixture_components", "flow_steps",
+              "latent_layers", "hierarchy", "z2_dim", "hidden2", "pseudo_inputs", "mixture_components", "flow_steps",
               "conditional", "num_classes")
 # The training objectives (--elbo); ppl_vae.objectives.OBJECTIVES implements exactly these
 # (tests/test_config.py), named here so that the configuration imports no inference code.
@@ -62,7 +62,8 @@ class FitConfig:
     # the program (docs/models.md)
     prior: str = "normal"            # normal | mog | vampprior: p(z) of the top latent layer
     guide: str = "diagonal"          # diagonal | full-rank | iaf: the posterior family of every layer
-    latent_layers: int = 1           # 1: z; 2: z2 → z1 → x with the guide q(z1|x) q(z2|z1)
+    latent_layers: int = 1           # 1: z; 2: z2 → z1 → x (docs/models.md)
+    hierarchy: str = "chain"         # (two layers) chain: p(x|z1), q(z1|x) q(z2|z1); skip: p(x|z1,z2), q(z2|x) q(z1|x,z2)
     z2_dim: int = 50                 # (two layers) dimension of z2
     hidden2: list[int] = field(default_factory=lambda: [100, 100])  # (two layers) the z1 ↔ z2 networks
     pseudo_inputs: int = 500         # (vampprior) K learned pseudo-inputs
@@ -108,7 +109,7 @@ class FitConfig:
                 raise UserError(f"{where(name)} must be {expected}, got {_show(value, source)}")
         if self.elbo == "meanfield" and self.latent_layers == 2:
             raise UserError((f"{source}: " if source else "") + "--elbo meanfield takes every KL in closed form, "
-                            "which is biased for the two-layer guide q(z1|x) q(z2|z1) (not mean-field); use "
+                            "which is biased for a two-layer guide (q(z2|z1) or q(z1|x,z2): not mean-field); use "
                             "--elbo trace or iwae")
         if self.elbo == "iwae" and self.beta != 1:  # (--kl-warmup is fine: it ramps β up to 1)
             raise UserError((f"{source}: " if source else "") + "--beta ≠ 1 makes --elbo iwae no bound on log p(x); "
@@ -228,6 +229,7 @@ _RANGES = (
     ("prior", *_one_of(tuple(PRIORS))),
     ("guide", *_one_of(tuple(POSTERIORS))),
     ("latent_layers", lambda v: v in (1, 2), "1 or 2"),
+    ("hierarchy", *_one_of(HIERARCHIES)),
     ("z2_dim", lambda v: v >= 1, ">= 1"),
     ("hidden2", lambda v: all(h >= 1 for h in v), ">= 1"),
     ("pseudo_inputs", lambda v: v >= 1, ">= 1"),

@@ -24,6 +24,7 @@ with startup(PROG):  # torch loads here: a signal meanwhile is one line, not a t
     from .config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, FitConfig
     from .data import BINARIZE, DATASETS
     from .likelihoods import LIKELIHOODS
+    from .model import HIERARCHIES
     from .guides import POSTERIORS
     from .nets import ACTIVATIONS, ARCHS
     from .priors import PRIORS
@@ -76,6 +77,9 @@ def build_parser() -> ArgumentParser:
                    "full-rank (Cholesky factor from the encoder) or iaf (inverse autoregressive flow) (default: diagonal)")
     g.add_argument("--latent-layers", type=int, choices=(1, 2), default=S, help="2: z2 → z1 → x with the guide "
                    "q(z1|x) q(z2|z1), sites z1 and z2 (default: 1; with 2, --z-dim 100 and --hidden 200,200 by default)")
+    g.add_argument("--hierarchy", choices=HIERARCHIES, default=S, help="two layers: chain, p(x|z1) with the guide "
+                   "q(z1|x) q(z2|z1) (Burda et al. 2016); skip, p(x|z1,z2) with the guide q(z2|x) q(z1|x,z2) "
+                   "(Tomczak & Welling 2018; --arch mlp) (default: chain)")
     g.add_argument("--z2-dim", type=int, default=S, help=f"dimension of z2 with --latent-layers 2 (default: {d.z2_dim})")
     g.add_argument("--hidden2", type=int_list, default=S, help="hidden widths of the z1 ↔ z2 networks "
                    "(default: 100,100)")

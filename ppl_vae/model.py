@@ -6,8 +6,9 @@ Parts, chosen when the VAE is built (docs/models.md has the math of each):
   (:mod:`ppl_vae.priors`);
 * the posterior family of every latent layer, ``posterior``: ``diagonal``, ``full-rank``, ``iaf``
   (:mod:`ppl_vae.guides`);
-* ``latent_layers=2``: model z2 ~ p(z2), z1 ~ p(z1 | z2), x ~ p(x | z1); guide q(z1 | x) q(z2 | z1)
-  (sites ``z1``, ``z2``); one layer has the site ``z``;
+* ``latent_layers=2``: model z2 ~ p(z2), z1 ~ p(z1 | z2), then ``hierarchy="chain"`` (Burda et
+  al. 2016): x ~ p(x | z1), guide q(z1 | x) q(z2 | z1); ``hierarchy="skip"`` (Tomczak & Welling
+  2018): x ~ p(x | z1, z2), guide q(z2 | x) q(z1 | x, z2). Sites ``z1``, ``z2``; one layer has ``z``;
 * :class:`ConditionalVAE`: p(x | z, y) and q(z | x, y) for a one-hot class label y.
 
 Conventions (the estimators in :mod:`ppl_vae.estimators` rely on them, and any other
@@ -45,12 +46,13 @@ from torch import nn
 from .errors import UserError
 from .guides import make_posterior
 from .likelihoods import Likelihood, make_likelihood
-from .nets import Encoder, build_networks, mlp
+from .nets import Decoder, Encoder, JointInputMLP, build_networks, mlp
 from .priors import PRIORS, GaussianLayer, MixturePrior, VampPrior, draw
 
 # (z_dim, hidden) when not given: the 784-400-20 VAE; the two-layer IWAE architecture of Burda et
 # al. 2016 (784-200-200-100 for z1, then 100-100-50 for z2 with z2_dim=50, hidden2=(100, 100)).
 DEFAULT_DIMS = {1: (20, (400,)), 2: (100, (200, 200))}
+HIERARCHIES = ("chain", "skip")
 
 
 def _kl_weight(beta):
@@ -80,8 +82,9 @@ class VAE(nn.Module):
     :param prior: ``"normal"``, ``"mog"`` or ``"vampprior"``: p of the top latent.
     :param posterior: ``"diagonal"``, ``"full-rank"`` or ``"iaf"``: q of every latent layer.
     :param latent_layers: 1 or 2.
-    :param z2_dim, hidden2: the top layer of two: q(z2|z1) is an MLP z_dim-hidden2-z2_dim, and
-        p(z1|z2) mirrors it.
+    :param z2_dim, hidden2: the top layer of two: p(z1|z2) is an MLP z2_dim-hidden2-z_dim; the
+        chain's q(z2|z1) mirrors it, the skip's q(z2|x) has the x-encoder's widths.
+    :param hierarchy: two layers: ``"chain"`` or ``"skip"`` (module docstring; ``skip`` needs ``mlp``).
     :param pseudo_inputs: K of the VampPrior. :param mixture_components: M of the MoG prior.
     :param flow_steps: IAF transforms per latent layer.
     :param num_classes: set by :class:`ConditionalVAE` (0: unconditional).
@@ -97,12 +100,15 @@ class VAE(nn.Module):
                  likelihood: Likelihood | str = "bernoulli", arch: str = "mlp", activation: str = "relu", *,
                  prior: str = "normal", posterior: str = "diagonal", latent_layers: int = 1, z2_dim: int = 50,
                  hidden2: Sequence[int] = (100, 100), pseudo_inputs: int = 500, mixture_components: int = 10,
-                 flow_steps: int = 2, num_classes: int = 0):
+                 flow_steps: int = 2, num_classes: int = 0, hierarchy: str = "chain"):
         super().__init__()
         if latent_layers not in DEFAULT_DIMS:
             raise UserError(f"--latent-layers must be 1 or 2, got {latent_layers}")
         if prior not in PRIORS:
             raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+        if hierarchy not in HIERARCHIES or (hierarchy == "skip" and (latent_layers != 2 or arch != "mlp")):
+            raise UserError(f"--hierarchy must be one of {', '.join(HIERARCHIES)}, and skip needs --latent-layers 2 "
+                            f"and --arch mlp; got {hierarchy!r} with {latent_layers} layer(s) and --arch {arch}")
         if bool(num_classes) != self.conditional:
             raise ValueError("class labels need ConditionalVAE(num_classes=C), and ConditionalVAE needs C >= 2")
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -111,15 +117,24 @@ class VAE(nn.Module):
         hidden = DEFAULT_DIMS[latent_layers][1] if hidden is None else hidden
         self.num_classes = int(num_classes)
         self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
+        self.skip = hierarchy == "skip"
         self.posterior = make_posterior(posterior, self.z_dim, flow_steps)
-        self.encoder, self.decoder = build_networks(
-            arch, self.image_shape, self.z_dim, hidden, self.likelihood.params_per_pixel * self.x_dim,
-            activation, self.posterior.extra_outputs, self.num_classes)
+        extra, out_dim, xy_dim = self.posterior.extra_outputs, self.likelihood.params_per_pixel * self.x_dim, \
+            self.x_dim + self.num_classes
+        if self.skip:  # q(z1 | x, z2) and p(x | z1, z2): x's part of the first layer once per datapoint
+            self.encoder = Encoder(JointInputMLP(xy_dim, z2_dim, [*hidden, 2 * self.z_dim + extra], activation),
+                                   self.z_dim, extra)
+            self.decoder = Decoder(mlp([self.z_dim + z2_dim + self.num_classes, *reversed(hidden), out_dim],
+                                       activation))
+        else:
+            self.encoder, self.decoder = build_networks(arch, self.image_shape, self.z_dim, hidden, out_dim,
+                                                        activation, extra, self.num_classes)
         full = self.posterior.full_covariance
-        if latent_layers == 2:  # q(z2 | z1) and p(z1 | z2), both MLPs between the latents
+        if latent_layers == 2:  # p(z1 | z2) and q(z2 | z1) (chain) or q(z2 | x) (skip)
             self.posterior2 = make_posterior(posterior, z2_dim, flow_steps)
             extra2 = self.posterior2.extra_outputs
-            self.encoder2 = Encoder(mlp([self.z_dim, *hidden2, 2 * z2_dim + extra2], activation), z2_dim, extra2)
+            sizes2 = [xy_dim, *hidden] if self.skip else [self.z_dim, *hidden2]
+            self.encoder2 = Encoder(mlp([*sizes2, 2 * z2_dim + extra2], activation), z2_dim, extra2)
             self.layer = GaussianLayer(z2_dim, self.z_dim, list(reversed(hidden2)), activation, full)
             self.latent_sites = ("z1", "z2")  # bottom (decoded) first
         else:
@@ -193,8 +208,10 @@ class VAE(nn.Module):
     def pseudo_posterior(self, u: torch.Tensor) -> dist.Distribution:
         """The VampPrior's components q(z_top | u_k) for pseudo-inputs ``u (K, D [+ C])``, batch
         ``(K,)``: the Gaussian part of the guide (an IAF guide's base, without its flow). With two
-        layers, q(z2 | z1 = E[z1 | u_k]): the mean of q(z1 | u_k) goes through q(z2 | z1), since
-        ∫ q(z1|u) q(z2|z1) dz1 has no closed form."""
+        layers: the skip hierarchy's q(z2 | u_k) exactly; the chain's q(z2 | z1 = E[z1 | u_k]): the
+        mean of q(z1 | u_k) goes through q(z2 | z1), since ∫ q(z1|u) q(z2|z1) dz1 has no closed form."""
+        if self.skip:
+            return self.posterior2.gaussian(*self.encoder2(u))  # batch (K,), event (z2_dim,)
         q = self.posterior.gaussian(*self.encoder(u))  # batch (K,), event (z_dim,)
         if self.layer is not None:
             q = self.posterior2.gaussian(*self.encoder2(q.mean))  # batch (K,), event (z2_dim,)
@@ -209,18 +226,23 @@ class VAE(nn.Module):
             with _kl_weight(beta):
                 z = pyro.sample(self.top_site, self.prior())  # (N, d_top); (K, N, d_top) under a particle plate
                 if self.layer is not None:
-                    z = pyro.sample("z1", self.layer(z))  # (..., N, z_dim)
-            out = self.decoder(z if y is None else _join(z, y))  # (..., N, out_dim)
+                    z1 = pyro.sample("z1", self.layer(z))  # (..., N, z_dim)
+                    z = torch.cat([z1, z], -1) if self.skip else z1  # skip: (..., N, z_dim + z2_dim)
+            out = self.decoder(_join(z, y))  # (..., N, out_dim)
             return pyro.sample("x", self.likelihood.dist(out), obs=x)
 
     def _guide(self, x: torch.Tensor, y: torch.Tensor | None, size: int | None, beta) -> torch.Tensor:
-        """q_φ(z|x [, y]) (two layers: q(z1 | x [, y]) q(z2 | z1)), reparameterized."""
+        """q_φ(z|x [, y]) (two layers: chain q(z1 | x [, y]) q(z2 | z1), skip q(z2 | x [, y])
+        q(z1 | x [, y], z2)), reparameterized."""
         if self.register_params:
             self._register(self._guide_parts)
-        n = x.shape[0]
-        params = self.encoder(x if y is None else _join(x, y))  # (z_loc, z_logvar[, extra]), each (N, ·)
+        n, xy = x.shape[0], _join(x, y)
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
             with _kl_weight(beta):
+                if self.skip:  # z2: (..., N, z2_dim), then z1 from (x, z2): (..., N, z_dim)
+                    z2 = pyro.sample("z2", self.posterior2(*self.encoder2(xy)))
+                    return pyro.sample("z1", self.posterior(*self.encoder(xy, z2)))
+                params = self.encoder(xy)  # (z_loc, z_logvar[, extra]), each (N, ·)
                 # batch (N,), event (z_dim,); the draw is (N, z_dim), or (K, N, z_dim) under a particle plate
                 z = pyro.sample(self.bottom_site, self.posterior(*params))
                 if self.encoder2 is not None:
@@ -238,13 +260,18 @@ class VAE(nn.Module):
     # ---- plain tensor helpers (no Pyro machinery) for plots and examples ----
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z_loc, z_scale)`` of the Gaussian part of q(z|x) (two layers: of q(z1|x)), each
-        ``(N, z_dim)``: marginal means and standard deviations."""
-        y = self._labels(y, x.shape[0], x.dtype)
-        return self.posterior.loc_scale(*self.encoder(_join(x, y)))
+        """``(z_loc, z_scale)`` of the Gaussian part of q(z|x) (chain: of q(z1|x)), each
+        ``(N, z_dim)``: marginal means and standard deviations. Skip: of q(z1 | x, z2 = E[z2|x])
+        and q(z2|x), concatenated ``(N, z_dim + z2_dim)``: what :meth:`decode` reads."""
+        xy = _join(x, self._labels(y, x.shape[0], x.dtype))
+        if not self.skip:
+            return self.posterior.loc_scale(*self.encoder(xy))
+        loc2, scale2 = self.posterior2.loc_scale(*self.encoder2(xy))
+        loc1, scale1 = self.posterior.loc_scale(*self.encoder(xy, loc2))
+        return torch.cat([loc1, loc2], -1), torch.cat([scale1, scale2], -1)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """E[x|z (, y)] ``(..., D)`` for latents ``(..., z_dim)`` (two layers: z1)."""
+        """E[x|z (, y)] ``(..., D)`` for latents ``(..., z_dim)`` (chain: z1; skip: cat(z1, z2))."""
         y = self._labels(y, z.shape[-2] if z.dim() > 1 else 1, z.dtype)
         return self.likelihood.mean(self.decoder(_join(z, y)))
 
@@ -272,7 +299,8 @@ class VAE(nn.Module):
             y = classes.to(self.device)
         z = draw(self.prior(), generator, n)  # (n, d_top)
         if self.layer is not None:
-            z = draw(self.layer(z), generator)  # (n, z_dim)
+            z1 = draw(self.layer(z), generator)  # (n, z_dim)
+            z = torch.cat([z1, z], -1) if self.skip else z1
         return self.decode(z, y)
 
 

@@ -64,6 +64,33 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class JointInputMLP(nn.Module):
+    """``mlp([a_dim + b_dim, *sizes])`` applied to ``cat(a, b)``, for a datapoint's ``a (N, a_dim)``
+    shared by the particles of ``b (..., N, b_dim)``. The first layer is written as
+    W·cat(a, b) + c = (W_a a + c) + W_b b, so the costly part (a = x, D = 784 inputs) runs once
+    per datapoint, not once per particle (K = 5000 at evaluation). ``sizes``: hidden widths, then
+    outputs (at least one hidden layer)."""
+
+    def __init__(self, a_dim: int, b_dim: int, sizes: Sequence[int], activation: str = "relu"):
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError("JointInputMLP needs at least one hidden layer")
+        act = ACTIVATIONS[activation]
+        width = sizes[0] * (2 if act is None else 1)  # a gated layer: both halves in one matmul
+        self.a, self.b = nn.Linear(a_dim, width), nn.Linear(b_dim, width, bias=False)
+        self.act = act() if act is not None else None
+        self.rest = mlp(sizes, activation)  # hidden → … → outputs
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h = self.a(a) + self.b(b)  # (N, width) + (..., N, width) → (..., N, width)
+        if self.act is None:
+            h, gate = h.chunk(2, dim=-1)
+            h = h * torch.sigmoid(gate)  # the gated layer of GatedLinear
+        else:
+            h = self.act(h)
+        return self.rest(h)
+
+
 class Encoder(nn.Module):
     """Gaussian parameters from a network: ``x (..., in) → (z_loc, z_logvar[, extra])``, each
     ``(..., z_dim)`` and ``extra (..., extra)`` when ``extra > 0``. The body ends in
@@ -76,8 +103,8 @@ class Encoder(nn.Module):
         self.extra = extra
         self.split_sizes = [z_dim, z_dim, extra] if extra else z_dim  # (an int: the plain split op)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h = self.body(x)  # (..., 2·z_dim + extra)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.body(*inputs)  # (..., 2·z_dim + extra)
         return h.split(self.split_sizes, dim=-1)  # (..., z_dim), (..., z_dim)[, (..., extra)]
 
     def zero_extra_outputs(self) -> None:

@@ -58,7 +58,7 @@ def build_model(cfg: FitConfig) -> VAE:
     a :class:`~ppl_vae.model.ConditionalVAE` under ``conditional``, else a :class:`~ppl_vae.model.VAE`."""
     likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
     return make_vae(cfg.image_shape, cfg.z_dim, cfg.hidden, likelihood, cfg.arch, cfg.activation,
-                    prior=cfg.prior, posterior=cfg.guide, latent_layers=cfg.latent_layers, z2_dim=cfg.z2_dim,
+                    prior=cfg.prior, posterior=cfg.guide, latent_layers=cfg.latent_layers, hierarchy=cfg.hierarchy, z2_dim=cfg.z2_dim,
                     hidden2=cfg.hidden2, pseudo_inputs=cfg.pseudo_inputs, mixture_components=cfg.mixture_components,
                     flow_steps=cfg.flow_steps, num_classes=cfg.num_classes if cfg.conditional else 0)
 
