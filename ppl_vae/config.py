@@ -111,6 +111,9 @@ class FitConfig:
             raise UserError((f"{source}: " if source else "") + "--elbo meanfield takes every KL in closed form, "
                             "which is biased for a two-layer guide (q(z2|z1) or q(z1|x,z2): not mean-field); use "
                             "--elbo trace or iwae")
+        if self.hierarchy == "skip" and (self.latent_layers != 2 or self.arch != "mlp"):
+            raise UserError((f"{source}: " if source else "") + "--hierarchy skip is a two-layer program of MLPs: "
+                            f"add --latent-layers 2 and --arch mlp (got {self.latent_layers} layer(s), --arch {self.arch})")
         if self.elbo == "iwae" and self.beta != 1:  # (--kl-warmup is fine: it ramps β up to 1)
             raise UserError((f"{source}: " if source else "") + "--beta ≠ 1 makes --elbo iwae no bound on log p(x); "
                             "drop it (--kl-warmup may ramp β to 1) or use --elbo trace")

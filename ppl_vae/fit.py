@@ -75,8 +75,8 @@ def build_parser() -> ArgumentParser:
                    "pseudo-inputs) (default: normal)")
     g.add_argument("--guide", choices=list(POSTERIORS), default=S, help="posterior family q(z|x): diagonal, "
                    "full-rank (Cholesky factor from the encoder) or iaf (inverse autoregressive flow) (default: diagonal)")
-    g.add_argument("--latent-layers", type=int, choices=(1, 2), default=S, help="2: z2 → z1 → x with the guide "
-                   "q(z1|x) q(z2|z1), sites z1 and z2 (default: 1; with 2, --z-dim 100 and --hidden 200,200 by default)")
+    g.add_argument("--latent-layers", type=int, choices=(1, 2), default=S, help="2: z2 → z1 → x (--hierarchy "
+                   "says how), sites z1 and z2 (default: 1; with 2, --z-dim 100 and --hidden 200,200 by default)")
     g.add_argument("--hierarchy", choices=HIERARCHIES, default=S, help="two layers: chain, p(x|z1) with the guide "
                    "q(z1|x) q(z2|z1) (Burda et al. 2016); skip, p(x|z1,z2) with the guide q(z2|x) q(z1|x,z2) "
                    "(Tomczak & Welling 2018; --arch mlp) (default: chain)")

@@ -222,6 +222,10 @@ def test_missing_mnist_test_files_name_both_folders(files, tmp_path, capsys):
     (["--seed", "x"], "argument --seed: invalid int value"),
     (["--likelihood", "poisson"], "argument --likelihood: invalid choice: 'poisson'"),
     (["--elbo", "vi"], "argument --elbo: invalid choice: 'vi'"),
+    (["--hierarchy", "skip"], "--hierarchy skip is a two-layer program of MLPs: add --latent-layers 2 and --arch "
+                              "mlp (got 1 layer(s), --arch mlp)"),
+    (["--hierarchy", "skip", "--latent-layers", "2", "--arch", "conv"], "(got 2 layer(s), --arch conv)"),
+    (["--hierarchy", "ladder"], "argument --hierarchy: invalid choice: 'ladder'"),
     (["--elbo", "iwae", "--beta", "2"], "--beta ≠ 1 makes --elbo iwae no bound on log p(x)"),
     (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     (["--resume"], "holds no run (no config.json)"),

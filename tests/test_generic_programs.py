@@ -196,15 +196,18 @@ def test_mixture_prior_has_no_closed_form_kl_and_is_evaluated_without_it(device)
 
 @pytest.mark.parametrize("layers,posterior,prior,closed", [
     (1, "diagonal", "normal", {"z"}), (1, "full-rank", "normal", {"z"}), (2, "diagonal", "normal", {"z2"}),
-    (2, "full-rank", "normal", {"z2"}), (1, "iaf", "normal", set()), (2, "diagonal", "mog", set())])
+    (2, "full-rank", "normal", {"z2"}), (1, "iaf", "normal", set()), (2, "diagonal", "mog", set()),
+    ("skip", "diagonal", "normal", {"z1", "z2"}), ("skip", "full-rank", "normal", {"z1", "z2"})])
 def test_vae_programs_take_the_kl_in_closed_form_where_the_order_rule_allows(layers, posterior, prior, closed, device):
     """ppl_vae's programs: one layer in closed form (a full-rank guide against the MVN prior
     included); two layers: z2 in closed form given z1, z1 by Monte Carlo (p(z1 | z2) reads z2,
-    which the guide draws after z1). Both ELBOs estimate the same number: within 4 SE (float32)."""
+    which the guide draws after z1); the skip hierarchy draws z2, then z1 | x, z2, in the model's
+    order: both in closed form. Both ELBOs estimate the same number: within 4 SE (float32)."""
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    vae = VAE((1, 4, 4), 4, [16], prior=prior, posterior=posterior, latent_layers=layers, z2_dim=2, hidden2=[8],
-              mixture_components=3).eval().to(device)
+    hierarchy = {"hierarchy": "skip"} if layers == "skip" else {}
+    vae = VAE((1, 4, 4), 4, [16], prior=prior, posterior=posterior, latent_layers=2 if hierarchy else layers,
+              z2_dim=2, hidden2=[8], mixture_components=3, **hierarchy).eval().to(device)
     x = torch.bernoulli(torch.full((6, 16), 0.4)).to(device)
     program = I.inspect_program(vae.model, vae.guide, x, {}, "auto")
     assert program.closed_form == frozenset(closed) and program.slice_safe

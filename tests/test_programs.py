@@ -30,6 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (conftest.on
 
 
 def _vae(prior="normal", posterior="diagonal", layers=1, classes=0, device="cpu", **kw):
+    """A small program; ``layers="skip"``: two layers, the skip hierarchy (else the chain)."""
+    if layers == "skip":
+        layers, kw = 2, {"hierarchy": "skip", **kw}
     return make_vae(SHAPE, Z, [16], prior=prior, posterior=posterior, latent_layers=layers, z2_dim=Z2, hidden2=[8],
                     pseudo_inputs=K_PSEUDO, mixture_components=M, num_classes=classes, **kw).to(device)
 
@@ -71,19 +74,20 @@ GUIDE_TYPES = {"diagonal": torch.distributions.Independent, "full-rank": torch.d
 
 
 @pytest.mark.parametrize("prior,posterior,layers,classes",
-                         list(itertools.product(PRIOR_TYPES, GUIDE_TYPES, (1, 2), (0, C))))
+                         list(itertools.product(PRIOR_TYPES, GUIDE_TYPES, (1, 2, "skip"), (0, C))))
 def test_every_program_has_its_sites_shapes_scales_and_gradients(prior, posterior, layers, classes, device):
     vae = _vae(prior, posterior, layers, classes, device)
     n, k, size, beta = 6, 4, 30, 0.5
     args = _args(vae, n)
-    latents = ("z",) if layers == 1 else ("z1", "z2")
+    latents = ("z",) if layers == 1 else ("z1", "z2")  # bottom (decoded) first
     dims = {"z": Z, "z1": Z, "z2": Z2}
     assert vae.latent_sites == latents
+    drawn = ("z2", "z1") if layers == "skip" else latents  # the guide's order: the chain draws z1 first
     for particles in (None, k):
         with pyro.plate("particles", k, dim=-2) if particles else nullcontext():
             model_tr, guide_tr = _traces(vae, *args, size=size, beta=beta)
         batch = (k, n) if particles else (n,)
-        assert _sites(guide_tr) == ["data", *latents]
+        assert _sites(guide_tr) == ["data", *drawn]
         assert _sites(model_tr) == ["data", *reversed(latents), "x"]  # ancestral order: top layer first
         for name in latents:
             for tr in (model_tr, guide_tr):
@@ -97,7 +101,7 @@ def test_every_program_has_its_sites_shapes_scales_and_gradients(prior, posterio
     top = model_tr.nodes[latents[-1]]["fn"]
     prior_type = torch.distributions.MultivariateNormal if (prior, posterior) == ("normal", "full-rank") \
         else PRIOR_TYPES[prior]
-    assert isinstance(top, prior_type) and isinstance(guide_tr.nodes[latents[0]]["fn"], GUIDE_TYPES[posterior])
+    assert isinstance(top, prior_type) and all(isinstance(guide_tr.nodes[s]["fn"], GUIDE_TYPES[posterior]) for s in latents)
     # one torch optimizer over vae.parameters() trains every part: each parameter is reached by the loss
     DeviceTrace_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, *args, size=size).backward()
     missing = [name for name, p in vae.named_parameters() if p.grad is None]
@@ -106,7 +110,8 @@ def test_every_program_has_its_sites_shapes_scales_and_gradients(prior, posterio
     label = {"label": 2} if classes else {}
     s = vae.sample(5, torch.Generator().manual_seed(0), **label)
     assert s.shape == (5, D) and torch.equal(s, vae.sample(5, torch.Generator().manual_seed(0), **label))
-    assert vae.reconstruct(*args).shape == (n, D) and vae.encode(*args)[1].shape == (n, Z)
+    codes = Z + Z2 if layers == "skip" else Z  # the skip program decodes cat(z1, z2)
+    assert vae.reconstruct(*args).shape == (n, D) and vae.encode(*args)[1].shape == (n, codes)
 
 
 def test_unknown_parts_are_refused_with_the_choices():
