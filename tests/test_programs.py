@@ -65,6 +65,16 @@ def _bernoulli_log_density(x, logits):
     return (x * logits - torch.log1p(torch.exp(logits))).sum(-1)
 
 
+def assert_joint_densities(vae, x, model_tr, guide_tr, log_p, log_q, seed):
+    """The traces' log p(x, z) and log q(z | x) are ``log_p``, ``log_q`` (N,) written out by hand, to
+    1e-10, and the ELBO loss of the same draw (``seed``) is −Σ (log p − log q)."""
+    torch.testing.assert_close(model_tr.log_prob_sum(), log_p.sum(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(guide_tr.log_prob_sum(), log_q.sum(), rtol=1e-10, atol=1e-10)
+    pyro.set_rng_seed(seed)
+    loss = DeviceTrace_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x)
+    torch.testing.assert_close(loss, -(log_p - log_q).sum(), rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- every combination
 
 PRIOR_TYPES = {"normal": torch.distributions.Independent, "mog": torch.distributions.MixtureSameFamily,
@@ -362,11 +372,7 @@ def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms(device):
              + _bernoulli_log_density(x, vae.decoder(z1)))  # (N,)
     log_q = (_normal_log_density(z1, q1_loc, torch.exp(0.5 * q1_logvar))
              + _normal_log_density(z2, q2_loc, torch.exp(0.5 * q2_logvar)))  # (N,)
-    torch.testing.assert_close(model_tr.log_prob_sum(), log_p.sum(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(guide_tr.log_prob_sum(), log_q.sum(), rtol=1e-10, atol=1e-10)
-    pyro.set_rng_seed(5)
-    loss = DeviceTrace_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x)
-    torch.testing.assert_close(loss, -(log_p - log_q).sum(), rtol=1e-10, atol=1e-10)
+    assert_joint_densities(vae, x, model_tr, guide_tr, log_p, log_q, seed=5)
 
 
 def test_two_layer_sample_draws_z2_from_the_prior_then_z1_given_z2(device):
