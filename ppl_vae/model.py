@@ -9,7 +9,8 @@ Parts, chosen when the VAE is built (docs/models.md has the math of each):
 * ``latent_layers=2``: model z2 ~ p(z2), z1 ~ p(z1 | z2), then ``hierarchy="chain"`` (Burda et
   al. 2016): x ~ p(x | z1), guide q(z1 | x) q(z2 | z1); ``hierarchy="skip"`` (Tomczak & Welling
   2018): x ~ p(x | z1, z2), guide q(z2 | x) q(z1 | x, z2). Sites ``z1``, ``z2``; one layer has ``z``;
-* :class:`ConditionalVAE`: p(x | z, y) and q(z | x, y) for a one-hot class label y.
+* :class:`~ppl_vae.conditional.ConditionalVAE`: p(x | z, y) and q(z | x, y) for a one-hot class
+  label y (in :mod:`ppl_vae.conditional`).
 
 Conventions (the estimators in :mod:`ppl_vae.estimators` rely on them, and any other
 Pyro model/guide pair that follows them can be evaluated the same way):
@@ -87,7 +88,7 @@ class VAE(nn.Module):
     :param hierarchy: two layers: ``"chain"`` or ``"skip"`` (module docstring; ``skip`` needs ``mlp``).
     :param pseudo_inputs: K of the VampPrior. :param mixture_components: M of the MoG prior.
     :param flow_steps: IAF transforms per latent layer.
-    :param num_classes: set by :class:`ConditionalVAE` (0: unconditional).
+    :param num_classes: set by :class:`~ppl_vae.conditional.ConditionalVAE` (0: unconditional).
     """
 
     conditional = False
@@ -302,35 +303,3 @@ class VAE(nn.Module):
             z1 = draw(self.layer(z), generator)  # (n, z_dim)
             z = torch.cat([z1, z], -1) if self.skip else z1
         return self.decode(z, y)
-
-
-class ConditionalVAE(VAE):
-    """A class-conditional VAE (Sohn et al. 2015): p(z) p_θ(x | z, y) and q_φ(z | x, y), with the
-    one-hot label y appended to the encoder's and the decoder's inputs (z stays independent of
-    y under the prior). Labels are the second positional argument of ``model`` and ``guide``,
-    as in Pyro's CVAE tutorial: class indices ``(N,)`` or one-hot rows ``(N, C)``.
-
-    :param num_classes: C, the number of classes (>= 2), keyword only. Other parameters as :class:`VAE`.
-    """
-
-    conditional = True
-
-    def __init__(self, image_shape: Sequence[int], *args, num_classes: int = 10, **kwargs):
-        if num_classes < 2:
-            raise ValueError(f"a ConditionalVAE needs num_classes >= 2, got {num_classes}")
-        super().__init__(image_shape, *args, num_classes=num_classes, **kwargs)
-
-    def model(self, x: torch.Tensor, y: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
-        """p(z) p_θ(x | z, y) for a batch ``x (N, D)`` with labels ``y``."""
-        return self._model(x, self._labels(y, x.shape[0], x.dtype), size, beta)
-
-    def guide(self, x: torch.Tensor, y: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
-        """q_φ(z | x, y), reparameterized."""
-        return self._guide(x, self._labels(y, x.shape[0], x.dtype), size, beta)
-
-
-def make_vae(image_shape: Sequence[int], *args, num_classes: int = 0, **kwargs) -> VAE:
-    """A :class:`ConditionalVAE` when ``num_classes`` is given, else a :class:`VAE`."""
-    if num_classes:
-        return ConditionalVAE(image_shape, *args, num_classes=num_classes, **kwargs)
-    return VAE(image_shape, *args, **kwargs)

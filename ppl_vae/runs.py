@@ -33,7 +33,8 @@ from . import checkpoint, files
 from .config import MODEL_KEYS, FitConfig
 from .errors import CheckpointError, UserError
 from .likelihoods import make_likelihood
-from .model import VAE, make_vae
+from .conditional import make_vae
+from .model import VAE
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -55,7 +56,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(cfg: FitConfig) -> VAE:
     """The program a config describes (its parameters freshly initialized from the global RNG):
-    a :class:`~ppl_vae.model.ConditionalVAE` under ``conditional``, else a :class:`~ppl_vae.model.VAE`."""
+    a :class:`~ppl_vae.conditional.ConditionalVAE` under ``conditional``, else a :class:`~ppl_vae.model.VAE`."""
     likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
     return make_vae(cfg.image_shape, cfg.z_dim, cfg.hidden, likelihood, cfg.arch, cfg.activation,
                     prior=cfg.prior, posterior=cfg.guide, latent_layers=cfg.latent_layers, hierarchy=cfg.hierarchy, z2_dim=cfg.z2_dim,

@@ -469,7 +469,7 @@ def test_too_few_samples_for_khat_leave_the_verdict_unknown(device):
 def test_a_conditional_program_gets_its_labels_block_by_block(device):
     """model(x, y): data = (x, y), split into blocks together; the same numbers as the estimators
     (and the active units as latents.active_units_of) on each block's (x, y)."""
-    from ppl_vae.model import ConditionalVAE
+    from ppl_vae.conditional import ConditionalVAE
 
     torch.manual_seed(0)
     cvae = ConditionalVAE((1, 4, 4), z_dim=3, hidden=[16], num_classes=3).eval().to(device)

@@ -24,7 +24,8 @@ from ppl_vae import importance as I
 from ppl_vae import psis as P
 from ppl_vae.checks import NoClosedFormKL
 from ppl_vae.errors import DataError, UserError
-from ppl_vae.model import VAE, ConditionalVAE
+from ppl_vae.conditional import ConditionalVAE
+from ppl_vae.model import VAE
 from ppl_vae.priors import MixturePrior
 
 

@@ -17,7 +17,8 @@ from pyro import poutine
 from torch.distributions import kl_divergence
 
 from ppl_vae.errors import UserError
-from ppl_vae.model import VAE, ConditionalVAE, make_vae
+from ppl_vae.conditional import ConditionalVAE, make_vae
+from ppl_vae.model import VAE
 from ppl_vae.objectives import DeviceTrace_ELBO
 from ppl_vae.priors import draw
 
