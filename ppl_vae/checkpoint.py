@@ -10,7 +10,9 @@ epoch, for a mid-epoch save), ``perm`` (that epoch's permutation), ``loss_sum`` 
 those steps), ``best_valid_elbo`` (the best validation bound the run selects on: the ELBO,
 or IWAE_K for IWAE runs; the name is kept for older files), ``bad_epochs``, ``rng`` (torch,
 CUDA, NumPy, Python), and ``metrics``: the metric rows of epochs 1..``epoch``, the source of
-truth from which ``metrics.jsonl`` is healed on resume (absent in files of version 0.1).
+truth from which ``metrics.jsonl`` is healed on resume (absent in files of version 0.1). Under
+``--ema`` ``model`` holds the averaged parameters θ̄ (what is evaluated) and ``train_model`` the
+trained θ (what ``--resume`` continues from); :mod:`ppl_vae.averaging`.
 
 Writes go through :func:`ppl_vae.files.atomic_write` (temporary file, fsync, ``os.replace``,
 fsync of the directory): a crash or a full disk leaves the previous checkpoint intact. See
@@ -162,11 +164,13 @@ def save_training(trainer, best: bool = False) -> None:
     rngs = distributed.all_gather_objects(rng_state(), ctx) if ctx.enabled else None
     if ctx.is_main:
         ckpt = {"format_version": FORMAT_VERSION, "package_version": __version__,
-                "config": trainer.cfg.to_dict(), "model": trainer.model.state_dict(),
+                "config": trainer.cfg.to_dict(), "model": trainer.evaluated.state_dict(),
                 "optimizer": trainer.optim.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                 "epoch": s.epoch, "step": s.step, "perm": s.perm, "loss_sum": s.loss_sum,
                 "best_valid_elbo": s.best, "bad_epochs": s.bad_epochs, "rng": rng_state(),
                 "metrics": list(s.rows)}
+        if trainer.average is not None:  # "model" is the average θ̄ (what evaluate loads); θ resumes training
+            ckpt["train_model"] = trainer.model.state_dict()
         if rngs is not None:
             ckpt["rng_ranks"] = rngs
         atomic_save(ckpt, trainer.out / "checkpoint.pt")
@@ -190,7 +194,9 @@ def restore(ckpt: dict, trainer) -> TrainState:
                         f"{saved.get('batch_size')}; resume with that --batch-size (change it at an epoch end)")
     optim = trainer.optim
     try:
-        trainer.model.load_state_dict(ckpt["model"])
+        trainer.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        if trainer.average is not None:  # θ̄ as saved, or (a run that did not average until now) θ
+            trainer.average.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optimizer"])
         trainer.scheduler.load_state_dict(ckpt["scheduler"])
         _restore_rng(ckpt, trainer.ctx, cfg.seed)

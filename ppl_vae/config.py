@@ -82,6 +82,7 @@ class FitConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_decay: float = 1.0            # multiply the learning rate by this after every epoch
+    ema: float = 0.0                 # parameter averaging θ̄ ← d·θ̄ + (1 − d)·θ per step (0 = off); θ̄ is judged and kept
     grad_clip: float | None = None   # clip the global gradient norm (None = off)
     patience: int | None = None      # stop after this many epochs without a better valid ELBO (IWAE_K for iwae)
     time_limit: float | None = None  # stop after the epoch that ends past this many minutes of this invocation
@@ -220,6 +221,7 @@ _RANGES = (
     ("sigma_floor", lambda v: v >= 0, ">= 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
     ("lr_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("ema", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     ("grad_clip", lambda v: v > 0, "> 0"),
     ("patience", lambda v: v >= 1, ">= 1"),
     ("time_limit", lambda v: v > 0, "> 0 (minutes)"),

@@ -105,6 +105,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default: {d.lr})")
     g.add_argument("--weight-decay", type=float, default=S, help="Adam weight decay (default: 0)")
     g.add_argument("--lr-decay", type=float, default=S, help="multiply the lr by this each epoch (default: 1)")
+    g.add_argument("--ema", type=float, default=S, metavar="DECAY", help="average the parameters, θ̄ ← d·θ̄ + "
+                   "(1 − d)·θ after every step; validation, best.pt and evaluate use θ̄ (e.g. 0.999; default: 0, off)")
     g.add_argument("--grad-clip", type=_opt_float, default=S, help="clip the gradient norm (default: off)")
     g.add_argument("--patience", type=_opt_int, default=S, help="early stop after this many epochs without a "
                    "better validation ELBO (IWAE_K bound with --elbo iwae) (default: off)")

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, runs
+from .averaging import ParameterAverage
 from .config import FitConfig
 from .cuda_graph import GraphedStep
 from .data import Dataset, load_dataset
@@ -117,6 +118,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=cfg.lr_decay)
         self.objective = make_objective(cfg.elbo, cfg.num_particles)
         self.loss_fn = distributed.wrap(self.model, self._objective, self.ctx, self.device)  # DDP when distributed
+        self.average = ParameterAverage(self.model, cfg.ema) if cfg.ema else None  # θ̄ (--ema), judged and kept
         self.step_fn = GraphedStep(self._step, self.device) if use_graph else self._step
         self.state = checkpoint.TrainState()
         if self.ctx.rank:  # rank 0 keeps the single-process stream; the others draw their own ε
@@ -129,6 +131,11 @@ class Trainer:
         if self.ctx.is_main:
             runs.prepare(self.out, resume, overwrite)
             cfg.save(self.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
+
+    @property
+    def evaluated(self) -> VAE:
+        """The parameters a run is judged and kept by: the average θ̄ under ``--ema``, else the model."""
+        return self.model if self.average is None else self.average.model
 
     def close(self) -> None:
         """Release the run directory's lock (also done at the end of :meth:`run`)."""
@@ -211,8 +218,11 @@ class Trainer:
         graph; ``idx`` and ``weight`` are this rank's under torchrun, see ``distributed.shard``)."""
         x = self.data.train_batch(idx)
         batch = (x,) if self.labels is None else (x, self.labels["train"][idx])
-        return train_step(self.loss_fn, self.optim, self.model.parameters(), batch, self.data.train.shape[0], beta,
+        loss = train_step(self.loss_fn, self.optim, self.model.parameters(), batch, self.data.train.shape[0], beta,
                           self.cfg.grad_clip, weight)
+        if self.average is not None:
+            self.average.update()
+        return loss
 
     def _run_epoch(self, steps, b, n, bar, flag):
         cfg, s, ctx = self.cfg, self.state, self.ctx
@@ -247,12 +257,12 @@ class Trainer:
 
     def _end_epoch(self, steps) -> bool:
         """Validate, log, checkpoint; True when early stopping says stop."""
-        cfg, s = self.cfg, self.state
-        self.model.eval()
+        cfg, s, judged = self.cfg, self.state, self.evaluated
+        judged.eval()
         x = self._valid_args()
-        valid = elbo_terms_on(self.model, x, ctx=self.ctx)  # valid_elbo = valid_recon − valid_kl, one pass
+        valid = elbo_terms_on(judged, x, ctx=self.ctx)  # valid_elbo = valid_recon − valid_kl, one pass
         if cfg.elbo == "iwae":  # an IWAE run is selected on its IWAE_K (runs.selection_bound)
-            valid["valid_iwae_k"] = bound_on(self.model, x, "iwae", cfg.num_particles, ctx=self.ctx)
+            valid["valid_iwae_k"] = bound_on(judged, x, "iwae", cfg.num_particles, ctx=self.ctx)
         for key, value in valid.items():
             if not math.isfinite(value):  # the last update broke the parameters: keep the old checkpoint
                 what = f"validation IWAE_{cfg.num_particles}" if key == "valid_iwae_k" else "validation ELBO"
@@ -277,7 +287,7 @@ class Trainer:
                   + f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
         self.save(best=improved)
         if self.board and self.ctx.is_main:  # after the checkpoint: a diagnostic never delays it
-            self.board.log_epoch(row, self.model, self.data, self.labels)
+            self.board.log_epoch(row, judged, self.data, self.labels)
         return cfg.patience is not None and s.bad_epochs >= cfg.patience
 
     def _finish(self) -> dict:
@@ -288,17 +298,16 @@ class Trainer:
                    "best_epoch": runs.best_epoch(self.state.rows),
                    **({"iwae_k": self.cfg.num_particles} if bound == "iwae_k" else {}),
                    "final": self.state.rows[-1] if self.state.rows else None}
+        judged = self.evaluated.eval()
         if self.cfg.final_iwae_k and self.state.epoch > 0:
-            self.model.eval()
             x = self._valid_args()
-            summary["final_valid_iwae"] = bound_on(self.model, x, "iwae", self.cfg.final_iwae_k, ctx=self.ctx)
+            summary["final_valid_iwae"] = bound_on(judged, x, "iwae", self.cfg.final_iwae_k, ctx=self.ctx)
             summary["final_iwae_k"] = self.cfg.final_iwae_k
             self._log(f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['final_valid_iwae']:.3f} "
                       f"nats/datapoint")
         if self.ctx.is_main:
-            self.model.eval()
             try:  # a diagnostic: a program it cannot handle must not cost the run its summary
-                summary.update(active_units_on(self.model, self._valid_args()))  # a fixed subset, see validation
+                summary.update(active_units_on(judged, self._valid_args()))  # a fixed subset, see validation
             except Exception as e:  # noqa: BLE001
                 summary["active_units_error"] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"active units not computed: {summary['active_units_error']}", RuntimeWarning)
@@ -306,6 +315,6 @@ class Trainer:
                 self._log(f"active units on {summary['active_units_n']} validation images: " + ", ".join(
                     f"{s} {a} of {summary['active_units_of'][s]}" for s, a in summary["active_units"].items()))
             files.write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            plots.run_figures(self.model, self.data, self.state.rows, self.out,
+            plots.run_figures(judged, self.data, self.state.rows, self.out,
                               valid_labels=None if self.labels is None else self.labels["valid"])
         return summary
