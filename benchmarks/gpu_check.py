@@ -5,9 +5,10 @@
 1. the test suite with the ``device`` fixture on ``cuda`` (``PPL_VAE_TEST_DEVICES=cuda``;
    tests without the fixture run as usual, and ``--device auto`` picks the GPU in CLI tests);
 2. CUDA-graph capture against eager execution: 200 training steps from the same seed, the
-   same data and the same (capturable, fused) Adam, once through
-   :class:`ppl_vae.cuda_graph.GraphedStep` and once eagerly. Every step's loss and every final
-   parameter must agree to 1e-5 relative; until they do, ``--cuda-graph`` stays opt-in;
+   same data and the same (capturable, fused) Adam, and parameter averaging (``--ema``) updated
+   inside the step, once through :class:`ppl_vae.cuda_graph.GraphedStep` and once eagerly. Every
+   step's loss and every final parameter and average must agree to 1e-5 relative; until they do,
+   ``--cuda-graph`` stays opt-in;
 3. ``benchmarks/fit_speed.py`` and ``benchmarks/eval_speed.py`` on the GPU;
 
 and writes ``gpu-check-<device>.json`` (device name, torch/CUDA versions, each part's outcome)
@@ -47,6 +48,7 @@ def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: floa
     """Losses of ``steps`` training steps and the final parameters, captured vs eager."""
     import pyro
 
+    from ppl_vae.averaging import ParameterAverage
     from ppl_vae.config import FitConfig
     from ppl_vae.cuda_graph import GraphedStep
     from ppl_vae.model import VAE
@@ -65,12 +67,15 @@ def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: floa
         vae.register_params = False
         optim = make_optimizer(vae.parameters(), FitConfig(), device, capturable=True)
         objective = make_objective("trace")
+        average = ParameterAverage(vae, 0.99)
 
         def loss_fn(batch, size, beta):
             return objective(vae.model, vae.guide, *batch, size=size, beta=beta)
 
         def step(idx, beta, weight=1.0):
-            return train_step(loss_fn, optim, vae.parameters(), (x[idx],), x.shape[0], beta)
+            loss = train_step(loss_fn, optim, vae.parameters(), (x[idx],), x.shape[0], beta)
+            average.update()
+            return loss
 
         step_fn = GraphedStep(step, device) if graphed else step
         torch.manual_seed(seed + 1)  # the ε stream of the steps
@@ -80,7 +85,8 @@ def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: floa
             losses.append(step_fn(idx, 1.0).clone())  # a replay overwrites its static loss: copy it
         torch.cuda.synchronize()
         captured = bool(getattr(step_fn, "graphs", None)) and not getattr(step_fn, "failed", False)
-        return torch.stack(losses), [p.detach().clone() for p in vae.parameters()], captured
+        params = [p.detach().clone() for p in (*vae.parameters(), *average.model.parameters())]
+        return torch.stack(losses), params, captured
 
     eager_loss, eager_params, _ = trajectory(False)
     graph_loss, graph_params, captured = trajectory(True)
