@@ -97,7 +97,7 @@ def main(argv=None):
             cfg = FitConfig(dataset=ds.name, epochs=1, device=str(device), final_iwae_k=0)
             trainer = Trainer(cfg, out, dataset=ds, quiet=True)
             trainer.run()
-            vae = trainer.model.eval()
+            vae = trainer.evaluated.eval()
     idx = torch.randperm(ds.test.shape[0], generator=torch.Generator().manual_seed(0))[:args.m]
     x = ds.test[idx].to(device)  # (M, 784): the test file is ordered by class, so a random subset
     ref = torch_copy(vae)

@@ -65,7 +65,7 @@ RECIPES = {
 LITERATURE = {"VAE, Tomczak & Welling 2018": 88.56, "IWAE K = 5, Burda et al. 2016": 87.63,
               "VampPrior, Tomczak & Welling 2018": 85.57, "HVAE + VampPrior, Tomczak & Welling 2018": 83.19}
 QUICK = {"--epochs": "8", "--final-iwae-k": "0", "--batch-size": "100", "--patience": "1000", "--kl-warmup": "3",
-         "--pseudo-inputs": "50"}
+         "--pseudo-inputs": "50", "--ema": "0.9"}  # (--ema: a 10-step memory for 128 steps)
 QUICK_TRAIN_IMAGES = 2000
 
 

@@ -119,7 +119,7 @@ def fit(data: Dataset, out: Path, model=None, **cfg) -> tuple:
     config = FitConfig(dataset=data.name, device="cpu", **cfg)
     trainer = Trainer(config, out, overwrite=True, quiet=True, dataset=data, model=model)
     summary = trainer.run()
-    return trainer.model.eval(), summary, trainer
+    return trainer.evaluated.eval(), summary, trainer  # (the average θ̄ under --ema)
 
 
 def save_json(obj: dict, path: Path) -> None:

@@ -23,7 +23,8 @@ WIRING = {
     "iwae5": ({"prior": "normal", "elbo": "iwae", "num_particles": 5}, "beta-iwae-5"),
     "vampprior": ({"prior": "vampprior", "latent_layers": 1, "elbo": "trace"}, "beta-elbo"),
     "hvae-vampprior": ({"prior": "vampprior", "latent_layers": 2, "hierarchy": "chain", "guide": "diagonal"}, "beta-elbo"),
-    "best": ({"prior": "vampprior", "latent_layers": 2, "hierarchy": "skip", "guide": "diagonal"}, "beta-elbo"),
+    "best": ({"prior": "vampprior", "latent_layers": 2, "hierarchy": "chain", "guide": "diagonal", "ema": 0.9},
+             "beta-elbo"),
 }
 
 
