@@ -171,7 +171,7 @@ def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]
     ax.set_ylim(-100, -82)
     ax.set_title("Static binarized MNIST: validation bound while training, test log p(x)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)  # below: curves stay clear
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)  # below the axis label: curves stay clear
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
