@@ -25,7 +25,7 @@ D = 784
 
 
 def run_example(name: str, out: Path, data_dir: Path | None, *args) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg"}  # one test at a time: both cores (circles 93 → 69 s)
     cmd = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(out), *map(str, args)]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
