@@ -10,6 +10,9 @@ around the optimum at the scale of the learning rate; their average sits closer 
 averaging on, validation, early stopping, ``best.pt``, the end-of-run numbers and figures, and
 ``ppl_vae.evaluate`` all use θ̄, while the optimizer keeps stepping θ (a checkpoint holds both, so
 ``--resume`` continues exactly). Buffers (e.g. a prior's constant loc) are copied, not averaged.
+θ̄ starts at θ₀ without a bias correction, so for the first ~1/(1 − d) steps it still leans on the
+initial weights; ``train_objective`` in metrics stays θ's running bound (so train − validation
+is not a generalization gap under averaging).
 """
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ def check_config_matches(saved: dict, requested: dict, keys) -> None:
 
 # --------------------------------------------------------------------------- training state
 
-RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset",)  # fixed for a run's life
+# fixed for a run's life (ema: which parameters are judged; a switch would compare θ with θ̄'s best)
+RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset", "ema")
 
 
 @dataclass
@@ -195,7 +196,7 @@ def restore(ckpt: dict, trainer) -> TrainState:
     optim = trainer.optim
     try:
         trainer.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
-        if trainer.average is not None:  # θ̄ as saved, or (a run that did not average until now) θ
+        if trainer.average is not None:  # θ̄ as saved
             trainer.average.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optimizer"])
         trainer.scheduler.load_state_dict(ckpt["scheduler"])

@@ -110,7 +110,7 @@ class FitConfig:
                 raise UserError(f"{where(name)} must be {expected}, got {_show(value, source)}")
         if self.elbo == "meanfield" and self.latent_layers == 2:
             raise UserError((f"{source}: " if source else "") + "--elbo meanfield takes every KL in closed form, "
-                            "which is biased for a two-layer guide (q(z2|z1) or q(z1|x,z2): not mean-field); use "
+                            "which the two-layer guides are not (q(z2|z1) or q(z1|x,z2)); use "
                             "--elbo trace or iwae")
         if self.hierarchy == "skip" and (self.latent_layers != 2 or self.arch != "mlp"):
             raise UserError((f"{source}: " if source else "") + "--hierarchy skip is a two-layer program of MLPs: "

@@ -119,6 +119,8 @@ class VAE(nn.Module):
         self.num_classes = int(num_classes)
         self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         self.skip = hierarchy == "skip"
+        if self.skip and not hidden:
+            raise UserError("--hierarchy skip needs at least one --hidden layer (q(z1 | x, z2) joins x and z2 in it)")
         self.posterior = make_posterior(posterior, self.z_dim, flow_steps)
         extra, out_dim, xy_dim = self.posterior.extra_outputs, self.likelihood.params_per_pixel * self.x_dim, \
             self.x_dim + self.num_classes

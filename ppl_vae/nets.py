@@ -68,7 +68,8 @@ class JointInputMLP(nn.Module):
     """``mlp([a_dim + b_dim, *sizes])`` applied to ``cat(a, b)``, for a datapoint's ``a (N, a_dim)``
     shared by the particles of ``b (..., N, b_dim)``. The first layer is written as
     W·cat(a, b) + c = (W_a a + c) + W_b b, so the costly part (a = x, D = 784 inputs) runs once
-    per datapoint, not once per particle (K = 5000 at evaluation). ``sizes``: hidden widths, then
+    per datapoint, not once per particle (K = 5000 at evaluation): the same family of functions;
+    each block starts at PyTorch's default for its own fan-in. ``sizes``: hidden widths, then
     outputs (at least one hidden layer)."""
 
     def __init__(self, a_dim: int, b_dim: int, sizes: Sequence[int], activation: str = "relu"):

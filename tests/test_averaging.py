@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ppl_vae.averaging import ParameterAverage
+from ppl_vae.errors import CheckpointError
 from ppl_vae.runs import load_run
 from ppl_vae.train import Trainer
 from ppl_vae.validation import elbo_terms_on
@@ -74,8 +75,8 @@ def test_trainer_averages_after_every_step_and_judges_and_keeps_the_average(bits
     rows = trainer.state.rows
     best = max(range(len(rows)), key=lambda i: rows[i]["valid_elbo"])
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == best + 1
-    if best == len(rows) - 1:  # best.pt is the last epoch's θ̄: its validation ELBO is the row's
-        assert elbo_terms_on(vae, valid)["valid_elbo"] == pytest.approx(rows[-1]["valid_elbo"], abs=1e-9)
+    # best.pt holds θ̄ of its epoch: its validation ELBO is that epoch's row
+    assert elbo_terms_on(vae, valid)["valid_elbo"] == pytest.approx(rows[best]["valid_elbo"], abs=1e-9)
     raw = elbo_terms_on(trainer.model.eval(), valid)["valid_elbo"]
     judged = elbo_terms_on(trainer.average.model, valid)["valid_elbo"]
     assert judged == pytest.approx(rows[-1]["valid_elbo"], abs=1e-9) and not math.isclose(raw, judged)
@@ -91,3 +92,9 @@ def test_resume_with_averaging_equals_one_go(bits, tmp_path):  # noqa: F811
         assert (_flat(one[key]) - _flat(two[key])).abs().max() <= 1e-6
     strip = [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in one["metrics"]]
     assert strip == [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in two["metrics"]]
+    # what is judged cannot change mid-run: switching --ema on --resume is refused, the run kept
+    for ema in (0.0, 0.9):
+        with pytest.raises(CheckpointError, match=f"ema: checkpoint has {DECAY}, requested {ema}"):
+            Trainer(tiny_config(bits, epochs=5, ema=ema), tmp_path / "two", resume=True, quiet=True)
+    assert torch.equal(_flat(torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]),
+                       _flat(two["model"]))

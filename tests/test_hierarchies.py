@@ -79,7 +79,8 @@ def test_skip_joint_densities_are_the_sums_of_their_gaussian_terms(device):
     # encode: q(z1 | x, z2 = E[z2|x]) beside q(z2|x), the code that decode reads
     loc, scale = vae.encode(x)
     torch.testing.assert_close(loc, torch.cat([vae.encoder(x, q2_loc)[0], q2_loc], -1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(scale[:, Z:], torch.exp(0.5 * q2_logvar), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scale, torch.cat([torch.exp(0.5 * vae.encoder(x, q2_loc)[1]), torch.exp(0.5 * q2_logvar)], -1),
+                               rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(vae.reconstruct(x), torch.sigmoid(vae.decoder(loc)), rtol=1e-12, atol=1e-12)
 
 
@@ -141,6 +142,8 @@ def test_skip_needs_two_layers_of_mlps():
     for kw in ({"latent_layers": 1}, {"latent_layers": 2, "arch": "conv"}):
         with pytest.raises(UserError, match="skip needs --latent-layers 2 and --arch mlp"):
             VAE((1, 28, 28), 4, [8], hierarchy="skip", **kw)
+    with pytest.raises(UserError, match="needs at least one --hidden layer"):
+        VAE((1, 28, 28), 4, [], latent_layers=2, hierarchy="skip")
     with pytest.raises(UserError, match="--hierarchy must be one of chain, skip"):
         VAE((1, 28, 28), 4, [8], latent_layers=2, hierarchy="ladder")
     assert np.isfinite(skip_vae().sample(2).sum().item())
