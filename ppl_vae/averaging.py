@@ -42,9 +42,3 @@ class ParameterAverage:
         torch._foreach_lerp_(self._averaged, self._trained, 1 - self.decay)
         for src, dst in self._buffers:
             dst.copy_(src)
-
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)

@@ -197,7 +197,7 @@ def restore(ckpt: dict, trainer) -> TrainState:
     try:
         trainer.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
         if trainer.average is not None:  # θ̄ as saved
-            trainer.average.load_state_dict(ckpt["model"])
+            trainer.average.model.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optimizer"])
         trainer.scheduler.load_state_dict(ckpt["scheduler"])
         _restore_rng(ckpt, trainer.ctx, cfg.seed)

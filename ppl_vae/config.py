@@ -22,7 +22,7 @@ from .data import BINARIZE
 from .errors import UserError
 from .likelihoods import LIKELIHOODS
 from .guides import POSTERIORS
-from .model import DEFAULT_DIMS, HIERARCHIES
+from .model import DEFAULT_DIMS, HIERARCHIES, hierarchy_error
 from .nets import ACTIVATIONS, ARCHS
 from .priors import PRIORS
 
@@ -109,12 +109,12 @@ class FitConfig:
             if value is not None and not ok(value):
                 raise UserError(f"{where(name)} must be {expected}, got {_show(value, source)}")
         if self.elbo == "meanfield" and self.latent_layers == 2:
-            raise UserError((f"{source}: " if source else "") + "--elbo meanfield takes every KL in closed form, "
-                            "which the two-layer guides are not (q(z2|z1) or q(z1|x,z2)); use "
-                            "--elbo trace or iwae")
-        if self.hierarchy == "skip" and (self.latent_layers != 2 or self.arch != "mlp"):
-            raise UserError((f"{source}: " if source else "") + "--hierarchy skip is a two-layer program of MLPs: "
-                            f"add --latent-layers 2 and --arch mlp (got {self.latent_layers} layer(s), --arch {self.arch})")
+            raise UserError((f"{source}: " if source else "") + "--elbo meanfield (Pyro's TraceMeanField_ELBO) "
+                            "needs a mean-field guide, which the two-layer guides q(z2|z1) and q(z1|x,z2) are not; "
+                            "use --elbo trace or iwae")
+        why = hierarchy_error(self.hierarchy, self.latent_layers, self.arch, self.hidden)
+        if why:
+            raise UserError((f"{source}: " if source else "") + why)
         if self.elbo == "iwae" and self.beta != 1:  # (--kl-warmup is fine: it ramps β up to 1)
             raise UserError((f"{source}: " if source else "") + "--beta ≠ 1 makes --elbo iwae no bound on log p(x); "
                             "drop it (--kl-warmup may ramp β to 1) or use --elbo trace")

@@ -56,6 +56,19 @@ DEFAULT_DIMS = {1: (20, (400,)), 2: (100, (200, 200))}
 HIERARCHIES = ("chain", "skip")
 
 
+def hierarchy_error(hierarchy: str, latent_layers: int, arch: str, hidden) -> str | None:
+    """Why ``hierarchy`` cannot be built with these settings, in one line (None: it can).
+    ``hidden`` None means the default widths. Checked by :class:`VAE` and by the CLI's config."""
+    if hierarchy not in HIERARCHIES:
+        return f"--hierarchy must be one of {', '.join(HIERARCHIES)}, got {hierarchy!r}"
+    if hierarchy == "skip" and (latent_layers != 2 or arch != "mlp"):
+        return ("--hierarchy skip is a two-layer program of MLPs: add --latent-layers 2 and --arch mlp "
+                f"(got {latent_layers} layer(s), --arch {arch})")
+    if hierarchy == "skip" and hidden is not None and not len(hidden):
+        return "--hierarchy skip needs at least one --hidden layer (q(z1 | x, z2) joins x and z2 in it)"
+    return None
+
+
 def _kl_weight(beta):
     """β-VAE: scale the latent sites of model and guide by β (nothing to do for a plain float 1)."""
     if isinstance(beta, (int, float)) and beta == 1:
@@ -107,9 +120,9 @@ class VAE(nn.Module):
             raise UserError(f"--latent-layers must be 1 or 2, got {latent_layers}")
         if prior not in PRIORS:
             raise UserError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
-        if hierarchy not in HIERARCHIES or (hierarchy == "skip" and (latent_layers != 2 or arch != "mlp")):
-            raise UserError(f"--hierarchy must be one of {', '.join(HIERARCHIES)}, and skip needs --latent-layers 2 "
-                            f"and --arch mlp; got {hierarchy!r} with {latent_layers} layer(s) and --arch {arch}")
+        why = hierarchy_error(hierarchy, latent_layers, arch, hidden)
+        if why:
+            raise UserError(why)
         if bool(num_classes) != self.conditional:
             raise ValueError("class labels need ConditionalVAE(num_classes=C), and ConditionalVAE needs C >= 2")
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -119,8 +132,6 @@ class VAE(nn.Module):
         self.num_classes = int(num_classes)
         self.likelihood = make_likelihood(likelihood) if isinstance(likelihood, str) else likelihood
         self.skip = hierarchy == "skip"
-        if self.skip and not hidden:
-            raise UserError("--hierarchy skip needs at least one --hidden layer (q(z1 | x, z2) joins x and z2 in it)")
         self.posterior = make_posterior(posterior, self.z_dim, flow_steps)
         extra, out_dim, xy_dim = self.posterior.extra_outputs, self.likelihood.params_per_pixel * self.x_dim, \
             self.x_dim + self.num_classes
@@ -220,6 +231,10 @@ class VAE(nn.Module):
             q = self.posterior2.gaussian(*self.encoder2(q.mean))  # batch (K,), event (z2_dim,)
         return q
 
+    def _decoded(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """The latents the decoder reads: z1 (chain), ``cat(z1, z2)`` (skip), ``(..., z_dim [+ z2_dim])``."""
+        return torch.cat([z1, z2], -1) if self.skip else z1
+
     def _model(self, x: torch.Tensor, y: torch.Tensor | None, size: int | None, beta) -> torch.Tensor:
         """p(z) p_θ(x|z [, y]) for a batch ``x (N, D)`` (labels ``y (N, C)``) out of ``size`` datapoints."""
         if self.register_params:
@@ -229,8 +244,7 @@ class VAE(nn.Module):
             with _kl_weight(beta):
                 z = pyro.sample(self.top_site, self.prior())  # (N, d_top); (K, N, d_top) under a particle plate
                 if self.layer is not None:
-                    z1 = pyro.sample("z1", self.layer(z))  # (..., N, z_dim)
-                    z = torch.cat([z1, z], -1) if self.skip else z1  # skip: (..., N, z_dim + z2_dim)
+                    z = self._decoded(pyro.sample("z1", self.layer(z)), z)  # z1 (..., N, z_dim), z2
             out = self.decoder(_join(z, y))  # (..., N, out_dim)
             return pyro.sample("x", self.likelihood.dist(out), obs=x)
 
@@ -302,6 +316,5 @@ class VAE(nn.Module):
             y = classes.to(self.device)
         z = draw(self.prior(), generator, n)  # (n, d_top)
         if self.layer is not None:
-            z1 = draw(self.layer(z), generator)  # (n, z_dim)
-            z = torch.cat([z1, z], -1) if self.skip else z1
+            z = self._decoded(draw(self.layer(z), generator), z)  # z1 (n, z_dim), z2
         return self.decode(z, y)

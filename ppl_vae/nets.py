@@ -43,8 +43,13 @@ class GatedLinear(nn.Module):
         self.linear = nn.Linear(in_features, 2 * out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = self.linear(x).chunk(2, dim=-1)  # (..., out) each
-        return h * torch.sigmoid(gate)
+        return gate(self.linear(x))
+
+
+def gate(h: torch.Tensor) -> torch.Tensor:
+    """h ⊙ σ(g) for the two halves ``[h, g]`` of ``h (..., 2·out)``: the gated layer's output ``(..., out)``."""
+    h, g = h.chunk(2, dim=-1)
+    return h * torch.sigmoid(g)
 
 
 #: hidden-layer nonlinearities; ``gated`` makes every hidden layer a :class:`GatedLinear`
@@ -84,12 +89,7 @@ class JointInputMLP(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         h = self.a(a) + self.b(b)  # (N, width) + (..., N, width) → (..., N, width)
-        if self.act is None:
-            h, gate = h.chunk(2, dim=-1)
-            h = h * torch.sigmoid(gate)  # the gated layer of GatedLinear
-        else:
-            h = self.act(h)
-        return self.rest(h)
+        return self.rest(gate(h) if self.act is None else self.act(h))
 
 
 class Encoder(nn.Module):

@@ -140,7 +140,7 @@ def test_skip_log_px_by_quadrature_is_what_the_estimators_find(device):
 
 def test_skip_needs_two_layers_of_mlps():
     for kw in ({"latent_layers": 1}, {"latent_layers": 2, "arch": "conv"}):
-        with pytest.raises(UserError, match="skip needs --latent-layers 2 and --arch mlp"):
+        with pytest.raises(UserError, match="skip is a two-layer program of MLPs: add --latent-layers 2 and --arch mlp"):
             VAE((1, 28, 28), 4, [8], hierarchy="skip", **kw)
     with pytest.raises(UserError, match="needs at least one --hidden layer"):
         VAE((1, 28, 28), 4, [], latent_layers=2, hierarchy="skip")
