@@ -56,15 +56,17 @@ B, LR = 128, 1e-3
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ppl_vae_loop(ds, elbo, device, out, package=None):
+def ppl_vae_loop(ds, elbo, device, out, package=None, cuda_graph=False):
     """(a): each call trains one more epoch with ppl_vae's own loop (``Trainer.run``) and returns
     the ``epoch_seconds`` it records, which covers the training steps only. ``package``: another
-    version of ppl_vae (:func:`base_package`) instead of this one."""
+    version of ppl_vae (:func:`base_package`) instead of this one; ``cuda_graph``: ``--cuda-graph``
+    (each step replayed from a captured CUDA graph; CUDA only)."""
     config, train = (FitConfig, Trainer) if package is None else \
         (importlib.import_module(package.__name__ + ".config").FitConfig,
          importlib.import_module(package.__name__ + ".train").Trainer)
     cfg = config(dataset=ds.name, elbo=elbo, epochs=1, batch_size=B, lr=LR, hidden=[400], z_dim=20,
-                 device=str(device), final_iwae_k=0, log_every=100)
+                 device=str(device), final_iwae_k=0, log_every=100,
+                 **({"cuda_graph": True} if cuda_graph else {}))
     trainer = train(cfg, out, dataset=ds, quiet=True)
 
     def epoch():
@@ -185,6 +187,8 @@ def main(argv=None):
     which = set(args.only.split(","))
     factories = {"a_trace": lambda: ppl_vae_loop(ds, "trace", device, tmp.name + "/trace"),
                  "a_meanfield": lambda: ppl_vae_loop(ds, "meanfield", device, tmp.name + "/meanfield"),
+                 **({"a_trace_graph": lambda: ppl_vae_loop(ds, "trace", device, tmp.name + "/graph", cuda_graph=True)}
+                    if device.type == "cuda" else {}),
                  "b_handwritten": lambda: handwritten_loop(x, device),
                  "b_own_density": lambda: handwritten_loop(x, device, own_density=True),
                  "c_textbook": lambda: textbook_loop(x, device),
@@ -213,7 +217,7 @@ def main(argv=None):
         med[name] = statistics.median(t[1:])
         print(f"{name:<16} {med[name]:7.3f} s/epoch  (epochs: {', '.join(f'{v:.3f}' for v in t[1:])})", flush=True)
     ratios = {}
-    for a in ("a_trace", "a_meanfield"):
+    for a in ("a_trace", "a_meanfield", "a_trace_graph"):
         for ref, tag in (("b_handwritten", "b"), ("c_textbook", "c"), ("d_pyro_example", "d"),
                          ("b_own_density", "b_own_density")):
             if a in med and ref in med:

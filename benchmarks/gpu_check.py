@@ -1,18 +1,20 @@
 """Everything that needs a GPU, checked by one command on a CUDA machine.
 
-    python benchmarks/gpu_check.py --data-dir DATA [--out DIR] [--skip tests,speed]
+    python benchmarks/gpu_check.py --data-dir DATA [--out DIR] [--skip graph,tests,speed] [--pytest-args ARGS]
 
-1. the test suite with the ``device`` fixture on ``cuda`` (``PPL_VAE_TEST_DEVICES=cuda``;
-   tests without the fixture run as usual, and ``--device auto`` picks the GPU in CLI tests);
-2. CUDA-graph capture against eager execution: 200 training steps from the same seed, the
+1. CUDA-graph capture against eager execution: 200 training steps from the same seed, the
    same data and the same (capturable, fused) Adam, and parameter averaging (``--ema``) updated
    inside the step, once through :class:`ppl_vae.cuda_graph.GraphedStep` and once eagerly. Every
    step's loss and every final parameter and average must agree to 1e-5 relative; until they do,
    ``--cuda-graph`` stays opt-in;
+2. the test suite with the ``device`` fixture on ``cuda`` (``PPL_VAE_TEST_DEVICES=cuda``;
+   tests without the fixture run as usual, and ``--device auto`` picks the GPU in CLI tests);
+   ``--pytest-args '-q -k cuda -n 8'`` runs only the CUDA cases, on 8 workers;
 3. ``benchmarks/fit_speed.py`` and ``benchmarks/eval_speed.py`` on the GPU;
 
 and writes ``gpu-check-<device>.json`` (device name, torch/CUDA versions, each part's outcome)
-under ``--out`` (default ``benchmarks/results``). Exit code 0 only when every part passed.
+under ``--out`` (default ``benchmarks/results``), rewritten after each part, each subprocess part
+stopped after ``--part-timeout`` seconds. Exit code 0 only when every part passed.
 How to carry pyro-ppl, ArviZ and the data to a GPU machine without internet:
 ``docs/benchmarks.md``, "Checking a GPU".
 """
@@ -34,14 +36,21 @@ sys.path.insert(0, str(ROOT))
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: int = 1800) -> dict:
-    """Run a command, streaming its output; its exit code, seconds and last lines."""
+    """Run a command; its exit code (124 when it ran past ``timeout`` seconds), seconds and last lines."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                       timeout=timeout)
-    sys.stdout.write(p.stdout[-4000:])
-    sys.stderr.write(p.stderr[-2000:])
-    return {"command": " ".join(cmd), "returncode": p.returncode, "seconds": round(time.perf_counter() - t0, 1),
-            "tail": (p.stdout + p.stderr).strip().splitlines()[-5:]}
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                           timeout=timeout)
+        code, out, err = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        code = 124
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")) + f"\n(timed out after {timeout} s)"
+    sys.stdout.write(out[-30000:])
+    sys.stderr.write(err[-2000:])
+    sys.stdout.flush()
+    return {"command": " ".join(cmd), "returncode": code, "seconds": round(time.perf_counter() - t0, 1),
+            "tail": (out + err).strip().splitlines()[-15:]}
 
 
 def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: float = 1e-5) -> dict:
@@ -104,7 +113,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("PPL_VAE_DATA"), help="the shared data folder")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON report")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests, graph, speed")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: graph, tests, speed")
+    p.add_argument("--pytest-args", default="-q -x -p no:cacheprovider",
+                   help="arguments of the test part, e.g. '-q -k cuda -n 8' for the CUDA cases on 8 workers")
+    p.add_argument("--part-timeout", type=int, default=1800, help="seconds each subprocess part may run")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: error: no CUDA device is available; run this on a CUDA machine", file=sys.stderr)
@@ -114,19 +126,28 @@ def main(argv=None) -> int:
     env = {"PPL_VAE_TEST_DEVICES": "cuda", **({"PPL_VAE_DATA": args.data_dir} if args.data_dir else {})}
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "parts": {}}
-    if "tests" not in skip:
-        report["parts"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"], env)
-    if "graph" not in skip:
-        report["parts"]["graph_vs_eager"] = graph_vs_eager()
-    if "speed" not in skip:
-        py = sys.executable
-        report["parts"]["fit_speed"] = run([py, "benchmarks/fit_speed.py", *data, "--epochs", "3", "--device", "cuda"])
-        report["parts"]["eval_speed"] = run([py, "benchmarks/eval_speed.py", *data, "--device", "cuda"])
-    report["passed"] = all(part["returncode"] == 0 for part in report["parts"].values())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-check-{report['device'].replace(' ', '-').lower()}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+
+    def record(name, result):  # the report is rewritten after every part: a later hang loses nothing
+        report["parts"][name] = result
+        report["passed"] = all(part["returncode"] == 0 for part in report["parts"].values())
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    py, limit = sys.executable, args.part_timeout
+    if "graph" not in skip:
+        try:
+            record("graph_vs_eager", graph_vs_eager())
+        except Exception as e:  # noqa: BLE001 - a crash is a failed part, and the other parts still run
+            record("graph_vs_eager", {"returncode": 1, "error": f"{e.__class__.__name__}: {e}"[:2000]})
+            print(f"graph vs eager: FAIL ({e.__class__.__name__}: {e})", flush=True)
+    if "tests" not in skip:
+        record("tests", run([py, "-m", "pytest", *args.pytest_args.split()], env, limit))
+    if "speed" not in skip:
+        record("fit_speed", run([py, "benchmarks/fit_speed.py", *data, "--epochs", "3", "--device", "cuda"],
+                                timeout=limit))
+        record("eval_speed", run([py, "benchmarks/eval_speed.py", *data, "--device", "cuda"], timeout=limit))
     print(f"gpu_check: {'PASSED' if report['passed'] else 'FAILED'}; report in {path}")
     return 0 if report["passed"] else 1
 
