@@ -6,7 +6,9 @@
    same data and the same (capturable, fused) Adam, and parameter averaging (``--ema``) updated
    inside the step, once through :class:`ppl_vae.cuda_graph.GraphedStep` and once eagerly. Every
    step's loss and every final parameter and average must agree to 1e-5 relative; until they do,
-   ``--cuda-graph`` stays opt-in;
+   ``--cuda-graph`` stays opt-in; then every program family of :data:`PROGRAMS` (priors, guides,
+   two layers, IWAE, warm-up, clipping, decay, averaging, conv, conditional) trained two epochs
+   through ``Trainer`` captured and eager: every metric of every epoch must agree to 1e-5 relative;
 2. the test suite with the ``device`` fixture on ``cuda`` (``PPL_VAE_TEST_DEVICES=cuda``;
    tests without the fixture run as usual, and ``--device auto`` picks the GPU in CLI tests);
    ``--pytest-args '-q -k cuda -n 8'`` runs only the CUDA cases, on 8 workers;
@@ -109,11 +111,60 @@ def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: floa
             "max_rel_param_error": param_err, "rtol": rtol, "returncode": 0 if ok else 1}
 
 
+PROGRAMS = {  # one of each program family and training option that a captured step must reproduce
+    "vae": {},
+    "vampprior-iaf": {"prior": "vampprior", "guide": "iaf", "pseudo_inputs": 50},
+    "two-layer-skip-ema": {"latent_layers": 2, "hierarchy": "skip", "ema": 0.999, "activation": "gated"},
+    "iwae5-warmup": {"elbo": "iwae", "num_particles": 5, "kl_warmup": 1.0},
+    "full-rank-clip-decay": {"guide": "full-rank", "grad_clip": 100.0, "lr_decay": 0.9, "beta": 2.0},
+    "mog-meanfield": {"prior": "mog", "elbo": "meanfield"},
+    "conv-gaussian-learned": {"arch": "conv", "likelihood": "gaussian-learned"},
+    "conditional": {"conditional": True},
+}
+
+
+def graph_programs(data_dir: str | None, epochs: int = 2, rtol: float = 1e-5) -> dict:
+    """Each of :data:`PROGRAMS` trained ``epochs`` epochs on the MNIST test images (greyscale; 8k/1k/1k
+    split), through ``Trainer`` with ``cuda_graph`` on and off: every metric of every epoch must agree."""
+    import tempfile
+
+    from ppl_vae.config import FitConfig
+    from ppl_vae.data import load_dataset
+    from ppl_vae.train import Trainer
+
+    ds = load_dataset("mnist-t10k", data_dir)
+    results, ok = {}, True
+    for name, options in PROGRAMS.items():
+        rows = {}
+        for graphed in (False, True):
+            with tempfile.TemporaryDirectory() as out:
+                cfg = FitConfig(dataset=ds.name, epochs=epochs, device="cuda", cuda_graph=graphed, final_iwae_k=0,
+                                **options)
+                trainer = Trainer(cfg, out, dataset=ds, quiet=True)
+                trainer.run()
+                captured = bool(getattr(trainer.step_fn, "graphs", None)) and not trainer.step_fn.failed \
+                    if graphed else None
+                rows[graphed] = ([json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()],
+                                 captured)
+        keys = [k for k in rows[False][0][0] if isinstance(rows[False][0][0][k], float) and "seconds" not in k
+                and k != "lr"]
+        err = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(rows[False][0], rows[True][0]) for k in keys)
+        good = rows[True][1] and err <= rtol
+        ok &= good
+        results[name] = {"captured": rows[True][1], "max_rel_metric_error": err,
+                         "eager_s": sum(r["epoch_seconds"] for r in rows[False][0]),
+                         "graph_s": sum(r["epoch_seconds"] for r in rows[True][0])}
+        print(f"{name:<24} captured={rows[True][1]}  max relative metric error {err:.1e}  "
+              f"epoch seconds eager {results[name]['eager_s']:.2f}, graphed {results[name]['graph_s']:.2f}: "
+              f"{'PASS' if good else 'FAIL'}", flush=True)
+    return {"programs": results, "epochs": epochs, "rtol": rtol, "returncode": 0 if ok else 1}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("PPL_VAE_DATA"), help="the shared data folder")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON report")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: graph, tests, speed")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: graph, programs, tests, speed")
     p.add_argument("--pytest-args", default="-q -x -p no:cacheprovider",
                    help="arguments of the test part, e.g. '-q -k cuda -n 8' for the CUDA cases on 8 workers")
     p.add_argument("--part-timeout", type=int, default=1800, help="seconds each subprocess part may run")
@@ -142,6 +193,12 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - a crash is a failed part, and the other parts still run
             record("graph_vs_eager", {"returncode": 1, "error": f"{e.__class__.__name__}: {e}"[:2000]})
             print(f"graph vs eager: FAIL ({e.__class__.__name__}: {e})", flush=True)
+    if "programs" not in skip:
+        try:
+            record("graph_programs", graph_programs(args.data_dir))
+        except Exception as e:  # noqa: BLE001
+            record("graph_programs", {"returncode": 1, "error": f"{e.__class__.__name__}: {e}"[:2000]})
+            print(f"graph programs: FAIL ({e.__class__.__name__}: {e})", flush=True)
     if "tests" not in skip:
         record("tests", run([py, "-m", "pytest", *args.pytest_args.split()], env, limit))
     if "speed" not in skip:

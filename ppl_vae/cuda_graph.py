@@ -52,7 +52,11 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         return loss
 
-    def __call__(self, idx: torch.Tensor, beta: float) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, beta: float, weight: float = 1.0) -> torch.Tensor:
+        """One step on the rows ``idx``; ``weight`` is the loss weight of a distributed shard, which
+        graphs never see (they are single-process): it must be 1."""
+        if weight != 1.0:
+            raise ValueError(f"a captured step takes no distributed loss weight (got {weight}); use eager steps")
         self.beta.fill_(beta)
         b = idx.shape[0]
         if b in self.graphs:
