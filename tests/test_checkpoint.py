@@ -254,7 +254,9 @@ def test_checkpoint_fields_and_versions(run):
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in vae.state_dict().items())
 
 
-def test_rng_states_round_trip_exactly_through_a_safe_checkpoint(tmp_path):
+def test_rng_states_round_trip_exactly_through_a_safe_checkpoint(tmp_path, device):
+    """Also when the checkpoint is loaded onto the training device (``map_location``), as
+    ``--resume`` does on a GPU: RNG states must go back to the CPU before torch takes them."""
     torch.manual_seed(5)
     np.random.seed(5)
     random.seed(5)
@@ -267,7 +269,7 @@ def test_rng_states_round_trip_exactly_through_a_safe_checkpoint(tmp_path):
 
     first = draws()
     draws()
-    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", map_location=device, weights_only=True)["rng"])
     assert draws() == first
 
 
