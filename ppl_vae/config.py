@@ -88,7 +88,7 @@ class FitConfig:
     time_limit: float | None = None  # stop after the epoch that ends past this many minutes of this invocation
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
-    cuda_graph: bool = True          # on CUDA, replay each step from a captured CUDA graph (no effect on the CPU)
+    cuda_graph: bool = False         # on CUDA, replay each step from a captured CUDA graph (opt-in; docs/benchmarks.md)
     log_every: int = 50              # steps between host syncs (progress bar, NaN check)
     final_iwae_k: int = 100          # K of the validation IWAE bound reported at the end (0 = skip)
     tensorboard: str | None = None   # also write each epoch's metrics and image grids as TensorBoard events here

@@ -13,24 +13,31 @@ recapturing.
 :class:`GraphedStep` wraps a ``step(idx, beta) -> loss`` function that does the whole update
 for the batch ``idx``. For each batch size it runs ``warmup`` real steps eagerly on a side
 stream (as CUDA graph capture requires), captures the next one, and replays from then on;
-the eager steps and the replays follow the same sequence of updates. If capture fails, it
-warns once and stays eager.
+the eager steps and the replays follow the same sequence of updates. If capture fails it
+raises :class:`GraphCaptureError` (one line: rerun with ``--no-cuda-graph``); it cannot fall
+back to eager steps in the same process, because the failed capture leaves the CUDA random
+generator mid-capture.
 
-.. warning:: Opt-in (``fit --cuda-graph``) and experimental: this path has not yet run on a
-   GPU. ``python benchmarks/gpu_check.py`` compares 200 captured steps with 200 eager ones
-   (losses and parameters to 1e-5 relative); it becomes the default only once that passes.
+.. note:: Opt-in (``fit --cuda-graph``). ``python benchmarks/gpu_check.py`` compares captured
+   and eager training, step by step and program family by program family; it becomes the
+   default once every family passes (results and timings: docs/benchmarks.md).
    What keeps it capturable is tested on the CPU: ``tests/test_train_step.py`` fails when the
    training step synchronizes with the host.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from .errors import UserError
+
+
+class GraphCaptureError(UserError):
+    """The training step could not be captured in a CUDA graph (e.g. it reads a device value
+    on the host): a one-line error that names ``--no-cuda-graph``."""
 
 
 class GraphedStep:
-    """``__call__(idx, beta) -> loss``: a training step, replayed from a CUDA graph per batch size.
+    """``__call__(idx, beta, weight=1) -> loss``: a training step, replayed from a CUDA graph per batch size.
 
     The returned loss tensor is static (overwritten by the next replay): consume it (e.g.
     add it to a running sum) before the next call.
@@ -42,7 +49,6 @@ class GraphedStep:
         self.beta = torch.ones((), device=device)  # read by the captured graph at every replay
         self.graphs: dict[int, tuple] = {}
         self.eager_steps: dict[int, int] = {}
-        self.failed = False
 
     def _eager(self, idx):
         side = torch.cuda.Stream()
@@ -64,20 +70,21 @@ class GraphedStep:
             static_idx.copy_(idx)
             graph.replay()
             return static_loss
-        if self.failed or self.eager_steps.get(b, 0) < self.warmup:
+        if self.eager_steps.get(b, 0) < self.warmup:
             self.eager_steps[b] = self.eager_steps.get(b, 0) + 1
-            return self._eager(idx) if not self.failed else self.step(idx, self.beta)
+            return self._eager(idx)
         static_idx = idx.clone()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):  # records the kernels; nothing runs yet
                 static_loss = self.step(static_idx, self.beta)
-        except Exception as e:  # noqa: BLE001 - any capture failure: fall back, never lose the run
-            self.failed = True
-            warnings.warn(f"CUDA graph capture failed ({e.__class__.__name__}: {str(e)[:200]}); "
-                          f"training continues eagerly", stacklevel=2)
-            torch.cuda.synchronize()
-            return self.step(idx, self.beta)
+        except Exception as e:  # noqa: BLE001 - any capture failure: one line, the last checkpoint intact
+            # No eager fallback: a failed capture leaves the CUDA generator mid-capture, and the next
+            # random draw fails ("Offset increment outside graph capture", seen on an H200).
+            raise GraphCaptureError(
+                f"CUDA graph capture of the training step failed ({e.__class__.__name__}: "
+                f"{str(e).splitlines()[0][:160]}); rerun with --no-cuda-graph (eager steps give the same "
+                f"numbers; --resume continues from the last checkpoint)") from None
         self.graphs[b] = (graph, static_idx, static_loss)
         graph.replay()  # this step's update
         return static_loss

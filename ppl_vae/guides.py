@@ -35,7 +35,6 @@ import torch
 from pyro.distributions.transforms import ConditionalAffineAutoregressive
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
-from torch.distributions.utils import vec_to_tril_matrix
 
 from .errors import UserError
 
@@ -80,8 +79,14 @@ class FullRankGaussian(nn.Module):
         self.extra_outputs = z_dim * (z_dim - 1) // 2
 
     def scale_tril(self, z_logvar: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-        """L ``(..., z_dim, z_dim)``: σ on the diagonal, ``lower (..., d(d−1)/2)`` below it."""
-        return vec_to_tril_matrix(lower, diag=-1) + torch.diag_embed(torch.exp(0.5 * z_logvar))
+        """L ``(..., z_dim, z_dim)``: σ on the diagonal, ``lower (..., d(d−1)/2)`` below it, row by
+        row (the order of ``torch.distributions.utils.vec_to_tril_matrix(lower, diag=-1)``, which
+        writes through a boolean mask: a host synchronization that breaks CUDA-graph capture;
+        integer indices do not)."""
+        rows, cols = torch.tril_indices(self.z_dim, self.z_dim, offset=-1, device=lower.device)  # [2, d(d−1)/2]
+        strict = lower.new_zeros(*lower.shape[:-1], self.z_dim, self.z_dim)  # [..., d, d]
+        strict[..., rows, cols] = lower
+        return strict + torch.diag_embed(torch.exp(0.5 * z_logvar))
 
     def forward(self, z_loc, z_logvar, lower) -> dist.Distribution:
         return dist.MultivariateNormal(z_loc, scale_tril=self.scale_tril(z_logvar, lower))

@@ -70,7 +70,7 @@ def test_trainer_averages_after_every_step_and_judges_and_keeps_the_average(bits
     assert torch.equal(_flat(ckpt["model"]), _flat(trainer.average.model.state_dict()))
     assert torch.equal(_flat(ckpt["train_model"]), _flat(trainer.model.state_dict()))
     assert (_flat(ckpt["model"]) - _flat(ckpt["train_model"])).abs().max() > 1e-3  # θ̄ is not θ
-    vae, _ = load_run(tmp_path / "run", "best")
+    vae, _ = load_run(tmp_path / "run", "best", device=trainer.device)
     valid = trainer.data.valid
     rows = trainer.state.rows
     best = max(range(len(rows)), key=lambda i: rows[i]["valid_elbo"])

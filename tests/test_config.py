@@ -32,12 +32,11 @@ def test_config_imports_no_inference_or_training_code():
 
 # --------------------------------------------------------------------------- defaults
 
-def test_cuda_graph_is_on_by_default_and_can_be_switched_off():
-    assert FitConfig().cuda_graph is True
+def test_cuda_graph_is_opt_in():
+    assert FitConfig().cuda_graph is False
     parse = build_parser().parse_args
     assert config_from_args(parse(["--cuda-graph"])).cuda_graph is True
-    assert config_from_args(parse([])).cuda_graph is True
-    assert config_from_args(parse(["--no-cuda-graph"])).cuda_graph is False
+    assert config_from_args(parse([])).cuda_graph is False
     # --no-cuda-graph switches capture off in a run saved with it on (--resume)
     assert config_from_args(parse(["--no-cuda-graph"]), FitConfig(cuda_graph=True)).cuda_graph is False
 

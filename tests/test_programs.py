@@ -352,6 +352,22 @@ def test_untrained_full_rank_guide_is_the_diagonal_guide(device):
     torch.testing.assert_close(sites[0]["log_prob"], sites[1]["log_prob"], rtol=1e-12, atol=1e-12)
 
 
+def test_full_rank_scale_tril_is_torchs_row_by_row_layout(device):
+    """L from integer indices (capturable in a CUDA graph) equals torch's own
+    ``vec_to_tril_matrix(lower, diag=-1)`` plus the diagonal σ, and each entry's gradient is 1."""
+    from torch.distributions.utils import vec_to_tril_matrix
+
+    from ppl_vae.guides import FullRankGaussian
+
+    lower = torch.randn(3, 7, 10, device=device, requires_grad=True)  # [S, N, d(d−1)/2], d = 5
+    logvar = torch.randn(3, 7, 5, device=device)  # [S, N, d]
+    L = FullRankGaussian(5).scale_tril(logvar, lower)  # [S, N, d, d]
+    torch.testing.assert_close(L, vec_to_tril_matrix(lower, diag=-1) + torch.diag_embed(torch.exp(0.5 * logvar)),
+                               rtol=0, atol=0)
+    L.sum().backward()
+    assert torch.equal(lower.grad, torch.ones_like(lower))
+
+
 # --------------------------------------------------------------------------- two latent layers
 
 def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms(device):

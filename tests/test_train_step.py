@@ -1,7 +1,9 @@
 """The training step is the loss, its backward and one optimizer update, with no host
 synchronization: nothing in it reads a device value back to Python. That is what lets a CUDA
 graph capture it (``--cuda-graph``), and this test checks it on any device, the CPU included,
-so that a change that would break capture fails here first."""
+so that a change that would break capture fails here first. On the CPU it catches the
+syncs Python makes (``.item()``, ``bool(t)``, ...); on CUDA ``torch.cuda.set_sync_debug_mode``
+also catches those inside torch's kernels (a boolean-mask write, ``nonzero``)."""
 import pyro
 import pytest
 import torch
@@ -29,7 +31,10 @@ def _forbid_host_syncs(monkeypatch):
 @pytest.mark.parametrize("elbo,k,grad_clip,beta,program", [
     ("trace", 1, None, 1.0, {}), ("meanfield", 1, 5.0, 0.3, {}), ("trace", 4, 1.0, 0.5, {}),
     ("iwae", 5, None, 1.0, {}), ("trace", 1, None, 1.0, {"prior": "vampprior", "pseudo_inputs": 3}),
-    ("trace", 1, None, 1.0, {"posterior": "iaf"}), ("trace", 2, None, 1.0, {"latent_layers": 2, "z2_dim": 2})])
+    ("trace", 1, None, 1.0, {"posterior": "iaf"}), ("trace", 2, None, 1.0, {"latent_layers": 2, "z2_dim": 2}),
+    ("trace", 1, 5.0, 2.0, {"posterior": "full-rank"}), ("meanfield", 1, None, 1.0, {"prior": "mog"}),
+    ("trace", 1, None, 1.0, {"likelihood": "gaussian-learned"}),
+    ("trace", 1, None, 1.0, {"latent_layers": 2, "z2_dim": 2, "hierarchy": "skip", "activation": "gated"})])
 def test_train_step_makes_no_host_sync(device, monkeypatch, elbo, k, grad_clip, beta, program):
     pyro.enable_validation(False)  # as in the training loop: the data were checked at load time
     vae = VAE((1, 4, 4), z_dim=3, hidden=[8], **program).to(device)
@@ -45,8 +50,14 @@ def test_train_step_makes_no_host_sync(device, monkeypatch, elbo, k, grad_clip, 
     train_step(loss_fn, optim, vae.parameters(), (x,), 60, beta, grad_clip)  # first call: one-time checks
     before = [p.detach().clone() for p in vae.parameters()]
     _forbid_host_syncs(monkeypatch)
-    loss = train_step(loss_fn, optim, vae.parameters(), (x,), 60, beta, grad_clip)
-    monkeypatch.undo()
+    if device.type == "cuda":  # also the syncs inside torch's kernels (e.g. a boolean-mask write)
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = train_step(loss_fn, optim, vae.parameters(), (x,), 60, beta, grad_clip)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
     assert loss.device.type == device.type and loss.dim() == 0 and torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, vae.parameters()))  # it did update
 
@@ -67,3 +78,37 @@ def test_the_guard_catches_a_host_sync(monkeypatch):
     _forbid_host_syncs(monkeypatch)
     with pytest.raises(HostSync, match="__bool__"):
         train_step(syncing_loss, optim, vae.parameters(), (x,), 60, 1.0)
+
+
+CAPTURE_FAILS = """
+import torch
+from ppl_vae.cuda_graph import GraphCaptureError, GraphedStep
+
+w = torch.zeros((), device="cuda", requires_grad=True)
+
+def step(idx, beta):
+    loss = (w - idx.float().mean()) ** 2
+    if loss > 0:  # Tensor.__bool__: a host synchronization, which capture cannot record
+        pass
+    return loss.detach()
+
+g = GraphedStep(step, torch.device("cuda"), warmup=1)
+g(torch.arange(4, device="cuda"), 1.0)  # eager warm-up
+try:
+    g(torch.arange(4, device="cuda"), 1.0)  # capture
+except GraphCaptureError as e:
+    print("REFUSED", e)
+"""
+
+
+def test_a_step_that_cannot_be_captured_is_one_line_naming_no_cuda_graph(device):
+    """In a process of its own: a failed capture leaves CUDA's generator mid-capture."""
+    import subprocess
+    import sys
+
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    r = subprocess.run([sys.executable, "-c", CAPTURE_FAILS], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 1 and lines[0].startswith("REFUSED"), (r.stdout, r.stderr)
+    assert "rerun with --no-cuda-graph" in lines[0]
