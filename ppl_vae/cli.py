@@ -87,10 +87,37 @@ def startup(prog: str):
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
 
 
-def exit_quietly(code: int):
-    """Exit with ``code`` once a command's work is done and reported: Ctrl-C or SIGTERM from here
-    on (while the interpreter tears torch and matplotlib down) is ignored, not a traceback."""
-    if threading.current_thread() is threading.main_thread():
+def run_command(prog: str, main) -> None:
+    """Run a command-line module's ``main()`` and exit with its code. From ``main``'s first
+    statement to the process exit, Ctrl-C or SIGTERM gives exit 130 / 143 and one line, never a
+    traceback, whatever is running or printing then: the first signal raises once (a
+    ``KeyboardInterrupt``, or :class:`Terminated`), caught here; any later one, and every signal
+    once the work is done (while the interpreter tears torch and matplotlib down), is ignored.
+    (Blocks inside ``main`` may take the signals over for a while, as the training loop does, and
+    hand them back.)"""
+    state = {"raised": False, "done": False}
+
+    def once(signum, frame):
+        if state["raised"] or state["done"]:
+            return
+        state["raised"] = True
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGINT, once)
+        signal.signal(signal.SIGTERM, once)
+    try:
+        code = main()
+        state["done"] = True  # a signal before this line is still caught below
+    except SystemExit as e:  # user_errors' one line was printed already
+        state["done"] = True
+        code = e.code
+    except KeyboardInterrupt as e:
+        state["raised"] = True
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+        print(f"{prog}: interrupted by {name}", file=sys.stderr)
+    if main_thread:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import ArgumentParser, exit_quietly, int_list, startup, user_errors
+from .cli import ArgumentParser, run_command, int_list, startup, user_errors
 from .errors import UserError
 
 PROG = "python -m ppl_vae.evaluate"
@@ -163,4 +163,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_quietly(main())
+    run_command(PROG, main)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import ArgumentParser, exit_quietly, int_list, startup, user_errors
+from .cli import ArgumentParser, run_command, int_list, startup, user_errors
 from .errors import UserError
 
 PROG = "python -m ppl_vae.fit"
@@ -189,4 +189,4 @@ def main(argv=None) -> int:
     return 0
 
 if __name__ == "__main__":
-    exit_quietly(main())
+    run_command(PROG, main)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import ArgumentParser, exit_quietly, user_errors
+from .cli import ArgumentParser, run_command, user_errors
 from .errors import UserError
+
+PROG = "python -m ppl_vae.sample"
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m ppl_vae.sample", description=__doc__,
+    p = ArgumentParser(prog=PROG, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by python -m ppl_vae.fit (--out)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
@@ -29,7 +31,8 @@ def build_parser() -> ArgumentParser:
                    "of one latent layer only) (default: 1)")
     p.add_argument("--label", type=int, default=None, help="class to draw, for a run fitted with --conditional "
                    "(default: every class in turn)")
-    p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/samples-seed<seed>.png)")
+    p.add_argument("--out", default=None, help="PNG file to write (default: RUN_DIR/samples-seed<seed>.png, "
+                   "with --label RUN_DIR/samples-label<label>-seed<seed>.png)")
     p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best",
                    help="best.pt (best validation ELBO) or checkpoint.pt (latest) (default: best)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -37,9 +40,8 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    prog = "python -m ppl_vae.sample"
     args = build_parser().parse_args(argv)
-    with user_errors(prog):
+    with user_errors(PROG):
         from . import plots  # (torch loads here: a signal meanwhile is one line)
         from .runs import load_run, resolve_device
 
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
             raise UserError(f"--temperature must be > 0, got {args.temperature}")
         if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
             raise UserError(f"--device must be auto, cpu or cuda, got {args.device!r}")
-        out = Path(args.out) if args.out else Path(args.run_dir) / f"samples-seed{args.seed}.png"
+        label = "" if args.label is None else f"-label{args.label}"
+        out = Path(args.out) if args.out else Path(args.run_dir) / f"samples{label}-seed{args.seed}.png"
         if out.suffix.lower() != ".png":
             raise UserError(f"--out must name a .png file, got {out}")
         vae, cfg = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
@@ -75,4 +78,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_quietly(main())
+    run_command(PROG, main)

@@ -279,6 +279,40 @@ def test_ctrl_c_as_a_finished_run_exits_is_not_a_traceback(bits, tmp_path):
     assert [m["epoch"] for m in metrics_without_timing(out)] == [1, 2] and (out / "summary.json").exists()
 
 
+COMMAND = """
+import atexit, os, signal, sys
+from ppl_vae.cli import run_command
+
+def main():
+    print("result", flush=True)
+    if "{when}" == "printing":
+        for _ in range({times}):
+            os.kill(os.getpid(), signal.{sig})  # lands between two prints, as a Ctrl-C may
+    print("more", flush=True)
+    if "{when}" == "exiting":
+        atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))  # while the interpreter tears down
+    return 0
+
+run_command("prog", main)
+"""
+
+
+@pytest.mark.parametrize("when,sig,times,code", [
+    ("printing", "SIGINT", 1, 130), ("printing", "SIGTERM", 1, 143), ("printing", "SIGINT", 3, 130),
+    ("exiting", "SIGINT", 1, 0), ("exiting", "SIGTERM", 1, 0)])
+def test_run_command_turns_any_signal_into_one_line_or_ignores_it_after_the_work(when, sig, times, code):
+    """Deterministic form of the Ctrl-C race: a signal (or three) while the command prints its
+    result gives exit 128 + n and exactly one line; one while the interpreter exits is ignored."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", COMMAND.format(when=when, sig=sig, times=times)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == ([f"prog: interrupted by {sig}"] if code else []), r.stderr
+
+
 @pytest.mark.parametrize("sig,existing", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_signal_while_loading_the_data_leaves_no_half_made_run(bits, run2, tmp_path, sig, existing):
     """The signal arrives after the run directory was made and locked, while the data load: exit
