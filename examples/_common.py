@@ -16,7 +16,7 @@ import torch
 from ppl_vae import estimators
 from ppl_vae.config import FitConfig
 from ppl_vae.data import Dataset, load_dataset, resolve_data_dir
-from ppl_vae.errors import DataError
+from ppl_vae.errors import DataError, UserError
 from ppl_vae.likelihoods import make_likelihood
 from ppl_vae.train import Trainer
 
@@ -24,14 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 SUBSET_SEED = 4321  # seeds every subset below (the binarized-MNIST test file is ordered by class)
 
 # What `--dataset auto` tries, in order: local files first, so an offline machine never waits
-# on a download; then MNIST through torchvision's download.
-AUTO_CHAIN = (("mnist", False), ("mnist-t10k", False), ("binarized-mnist", False), ("mnist", True))
+# on a download; then
+# on MNIST through torchvision's download; last, offline and without any MNIST, scikit-learn's digits.
+AUTO_CHAIN = (("mnist", False), ("mnist-t10k", False), ("binarized-mnist", False), ("mnist", True), ("digits", False))
 DESCRIBE = {
     "mnist": "MNIST (50k train / 10k valid / 10k test)",
     "mnist-t10k": "the 10k greyscale MNIST test images alone, split 8k/1k/1k (MNIST's training files "
                   "are not in the data folder)",
     "binarized-mnist": "static binarized MNIST (50k / 10k / 10k)",
+    "digits": "scikit-learn's 8x8 digits (1,797 images)",
+    "circles": "generated circles with known factors",
 }
+BUNDLED = {"digits": "bundled with scikit-learn", "circles": "generated here"}
 
 
 def parser(description: str, name: str, dataset: str = "auto") -> argparse.ArgumentParser:
@@ -41,9 +45,13 @@ def parser(description: str, name: str, dataset: str = "auto") -> argparse.Argum
     p.add_argument("--out", default=str(REPO / "runs" / "examples" / name),
                    help=f"output folder for figures, results.json and runs (default: runs/examples/{name})")
     p.add_argument("--data-dir", default=None, help="data folder (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)")
-    p.add_argument("--dataset", default=dataset, help=f"dataset name (default: {dataset}; auto = MNIST when "
-                   f"present, else the local MNIST test set (mnist-t10k), else binarized MNIST, else download "
-                   f"MNIST)")
+    chain = ("auto = MNIST when present, else the local MNIST test set (mnist-t10k), else binarized MNIST, "
+             "else download MNIST, else scikit-learn's digits")
+    p.add_argument("--dataset", default=None if dataset != "auto" else "auto",
+                   help=f"dataset name (default: {dataset}" + (", else auto when it is not available"
+                                                              if dataset not in ("auto", *BUNDLED) else "")
+                   + f"; {chain})")
+    p.set_defaults(_default_dataset=dataset)
     p.add_argument("--seed", type=int, default=0, help="seed of training and evaluation (default: 0)")
     return p
 
@@ -72,25 +80,37 @@ def setup(args) -> Path:
     return out
 
 
-def load_data(name: str, data_dir=None, likelihood: str = "bernoulli", announce: bool = True) -> Dataset:
+def load_data(name: str | None, data_dir=None, likelihood: str = "bernoulli", announce: bool = True,
+              default: str = "auto") -> Dataset:
     """``name`` loaded for ``likelihood`` (greyscale data are binarized dynamically for a Bernoulli).
-    ``auto`` walks :data:`AUTO_CHAIN` and prints which dataset it used and why."""
+    ``auto`` walks :data:`AUTO_CHAIN`, as ``fit`` falls back (offline and without MNIST: the
+    digits), and prints one line: which data it used, from where, and why when it fell back.
+    ``name=None`` (no ``--dataset`` given): the example's ``default``, else ``auto``."""
     lik = make_likelihood(likelihood)
-    if name != "auto":
+    why = ""
+    if name is None and default != "auto":
+        try:
+            return load_data(default, data_dir, likelihood, announce)
+        except DataError:
+            why = f"; {default}, this example's default, is not in {resolve_data_dir(data_dir)}"
+            name = "auto"
+    if (name or "auto") != "auto":
         ds = load_dataset(name, data_dir, "auto", lik)
     else:
-        errors = []
         for cand, download in AUTO_CHAIN:
             try:
                 ds = load_dataset(cand, data_dir, "auto", lik, download=download)
                 break
-            except DataError as e:
-                errors.append(f"{cand}: {e}")
-        else:
-            raise DataError("no MNIST variant found and none could be downloaded:\n  " + "\n  ".join(errors))
+            except DataError:
+                continue
+        if ds.name == "digits":
+            why += f"; no MNIST in {resolve_data_dir(data_dir)} and none could be downloaded"
     if announce:
-        where = resolve_data_dir(data_dir)
-        print(f"data: {ds.name} = {DESCRIBE.get(ds.name, ds.name)}, from {where}; binarization: {ds.binarize}")
+        where = BUNDLED.get(ds.name) or f"from {resolve_data_dir(data_dir)}"
+        binary = bool(((ds.train == 0) | (ds.train == 1)).all())
+        binarized = ("binary as stored" if binary else "not binarized") if ds.binarize == "none" \
+            else f"{ds.binarize} binarization"
+        print(f"data: {DESCRIBE.get(ds.name, ds.name)}, {where}; {binarized}{why}")
     return ds
 
 
@@ -150,3 +170,16 @@ def held_out(vae, x: torch.Tensor, k: int, seed: int = 0, guide=None) -> dict:
     w = estimators.iwae(vae.model, guide or vae.guide, x, k, seed=seed + 1)
     out["iwae"], out["iwae_se"] = w.mean(), se(w)
     return out
+
+
+def run(main) -> None:
+    """Run an example's ``main()`` and exit with its code; bad input or missing data (a
+    :class:`~ppl_vae.errors.UserError`) is one line and exit 2, never a traceback."""
+    import sys
+
+    try:
+        code = main()
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

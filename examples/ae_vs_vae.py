@@ -32,7 +32,6 @@ Writes to ``--out``: ``prior_samples.png``, ``interpolations.png``, ``recognisab
 """
 from __future__ import annotations
 
-import sys
 
 import _common
 import _figures
@@ -216,4 +215,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)

@@ -31,7 +31,6 @@ Writes to ``--out``: ``traversals_beta1.png``, ``traversals_beta4.png``,
 """
 from __future__ import annotations
 
-import sys
 
 import _common
 import _figures
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int_list, default=[400], help="encoder MLP widths (default: 400)")
     args = p.parse_args(argv)
     out = _common.setup(args)
-    data = load_dataset(args.dataset, args.data_dir)  # circles are generated: (x, y, radius) known
+    data = load_dataset(args.dataset or args._default_dataset, args.data_dir)  # circles are generated: (x, y, radius) known
     if not data.factors:
         p.error(f"dataset {args.dataset} has no known factors; use --dataset circles")
     if args.quick:
@@ -119,4 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)

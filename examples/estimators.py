@@ -23,7 +23,6 @@ Writes to ``--out``: ``convergence.png``, ``khat.png``, ``results.json`` and the
 """
 from __future__ import annotations
 
-import sys
 
 import _common
 import _figures
@@ -99,4 +98,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)

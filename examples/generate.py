@@ -14,7 +14,6 @@ Writes to ``--out``: ``samples.png``, ``temperatures.png``, ``results.json``.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import _common
@@ -68,4 +67,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)

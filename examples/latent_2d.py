@@ -15,7 +15,6 @@ nearest-neighbour vote among the codes) and the run in ``run/``.
 """
 from __future__ import annotations
 
-import sys
 
 import _common
 import _figures
@@ -80,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)

@@ -28,7 +28,6 @@ Writes to ``--out``: ``likelihoods.png`` (data, reconstructions and samples per 
 """
 from __future__ import annotations
 
-import sys
 
 import _common
 import _figures
@@ -133,4 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)

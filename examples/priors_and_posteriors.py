@@ -27,7 +27,6 @@ Writes to ``--out``: ``results.json``, ``table.md``, ``gaps.png`` (ELBO → log 
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import _common
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     out = _common.setup(args)
     epochs, k, n_test = args.epochs, args.num_samples, args.test_images
     sizes = (2000, 500, n_test) if args.quick else (None, None, n_test)
-    data = _common.subset(_common.load_data(args.dataset, args.data_dir), *sizes)
+    data = _common.subset(_common.load_data(args.dataset, args.data_dir, default=args._default_dataset), *sizes)
     extra = {"pseudo_inputs": 50} if args.quick else {}  # the paper's K = 500 needs more data than --quick has
     results = {"data": data.name, "epochs": epochs, "k": k, "n_test": int(data.test.shape[0]), "seed": args.seed,
                "programs": {}}
@@ -104,4 +103,4 @@ def markdown_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run(main)

@@ -45,6 +45,12 @@ def default_epochs(n_train: int, batch_size: int) -> int:
     return max(DEFAULT_MIN_EPOCHS, math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch))
 
 
+def default_kl_warmup(latent_layers: int, epochs: int) -> float:
+    """0 (off) for one latent layer; for two, a tenth of the epochs (at least 1): without it the
+    upper layers of a hierarchy tend to collapse early (docs/models.md)."""
+    return 0.0 if latent_layers == 1 else float(max(1, round(epochs / 10)))
+
+
 @dataclass
 class FitConfig:
     # data
@@ -53,7 +59,7 @@ class FitConfig:
     binarize: str = "auto"           # auto | none | dynamic | static
     # model
     likelihood: str = "bernoulli"
-    sigma: float = 1.0               # fixed σ of the `gaussian` likelihood (σ = 1: MSE)
+    sigma: float = 0.1               # fixed σ of the `gaussian` likelihood, for data in [0, 1] (σ = 1 collapses)
     sigma_floor: float = 0.01        # lower bound on the learned σ of `gaussian-learned`
     arch: str = "mlp"
     hidden: list[int] | None = None  # None: [400] with one latent layer, [200, 200] with two
@@ -75,7 +81,7 @@ class FitConfig:
     elbo: str = "trace"              # trace | meanfield | iwae
     num_particles: int = 1           # K: vectorized particles (IWAE: importance samples)
     beta: float = 1.0                # β-VAE weight of the KL term
-    kl_warmup: float = 0.0           # epochs of linear β warm-up (0 = off)
+    kl_warmup: float | None = None   # epochs of linear β warm-up (0 = off; None: 0 with one latent layer, a tenth of the epochs with two)
     # optimization
     epochs: int | None = None        # None: default_epochs(N, batch_size), fixed once the data are loaded
     batch_size: int = 128
@@ -121,12 +127,13 @@ class FitConfig:
 
     def with_data_defaults(self, n_train: int) -> "FitConfig":
         """This config with the settings that depend on the data fixed, for ``n_train`` training
-        datapoints: ``epochs`` = None becomes :func:`default_epochs`. Call it once the data are
+        datapoints: ``epochs`` = None becomes :func:`default_epochs`, ``kl_warmup`` = None :func:`default_kl_warmup`. Call it once the data are
         loaded, before the config is saved (``config.json`` records the fixed values)."""
         z_dim, hidden = DEFAULT_DIMS[self.latent_layers]
+        epochs = self.epochs or default_epochs(n_train, self.batch_size)
         return dataclasses.replace(
-            self, epochs=self.epochs or default_epochs(n_train, self.batch_size),
-            z_dim=self.z_dim or z_dim, hidden=list(hidden) if self.hidden is None else self.hidden)
+            self, epochs=epochs, z_dim=self.z_dim or z_dim, hidden=list(hidden) if self.hidden is None else self.hidden,
+            kl_warmup=self.kl_warmup if self.kl_warmup is not None else default_kl_warmup(self.latent_layers, epochs))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

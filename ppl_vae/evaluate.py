@@ -135,7 +135,8 @@ def main(argv=None) -> int:
             x = (x, ds.labels[args.split][index])  # labels (n,) class indices
         report = evaluate(vae.model, vae.guide, x, num_samples=args.num_samples, ks=ks, seed=args.seed,
                           batch_size=args.batch_size, chunk_size=args.chunk_size, discrete=vae.likelihood.binary_data,
-                          device=device, progress=not args.quiet and ctx.is_main, ctx=ctx)
+                          likelihood=vae.likelihood.name, device=device, progress=not args.quiet and ctx.is_main,
+                          ctx=ctx)
         if not ctx.is_main:
             return 0
         binarization = _binarization(ds.name, ds.binarize)
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
                     "likelihood": vae.likelihood.name, **report, "subset": args.subset, "device": str(device),
                     "processes": ctx.world_size, "run_dir": str(run_dir), "checkpoint": args.checkpoint,
                     "config": cfg.to_dict()}, report.per_datapoint)
-        header = (f"{ds.name} ({binarization} binarization), {args.split} split, n = {s['n']}"
+        said = "not binarized" if binarization == "none" else f"{binarization} binarization"
+        header = (f"{ds.name} ({said}), {args.split} split, n = {s['n']}"
                   f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "
                   f"D = {s['dim']}, {vae.likelihood.name} likelihood; nats per datapoint  [{s['seconds']:.0f} s on "
                   f"{device}{f' × {ctx.world_size} processes' if ctx.enabled else ''}]")

@@ -27,9 +27,9 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from . import checks, distributed, estimators, importance, latents
+from . import checks, collapse, distributed, estimators, importance, latents
 from .errors import UserError
-from .report import MC_VAR, MEAN, Report, summarize
+from .report import KL, MC_VAR, MEAN, Report, summarize
 
 DEFAULT_KS = (1, 10, 100, 1000, 5000)
 DEFAULT_BLOCK = 100
@@ -70,6 +70,8 @@ def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples) ->
     if mean_samples:
         for name, pm in latents.posterior_means(model, guide, xb, mean_samples, seed=seed).items():
             out[MEAN + name], out[MC_VAR + name] = pm.mean.T.cpu().numpy(), pm.mc_var.T.cpu().numpy()  # (d, B)
+        for name, kl in collapse.kl_terms(model, guide, xb, seed=seed).items():
+            out[KL + name] = kl.double().cpu().numpy()  # (B,)
     return out
 
 
@@ -87,7 +89,8 @@ def evaluate_blocks(model, guide, x: torch.Tensor, block_ids, *, block_size: int
 
     Returns arrays over the M datapoints of the blocks, in block order: ``position (M,)`` (row
     of ``x``), those of :data:`PER_DATAPOINT` ``(M,)``, ``iwae_by_k`` and ``iwae_by_k_stderr``
-    ``(len(ks), M)``, per latent site s ``posterior_mean:s`` and ``posterior_mc_var:s`` ``(d_s, M)``,
+    ``(len(ks), M)``, per latent site s ``posterior_mean:s`` and ``posterior_mc_var:s`` ``(d_s, M)``
+    and ``kl:s`` ``(M,)`` (the layer's KL term, :func:`ppl_vae.collapse.kl_terms`; with the means),
     ``chunk_size`` (the one finally used) and ``elbo_analytic_na`` (``None``, or why n/a).
     """
     ks = sorted(ks)
@@ -162,8 +165,8 @@ def observed_is_discrete(model, guide, x, **kwargs) -> bool:
 
 def evaluate(model, guide, data: torch.Tensor, *, num_samples: int = 5000, ks=None, seed: int = 0,
              batch_size: int = DEFAULT_BLOCK, chunk_size: int | None = None, discrete: bool | None = None,
-             mean_samples: int = latents.MEAN_SAMPLES, device=None, progress: bool = False,
-             ctx: distributed.Context | None = None) -> Report:
+             mean_samples: int = latents.MEAN_SAMPLES, likelihood: str | None = None, device=None,
+             progress: bool = False, ctx: distributed.Context | None = None) -> Report:
     """Evaluate any Pyro ``model(x)`` / ``guide(x)`` pair on ``data (N, ...)`` (datapoints along
     dim 0, every per-datapoint site in ``pyro.plate("data", ...)``): the report ``python -m
     ppl_vae.evaluate`` prints and writes, in nats per datapoint (see :func:`summarize`).
@@ -178,7 +181,9 @@ def evaluate(model, guide, data: torch.Tensor, *, num_samples: int = 5000, ks=No
     :param chunk_size: particles × datapoints per vectorized pass (memory only; default per device).
     :param discrete: whether p(x|z) is a probability of discrete data (bits/dim reported) or a density
         (no bits/dim); default: :func:`observed_is_discrete` on the first block.
-    :param mean_samples: guide draws for E_q[z|x] of the active units where it is not exact (0: skip).
+    :param mean_samples: guide draws for E_q[z|x] of the active units where it is not exact (0: skip
+        them and each layer's KL).
+    :param likelihood: the likelihood's name, for the remedies of a collapse line (e.g. σ of a Gaussian).
     :param device: where blocks are evaluated (default: ``data``'s device).
     :param progress: show a progress bar on stderr.
     :param ctx: a :class:`~ppl_vae.distributed.Context`: this rank computes blocks r, r+P, ... and
@@ -205,7 +210,7 @@ def evaluate(model, guide, data: torch.Tensor, *, num_samples: int = 5000, ks=No
     finally:
         bar.close()
     res = gather_blocks(res, ctx)
-    s = summarize(res, ks, num_samples, int(checks.as_args(data)[0][0].numel()), discrete, mean_samples)
+    s = summarize(res, ks, num_samples, int(checks.as_args(data)[0][0].numel()), discrete, mean_samples, likelihood)
     s.update(ks=ks, seed=seed, batch_size=batch_size, chunk_size=int(res["chunk_size"]), discrete=discrete,
              seconds=time.perf_counter() - t0)
     return Report(s, res)

@@ -59,7 +59,7 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--likelihood", choices=list(LIKELIHOODS), default=S, help=f"p(x|z) (default: {d.likelihood})")
     g.add_argument("--sigma", type=float, default=S, help=f"fixed σ of --likelihood gaussian (default: {d.sigma}; "
-                   f"σ = 1 is the MSE loss)")
+                   f"for data in [0, 1]; σ = 1, the MSE loss, lets the latents collapse)")
     g.add_argument("--sigma-floor", type=float, default=S, help=f"lower bound on the learned σ of "
                    f"gaussian-learned (default: {d.sigma_floor})")
     g.add_argument("--arch", choices=ARCHS, default=S, help=f"networks (default: {d.arch}; conv needs H and W "
@@ -97,7 +97,8 @@ def build_parser() -> ArgumentParser:
                    "(default: 1)")
     g.add_argument("--beta", type=float, default=S, help="β-VAE: weight of the KL term (default: 1)")
     g.add_argument("--kl-warmup", type=float, default=S, help="epochs of linear β warm-up; with --elbo iwae it "
-                   "tempers log p(z) − log q(z|x) in each weight (default: 0, off)")
+                   "tempers log p(z) − log q(z|x) in each weight (default: 0, off, with one latent layer; a tenth of "
+                   "the epochs with --latent-layers 2)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=S, help=f"(default: enough epochs for {DEFAULT_MIN_STEPS} optimizer "
                    f"steps, at least {DEFAULT_MIN_EPOCHS}: 10 on MNIST, 250 on digits)")

@@ -24,7 +24,7 @@ def make_optimizer(params, cfg, device: torch.device, capturable: bool = False) 
 def beta_at(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
     """β-VAE weight of a step: linearly warmed up from β/(warm-up steps) to β over ``kl_warmup``
     epochs (β itself when the warm-up is off)."""
-    if cfg.kl_warmup <= 0:
+    if not cfg.kl_warmup:  # 0, or None before the data fixed the default
         return cfg.beta
     t = (epoch * steps_per_epoch + step + 1) / (cfg.kl_warmup * steps_per_epoch)
     return cfg.beta * min(1.0, t)

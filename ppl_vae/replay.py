@@ -141,22 +141,22 @@ def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> 
         if site["type"] != "sample":
             continue
         if site["is_observed"]:
-            obs = obs + _per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
+            obs = obs + per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
         elif name in guide_tr.nodes:  # a model-only latent is drawn from its prior: p/q cancel
             g = guide_tr.nodes[name]
-            log_p = _per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
-            log_q = _per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
+            log_p = per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
+            log_q = per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
             latent_mc = latent_mc + log_p - log_q
             if closed_form is None:
                 continue
             if name in closed_form:  # KL(q ‖ p) in closed form: torch.distributions.kl_divergence
-                latent_an = latent_an - _per_datapoint(site, kl_divergence(g["fn"], site["fn"]), nesting)
+                latent_an = latent_an - per_datapoint(site, kl_divergence(g["fn"], site["fn"]), nesting)
             else:
                 latent_an = latent_an + log_p - log_q
     aux = 0.0
     for name, g in guide_tr.nodes.items():  # auxiliary guide-only sites contribute −log q
         if g["type"] == "sample" and not g["is_observed"] and name not in model_tr.nodes:
-            aux = aux - _per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
+            aux = aux - per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
     log_w = obs + latent_mc + aux
     if not torch.is_tensor(log_w):
         raise UserError("the model and guide have no sample sites to weigh")
@@ -166,7 +166,7 @@ def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> 
     return Draws(log_w, analytic, log_lik)
 
 
-def _per_datapoint(site, log_prob: torch.Tensor, nesting: int) -> torch.Tensor:
+def per_datapoint(site, log_prob: torch.Tensor, nesting: int) -> torch.Tensor:
     """Reduce a site's (unscaled) log-density to ``(K, N)``: keep the particle and data dims,
     sum every other plate dim (a trace without particle plate gives K = 1)."""
     lp = log_prob.reshape((1,) * (nesting + 1 - log_prob.dim()) + log_prob.shape)  # (K, ..., N, ...)

@@ -27,12 +27,13 @@ import math
 import numpy as np
 import torch
 
-from . import estimators, latents, psis
+from . import collapse, estimators, latents, psis
 
 UNRELIABLE_FRACTION = 0.1  # log p(x) is flagged when k̂ > khat_threshold(K) on more than this fraction
 NO_BITS = ("not shown: p(x|z) is a density of continuous data, not a probability; bits/dim would be "
            "meaningless without dequantization")
 MEAN, MC_VAR = "posterior_mean:", "posterior_mc_var:"  # per-site keys of the block results, (d, M)
+KL = "kl:"  # per-site key of each layer's KL term, (M,)
 
 
 def bits_per_dim(nats: float, dim: int) -> float:
@@ -40,14 +41,17 @@ def bits_per_dim(nats: float, dim: int) -> float:
     return -nats / (dim * math.log(2))
 
 
-def summarize(res: dict, ks, num_samples: int, dim: int, discrete: bool, mean_samples: int = 0) -> dict:
+def summarize(res: dict, ks, num_samples: int, dim: int, discrete: bool, mean_samples: int = 0,
+              likelihood: str | None = None) -> dict:
     """Dataset means of :func:`~ppl_vae.evaluation.evaluate_blocks`' arrays with their Monte Carlo standard errors
     (``*_stderr``: :meth:`~ppl_vae.estimators.Estimate.mean_stderr`) and, under
     ``*_stderr_across_datapoints``, the spread of the datapoints themselves
     (:meth:`~ppl_vae.estimators.Estimate.across_datapoints_stderr`); k̂ against
     ``khat_threshold(K)`` with the verdict ``log_px_reliable`` (``None`` when k̂ needs a larger K);
     bits per dimension only when ``discrete``; the active units of each latent site (``None`` for
-    a single datapoint; ``mean_samples``: the guide draws behind a mean that was not exact)."""
+    a single datapoint; ``mean_samples``: the guide draws behind a mean that was not exact), each
+    layer's KL ``kl_per_site`` and the ``collapse`` lines of :func:`ppl_vae.collapse.warnings_for`
+    (``likelihood``: the program's, for its remedies)."""
     def est(name, i=None):
         value, se = (res[name], res[name + "_stderr"]) if i is None else (res[name][i], res[name + "_stderr"][i])
         return estimators.Estimate(torch.from_numpy(np.asarray(value)), torch.from_numpy(np.asarray(se)))
@@ -87,6 +91,8 @@ def summarize(res: dict, ks, num_samples: int, dim: int, discrete: bool, mean_sa
         means[name] = latents.PosteriorMean(torch.from_numpy(res[MEAN + name].T), mc_var, exact,
                                             1 if exact else mean_samples)
     s["active_units"] = latents.active_units(means) if s["n"] > 1 else None
+    s["kl_per_site"] = {k[len(KL):]: float(np.mean(v)) for k, v in res.items() if k.startswith(KL) and len(v)}
+    s["collapse"] = collapse.warnings_for(s["kl_per_site"], s["active_units"], likelihood) if s["n"] > 1 else []
     return s
 
 
@@ -138,6 +144,10 @@ def format_table(s: dict, header: str | None = None) -> str:
         lines.append(f"bits/dim: {s['bits_per_dim_omitted']}")
     units = "n/a (needs 2 datapoints)" if s["active_units"] is None else latents.describe(s["active_units"])
     lines.append(f"active units (Cov_x E_q[z_u|x] > {latents.ACTIVE_THRESHOLD:g}): {units}")
+    if s.get("kl_per_site"):
+        lines.append("KL(q ‖ p) per layer: " + ", ".join(f"{k} {v:.2f}" for k, v in s["kl_per_site"].items())
+                     + " nats per datapoint")
+    lines.extend(f"warning: {line}" for line in s.get("collapse", []))
     lines.append(f"across-datapoint SE of log p(x): {s['log_px_stderr_across_datapoints']:.3f} nats "
                  f"(the datapoints' own spread; the ± column is Monte Carlo error only)")
     return "\n".join(lines)

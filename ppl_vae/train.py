@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, runs
 from .averaging import ParameterAverage
+from .collapse import PosteriorCollapse
 from .config import FitConfig
 from .cuda_graph import GraphedStep
 from .data import Dataset, load_dataset
@@ -38,7 +39,7 @@ from .model import VAE
 from .objectives import make_objective
 from .optim import beta_at, make_optimizer
 from .tensorboard_log import TensorBoardLog
-from .validation import active_units_on, bound_on, elbo_terms_on, objective_name
+from .validation import bound_on, elbo_terms_on, latent_use_on, objective_name
 
 
 def train_step(loss_fn, optim: torch.optim.Optimizer, params, batch: tuple, size: int, beta,
@@ -307,13 +308,15 @@ class Trainer:
                       f"nats/datapoint")
         if self.ctx.is_main:
             try:  # a diagnostic: a program it cannot handle must not cost the run its summary
-                summary.update(active_units_on(judged, self._valid_args()))  # a fixed subset, see validation
+                summary.update(latent_use_on(judged, self._valid_args()))  # a fixed subset, see validation
             except Exception as e:  # noqa: BLE001
                 summary["active_units_error"] = f"{type(e).__name__}: {e}"
                 warnings.warn(f"active units not computed: {summary['active_units_error']}", RuntimeWarning)
             if summary.get("active_units"):
                 self._log(f"active units on {summary['active_units_n']} validation images: " + ", ".join(
                     f"{s} {a} of {summary['active_units_of'][s]}" for s, a in summary["active_units"].items()))
+            for line in summary.get("collapse", []):  # said with --quiet too
+                warnings.warn(PosteriorCollapse(line), stacklevel=2)
             files.write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
             plots.run_figures(judged, self.data, self.state.rows, self.out,
                               valid_labels=None if self.labels is None else self.labels["valid"])

@@ -1,5 +1,6 @@
 """Validation during training: the held-out bound that selects ``best.pt`` and stops early,
-the ELBO's two terms per epoch, and the active units of the final model.
+the ELBO's two terms per epoch, and how the final model uses its latent layers (active units,
+each layer's KL, posterior collapse).
 
 The numbers are the estimators' (:mod:`ppl_vae.estimators`), computed with fixed draws
 (:data:`VALID_SEED`) so that epochs compare fairly, in fixed blocks of datapoints so that a
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed, estimators, latents
+from . import collapse, distributed, estimators, latents
 from .checks import as_args, num_datapoints, select, take
 
 VALID_SEED = 271828  # validation draws are the same every epoch, so epochs compare fairly
@@ -74,22 +75,27 @@ def _block_means(x, batch: int, ctx, block) -> dict[str, float]:
     return {name: v / n for name, v in totals.items()}
 
 
-def active_units_on(vae, x, max_n: int = ACTIVE_UNITS_N, num_samples: int = ACTIVE_UNITS_SAMPLES,
-                    seed: int = VALID_SEED) -> dict:
-    """The active units (:func:`ppl_vae.latents.active_units_of`) of every latent site of
-    ``vae.guide`` on at most ``max_n`` datapoints of ``x`` (a tensor or ``(x, y)``), a subset drawn
-    with ``seed``, E_q[z|x] by ``num_samples`` draws where it needs Monte Carlo, as the keys of
-    ``summary.json``: ``active_units`` {site: count}, ``active_units_of`` {site: dims},
-    ``active_units_n`` (datapoints) and ``active_units_samples``; ``{}`` for fewer than 2 datapoints."""
+def latent_use_on(vae, x, max_n: int = ACTIVE_UNITS_N, num_samples: int = ACTIVE_UNITS_SAMPLES,
+                  seed: int = VALID_SEED) -> dict:
+    """How the final model uses its latent layers, on at most ``max_n`` datapoints of ``x`` (a
+    tensor or ``(x, y)``, a subset drawn with ``seed``), as the keys of ``summary.json``: the
+    active units (:func:`ppl_vae.latents.active_units_of`; E_q[z|x] by ``num_samples`` draws where
+    it needs Monte Carlo) ``active_units`` {site: count}, ``active_units_of`` {site: dims},
+    ``active_units_n`` (datapoints) and ``active_units_samples``; each layer's KL
+    (:func:`ppl_vae.collapse.kl_per_site`) ``kl_per_site`` {site: nats per datapoint}; and
+    ``collapse``, the lines of :func:`ppl_vae.collapse.warnings_for` (empty: every layer in use).
+    ``{}`` for fewer than 2 datapoints."""
     n = num_datapoints(x)
     if n < 2:
         return {}
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_n].sort().values
     sub = select(x, idx.to(as_args(x)[0].device))  # (≤ max_n, ...)
     units = latents.active_units_of(vae.model, vae.guide, sub, num_samples, seed=seed, block_size=500)
+    kl = collapse.kl_per_site(vae.model, vae.guide, sub, seed=seed)
     return {"active_units": {s: u["active"] for s, u in units.items()},
             "active_units_of": {s: u["dims"] for s, u in units.items()},
-            "active_units_n": min(n, max_n), "active_units_samples": num_samples}
+            "active_units_n": min(n, max_n), "active_units_samples": num_samples, "kl_per_site": kl,
+            "collapse": collapse.warnings_for(kl, units, getattr(vae.likelihood, "name", None))}
 
 
 def objective_name(cfg, first_beta: float) -> str:

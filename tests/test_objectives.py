@@ -19,7 +19,7 @@ import torch
 from pyro.infer import RenyiELBO
 
 from ppl_vae.importance import log_importance_weights
-from ppl_vae.objectives import DeviceTrace_ELBO, iwae_loss, make_objective
+from ppl_vae.objectives import DeviceTrace_ELBO, iwae_loss
 
 N, D, Z, K, SIGMA = 4, 3, 2, 5, 0.7
 PARAMS = ("W", "b", "A", "c", "log_s")

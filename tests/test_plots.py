@@ -207,6 +207,18 @@ def test_sample_cli_writes_a_seeded_grid(tiny_run, tmp_path):
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_sample_of_a_label_has_its_own_default_file(tmp_path):
+    """``--label L`` writes RUN_DIR/samples-labelL-seedS.png beside, not over, the unlabelled grid."""
+    out = tmp_path / "cond"
+    assert fit.main(["--dataset", "digits", "--conditional", "--hidden", "16", "--z-dim", "3", "--epochs", "1",
+                     "--final-iwae-k", "0", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert sample.main([str(out), "--n", "4"]) == 0
+    unlabelled = (out / "samples-seed0.png").read_bytes()
+    assert sample.main([str(out), "--n", "4", "--label", "3"]) == 0
+    assert (out / "samples-label3-seed0.png").exists()
+    assert (out / "samples-seed0.png").read_bytes() == unlabelled
+
+
 @pytest.mark.parametrize("args, message", [
     (["--n", "0"], "--n must be >= 1"),
     (["--out", "x.jpg"], "must name a .png"),

@@ -121,7 +121,7 @@ def test_a_failing_active_units_diagnostic_still_writes_the_summary(tmp_path, di
     def broken(*args, **kwargs):
         raise ValueError("this guide has no .mean")
 
-    monkeypatch.setattr(ppl_vae.train, "active_units_on", broken)
+    monkeypatch.setattr(ppl_vae.train, "latent_use_on", broken)
     cfg = FitConfig(dataset="digits", hidden=[16], z_dim=2, epochs=1, final_iwae_k=0, device="cpu")
     with pytest.warns(RuntimeWarning, match="active units not computed: ValueError: this guide has no .mean"):
         Trainer(cfg, tmp_path / "run", quiet=True, dataset=digits).run()
