@@ -16,6 +16,7 @@ greyscale data under a likelihood that needs 0/1 data (``bernoulli``) and ``none
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,19 +104,18 @@ def load_binarized_mnist(root: Path, download: bool = True) -> Dataset:
     for split in ("train", "valid", "test"):
         name = f"binarized_mnist_{split}.amat"
         path = find(folder, [name])
+        fix = (f"put the three binarized_mnist_{{train,valid,test}}.amat files there, or point --data-dir / "
+               f"$PPL_VAE_DATA at a folder holding binarized_mnist/")
         if path is None and download:
             try:
                 data_files.download(data_files.BINARIZED_MNIST_URL.format(split), folder / name,
                                     data_files.BINARIZED_MNIST_MD5[split])
                 path = folder / name
             except data_files.DownloadFailed as why:
-                raise DataError(
-                    f"binarized MNIST file {name}(.gz) is not in {folder} and could not be downloaded "
-                    f"({why}); put the three binarized_mnist_{{train,valid,test}}.amat "
-                    f"files there, or point --data-dir / $PPL_VAE_DATA at a folder holding "
-                    f"binarized_mnist/") from None
+                raise DataError(f"binarized MNIST file {name}(.gz) is not in {folder} and could not be "
+                                f"downloaded ({why}); {fix}") from None
         if path is None:
-            raise DataError(f"binarized MNIST file {name}(.gz) is not in {folder}")
+            raise DataError(f"binarized MNIST file {name}(.gz) is not in {folder} (no download offline); {fix}")
         splits[split] = read_amat(path)
     return Dataset("binarized-mnist", splits["train"], splits["valid"], splits["test"], (1, 28, 28), "none")
 
@@ -255,7 +255,9 @@ def load_dataset(name: str, data_dir=None, binarize: str = "auto", likelihood=No
 
     ``auto`` is MNIST when it is present or downloadable, else static binarized MNIST when its
     files are present, else scikit-learn's digits, with a warning saying what happened.
+    ``PPL_VAE_OFFLINE=1`` in the environment: never download (as on a machine without internet).
     """
+    download = download and os.environ.get("PPL_VAE_OFFLINE") != "1"
     if binarize not in BINARIZE:
         raise DataError(f"unknown --binarize {binarize!r}; choose one of {', '.join(BINARIZE)}")
     root = resolve_data_dir(data_dir)

@@ -284,12 +284,16 @@ class Trainer:
         if self.ctx.is_main:
             runs.append_metrics(self.out, row)
         self._log(f"epoch {s.epoch:>3}/{cfg.epochs}  train {row['objective']} {row['train_objective']:9.3f}  "
-                  + "  ".join(f"{k.replace('_', ' ')} {v:9.3f}" for k, v in valid.items())
+                  + "  ".join(f"{self._label(k)} {v:9.3f}" for k, v in valid.items())
                   + f"  nats/datapoint  ({self._epoch_seconds:.1f} s)")
         self.save(best=improved)
         if self.board and self.ctx.is_main:  # after the checkpoint: a diagnostic never delays it
             self.board.log_epoch(row, judged, self.data, self.labels)
         return cfg.patience is not None and s.bad_epochs >= cfg.patience
+
+    def _label(self, key: str) -> str:
+        """A metric's name on the epoch line, with its K where it has one: ``valid IWAE_5``."""
+        return f"valid IWAE_{self.cfg.num_particles}" if key == "valid_iwae_k" else key.replace("_", " ")
 
     def _finish(self) -> dict:
         from . import files, plots  # (matplotlib: imported only when a run ends)

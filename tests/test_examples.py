@@ -220,3 +220,40 @@ def test_priors_and_posteriors(tmp_path, data_dir):
     assert set(progs["two-layer"]["latent_dims"]) == {"z1", "z2"} and progs["normal × iaf"]["latent_dims"] == {"z": 20}
     table = (tmp_path / "table.md").read_text().splitlines()
     assert len(table) == 2 + 5 and all(name in "\n".join(table) for name in progs)
+
+
+OFFLINE = {  # the examples that load data, with the flags that make --quick quicker still
+    "latent_2d": ["--epochs", 1], "estimators": ["--epochs", 1], "generate": [],
+    "ae_vs_vae": ["--epochs", 1], "likelihoods": ["--epochs", 1], "priors_and_posteriors": ["--epochs", 1],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OFFLINE))
+def test_every_example_runs_offline_without_a_data_folder(name, tmp_path):
+    """No data folder, no cache, no downloads (``PPL_VAE_OFFLINE=1``): each example falls back as
+    ``fit`` does, to scikit-learn's digits, and its first line says which data, from where, and why."""
+    empty, home = tmp_path / "no-data", tmp_path / "home"
+    empty.mkdir()
+    home.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg", "PPL_VAE_DATA": str(empty), "HOME": str(home),
+           "PPL_VAE_OFFLINE": "1"}
+    cmd = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(tmp_path / "out"),
+           *map(str, OFFLINE[name])]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    data_line = next(line for line in r.stdout.splitlines() if line.startswith("data: "))
+    assert data_line.startswith("data: scikit-learn's 8x8 digits (1,797 images), bundled with scikit-learn"), data_line
+    assert f"no MNIST in {empty} and none could be downloaded" in data_line
+    assert "Traceback" not in r.stderr
+    assert json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_an_example_given_missing_data_says_so_in_one_line(tmp_path):
+    """An explicit --dataset that is not there: exit 2, one line naming the file and the fix."""
+    env = {**os.environ, "PPL_VAE_OFFLINE": "1", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "latent_2d.py"), "--quick", "--dataset",
+                        "binarized-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("latent_2d.py: error: binarized MNIST file") and "--data-dir" in r.stderr

@@ -72,8 +72,10 @@ def test_fit_digits_writes_every_output(tmp_path):
 @pytest.mark.parametrize("extra", [("--elbo", "meanfield"), ("--elbo", "iwae", "--num-particles", "3")])
 def test_fit_other_objectives(tmp_path, extra):
     out = tmp_path / "run"
-    r = fit("--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(out), "--final-iwae-k", "0", *extra)
+    r = fit("--dataset", "digits", "--epochs", "1", "--out", str(out), "--final-iwae-k", "0", *extra)
     assert r.returncode == 0, r.stderr
+    epoch_line = next(ln for ln in r.stderr.replace("\r", "\n").splitlines() if ln.startswith("epoch   1/1"))
+    assert ("valid IWAE_3 " in epoch_line) == ("iwae" in extra) and "iwae k" not in epoch_line  # K named
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["elbo"] == extra[1] and cfg["num_particles"] == (3 if "iwae" in extra else 1)
     (m,) = metrics_of(out)
