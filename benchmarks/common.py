@@ -1,4 +1,5 @@
 """Shared pieces of the benchmark scripts: timing and the hand-written PyTorch references."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from ppl_vae.likelihoods import FastBernoulli
+from ppl_vae.programs.likelihoods import FastBernoulli
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

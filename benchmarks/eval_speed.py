@@ -4,7 +4,7 @@
 
 Compares, on the same trained 784-400-20 VAE (from ``--run``, else trained here for one epoch):
 
-  (ppl_vae) ``ppl_vae.estimators.iwae``: generic over Pyro programs, batched over datapoints
+  (ppl_vae) ``ppl_vae.inference.estimators.iwae``: generic over Pyro programs, batched over datapoints
             and samples, streaming log-sum-exp;
   (e)       a per-datapoint loop in the style of common VAE libraries: one image at a time,
             its K samples in chunks, log-mean-exp at the end;
@@ -16,6 +16,7 @@ the decoder's matrix products alone (K·M·(20·400 + 400·784) multiply-adds) a
 measured here. No evaluator can beat it, so e/floor bounds the e/ppl_vae any method could reach
 on this device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TorchVAE, device_name, save_result, timed  # noqa: E402
 
-from ppl_vae import estimators, importance  # noqa: E402
-from ppl_vae.config import FitConfig  # noqa: E402
-from ppl_vae.data import load_dataset  # noqa: E402
-from ppl_vae.runs import load_run  # noqa: E402
-from ppl_vae.train import Trainer  # noqa: E402
+from ppl_vae.data.datasets import load_dataset  # noqa: E402
+from ppl_vae.inference import estimators, importance  # noqa: E402
+from ppl_vae.training.config import FitConfig  # noqa: E402
+from ppl_vae.training.runs import load_run  # noqa: E402
+from ppl_vae.training.train import Trainer  # noqa: E402
 
 
 def torch_copy(vae) -> TorchVAE:
@@ -49,7 +50,7 @@ def iwae_per_datapoint(ref: TorchVAE, x, k, chunk=500):
     """(e): for each image, its K log-weights in chunks, then log-mean-exp."""
     out = torch.empty(x.shape[0], device=x.device)
     for i in range(x.shape[0]):
-        lws = [ref.log_weights(x[i:i + 1], min(chunk, k - j))[:, 0] for j in range(0, k, chunk)]
+        lws = [ref.log_weights(x[i : i + 1], min(chunk, k - j))[:, 0] for j in range(0, k, chunk)]
         lw = torch.cat(lws)  # (K,)
         out[i] = torch.logsumexp(lw, 0) - math.log(k)
     return out
@@ -98,7 +99,7 @@ def main(argv=None):
             trainer = Trainer(cfg, out, dataset=ds, quiet=True)
             trainer.run()
             vae = trainer.evaluated.eval()
-    idx = torch.randperm(ds.test.shape[0], generator=torch.Generator().manual_seed(0))[:args.m]
+    idx = torch.randperm(ds.test.shape[0], generator=torch.Generator().manual_seed(0))[: args.m]
     x = ds.test[idx].to(device)  # (M, 784): the test file is ordered by class, so a random subset
     ref = torch_copy(vae)
     results = {}
@@ -114,18 +115,30 @@ def main(argv=None):
         print(f"{name:<16} {t:8.3f} s   mean log p(x) = {v:9.3f} nats")
     floor, gflops = gemm_floor_seconds(ref, args.k * args.m, device)
     print(f"{'compute floor':<16} {floor:8.3f} s   (decoder GEMMs alone at {gflops:.0f} GFLOP/s)")
-    ratios = {"e/ppl_vae": results["e_per_datapoint"][0] / results["ppl_vae"][0],
-              "ppl_vae/f": results["ppl_vae"][0] / results["f_batched_torch"][0],
-              "e/floor": results["e_per_datapoint"][0] / floor,
-              "ppl_vae/floor": results["ppl_vae"][0] / floor}
+    ratios = {
+        "e/ppl_vae": results["e_per_datapoint"][0] / results["ppl_vae"][0],
+        "ppl_vae/f": results["ppl_vae"][0] / results["f_batched_torch"][0],
+        "e/floor": results["e_per_datapoint"][0] / floor,
+        "ppl_vae/floor": results["ppl_vae"][0] / floor,
+    }
     for k, v in ratios.items():
         print(f"{k:<16} {v:6.2f}")
     if not args.no_save:
-        path = save_result("eval_speed", {"device": device_name(device), "device_kind": device.type, "k": args.k,
-                                          "m": args.m, "seconds": {k: v[0] for k, v in results.items()},
-                                          "floor_seconds": floor, "gemm_gflops": gflops,
-                                          "mean_log_px": {k: v[1] for k, v in results.items()}, "ratios": ratios,
-                                          "command": "python benchmarks/eval_speed.py " + " ".join(argv or sys.argv[1:])})
+        path = save_result(
+            "eval_speed",
+            {
+                "device": device_name(device),
+                "device_kind": device.type,
+                "k": args.k,
+                "m": args.m,
+                "seconds": {k: v[0] for k, v in results.items()},
+                "floor_seconds": floor,
+                "gemm_gflops": gflops,
+                "mean_log_px": {k: v[1] for k, v in results.items()},
+                "ratios": ratios,
+                "command": "python benchmarks/eval_speed.py " + " ".join(argv or sys.argv[1:]),
+            },
+        )
         print(f"saved {path}")
 
 

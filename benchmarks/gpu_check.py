@@ -4,7 +4,7 @@
 
 1. CUDA-graph capture against eager execution: 200 training steps from the same seed, the
    same data and the same (capturable, fused) Adam, and parameter averaging (``--ema``) updated
-   inside the step, once through :class:`ppl_vae.cuda_graph.GraphedStep` and once eagerly. Every
+   inside the step, once through :class:`ppl_vae.training.cuda_graph.GraphedStep` and once eagerly. Every
    step's loss and every final parameter and average must agree to 1e-5 relative; until they do,
    ``--cuda-graph`` stays opt-in; then every program family of :data:`PROGRAMS` (priors, guides,
    two layers, IWAE, warm-up, clipping, decay, averaging, conv, conditional) trained two epochs
@@ -20,6 +20,7 @@ stopped after ``--part-timeout`` seconds. Exit code 0 only when every part passe
 How to carry pyro-ppl, ArviZ and the data to a GPU machine without internet:
 ``docs/benchmarks.md``, "Checking a GPU".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,32 +42,39 @@ def run(cmd: list[str], env: dict | None = None, timeout: int = 1800, echo: bool
     """Run a command; its exit code (124 when it ran past ``timeout`` seconds), seconds and last lines."""
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                           timeout=timeout)
+        p = subprocess.run(
+            cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
         code, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         code = 124
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")) + f"\n(timed out after {timeout} s)"
+        err = (
+            e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        ) + f"\n(timed out after {timeout} s)"
     if echo:
         sys.stdout.write(out[-30000:])
         sys.stderr.write(err[-2000:])
         sys.stdout.flush()
-    return {"command": " ".join(cmd), "returncode": code, "seconds": round(time.perf_counter() - t0, 1),
-            "tail": (out + err).strip().splitlines()[-15:]}
+    return {
+        "command": " ".join(cmd),
+        "returncode": code,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tail": (out + err).strip().splitlines()[-15:],
+    }
 
 
 def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: float = 1e-5) -> dict:
     """Losses of ``steps`` training steps and the final parameters, captured vs eager."""
     import pyro
 
-    from ppl_vae.averaging import ParameterAverage
-    from ppl_vae.config import FitConfig
-    from ppl_vae.cuda_graph import GraphedStep
-    from ppl_vae.model import VAE
-    from ppl_vae.objectives import make_objective
-    from ppl_vae.optim import make_optimizer
-    from ppl_vae.train import train_step
+    from ppl_vae.inference.objectives import make_objective
+    from ppl_vae.programs.model import VAE
+    from ppl_vae.training.averaging import ParameterAverage
+    from ppl_vae.training.config import FitConfig
+    from ppl_vae.training.cuda_graph import GraphedStep
+    from ppl_vae.training.optim import make_optimizer
+    from ppl_vae.training.train import train_step
 
     device = torch.device("cuda")
     pyro.enable_validation(False)
@@ -103,13 +111,23 @@ def graph_vs_eager(steps: int = 200, batch: int = 128, seed: int = 0, rtol: floa
     eager_loss, eager_params, _ = trajectory(False)
     graph_loss, graph_params, captured = trajectory(True)
     loss_err = ((graph_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12)).max().item()
-    param_err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                    for a, b in zip(graph_params, eager_params))
+    param_err = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        for a, b in zip(graph_params, eager_params)
+    )
     ok = captured and loss_err <= rtol and param_err <= rtol
-    print(f"graph vs eager, {steps} steps: captured={captured}, max relative loss error {loss_err:.2e}, "
-          f"max relative parameter error {param_err:.2e} (tolerance {rtol:g}): {'PASS' if ok else 'FAIL'}")
-    return {"steps": steps, "captured": captured, "max_rel_loss_error": loss_err,
-            "max_rel_param_error": param_err, "rtol": rtol, "returncode": 0 if ok else 1}
+    print(
+        f"graph vs eager, {steps} steps: captured={captured}, max relative loss error {loss_err:.2e}, "
+        f"max relative parameter error {param_err:.2e} (tolerance {rtol:g}): {'PASS' if ok else 'FAIL'}"
+    )
+    return {
+        "steps": steps,
+        "captured": captured,
+        "max_rel_loss_error": loss_err,
+        "max_rel_param_error": param_err,
+        "rtol": rtol,
+        "returncode": 0 if ok else 1,
+    }
 
 
 PROGRAMS = {  # one of each program family and training option that a captured step must reproduce
@@ -131,23 +149,34 @@ def program_captured_vs_eager(name: str, data_dir: str | None, epochs: int = 2) 
     leaves the CUDA generator unusable for the rest of the process."""
     import tempfile
 
-    from ppl_vae.config import FitConfig
-    from ppl_vae.data import load_dataset
-    from ppl_vae.train import Trainer
+    from ppl_vae.data.datasets import load_dataset
+    from ppl_vae.training.config import FitConfig
+    from ppl_vae.training.train import Trainer
 
     ds = load_dataset("mnist-t10k", data_dir)
     rows = {}
     for graphed in (False, True):
         with tempfile.TemporaryDirectory() as out:
-            cfg = FitConfig(dataset=ds.name, epochs=epochs, device="cuda", cuda_graph=graphed, final_iwae_k=0,
-                            **PROGRAMS[name])
+            cfg = FitConfig(
+                dataset=ds.name,
+                epochs=epochs,
+                device="cuda",
+                cuda_graph=graphed,
+                final_iwae_k=0,
+                **PROGRAMS[name],
+            )
             trainer = Trainer(cfg, out, dataset=ds, quiet=True)
             trainer.run()
-            rows[graphed] = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            rows[graphed] = [
+                json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+            ]
     keys = [k for k, v in rows[False][0].items() if isinstance(v, float) and "seconds" not in k and k != "lr"]
     err = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(rows[False], rows[True]) for k in keys)
-    return {"max_rel_metric_error": err, "eager_s": sum(r["epoch_seconds"] for r in rows[False]),
-            "graph_s": sum(r["epoch_seconds"] for r in rows[True])}
+    return {
+        "max_rel_metric_error": err,
+        "eager_s": sum(r["epoch_seconds"] for r in rows[False]),
+        "graph_s": sum(r["epoch_seconds"] for r in rows[True]),
+    }
 
 
 def graph_programs(data_dir: str | None, rtol: float = 1e-5, timeout: int = 300) -> dict:
@@ -155,16 +184,24 @@ def graph_programs(data_dir: str | None, rtol: float = 1e-5, timeout: int = 300)
     every metric of every epoch must agree to ``rtol``, relative."""
     results, ok = {}, True
     for name in PROGRAMS:
-        r = run([sys.executable, __file__, "--program", name, *(["--data-dir", data_dir] if data_dir else [])],
-                timeout=timeout, echo=False)
+        r = run(
+            [sys.executable, __file__, "--program", name, *(["--data-dir", data_dir] if data_dir else [])],
+            timeout=timeout,
+            echo=False,
+        )
         found = [line for line in r["tail"] if line.startswith("{")]
         result = json.loads(found[-1]) if r["returncode"] == 0 and found else {"error": r["tail"][-3:]}
         good = result.get("max_rel_metric_error", float("inf")) <= rtol
         ok &= good
         results[name] = result
-        detail = (f"max relative metric error {result['max_rel_metric_error']:.1e}, epoch seconds eager "
-                  f"{result['eager_s']:.2f}, graphed {result['graph_s']:.2f}") if "error" not in result \
+        detail = (
+            (
+                f"max relative metric error {result['max_rel_metric_error']:.1e}, epoch seconds eager "
+                f"{result['eager_s']:.2f}, graphed {result['graph_s']:.2f}"
+            )
+            if "error" not in result
             else f"{result['error']}"
+        )
         print(f"{name:<24} {detail}: {'PASS' if good else 'FAIL'}", flush=True)
     return {"programs": results, "rtol": rtol, "returncode": 0 if ok else 1}
 
@@ -174,9 +211,14 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("PPL_VAE_DATA"), help="the shared data folder")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON report")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: graph, programs, tests, speed")
-    p.add_argument("--pytest-args", default="-q -x -p no:cacheprovider",
-                   help="arguments of the test part, e.g. '-q -k cuda -n 8' for the CUDA cases on 8 workers")
-    p.add_argument("--program", choices=list(PROGRAMS), help=argparse.SUPPRESS)  # one family, in its own process
+    p.add_argument(
+        "--pytest-args",
+        default="-q -x -p no:cacheprovider",
+        help="arguments of the test part, e.g. '-q -k cuda -n 8' for the CUDA cases on 8 workers",
+    )
+    p.add_argument(
+        "--program", choices=list(PROGRAMS), help=argparse.SUPPRESS
+    )  # one family, in its own process
     p.add_argument("--part-timeout", type=int, default=1800, help="seconds each subprocess part may run")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -188,8 +230,12 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     env = {"PPL_VAE_TEST_DEVICES": "cuda", **({"PPL_VAE_DATA": args.data_dir} if args.data_dir else {})}
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "parts": {}}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "parts": {},
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-check-{report['device'].replace(' ', '-').lower()}.json"
@@ -211,8 +257,10 @@ def main(argv=None) -> int:
     if "tests" not in skip:
         record("tests", run([py, "-m", "pytest", *args.pytest_args.split()], env, limit))
     if "speed" not in skip:
-        record("fit_speed", run([py, "benchmarks/fit_speed.py", *data, "--epochs", "3", "--device", "cuda"],
-                                timeout=limit))
+        record(
+            "fit_speed",
+            run([py, "benchmarks/fit_speed.py", *data, "--epochs", "3", "--device", "cuda"], timeout=limit),
+        )
         record("eval_speed", run([py, "benchmarks/eval_speed.py", *data, "--device", "cuda"], timeout=limit))
     print(f"gpu_check: {'PASSED' if report['passed'] else 'FAILED'}; report in {path}")
     return 0 if report["passed"] else 1

@@ -18,6 +18,7 @@ active units and the device; the metrics curve goes beside it as ``...-metrics.j
 100 importance samples on 200 images): it checks the wiring, not the number,
 and writes its JSON into the run directory only. The recipes are in docs/benchmarks.md ("Quality").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_name  # noqa: E402
 
-from ppl_vae.runs import best_epoch, read_metrics, selection_bound  # noqa: E402
+from ppl_vae.training.runs import best_epoch, read_metrics, selection_bound  # noqa: E402
 
 # The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, Adam 5e-4, batch 100,
 # KL warm-up over 100 epochs, early stopping after 50 epochs without a better validation bound.
-PAPER_MLP = ["--activation", "gated", "--hidden", "300,300", "--z-dim", "40", "--batch-size", "100",
-             "--lr", "5e-4", "--epochs", "2000", "--patience", "50"]
+PAPER_MLP = [
+    "--activation",
+    "gated",
+    "--hidden",
+    "300,300",
+    "--z-dim",
+    "40",
+    "--batch-size",
+    "100",
+    "--lr",
+    "5e-4",
+    "--epochs",
+    "2000",
+    "--patience",
+    "50",
+]
 WARMUP = ["--kl-warmup", "100"]
 # A VampPrior step also encodes all 500 pseudo-inputs: with batch 100 the encoder sees 600 rows per
 # step, 6x the plain VAE's. Batch 250 spends fewer steps on them per epoch; the learning rate is
@@ -55,22 +70,63 @@ RECIPES = {
     "vae": ["--elbo", "meanfield", *PAPER_MLP, *WARMUP],
     "iwae5": ["--elbo", "iwae", "--num-particles", "5", *PAPER_MLP, *IWAE_WARMUP],
     "vampprior": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", *PAPER_MLP, *VAMP_CPU],
-    "hvae-vampprior": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", *PAPER_MLP,
-                       *TWO_LAYERS, *VAMP_CPU],
-    "best": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", *PAPER_MLP, *TWO_LAYERS,
-             *VAMP_CPU, "--ema", "0.999"],
+    "hvae-vampprior": [
+        "--elbo",
+        "trace",
+        "--prior",
+        "vampprior",
+        "--pseudo-inputs",
+        "500",
+        *PAPER_MLP,
+        *TWO_LAYERS,
+        *VAMP_CPU,
+    ],
+    "best": [
+        "--elbo",
+        "trace",
+        "--prior",
+        "vampprior",
+        "--pseudo-inputs",
+        "500",
+        *PAPER_MLP,
+        *TWO_LAYERS,
+        *VAMP_CPU,
+        "--ema",
+        "0.999",
+    ],
     # the one-layer recipes with parameter averaging (issue 27): the same runs judged at θ̄
     "vae-ema": ["--elbo", "meanfield", *PAPER_MLP, *WARMUP, "--ema", "0.999"],
     "iwae5-ema": ["--elbo", "iwae", "--num-particles", "5", *PAPER_MLP, *IWAE_WARMUP, "--ema", "0.999"],
-    "vampprior-ema": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", *PAPER_MLP, *VAMP_CPU,
-                      "--ema", "0.999"],
+    "vampprior-ema": [
+        "--elbo",
+        "trace",
+        "--prior",
+        "vampprior",
+        "--pseudo-inputs",
+        "500",
+        *PAPER_MLP,
+        *VAMP_CPU,
+        "--ema",
+        "0.999",
+    ],
 }
 # --quick: the same programs, small: flags appended after the recipe's (argparse keeps the last)
 # the published test NLLs drawn as reference lines (docs/benchmarks.md has the sources)
-LITERATURE = {"VAE, Tomczak & Welling 2018": 88.56, "IWAE K = 5, Burda et al. 2016": 87.63,
-              "VampPrior, Tomczak & Welling 2018": 85.57, "HVAE + VampPrior, Tomczak & Welling 2018": 83.19}
-QUICK = {"--epochs": "8", "--final-iwae-k": "0", "--batch-size": "100", "--patience": "1000", "--kl-warmup": "3",
-         "--pseudo-inputs": "50", "--ema": "0.9"}  # (--ema: a 10-step memory for 128 steps)
+LITERATURE = {
+    "VAE, Tomczak & Welling 2018": 88.56,
+    "IWAE K = 5, Burda et al. 2016": 87.63,
+    "VampPrior, Tomczak & Welling 2018": 85.57,
+    "HVAE + VampPrior, Tomczak & Welling 2018": 83.19,
+}
+QUICK = {
+    "--epochs": "8",
+    "--final-iwae-k": "0",
+    "--batch-size": "100",
+    "--patience": "1000",
+    "--kl-warmup": "3",
+    "--pseudo-inputs": "50",
+    "--ema": "0.9",
+}  # (--ema: a 10-step memory for 128 steps)
 QUICK_TRAIN_IMAGES = 2000
 
 
@@ -80,28 +136,63 @@ def merged(args: list[str]) -> dict[str, str]:
     return dict(zip(args[::2], args[1::2]))
 
 
-def fit_command(recipe: str, out: Path, data: list[str], time_limit: float | None, device: str,
-                quick: bool) -> list[str]:
+def fit_command(
+    recipe: str, out: Path, data: list[str], time_limit: float | None, device: str, quick: bool
+) -> list[str]:
     args = list(RECIPES[recipe])
     if quick:
-        args += [a for flag, value in QUICK.items() if flag in args or flag == "--final-iwae-k" for a in (flag, value)]
+        args += [
+            a
+            for flag, value in QUICK.items()
+            if flag in args or flag == "--final-iwae-k"
+            for a in (flag, value)
+        ]
     args = [a for flag, value in merged(args).items() for a in (flag, value)]
     limit = [] if time_limit is None else ["--time-limit", f"{time_limit:g}"]
-    return [sys.executable, "-m", "ppl_vae.fit", *data, *args, *limit, "--device", device, "--seed", "0",
-            "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "ppl_vae.fit",
+        *data,
+        *args,
+        *limit,
+        "--device",
+        device,
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
 
 
-def evaluate_command(out: Path, data_dir: str | None, num_samples: int, device: str, quick: bool) -> list[str]:
+def evaluate_command(
+    out: Path, data_dir: str | None, num_samples: int, device: str, quick: bool
+) -> list[str]:
     subset = ["--subset", "200", "--ks", "10"] if quick else []
     data = ["--data-dir", data_dir] if data_dir else []
-    return [sys.executable, "-m", "ppl_vae.evaluate", str(out), "--split", "test", "--num-samples",
-            str(num_samples), *subset, *data, "--device", device, "--checkpoint", "best",
-            "--json", str(out / f"test-k{num_samples}.json")]
+    return [
+        sys.executable,
+        "-m",
+        "ppl_vae.evaluate",
+        str(out),
+        "--split",
+        "test",
+        "--num-samples",
+        str(num_samples),
+        *subset,
+        *data,
+        "--device",
+        device,
+        "--checkpoint",
+        "best",
+        "--json",
+        str(out / f"test-k{num_samples}.json"),
+    ]
 
 
 def quick_data(data_dir: str | None, out: Path) -> Path:
     """2,000 random training images of static binarized MNIST as an ``.npz`` for ``--quick``."""
-    from ppl_vae.data import load_dataset
+    from ppl_vae.data.datasets import load_dataset
 
     ds = load_dataset("binarized-mnist", data_dir)
     idx = np.random.default_rng(0).permutation(ds.train.shape[0])[:QUICK_TRAIN_IMAGES]
@@ -124,20 +215,46 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
     test = json.loads(Path(eval_cmd[eval_cmd.index("--json") + 1]).read_text())  # what this evaluate wrote
     fit_summary = json.loads((out / "summary.json").read_text())
     rows = read_metrics(out)
-    keep = ("n", "num_samples", "elbo_analytic", "elbo_analytic_stderr", "elbo_mc", "elbo_mc_stderr", "log_px",
-            "log_px_stderr", "log_px_stderr_across_datapoints", "gap", "gap_elbo", "khat_mean",
-            "khat_threshold", "khat_frac_above_threshold", "khat_frac_above_0_7", "log_px_reliable",
-            "ess_median", "active_units", "iwae_by_k", "bits_per_dim", "seconds")
+    keep = (
+        "n",
+        "num_samples",
+        "elbo_analytic",
+        "elbo_analytic_stderr",
+        "elbo_mc",
+        "elbo_mc_stderr",
+        "log_px",
+        "log_px_stderr",
+        "log_px_stderr_across_datapoints",
+        "gap",
+        "gap_elbo",
+        "khat_mean",
+        "khat_threshold",
+        "khat_frac_above_threshold",
+        "khat_frac_above_0_7",
+        "log_px_reliable",
+        "ess_median",
+        "active_units",
+        "iwae_by_k",
+        "bits_per_dim",
+        "seconds",
+    )
     return {
-        "recipe": recipe, "quick": quick,
-        "test_nll": -test["log_px"], "test_nll_stderr": test["log_px_stderr"],
-        "fit_command": shlex.join(fit_cmd), "evaluate_command": shlex.join(eval_cmd),
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "epochs": fit_summary["epochs"], "stopped_by": fit_summary.get("stopped_by"),
+        "recipe": recipe,
+        "quick": quick,
+        "test_nll": -test["log_px"],
+        "test_nll_stderr": test["log_px_stderr"],
+        # recorded with "python", not this machine's interpreter path (reproducible elsewhere)
+        "fit_command": shlex.join(["python", *fit_cmd[1:]]),
+        "evaluate_command": shlex.join(["python", *eval_cmd[1:]]),
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "epochs": fit_summary["epochs"],
+        "stopped_by": fit_summary.get("stopped_by"),
         "best_epoch": best_epoch(rows),  # the epoch of best.pt, the parameters evaluated
         "fit_summary": {k: v for k, v in fit_summary.items() if k != "final"},
         "test": {k: test[k] for k in keep if k in test},
-        "device": test["device"], "device_name": device_name(test["device"]),
+        "device": test["device"],
+        "device_name": device_name(test["device"]),
         "config": test["config"],
     }
 
@@ -147,6 +264,7 @@ def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]
     training minutes (lines) and the test log p(x) of best.pt at its epoch's time (markers, ±2 SE).
     Returns each marker, ``{"recipe (device)": (minutes, test log p(x))}``."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -154,29 +272,52 @@ def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]
     markers = {}
     for i, res_path in enumerate(sorted(results.glob("quality-*-*.json"))):
         res = json.loads(res_path.read_text())
-        curve = res_path.with_name(res_path.stem + "-metrics.jsonl")  # the run's metrics.jsonl, committed beside it
+        curve = res_path.with_name(
+            res_path.stem + "-metrics.jsonl"
+        )  # the run's metrics.jsonl, committed beside it
         rows = [json.loads(line) for line in curve.read_text().splitlines()]
         minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
         scale = res["train_seconds"] / 60 / minutes[-1]  # stretch to the wall clock (validation, saves)
         bound = [selection_bound(r) for r in rows]
         label = f"{res['recipe']} ({res['device']})"
-        ax.plot(minutes * scale, bound, color=f"C{i}", lw=1, alpha=0.7,
-                label=f"{label}: validation {'IWAE_k' if 'valid_iwae_k' in rows[0] else 'ELBO'}")
+        ax.plot(
+            minutes * scale,
+            bound,
+            color=f"C{i}",
+            lw=1,
+            alpha=0.7,
+            label=f"{label}: validation {'IWAE_k' if 'valid_iwae_k' in rows[0] else 'ELBO'}",
+        )
         best = res["best_epoch"] or len(rows)  # the parameters evaluated: best.pt, chosen on validation
         markers[label] = (minutes[best - 1] * scale, -res["test_nll"])
-        ax.errorbar(*([v] for v in markers[label]), yerr=[2 * res["test_nll_stderr"]], fmt="o",
-                    color=f"C{i}", ms=6, label=f"{label}: test log p(x) ≈ IWAE_{res['test']['num_samples']} of "
-                                                f"best.pt (epoch {best}), {-res['test_nll']:.2f}")
+        ax.errorbar(
+            *([v] for v in markers[label]),
+            yerr=[2 * res["test_nll_stderr"]],
+            fmt="o",
+            color=f"C{i}",
+            ms=6,
+            label=f"{label}: test log p(x) ≈ IWAE_{res['test']['num_samples']} of "
+            f"best.pt (epoch {best}), {-res['test_nll']:.2f}",
+        )
     for j, (name, nll) in enumerate(LITERATURE.items()):  # named on the line, left and right in turn
         ax.axhline(-nll, color="0.4", ls="--", lw=0.8)
-        ax.text(0.01 + 0.98 * (j % 2), -nll + 0.25, f"{name}: {-nll:.2f}", ha=("left", "right")[j % 2],
-                transform=ax.get_yaxis_transform(), fontsize=7, color="0.3")
+        ax.text(
+            0.01 + 0.98 * (j % 2),
+            -nll + 0.25,
+            f"{name}: {-nll:.2f}",
+            ha=("left", "right")[j % 2],
+            transform=ax.get_yaxis_transform(),
+            fontsize=7,
+            color="0.3",
+        )
     ax.set_xlabel("training time (minutes, wall clock)")
     ax.set_ylabel("nats per datapoint")
     ax.set_ylim(-100, -82)
     ax.set_title("Static binarized MNIST: validation bound while training, test log p(x)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)  # below the axis label: curves stay clear
+    ax.legend(
+        fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1
+    )  # below the axis label: curves stay clear
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
@@ -185,16 +326,26 @@ def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", choices=sorted(RECIPES), help="the recipe to run (omit with --figure)")
+    p.add_argument(
+        "recipe", nargs="?", choices=sorted(RECIPES), help="the recipe to run (omit with --figure)"
+    )
     p.add_argument("--data-dir", default=None, help="where binarized_mnist/ is (default: $PPL_VAE_DATA, ...)")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/quality-RECIPE[-quick])")
+    p.add_argument(
+        "--out", type=Path, default=None, help="run directory (default: runs/quality-RECIPE[-quick])"
+    )
     p.add_argument("--time-limit", type=float, default=110.0, help="minutes of training (default: 110)")
     p.add_argument("--num-samples", type=int, default=5000, help="K of the test log p(x) (default: 5000)")
     p.add_argument("--device", default="auto")
     p.add_argument("--evaluate-only", action="store_true", help="evaluate an already trained --out")
     p.add_argument("--quick", action="store_true", help="a few hundred steps on a subset: checks the wiring")
-    p.add_argument("--figure", type=Path, nargs="?", const=Path("docs/figures/quality.png"), default=None,
-                   help="draw every committed result (default path: docs/figures/quality.png) and exit")
+    p.add_argument(
+        "--figure",
+        type=Path,
+        nargs="?",
+        const=Path("docs/figures/quality.png"),
+        default=None,
+        help="draw every committed result (default path: docs/figures/quality.png) and exit",
+    )
     a = p.parse_args(argv)
     if a.figure is not None:
         figure(a.figure)
@@ -216,8 +367,9 @@ def main(argv=None) -> int:
         train_seconds = json.loads((out / "quality-fit.json").read_text())["train_seconds"]
     else:
         train_seconds = run(fit_cmd)
-        (out / "quality-fit.json").write_text(json.dumps({"fit_command_argv": fit_cmd,
-                                                           "train_seconds": train_seconds}) + "\n")
+        (out / "quality-fit.json").write_text(
+            json.dumps({"fit_command_argv": fit_cmd, "train_seconds": train_seconds}) + "\n"
+        )
     eval_seconds = run(eval_cmd)
     result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick)
     kind = result["device"].split(":")[0]
@@ -226,11 +378,13 @@ def main(argv=None) -> int:
     if not a.quick:
         shutil.copyfile(out / "metrics.jsonl", RESULTS / f"quality-{a.recipe}-{kind}-metrics.jsonl")
     t = result["test"]
-    print(f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.3f} nats (Monte Carlo SE) "
-          f"(log p(x) ≈ IWAE_{t['num_samples']} on {t['n']} test images; "
-          f"{'reliable' if t.get('log_px_reliable') else 'a lower bound; k̂ says the SE is unreliable'}), "
-          f"test ELBO {t['elbo_mc']:.2f}, k̂ mean {t['khat_mean']:.2f}, trained {train_seconds / 60:.0f} min, "
-          f"{result['epochs']} epochs ({result['stopped_by']}) → {path}")
+    print(
+        f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.3f} nats (Monte Carlo SE) "
+        f"(log p(x) ≈ IWAE_{t['num_samples']} on {t['n']} test images; "
+        f"{'reliable' if t.get('log_px_reliable') else 'a lower bound; k̂ says the SE is unreliable'}), "
+        f"test ELBO {t['elbo_mc']:.2f}, k̂ mean {t['khat_mean']:.2f}, trained {train_seconds / 60:.0f} min, "
+        f"{result['epochs']} epochs ({result['stopped_by']}) → {path}"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ Writes ``docs/figures/scaling-<device>.png`` and ``benchmarks/results/scaling-<d
 Epoch times are extrapolated from a fixed number of timed steps after warm-up steps
 (seconds per step × steps per epoch), so large and small batches cost the same to measure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TorchVAE, device_name, save_result, sync  # noqa: E402
 from eval_speed import iwae_batched_reference, torch_copy  # noqa: E402
 
-from ppl_vae import estimators  # noqa: E402
-from ppl_vae.data import load_dataset  # noqa: E402
-from ppl_vae.model import VAE  # noqa: E402
-from ppl_vae.objectives import make_objective  # noqa: E402
-from ppl_vae.optim import make_optimizer  # noqa: E402
-from ppl_vae.config import FitConfig  # noqa: E402
+from ppl_vae.data.datasets import load_dataset  # noqa: E402
+from ppl_vae.inference import estimators  # noqa: E402
+from ppl_vae.inference.objectives import make_objective  # noqa: E402
+from ppl_vae.programs.model import VAE  # noqa: E402
+from ppl_vae.training.config import FitConfig  # noqa: E402
+from ppl_vae.training.optim import make_optimizer  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
@@ -97,10 +98,14 @@ def main(argv=None):
         a = seconds_per_epoch(ppl_step, n, b, device)
         r = seconds_per_epoch(ref_step, n, b, device)
         fit_rows.append({"batch_size": b, "ppl_vae": a, "b_handwritten": r})
-        print(f"batch {b:>5}: ppl_vae {a:7.3f} s/epoch   (b) {r:7.3f} s/epoch   ratio {a / r:5.2f}", flush=True)
+        print(
+            f"batch {b:>5}: ppl_vae {a:7.3f} s/epoch   (b) {r:7.3f} s/epoch   ratio {a / r:5.2f}", flush=True
+        )
 
     vae.eval()
-    xt = ds.test[torch.randperm(ds.test.shape[0], generator=torch.Generator().manual_seed(0))[:100]].to(device)
+    xt = ds.test[torch.randperm(ds.test.shape[0], generator=torch.Generator().manual_seed(0))[:100]].to(
+        device
+    )
     tref = torch_copy(vae)
     eval_rows = []
     for k in ks:
@@ -113,21 +118,44 @@ def main(argv=None):
         sync(device)
         t2 = time.perf_counter()
         eval_rows.append({"k": k, "ppl_vae": t1 - t0, "f_batched_torch": t2 - t1})
-        print(f"K {k:>6}: ppl_vae {t1 - t0:7.3f} s   (f) {t2 - t1:7.3f} s   ratio {(t1 - t0) / (t2 - t1):5.2f}",
-              flush=True)
+        print(
+            f"K {k:>6}: ppl_vae {t1 - t0:7.3f} s   (f) {t2 - t1:7.3f} s   ratio {(t1 - t0) / (t2 - t1):5.2f}",
+            flush=True,
+        )
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    _panel(axes[0], fit_rows, "batch_size", [("ppl_vae", "ppl_vae (a)"), ("b_handwritten", "hand-written PyTorch (b)")],
-           "batch size", "seconds per epoch (50k images)", "Training: epoch time vs batch size")
-    _panel(axes[1], eval_rows, "k", [("ppl_vae", "ppl_vae.estimators.iwae"), ("f_batched_torch", "batched PyTorch (f)")],
-           "importance samples K", "seconds for 100 test images", "Evaluation: time vs K")
+    _panel(
+        axes[0],
+        fit_rows,
+        "batch_size",
+        [("ppl_vae", "ppl_vae (a)"), ("b_handwritten", "hand-written PyTorch (b)")],
+        "batch size",
+        "seconds per epoch (50k images)",
+        "Training: epoch time vs batch size",
+    )
+    _panel(
+        axes[1],
+        eval_rows,
+        "k",
+        [("ppl_vae", "ppl_vae.inference.estimators.iwae"), ("f_batched_torch", "batched PyTorch (f)")],
+        "importance samples K",
+        "seconds for 100 test images",
+        "Evaluation: time vs K",
+    )
     fig.suptitle(f"Scaling on {device_name(device)}")
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig_path = FIGURES / f"scaling-{device.type}.png"
     fig.savefig(fig_path, dpi=110, bbox_inches="tight")
-    path = save_result("scaling", {"device": device_name(device), "device_kind": device.type, "fit": fit_rows,
-                                   "eval": eval_rows, "command": "python benchmarks/scaling.py " +
-                                   " ".join(argv or sys.argv[1:])})
+    path = save_result(
+        "scaling",
+        {
+            "device": device_name(device),
+            "device_kind": device.type,
+            "fit": fit_rows,
+            "eval": eval_rows,
+            "command": "python benchmarks/scaling.py " + " ".join(argv or sys.argv[1:]),
+        },
+    )
     print(f"saved {fig_path} and {path}")
 
 

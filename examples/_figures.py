@@ -1,4 +1,4 @@
-"""The examples' figures (matplotlib), built on :mod:`ppl_vae.plots` (``grid_image``, ``save_figure``).
+"""The examples' figures (matplotlib), built on :mod:`ppl_vae.reports.plots` (``grid_image``, ``save_figure``).
 
 Every function returns a ``matplotlib.figure.Figure``; pass ``path`` to also save it as PNG
 (the figure is then closed). Images are flattened ``(N, D)`` with an ``image_shape``
@@ -13,13 +13,14 @@ Every function returns a ``matplotlib.figure.Figure``; pass ``path`` to also sav
 
 The examples are scripts, so this module is imported as ``_figures`` from their folder.
 """
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ppl_vae.plots import grid_image, save_figure
+from ppl_vae.reports.plots import grid_image, save_figure
 
 KHAT_GOOD, KHAT_BAD = 0.5, 0.7  # PSIS k̂ thresholds (Vehtari et al. 2024): finite variance / unreliable
 
@@ -32,8 +33,9 @@ def image_panels(panels: dict, image_shape, nrow: int = 10, title: str = "", pat
     n_img = max(len(x) for r in rows.values() for x in r.values())
     h = (n_img + nrow - 1) // nrow  # image rows per panel
     w_in, h_in = 0.32 * nrow + 0.4, 0.32 * h + 0.5
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(w_in * len(cols) + 0.6, h_in * len(rows) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), len(cols), figsize=(w_in * len(cols) + 0.6, h_in * len(rows) + 0.6), squeeze=False
+    )
     for i, (rlabel, row) in enumerate(rows.items()):
         for j, clabel in enumerate(cols):
             ax = axes[i, j]
@@ -42,8 +44,13 @@ def image_panels(panels: dict, image_shape, nrow: int = 10, title: str = "", pat
             for sp in ax.spines.values():
                 sp.set_visible(False)
             if clabel in row:
-                ax.imshow(grid_image(row[clabel], image_shape, nrow), cmap="gray", vmin=0, vmax=1,
-                          interpolation="nearest")
+                ax.imshow(
+                    grid_image(row[clabel], image_shape, nrow),
+                    cmap="gray",
+                    vmin=0,
+                    vmax=1,
+                    interpolation="nearest",
+                )
             if i == 0:
                 ax.set_title(clabel, fontsize=9)
             if j == 0 and rlabel:
@@ -87,8 +94,9 @@ def manifold_grid(decode, image_shape, n: int = 20, quantile: float = 0.95, titl
 
 
 @torch.no_grad()
-def latent_traversal(decode, z0: torch.Tensor, image_shape, values=None, dims=None, title: str = "",
-                     row_labels=None, path=None):
+def latent_traversal(
+    decode, z0: torch.Tensor, image_shape, values=None, dims=None, title: str = "", row_labels=None, path=None
+):
     """Latent traversals: row i decodes ``z0`` with coordinate ``dims[i]`` replaced by each of
     ``values`` (default −3…3 in 9 steps), every other coordinate fixed at ``z0 (z_dim,)``."""
     values = torch.linspace(-3, 3, 9) if values is None else torch.as_tensor(values, dtype=torch.float32)
@@ -113,8 +121,16 @@ def _prior_circles(ax):
     ax.plot([], [], "k--", lw=0.8, alpha=0.6, label="N(0, I): 1σ, 2σ")
 
 
-def latent_scatter(z, c=None, dims=(0, 1), discrete: bool | None = None, c_label: str = "label",
-                   prior: bool = True, title: str = "", path=None):
+def latent_scatter(
+    z,
+    c=None,
+    dims=(0, 1),
+    discrete: bool | None = None,
+    c_label: str = "label",
+    prior: bool = True,
+    title: str = "",
+    path=None,
+):
     """Encoded means μ_φ(x) ``(N, z_dim)``, coordinates ``dims``, coloured by ``c (N,)``: a class
     label (``discrete``, one colour each, legend) or a true factor (colour bar). ``discrete``
     defaults to "integer-valued ``c``". ``prior`` draws the 1σ and 2σ circles of N(0, I)."""
@@ -130,7 +146,9 @@ def latent_scatter(z, c=None, dims=(0, 1), discrete: bool | None = None, c_label
             cmap = plt.get_cmap("tab10")
             for k in np.unique(c):
                 m = c == k
-                ax.scatter(z[m, dims[0]], z[m, dims[1]], s=3, alpha=0.6, color=cmap(int(k) % 10), label=str(k))
+                ax.scatter(
+                    z[m, dims[0]], z[m, dims[1]], s=3, alpha=0.6, color=cmap(int(k) % 10), label=str(k)
+                )
         else:
             sc = ax.scatter(z[:, dims[0]], z[:, dims[1]], s=3, alpha=0.6, c=c, cmap="viridis")
             fig.colorbar(sc, ax=ax, label=c_label)
@@ -141,8 +159,14 @@ def latent_scatter(z, c=None, dims=(0, 1), discrete: bool | None = None, c_label
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_title(title or "Encoded data in latent space")
     if c is not None and discrete:  # classes: a legend beside the axes
-        ax.legend(fontsize=7, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5), title=c_label,
-                  title_fontsize=7)
+        ax.legend(
+            fontsize=7,
+            markerscale=3,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            title=c_label,
+            title_fontsize=7,
+        )
     elif prior:  # the colour bar is beside the axes: keep the legend inside
         ax.legend(fontsize=7, loc="upper left")
     return save_figure(fig, path)
@@ -150,14 +174,16 @@ def latent_scatter(z, c=None, dims=(0, 1), discrete: bool | None = None, c_label
 
 # --------------------------------------------------------------------------- numbers
 
+
 def _curve_dict(curves: dict) -> dict:
     """``{K: (value, stderr)}`` or ``{label: {K: (value, stderr)}}`` → the second form."""
     first = next(iter(curves.values()))
     return curves if isinstance(first, dict) else {"IWAE_K": curves}
 
 
-def iwae_convergence(curves: dict, references: dict | None = None, title: str = "", ylabel: str = "",
-                     path=None):
+def iwae_convergence(
+    curves: dict, references: dict | None = None, title: str = "", ylabel: str = "", path=None
+):
     """IWAE_K (nats per datapoint) against K on a log axis, with ±2 standard-error bands.
 
     :param curves: ``{K: (value, stderr)}``, or ``{label: {K: (value, stderr)}}`` for several models.
@@ -175,7 +201,7 @@ def iwae_convergence(curves: dict, references: dict | None = None, title: str = 
         curve_color[label] = col = colors[i % len(colors)]
         ax.plot(ks, v, "o-", ms=3, color=col, label=label)
         ax.fill_between(ks, v - 2 * se, v + 2 * se, color=col, alpha=0.25)
-    spare = iter(colors[len(curve_color):] + colors[:len(curve_color)])
+    spare = iter(colors[len(curve_color) :] + colors[: len(curve_color)])
     for label, (v, se) in (references or {}).items():
         col = next((c for name, c in curve_color.items() if label.startswith(name)), None) or next(spare)
         ax.axhline(v, ls="--", color=col, label=label)
@@ -190,10 +216,13 @@ def iwae_convergence(curves: dict, references: dict | None = None, title: str = 
     return save_figure(fig, path)
 
 
-def histograms(samples: dict, xlabel: str, title: str = "", bins: int = 40, vlines: dict | None = None,
-               path=None):
+def histograms(
+    samples: dict, xlabel: str, title: str = "", bins: int = 40, vlines: dict | None = None, path=None
+):
     """Overlaid histograms (densities) of ``{label: values (N,)}``; ``vlines`` = ``{label: x}``."""
-    arrays = {k: np.asarray(torch.as_tensor(v).detach().cpu(), dtype=float).ravel() for k, v in samples.items()}
+    arrays = {
+        k: np.asarray(torch.as_tensor(v).detach().cpu(), dtype=float).ravel() for k, v in samples.items()
+    }
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays.values()])
     edges = np.histogram_bin_edges(finite, bins=bins)
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
@@ -213,15 +242,18 @@ def khat_histogram(khat, title: str = "", path=None):
     variance; 0.5–0.7 usable; > 0.7 the IWAE estimate of that datapoint is unreliable."""
     k = np.asarray(torch.as_tensor(khat).detach().cpu(), dtype=float)
     bad = float((k > KHAT_BAD).mean())
-    fig = histograms({f"{len(k)} datapoints ({100 * bad:.1f}% with k̂ > {KHAT_BAD})": k},
-                     "Pareto k̂ of the importance weights w = p(x, z) / q(z | x)",
-                     title or "PSIS diagnostic of the IWAE estimate",
-                     vlines={f"k̂ = {KHAT_GOOD}": KHAT_GOOD, f"k̂ = {KHAT_BAD}": KHAT_BAD})
+    fig = histograms(
+        {f"{len(k)} datapoints ({100 * bad:.1f}% with k̂ > {KHAT_BAD})": k},
+        "Pareto k̂ of the importance weights w = p(x, z) / q(z | x)",
+        title or "PSIS diagnostic of the IWAE estimate",
+        vlines={f"k̂ = {KHAT_GOOD}": KHAT_GOOD, f"k̂ = {KHAT_BAD}": KHAT_BAD},
+    )
     return save_figure(fig, path)
 
 
-def bar_comparison(values: dict, ylabel: str, title: str = "", hline: float | None = None, fmt: str = "{:.2f}",
-                   path=None):
+def bar_comparison(
+    values: dict, ylabel: str, title: str = "", hline: float | None = None, fmt: str = "{:.2f}", path=None
+):
     """Grouped bars: ``values`` = ``{series: {category: number}}`` (e.g. ``{"β = 1": {"x": R², ...}}``),
     each bar labelled with its value; ``hline`` draws a target line."""
     series = list(values)
@@ -244,6 +276,10 @@ def bar_comparison(values: dict, ylabel: str, title: str = "", hline: float | No
     ax.set_title(title)
     if len(series) > 1 or hline is not None:  # (one series: the y label says what the bars are)
         rows = max(label.count("\n") for label in map(str, cats)) + 1  # tick-label lines to clear
-        ax.legend(fontsize=7, ncol=min(len(series) + (hline is not None), 4), loc="upper center",
-                  bbox_to_anchor=(0.5, -0.06 - 0.06 * rows))
+        ax.legend(
+            fontsize=7,
+            ncol=min(len(series) + (hline is not None), 4),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.06 - 0.06 * rows),
+        )
     return save_figure(fig, path)

@@ -30,8 +30,8 @@ Then we treat both as generative models p(z) p_θ(x|z) with z ~ N(0, I) and meas
 Writes to ``--out``: ``prior_samples.png``, ``interpolations.png``, ``recognisable.png``,
 ``results.json`` and the runs in ``ae/`` and ``vae/``.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import _common
 import _figures
@@ -42,9 +42,9 @@ import torch
 from pyro import poutine
 from sklearn.linear_model import LogisticRegression
 
-from ppl_vae import plots
-from ppl_vae.model import VAE
-from ppl_vae.config import FitConfig
+from ppl_vae.programs.model import VAE
+from ppl_vae.reports import plots
+from ppl_vae.training.config import FitConfig
 
 # The AE's IWAE proposal N(c·μ(x), s² I): under the N(0, I) prior its posterior sits between the
 # code and the origin, so shrinking the centre (c < 1) can help.
@@ -77,22 +77,28 @@ class Autoencoder(VAE):
             return pyro.sample("z", dist.Delta(z_loc).to_event(1))
 
 
-
 def gaussian_proposal(vae: VAE, c: float, s: float):
     """A guide N(c·μ_φ(x), s² I) built on ``vae``'s encoder means, for importance sampling log p(x)
     under the prior. Any such proposal gives a stochastic lower bound on log p(x)."""
+
     def guide(x, size=None, beta=1.0):
         z_loc, _ = vae.encoder(x)  # (N, z_dim)
         with pyro.plate("data", size or x.shape[0], subsample=vae._subsample(x.shape[0], x.device), dim=-1):
             return pyro.sample("z", dist.Normal(c * z_loc, s).to_event(1))
+
     return guide
 
 
 def best_proposal_bound(vae: VAE, valid: torch.Tensor, test: torch.Tensor, k: int, seed: int) -> tuple:
     """The (c, s) of :func:`gaussian_proposal` with the best IWAE bound on ``valid`` (K = k/10), and
     the IWAE_k bound it gives on ``test`` (the dict of ``_common.held_out``)."""
-    by = {(c, s): _common.held_out(vae, valid, max(10, k // 10), seed, guide=gaussian_proposal(vae, c, s))["iwae"]
-          for c in PROPOSAL_SHRINK for s in PROPOSAL_SCALES}
+    by = {
+        (c, s): _common.held_out(vae, valid, max(10, k // 10), seed, guide=gaussian_proposal(vae, c, s))[
+            "iwae"
+        ]
+        for c in PROPOSAL_SHRINK
+        for s in PROPOSAL_SCALES
+    }
     best = max(by, key=by.get)
     return best, _common.held_out(vae, test, k, seed=seed, guide=gaussian_proposal(vae, *best))
 
@@ -108,7 +114,11 @@ def recognisability(clf: LogisticRegression, x: torch.Tensor) -> dict:
     p = clf.predict_proba(x.numpy())  # (N, 10)
     py = p.mean(0, keepdims=True)  # (1, 10)
     kl = (p * (np.log(p + 1e-12) - np.log(py + 1e-12))).sum(1)  # (N,)
-    return {"confidence": p.max(1), "mean_confidence": float(p.max(1).mean()), "score": float(np.exp(kl.mean()))}
+    return {
+        "confidence": p.max(1),
+        "mean_confidence": float(p.max(1).mean()),
+        "score": float(np.exp(kl.mean())),
+    }
 
 
 @torch.no_grad()
@@ -151,15 +161,24 @@ def main(argv=None) -> int:
 
     n_prior = 300 if args.quick else 2000
     x_te = data.test
-    results = {"dataset": data.name, "z_dim": args.z_dim, "epochs": epochs, "k": k, "models": {},
-               "mean_pixel_test_data": x_te.mean().item()}
+    results = {
+        "dataset": data.name,
+        "z_dim": args.z_dim,
+        "epochs": epochs,
+        "k": k,
+        "models": {},
+        "mean_pixel_test_data": x_te.mean().item(),
+    }
     labels = data.labels.get("train")
     clf = digit_classifier(data.train, labels) if labels is not None else None
     confidences = {}
     if clf is not None:
         real = recognisability(clf, x_te)
-        results["classifier_on_test_images"] = {"mean_confidence": real["mean_confidence"], "score": real["score"],
-                                                "accuracy": float(clf.score(x_te.numpy(), data.labels["test"].numpy()))}
+        results["classifier_on_test_images"] = {
+            "mean_confidence": real["mean_confidence"],
+            "score": real["score"],
+            "accuracy": float(clf.score(x_te.numpy(), data.labels["test"].numpy())),
+        }
         confidences["real test images"] = real["confidence"]
     prior_grids, interp_rows = {}, {}
     pairs = interpolation_pairs(data.labels.get("test"))
@@ -173,43 +192,69 @@ def main(argv=None) -> int:
         proposal, ll = best_proposal_bound(vae, data.valid, x_te, k, args.seed)
         own = _common.held_out(vae, x_te, k, seed=args.seed) if name == "VAE" else None
         r = results["models"][name] = {
-            "test_log_px_grid_proposal": ll["iwae"], "test_log_px_grid_proposal_se": ll["iwae_se"],
+            "test_log_px_grid_proposal": ll["iwae"],
+            "test_log_px_grid_proposal_se": ll["iwae_se"],
             "proposal_shrink_and_scale": proposal,
-            "test_log_px_own_guide": own and own["iwae"], "test_log_px_own_guide_se": own and own["iwae_se"],
+            "test_log_px_own_guide": own and own["iwae"],
+            "test_log_px_own_guide_se": own and own["iwae_se"],
             "test_elbo": own and own["elbo"],
             # E_{p(z)} E[x|z] is the model's mean image; it equals the data's when p(x) matches the data
             "mean_image_rms_error": ((x_prior.mean(0) - x_te.mean(0)) ** 2).mean().sqrt().item(),
             "code_std_per_dim": codes.std(0).tolist(),
-            "code_norm_mean": codes.norm(dim=-1).mean().item(), "prior_norm_mean": z_prior.norm(dim=-1).mean().item(),
-            "mean_pixel_prior_samples": x_prior.mean().item()}
+            "code_norm_mean": codes.norm(dim=-1).mean().item(),
+            "prior_norm_mean": z_prior.norm(dim=-1).mean().item(),
+            "mean_pixel_prior_samples": x_prior.mean().item(),
+        }
         if clf is not None:
             rec = recognisability(clf, x_prior)
-            r["classifier_on_prior_samples"] = {"mean_confidence": rec["mean_confidence"], "score": rec["score"]}
+            r["classifier_on_prior_samples"] = {
+                "mean_confidence": rec["mean_confidence"],
+                "score": rec["score"],
+            }
             confidences[f"{name}: decoded prior draws"] = rec["confidence"]
         prior_grids[name] = x_prior[:40]
         for j, (a, b) in enumerate(pairs):
             interp_rows.setdefault(f"pair {j + 1}", {})[name] = interpolate(vae, x_te[a], x_te[b])
         std = codes.std(0)
-        print(f"{name:>11}: test log p(x) ≥ {ll['iwae']:.2f} ± {ll['iwae_se']:.2f} nats (IWAE_{k}, proposal "
-              f"N({proposal[0]:g}·μ(x), {proposal[1]:g}² I))"
-              + (f", {own['iwae']:.2f} ± {own['iwae_se']:.2f} with its own guide" if own else "")
-              + f"; code std per coordinate {std.min():.2f}–{std.max():.2f} (prior: 1); mean image of prior "
-              f"samples off the data's by {r['mean_image_rms_error']:.3f} per pixel (RMS)"
-              + (f"; classifier on prior samples: confidence {rec['mean_confidence']:.3f}, score {rec['score']:.2f}"
-                 if clf is not None else ""))
+        print(
+            f"{name:>11}: test log p(x) ≥ {ll['iwae']:.2f} ± {ll['iwae_se']:.2f} nats (IWAE_{k}, proposal "
+            f"N({proposal[0]:g}·μ(x), {proposal[1]:g}² I))"
+            + (f", {own['iwae']:.2f} ± {own['iwae_se']:.2f} with its own guide" if own else "")
+            + f"; code std per coordinate {std.min():.2f}–{std.max():.2f} (prior: 1); mean image of prior "
+            f"samples off the data's by {r['mean_image_rms_error']:.3f} per pixel (RMS)"
+            + (
+                f"; classifier on prior samples: confidence {rec['mean_confidence']:.3f}, score {rec['score']:.2f}"
+                if clf is not None
+                else ""
+            )
+        )
     if clf is not None:
         c = results["classifier_on_test_images"]
-        print(f"classifier on real test images: confidence {c['mean_confidence']:.3f}, score {c['score']:.2f}, "
-              f"accuracy {c['accuracy']:.3f}")
-        _figures.histograms(confidences, "classifier confidence max_y p(y | x)",
-                         "Do decoded prior draws look like digits?", path=out / "recognisable.png")
+        print(
+            f"classifier on real test images: confidence {c['mean_confidence']:.3f}, score {c['score']:.2f}, "
+            f"accuracy {c['accuracy']:.3f}"
+        )
+        _figures.histograms(
+            confidences,
+            "classifier confidence max_y p(y | x)",
+            "Do decoded prior draws look like digits?",
+            path=out / "recognisable.png",
+        )
 
-    _figures.image_panels({"z ~ N(0, I)": prior_grids}, data.image_shape, nrow=8,
-                       title=f"E[x | z] for the same 40 draws z ~ N(0, I) ({data.name}, z_dim = {args.z_dim})",
-                       path=out / "prior_samples.png")
-    _figures.image_panels(interp_rows, data.image_shape, nrow=10,
-                       title="Decoded straight lines between the codes of two test images",
-                       path=out / "interpolations.png")
+    _figures.image_panels(
+        {"z ~ N(0, I)": prior_grids},
+        data.image_shape,
+        nrow=8,
+        title=f"E[x | z] for the same 40 draws z ~ N(0, I) ({data.name}, z_dim = {args.z_dim})",
+        path=out / "prior_samples.png",
+    )
+    _figures.image_panels(
+        interp_rows,
+        data.image_shape,
+        nrow=10,
+        title="Decoded straight lines between the codes of two test images",
+        path=out / "interpolations.png",
+    )
     _common.save_json(results, out / "results.json")
     return 0
 

@@ -29,8 +29,8 @@ with ‖μ‖ as one more feature recovers most of it, and the k-NN read-out nea
 Writes to ``--out``: ``traversals_beta1.png``, ``traversals_beta4.png``,
 ``latent_radius_beta1.png``, ``r2.png``, ``results.json`` and the runs in ``beta1/``, ``beta4/``.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import _common
 import _figures
@@ -41,10 +41,9 @@ from sklearn.metrics import r2_score
 from sklearn.neighbors import KNeighborsRegressor
 from torch.distributions import Normal, kl_divergence
 
-
-from ppl_vae.cli import int_list
-from ppl_vae.data import load_dataset
-from ppl_vae.nets import ARCHS
+from ppl_vae.core.cli import int_list
+from ppl_vae.data.datasets import load_dataset
+from ppl_vae.programs.nets import ARCHS
 
 N_FIT = 10000  # training images the read-outs are fitted on
 
@@ -54,6 +53,7 @@ def factor_r2(z_train, f_train, z_test, f_test) -> dict:
     ``z (N, z_dim)``: ``linear`` (f ≈ A z + b), ``one_latent`` (max_j corr(z_j, f)² on the test
     set), ``knn`` (10-nearest-neighbour regression) and ``linear_with_norm`` (f ≈ A z + c‖z‖ + b,
     the read-out a radial layout calls for). Each value is an array ``(F,)``."""
+
     def held_out(model, feats):
         model.fit(feats(z_train), f_train)
         return r2_score(f_test, model.predict(feats(z_test)), multioutput="raw_values")  # (F,)
@@ -61,22 +61,30 @@ def factor_r2(z_train, f_train, z_test, f_test) -> dict:
     with_norm = lambda z: np.c_[z, np.linalg.norm(z, axis=1)]  # noqa: E731  (N, z_dim + 1)
     zf = np.corrcoef(z_test.T, f_test.T)  # (z_dim + F, z_dim + F)
     d = z_test.shape[1]
-    return {"linear": held_out(LinearRegression(), lambda z: z),
-            "one_latent": (zf[:d, d:] ** 2).max(0),
-            "knn": held_out(KNeighborsRegressor(n_neighbors=10), lambda z: z),
-            "linear_with_norm": held_out(LinearRegression(), with_norm)}
+    return {
+        "linear": held_out(LinearRegression(), lambda z: z),
+        "one_latent": (zf[:d, d:] ** 2).max(0),
+        "knn": held_out(KNeighborsRegressor(n_neighbors=10), lambda z: z),
+        "linear_with_norm": held_out(LinearRegression(), with_norm),
+    }
 
 
 def main(argv=None) -> int:
     p = _common.parser(__doc__.split("\n\n")[0], "circles", dataset="circles")
     p.add_argument("--epochs", type=int, default=None, help="epochs per β (default: 30; --quick: 4)")
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 4.0], help="β values (default: 1 4)")
-    p.add_argument("--arch", choices=ARCHS, default="broadcast",
-                   help="networks (default: broadcast, the spatial broadcast decoder)")
+    p.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="broadcast",
+        help="networks (default: broadcast, the spatial broadcast decoder)",
+    )
     p.add_argument("--hidden", type=int_list, default=[400], help="encoder MLP widths (default: 400)")
     args = p.parse_args(argv)
     out = _common.setup(args)
-    data = load_dataset(args.dataset or args._default_dataset, args.data_dir)  # circles are generated: (x, y, radius) known
+    data = load_dataset(
+        args.dataset or args._default_dataset, args.data_dir
+    )  # circles are generated: (x, y, radius) known
     if not data.factors:
         p.error(f"dataset {args.dataset} has no known factors; use --dataset circles")
     if args.quick:
@@ -87,32 +95,63 @@ def main(argv=None) -> int:
     bars = {}
     for beta in args.betas:
         tag = f"beta{beta:g}"
-        vae, summary, _ = _common.fit(data, out / tag, z_dim=3, beta=beta, epochs=epochs, seed=args.seed,
-                                      arch=args.arch, hidden=args.hidden, final_iwae_k=0)
+        vae, summary, _ = _common.fit(
+            data,
+            out / tag,
+            z_dim=3,
+            beta=beta,
+            epochs=epochs,
+            seed=args.seed,
+            arch=args.arch,
+            hidden=args.hidden,
+            final_iwae_k=0,
+        )
         with torch.no_grad():
             z_tr = vae.encode(data.train[:N_FIT])[0].numpy()  # (n, 3)
             loc, scale = vae.encode(data.test)  # (N, 3) each
             # KL(q(z_j|x) ‖ N(0, 1)) per coordinate, averaged over test images: ≈ 0 means an unused latent.
             kl_per_dim = kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).mean(0)  # (3,) nats
-            _figures.latent_traversal(vae.decode, torch.zeros(3), data.image_shape, torch.linspace(-2.5, 2.5, 9),
-                                   title=f"Circles, β = {beta:g}: one latent varied, the others at 0",
-                                   path=out / f"traversals_{tag}.png")
+            _figures.latent_traversal(
+                vae.decode,
+                torch.zeros(3),
+                data.image_shape,
+                torch.linspace(-2.5, 2.5, 9),
+                title=f"Circles, β = {beta:g}: one latent varied, the others at 0",
+                path=out / f"traversals_{tag}.png",
+            )
             if beta == args.betas[0]:
-                _figures.latent_scatter(loc, data.factors["test"][:, 2], discrete=False, c_label="radius (pixels)",
-                                     title=f"Circles, β = {beta:g}: test codes μ(x), coloured by radius",
-                                     path=out / f"latent_radius_{tag}.png")
+                _figures.latent_scatter(
+                    loc,
+                    data.factors["test"][:, 2],
+                    discrete=False,
+                    c_label="radius (pixels)",
+                    title=f"Circles, β = {beta:g}: test codes μ(x), coloured by radius",
+                    path=out / f"latent_radius_{tag}.png",
+                )
         r2 = factor_r2(z_tr, data.factors["train"][:N_FIT].numpy(), loc.numpy(), data.factors["test"].numpy())
         test = _common.held_out(vae, data.test, k=50 if args.quick else 200, seed=args.seed)
         results["by_beta"][f"{beta:g}"] = {
             **{f"r2_{kind}": dict(zip(names, v.tolist())) for kind, v in r2.items()},
-            "kl_per_latent_dim": kl_per_dim.tolist(), "test": test, "best_valid_elbo": summary["best_valid_elbo"]}
+            "kl_per_latent_dim": kl_per_dim.tolist(),
+            "test": test,
+            "best_valid_elbo": summary["best_valid_elbo"],
+        }
         for kind, label in (("linear", "linear"), ("one_latent", "one latent"), ("knn", "10-NN")):
             bars[f"β = {beta:g}, {label}"] = dict(zip(names, r2[kind].tolist()))
-        print(f"β = {beta:g}: held-out R² " + "; ".join(
-            f"{kind} " + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r2[kind])) for kind in r2)
-              + f"; test ELBO {test['elbo']:.2f}, IWAE_{test['k']} {test['iwae']:.2f} nats")
-    _figures.bar_comparison(bars, "R² on held-out images", "How well the latent means predict the true factors",
-                         hline=0.9, path=out / "r2.png")
+        print(
+            f"β = {beta:g}: held-out R² "
+            + "; ".join(
+                f"{kind} " + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, r2[kind])) for kind in r2
+            )
+            + f"; test ELBO {test['elbo']:.2f}, IWAE_{test['k']} {test['iwae']:.2f} nats"
+        )
+    _figures.bar_comparison(
+        bars,
+        "R² on held-out images",
+        "How well the latent means predict the true factors",
+        hline=0.9,
+        path=out / "r2.png",
+    )
     _common.save_json(results, out / "results.json")
     return 0
 

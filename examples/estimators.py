@@ -21,14 +21,14 @@ for which images the IWAE estimate can be trusted (k̂ < 0.7).
 Writes to ``--out``: ``convergence.png``, ``khat.png``, ``results.json`` and the runs
 ``elbo/`` and ``iwae/``.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import _common
 import _figures
 import torch
 
-from ppl_vae import estimators
+from ppl_vae.inference import estimators
 
 KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -41,18 +41,23 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def summarize(est: dict) -> dict:
     """Means over datapoints (nats per datapoint) with Monte Carlo standard errors, from the
-    dict of :func:`ppl_vae.estimators.estimate_all`."""
+    dict of :func:`ppl_vae.inference.estimators.estimate_all`."""
     ms = lambda e: {"value": e.mean(), "mc_se": e.mean_stderr()}  # noqa: E731
     k_max = max(est["iwae_by_k"])
     gap = est["iwae"].value - est["elbo_analytic"].value  # (N,) ≈ KL(q ‖ p(z|x)), from below
     khat = est["khat"]
-    return {"elbo_analytic": ms(est["elbo_analytic"]), "elbo_mc": ms(est["elbo_mc"]), "k_max": k_max,
-            "iwae_by_k": {k: ms(e) for k, e in est["iwae_by_k"].items()},
-            "gap_iwae_minus_elbo": {"mean": gap.mean().item(), "median": gap.median().item()},
-            "khat_median": khat.median().item(), "share_khat_above_0.7": (khat > 0.7).double().mean().item(),
-            # Heavier-tailed weights (higher k̂) go with a guide further from p(z|x) (larger gap):
-            # across images, the two rank together.
-            "khat_gap_rank_correlation": rank_correlation(khat, gap)}
+    return {
+        "elbo_analytic": ms(est["elbo_analytic"]),
+        "elbo_mc": ms(est["elbo_mc"]),
+        "k_max": k_max,
+        "iwae_by_k": {k: ms(e) for k, e in est["iwae_by_k"].items()},
+        "gap_iwae_minus_elbo": {"mean": gap.mean().item(), "median": gap.median().item()},
+        "khat_median": khat.median().item(),
+        "share_khat_above_0.7": (khat > 0.7).double().mean().item(),
+        # Heavier-tailed weights (higher k̂) go with a guide further from p(z|x) (larger gap):
+        # across images, the two rank together.
+        "khat_gap_rank_correlation": rank_correlation(khat, gap),
+    }
 
 
 def main(argv=None) -> int:
@@ -66,13 +71,22 @@ def main(argv=None) -> int:
     epochs, k_max, n_test = args.epochs, args.k_max, args.n_test
     data = _common.load_data(args.dataset, args.data_dir, "bernoulli")
     data = _common.subset(data, 4000 if args.quick else None, 1000, n_test)
-    runs = {"ELBO-trained": dict(elbo="trace"), f"IWAE_{args.train_k}-trained": dict(elbo="iwae",
-                                                                                        num_particles=args.train_k)}
-    results = {"dataset": data.name, "epochs": epochs, "n_test": data.test.shape[0], "k_max": k_max, "models": {}}
+    runs = {
+        "ELBO-trained": dict(elbo="trace"),
+        f"IWAE_{args.train_k}-trained": dict(elbo="iwae", num_particles=args.train_k),
+    }
+    results = {
+        "dataset": data.name,
+        "epochs": epochs,
+        "n_test": data.test.shape[0],
+        "k_max": k_max,
+        "models": {},
+    }
     curves, refs, khats = {}, {}, {}
     for label, objective in runs.items():
-        vae, summary, _ = _common.fit(data, out / objective["elbo"], epochs=epochs, seed=args.seed, final_iwae_k=0,
-                                      **objective)
+        vae, summary, _ = _common.fit(
+            data, out / objective["elbo"], epochs=epochs, seed=args.seed, final_iwae_k=0, **objective
+        )
         ks = sorted({k for k in KS if k <= k_max} | {args.train_k})
         est = estimators.estimate_all(vae.model, vae.guide, data.test, k_max, ks=ks, seed=args.seed)
         r = results["models"][label] = summarize(est)
@@ -82,17 +96,29 @@ def main(argv=None) -> int:
         curves[label] = {k: (v["value"], v["mc_se"]) for k, v in r["iwae_by_k"].items()}
         refs[f"{label}: analytic-KL ELBO"] = (r["elbo_analytic"]["value"], r["elbo_analytic"]["mc_se"])
         khats[label] = est["khat"]
-        print(f"{label}: ELBO {r['elbo_analytic']['value']:.2f} (analytic KL) / {r['elbo_mc']['value']:.2f} "
-              f"± {r['elbo_mc']['mc_se']:.2f} (Monte Carlo, {k_max} draws); "
-              + ", ".join(f"IWAE_{k} {r['iwae_by_k'][k]['value']:.2f}" for k in (1, 10, 100, k_max)
-                          if k in r["iwae_by_k"])
-              + f"; gap IWAE_{k_max} − ELBO {r['gap_iwae_minus_elbo']['mean']:.2f} nats; "
-              f"{100 * r['share_khat_above_0.7']:.0f}% of images with k̂ > 0.7; its training bound is "
-              f"{r['gap_of_trained_bound']:.2f} nats below IWAE_{k_max}")
-    _figures.iwae_convergence(curves, refs, title=f"Held-out bounds on log p(x) ({data.name}, {data.test.shape[0]} "
-                           f"test images; bands ±2 MC s.e.)", path=out / "convergence.png")
+        print(
+            f"{label}: ELBO {r['elbo_analytic']['value']:.2f} (analytic KL) / {r['elbo_mc']['value']:.2f} "
+            f"± {r['elbo_mc']['mc_se']:.2f} (Monte Carlo, {k_max} draws); "
+            + ", ".join(
+                f"IWAE_{k} {r['iwae_by_k'][k]['value']:.2f}"
+                for k in (1, 10, 100, k_max)
+                if k in r["iwae_by_k"]
+            )
+            + f"; gap IWAE_{k_max} − ELBO {r['gap_iwae_minus_elbo']['mean']:.2f} nats; "
+            f"{100 * r['share_khat_above_0.7']:.0f}% of images with k̂ > 0.7; its training bound is "
+            f"{r['gap_of_trained_bound']:.2f} nats below IWAE_{k_max}"
+        )
+    _figures.iwae_convergence(
+        curves,
+        refs,
+        title=f"Held-out bounds on log p(x) ({data.name}, {data.test.shape[0]} "
+        f"test images; bands ±2 MC s.e.)",
+        path=out / "convergence.png",
+    )
     first = next(iter(khats))
-    _figures.khat_histogram(khats[first], title=f"PSIS k̂ of IWAE_{k_max}, {first} model", path=out / "khat.png")
+    _figures.khat_histogram(
+        khats[first], title=f"PSIS k̂ of IWAE_{k_max}, {first} model", path=out / "khat.png"
+    )
     _common.save_json(results, out / "results.json")
     return 0
 

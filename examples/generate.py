@@ -12,6 +12,7 @@ typical, smoother images, τ > 1 rarer, stranger ones.
 The same samples come from the command line: ``python -m ppl_vae.sample RUN_DIR --n 64``.
 Writes to ``--out``: ``samples.png``, ``temperatures.png``, ``results.json``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,15 +21,19 @@ import _common
 import _figures
 import torch
 
-from ppl_vae import plots, sample
-from ppl_vae.errors import DataError
-from ppl_vae.runs import load_run
+from ppl_vae import sample
+from ppl_vae.core.errors import DataError
+from ppl_vae.reports import plots
+from ppl_vae.training.runs import load_run
 
 
 def main(argv=None) -> int:
     p = _common.parser(__doc__.split("\n\n")[0], "generate")
-    p.add_argument("--run", default=None, help="run directory of python -m ppl_vae.fit (default: train one "
-                   "into OUT/run first)")
+    p.add_argument(
+        "--run",
+        default=None,
+        help="run directory of python -m ppl_vae.fit (default: train one into OUT/run first)",
+    )
     p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     args = p.parse_args(argv)
     out = _common.setup(args)
@@ -37,8 +42,7 @@ def main(argv=None) -> int:
         data = _common.load_data(args.dataset, args.data_dir, "bernoulli")
         if args.quick:
             data = _common.subset(data, 4000, 500, 500)
-        _common.fit(data, run, z_dim=20, epochs=3 if args.quick else 30, seed=args.seed,
-                    final_iwae_k=0)
+        _common.fit(data, run, z_dim=20, epochs=3 if args.quick else 30, seed=args.seed, final_iwae_k=0)
     print(f"sampling from the run in {run}")
 
     # The command-line module does the grid: one code path for samples.
@@ -47,10 +51,19 @@ def main(argv=None) -> int:
     vae, cfg = load_run(run)
     temps = (0.5, 0.8, 1.0, 1.5)
     with torch.no_grad():
-        rows = {f"τ = {t:g}": {"E[x | z],  z ~ N(0, τ² I)": vae.decode(plots.prior_draws(16, vae.z_dim, args.seed, t))}
-                for t in temps}  # 16 images (16, D) per τ
-        _figures.image_panels(rows, vae.image_shape, nrow=16, title=f"Prior temperature ({cfg.dataset}, "
-                           f"z_dim = {vae.z_dim})", path=out / "temperatures.png")
+        rows = {
+            f"τ = {t:g}": {
+                "E[x | z],  z ~ N(0, τ² I)": vae.decode(plots.prior_draws(16, vae.z_dim, args.seed, t))
+            }
+            for t in temps
+        }  # 16 images (16, D) per τ
+        _figures.image_panels(
+            rows,
+            vae.image_shape,
+            nrow=16,
+            title=f"Prior temperature ({cfg.dataset}, z_dim = {vae.z_dim})",
+            path=out / "temperatures.png",
+        )
         # If q's aggregate matches the prior, E_z[E[x|z]] = E[x]: compare the mean pixel of many samples
         # with the data's.
         mean_sample = vae.decode(plots.prior_draws(2000, vae.z_dim, args.seed + 1)).mean().item()
@@ -59,10 +72,20 @@ def main(argv=None) -> int:
         mean_data = data.test.mean().item()
     except DataError:
         mean_data = None
-    print(f"mean pixel of 2000 samples: {mean_sample:.4f}; of the test data: "
-          + ("unknown (data not found)" if mean_data is None else f"{mean_data:.4f}"))
-    _common.save_json({"run": str(run), "dataset": cfg.dataset, "n": args.n, "mean_pixel_samples": mean_sample,
-                       "mean_pixel_test_data": mean_data}, out / "results.json")
+    print(
+        f"mean pixel of 2000 samples: {mean_sample:.4f}; of the test data: "
+        + ("unknown (data not found)" if mean_data is None else f"{mean_data:.4f}")
+    )
+    _common.save_json(
+        {
+            "run": str(run),
+            "dataset": cfg.dataset,
+            "n": args.n,
+            "mean_pixel_samples": mean_sample,
+            "mean_pixel_test_data": mean_data,
+        },
+        out / "results.json",
+    )
     return 0
 
 

@@ -13,15 +13,14 @@ ELBO and IWAE bound; how the codes fill the prior: their share inside its 2σ di
 aggregate posterior's second moment; how they cluster by digit: the accuracy of a
 nearest-neighbour vote among the codes) and the run in ``run/``.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import _common
 import _figures
 import torch
 
-
-from ppl_vae.cli import int_list
+from ppl_vae.core.cli import int_list
 
 
 def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = 10) -> float:
@@ -43,20 +42,32 @@ def main(argv=None) -> int:
     if args.quick:
         data = _common.subset(data, 4000, 500, 1000)
     epochs = args.epochs or (5 if args.quick else 30)
-    vae, summary, _ = _common.fit(data, out / "run", z_dim=2, hidden=args.hidden, epochs=epochs, seed=args.seed,
-                                  final_iwae_k=0)
+    vae, summary, _ = _common.fit(
+        data, out / "run", z_dim=2, hidden=args.hidden, epochs=epochs, seed=args.seed, final_iwae_k=0
+    )
 
     with torch.no_grad():
         z_test, z_scale = vae.encode(data.test)  # (N, 2) each
         labels = data.labels.get("test")
-        _figures.manifold_grid(vae.decode, data.image_shape, n=12 if args.quick else 20,
-                            title=f"Decoded 2-D latent manifold ({data.name})", path=out / "manifold.png")
-        _figures.latent_scatter(z_test, labels, c_label="digit",
-                             title=f"Test set encoded: posterior means μ(x) ({data.name})",
-                             path=out / "latent_scatter.png")
+        _figures.manifold_grid(
+            vae.decode,
+            data.image_shape,
+            n=12 if args.quick else 20,
+            title=f"Decoded 2-D latent manifold ({data.name})",
+            path=out / "manifold.png",
+        )
+        _figures.latent_scatter(
+            z_test,
+            labels,
+            c_label="digit",
+            title=f"Test set encoded: posterior means μ(x) ({data.name})",
+            path=out / "latent_scatter.png",
+        )
         radius = z_test.norm(dim=-1)  # (N,)
         results = {
-            "dataset": data.name, "epochs": summary["epochs"], "z_dim": 2,
+            "dataset": data.name,
+            "epochs": summary["epochs"],
+            "z_dim": 2,
             "test": _common.held_out(vae, data.test, k=100 if args.quick else 1000, seed=args.seed),
             # Under N(0, I) in 2-D, P(‖z‖ ≤ 2) = 1 − e^{−2} ≈ 0.865 (‖z‖² ~ χ²₂).
             "share_of_codes_within_2_sigma": (radius <= 2).float().mean().item(),
@@ -68,12 +79,18 @@ def main(argv=None) -> int:
             "digit_accuracy_10nn_on_codes": None if labels is None else knn_accuracy(z_test, labels),
         }
     t = results["test"]
-    print(f"test ELBO {t['elbo']:.2f} ± {t['elbo_se']:.2f}, IWAE_{t['k']} {t['iwae']:.2f} ± {t['iwae_se']:.2f} "
-          f"nats per image; {100 * results['share_of_codes_within_2_sigma']:.1f}% of test codes within the "
-          f"prior's 2σ disc (N(0, I): 86.5%); aggregate posterior second moment per dimension "
-          f"{results['aggregate_posterior_second_moment_per_dim']:.2f} (N(0, I): 1)"
-          + ("" if labels is None else f"; a 10-NN vote among the codes names the digit of "
-             f"{100 * results['digit_accuracy_10nn_on_codes']:.0f}% of test images"))
+    print(
+        f"test ELBO {t['elbo']:.2f} ± {t['elbo_se']:.2f}, IWAE_{t['k']} {t['iwae']:.2f} ± {t['iwae_se']:.2f} "
+        f"nats per image; {100 * results['share_of_codes_within_2_sigma']:.1f}% of test codes within the "
+        f"prior's 2σ disc (N(0, I): 86.5%); aggregate posterior second moment per dimension "
+        f"{results['aggregate_posterior_second_moment_per_dim']:.2f} (N(0, I): 1)"
+        + (
+            ""
+            if labels is None
+            else f"; a 10-NN vote among the codes names the digit of "
+            f"{100 * results['digit_accuracy_10nn_on_codes']:.0f}% of test images"
+        )
+    )
     _common.save_json(results, out / "results.json")
     return 0
 

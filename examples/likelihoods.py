@@ -1,13 +1,14 @@
 """Swap the likelihood: the same VAE with four decoders p_θ(x|z) on MNIST.
 
 * ``bernoulli``: x ∈ {0, 1}; greyscale images are binarized (dynamically) first;
-* ``gaussian`` with σ = 1: log p(x|z) = −½‖x − μ‖² − (D/2) log 2π, i.e. the MSE loss;
+* ``gaussian`` with a fixed σ (0.1, the default for data in [0, 1]; σ = 1, the MSE loss, lets the
+  latents collapse): log p(x|z) = −‖x − μ‖²/(2σ²) − (D/2) log 2πσ²;
 * ``gaussian-learned``: a per-pixel σ_θ(z) from the decoder, bounded below by a floor;
 * ``continuous-bernoulli``: the Bernoulli made a proper density on [0, 1] (Loaiza-Ganem &
   Cunningham 2019).
 
 Same networks, same data, same seed: only the likelihood changes (``likelihood=`` in
-:class:`~ppl_vae.config.FitConfig`, ``--likelihood`` on the command line).
+:class:`~ppl_vae.training.config.FitConfig`, ``--likelihood`` on the command line).
 
 Held-out log p(x) (IWAE) is comparable between the three models of greyscale x (all are
 densities on the same space), not with the Bernoulli (a probability of binarized images).
@@ -26,8 +27,8 @@ Writes to ``--out``: ``likelihoods.png`` (data, reconstructions and samples per 
 ``sigma_floor.png`` (validation ELBO per epoch of the learned σ with and without its floor),
 ``results.json`` and one run per likelihood.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import _common
 import _figures
@@ -35,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import ContinuousBernoulli
 
-from ppl_vae import estimators, plots
-from ppl_vae.runs import read_metrics
-from ppl_vae.train import NonFiniteLoss
+from ppl_vae.inference import estimators
+from ppl_vae.reports import plots
+from ppl_vae.training.runs import read_metrics
+from ppl_vae.training.train import NonFiniteLoss
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli")
 
@@ -57,8 +59,11 @@ def bernoulli_mass_missing(logits: torch.Tensor) -> torch.Tensor:
 def sigma_stats(vae, x: torch.Tensor) -> dict:
     """Decoded σ_θ(z = μ(x)) of a learned-σ Gaussian decoder over images ``x (N, D)``."""
     sigma = vae.likelihood.split(vae.decoder(vae.encode(x)[0]))[1]  # (N, D)
-    return {"sigma_min": sigma.min().item(), "sigma_median": sigma.median().item(),
-            "share_of_pixels_sigma_below_0.02": (sigma < 0.02).float().mean().item()}
+    return {
+        "sigma_min": sigma.min().item(),
+        "sigma_median": sigma.median().item(),
+        "share_of_pixels_sigma_below_0.02": (sigma < 0.02).float().mean().item(),
+    }
 
 
 def main(argv=None) -> int:
@@ -72,61 +77,96 @@ def main(argv=None) -> int:
     results = {"epochs": epochs, "k": k, "models": {}}
     panels = {"data": {}, "reconstructions": {}, "samples": {}}  # rows of the figure
     for name in LIKELIHOODS:
-        data = _common.subset(_common.load_data(args.dataset, args.data_dir, name, announce=name == "bernoulli"),
-                              *sizes)
-        vae, summary, _ = _common.fit(data, out / name, likelihood=name, epochs=epochs, seed=args.seed,
-                                      final_iwae_k=0)
+        data = _common.subset(
+            _common.load_data(args.dataset, args.data_dir, name, announce=name == "bernoulli"), *sizes
+        )
+        vae, summary, _ = _common.fit(
+            data, out / name, likelihood=name, epochs=epochs, seed=args.seed, final_iwae_k=0
+        )
         x = data.test
         with torch.no_grad():
             codes = vae.encode(x)[0]  # (N, z_dim)
             panels["data"][name] = x[:16]  # as the model sees it (binarized for the Bernoulli)
             panels["reconstructions"][name] = vae.reconstruct(x[:16])  # E[x | z = μ(x)]
-            panels["samples"][name] = vae.decode(plots.prior_draws(16, vae.z_dim, args.seed))  # E[x | z], z ~ N(0, I)
-        r = {"data": data.name, "binarize": data.binarize, "test": _common.held_out(vae, x, k, seed=args.seed),
-             # Burda et al. 2016: latent j is active when Var_x(E_q[z_j | x]) > 0.01
-             "active_units": int((codes.var(0) > 0.01).sum()), "z_dim": vae.z_dim}
+            panels["samples"][name] = vae.decode(
+                plots.prior_draws(16, vae.z_dim, args.seed)
+            )  # E[x | z], z ~ N(0, I)
+        r = {
+            "data": data.name,
+            "binarize": data.binarize,
+            "test": _common.held_out(vae, x, k, seed=args.seed),
+            # Burda et al. 2016: latent j is active when Var_x(E_q[z_j | x]) > 0.01
+            "active_units": int((codes.var(0) > 0.01).sum()),
+            "z_dim": vae.z_dim,
+        }
         if name == "gaussian-learned":
             r.update(sigma_stats(vae, x))
         if name == "bernoulli":
-            grey = _common.subset(_common.load_data(args.dataset, args.data_dir, "continuous-bernoulli",
-                                                    announce=False), *sizes).test
+            grey = _common.subset(
+                _common.load_data(args.dataset, args.data_dir, "continuous-bernoulli", announce=False), *sizes
+            ).test
             with torch.no_grad():
                 logits = vae.decoder(vae.encode(grey)[0])  # (N, D) at the codes of the greyscale images
             r["bernoulli_log_mass_on_greyscale"] = bernoulli_mass_missing(logits).mean().item()
         results["models"][name] = r
         t = r["test"]
-        print(f"{name:>20}: test log p(x) ≥ {t['iwae']:8.2f} ± {t['iwae_se']:.2f} nats (IWAE_{k}), ELBO "
-              f"{t['elbo']:8.2f}; {r['active_units']}/{r['z_dim']} active latents"
-              + (" [binarized images: a probability, not comparable with the densities below]"
-                 if name == "bernoulli" else ""))
+        print(
+            f"{name:>20}: test log p(x) ≥ {t['iwae']:8.2f} ± {t['iwae_se']:.2f} nats (IWAE_{k}), ELBO "
+            f"{t['elbo']:8.2f}; {r['active_units']}/{r['z_dim']} active latents"
+            + (
+                " [binarized images: a probability, not comparable with the densities below]"
+                if name == "bernoulli"
+                else ""
+            )
+        )
 
     # The learned σ without a floor, trained the same way.
-    data = _common.subset(_common.load_data(args.dataset, args.data_dir, "gaussian-learned", announce=False), *sizes)
+    data = _common.subset(
+        _common.load_data(args.dataset, args.data_dir, "gaussian-learned", announce=False), *sizes
+    )
     try:
-        vae, summary, _ = _common.fit(data, out / "gaussian-learned-nofloor", likelihood="gaussian-learned",
-                                      sigma_floor=0.0, epochs=epochs, seed=args.seed, final_iwae_k=0)
+        vae, summary, _ = _common.fit(
+            data,
+            out / "gaussian-learned-nofloor",
+            likelihood="gaussian-learned",
+            sigma_floor=0.0,
+            epochs=epochs,
+            seed=args.seed,
+            final_iwae_k=0,
+        )
         test_elbo = estimators.elbo(vae.model, vae.guide, data.test, analytic_kl=True, seed=args.seed).mean()
         nofloor = {"finished": True, "test_elbo": test_elbo, **sigma_stats(vae, data.test)}
     except NonFiniteLoss as e:
         nofloor = {"finished": False, "error": str(e)}
-    curves = {f"σ ≥ {floor}": read_metrics(out / run) for floor, run in
-              (("0.01", "gaussian-learned"), ("0", "gaussian-learned-nofloor"))}
+    curves = {
+        f"σ ≥ {floor}": read_metrics(out / run)
+        for floor, run in (("0.01", "gaussian-learned"), ("0", "gaussian-learned-nofloor"))
+    }
     nofloor["valid_elbo_by_epoch"] = [m["valid_elbo"] for m in curves["σ ≥ 0"]]
     results["gaussian_learned_without_floor"] = nofloor
     results["gaussian_learned_valid_elbo_by_epoch"] = [m["valid_elbo"] for m in curves["σ ≥ 0.01"]]
     plots.training_curve(curves, title="Learned σ with and without a floor", path=out / "sigma_floor.png")
-    print("gaussian-learned without a σ floor: " + (
-        f"test ELBO {nofloor['test_elbo']:.1f} nats (with the floor: "
-        f"{results['models']['gaussian-learned']['test']['elbo']:.1f}), smallest σ {nofloor['sigma_min']:.2g}, "
-        f"{100 * nofloor['share_of_pixels_sigma_below_0.02']:.0f}% of pixels with σ < 0.02"
-        if nofloor["finished"] else f"training failed: {nofloor['error']}"))
+    print(
+        "gaussian-learned without a σ floor: "
+        + (
+            f"test ELBO {nofloor['test_elbo']:.1f} nats (with the floor: "
+            f"{results['models']['gaussian-learned']['test']['elbo']:.1f}), smallest σ {nofloor['sigma_min']:.2g}, "
+            f"{100 * nofloor['share_of_pixels_sigma_below_0.02']:.0f}% of pixels with σ < 0.02"
+            if nofloor["finished"]
+            else f"training failed: {nofloor['error']}"
+        )
+    )
     mass = results["models"]["bernoulli"]["bernoulli_log_mass_on_greyscale"]
     print(f"Bernoulli formula at greyscale x integrates to exp({mass:.1f}) over [0, 1]^D: not a density")
 
-    _figures.image_panels(panels, data.image_shape, nrow=8,
-                       title=f"One VAE, four likelihoods ({data.name}, {epochs} epochs): test images, "
-                             f"reconstructions E[x | z = μ(x)], samples E[x | z] with z ~ N(0, I)",
-                       path=out / "likelihoods.png")
+    _figures.image_panels(
+        panels,
+        data.image_shape,
+        nrow=8,
+        title=f"One VAE, four likelihoods ({data.name}, {epochs} epochs): test images, "
+        f"reconstructions E[x | z = μ(x)], samples E[x | z] with z ~ N(0, I)",
+        path=out / "likelihoods.png",
+    )
     _common.save_json(results, out / "results.json")
     return 0
 

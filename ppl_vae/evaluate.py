@@ -1,14 +1,14 @@
 """Held-out log-likelihood of a VAE run: ``python -m ppl_vae.evaluate RUN_DIR``. The command-line
-face of :mod:`ppl_vae.evaluation`, whose :func:`evaluate` takes any Pyro model/guide pair (also
+face of :mod:`ppl_vae.reports.evaluation`, whose :func:`evaluate` takes any Pyro model/guide pair (also
 importable from here: ``from ppl_vae.evaluate import evaluate``).
 
 For every datapoint: the analytic-KL ELBO, the Monte Carlo ELBO, IWAE_k for the convergence
 curve k ∈ ``ks`` and log p(x) ≈ IWAE_K with K = ``num_samples``, each with its Monte Carlo
 standard error, and the Pareto k̂ of the importance weights, all from the same K draws; and
-the active units of every latent site (:mod:`ppl_vae.latents`). The report (a dict, also the
+the active units of every latent site (:mod:`ppl_vae.reports.latents`). The report (a dict, also the
 ``--json``) gives dataset means in nats per datapoint and a table with a verdict on log p(x):
 a lower bound whose standard error cannot be trusted when k̂ exceeds min(1 − 1/log10 K, 0.7)
-(:func:`ppl_vae.psis.khat_threshold`) on more than 10 % of the datapoints. Bits per dimension
+(:func:`ppl_vae.inference.psis.khat_threshold`) on more than 10 % of the datapoints. Bits per dimension
 only for discrete data (a probability), never for a density of continuous data.
 
 Examples::
@@ -23,48 +23,101 @@ which order blocks are computed, nor on ``--chunk-size`` (up to float rounding).
 r, r+P, r+2P, ...; rank 0 prints and writes the gathered result: the same numbers as one
 process (``docs/scaling.md``).
 """
+
 from __future__ import annotations
 
 import argparse
+import sys
+import types
 from pathlib import Path
 
-from .cli import ArgumentParser, run_command, int_list, startup, user_errors
-from .errors import UserError
+from .core.cli import ArgumentParser, int_list, run_command, startup, user_errors
+from .core.errors import UserError
 
 PROG = "python -m ppl_vae.evaluate"
 with startup(PROG):  # torch loads here: a signal meanwhile is one line, not a traceback
     import numpy as np
     import torch
 
-    from . import distributed, files, importance
+    from .core import distributed, files
+    from .inference import importance
+
     # evaluate and evaluate_blocks stay importable from here (docs/estimators.md, examples/)
-    from .evaluation import DEFAULT_BLOCK, PER_DATAPOINT, curve_ks, evaluate, evaluate_blocks  # noqa: F401
-    from .report import MEAN, Report
+    from .reports.evaluation import DEFAULT_BLOCK, PER_DATAPOINT, curve_ks, evaluate, evaluate_blocks  # noqa: F401
+    from .reports.report import MEAN, Report
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory written by python -m ppl_vae.fit (--out)")
     p.add_argument("--split", choices=("valid", "test"), default="test", help="(default: test)")
-    p.add_argument("--num-samples", "-K", type=int, default=5000, metavar="K", help="K importance samples per datapoint for "
-                   "log p(x) ≈ IWAE_K (default: 5000)")
-    p.add_argument("--ks", type=int_list, default=None, metavar="K1,K2,...", help="comma-separated k ≤ K of the convergence curve "
-                   "IWAE_k (default: those of 1,10,100,1000,5000 that are ≤ K; K is always added)")
-    p.add_argument("--subset", type=int, default=None, metavar="N", help="evaluate a random subset of N datapoints, drawn "
-                   "with --seed (the binarized-MNIST files are ordered by class: never take the first N) "
-                   "(default: the whole split)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the summary (and the run's config) to this JSON file")
-    p.add_argument("--per-datapoint", default=None, metavar="FILE.npz", help="write per-datapoint arrays to this .npz file")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="where the data are (default: the run's, else "
-                   "$PPL_VAE_DATA, else ~/.cache/ppl_vae)")
-    p.add_argument("--checkpoint", choices=("best", "checkpoint"), default="best",
-                   help="best.pt (best validation bound) or checkpoint.pt (latest) (default: best)")
+    p.add_argument(
+        "--num-samples",
+        "-K",
+        type=int,
+        default=5000,
+        metavar="K",
+        help="K importance samples per datapoint for log p(x) ≈ IWAE_K (default: 5000)",
+    )
+    p.add_argument(
+        "--ks",
+        type=int_list,
+        default=None,
+        metavar="K1,K2,...",
+        help="comma-separated k ≤ K of the convergence curve "
+        "IWAE_k (default: those of 1,10,100,1000,5000 that are ≤ K; K is always added)",
+    )
+    p.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate a random subset of N datapoints, drawn "
+        "with --seed (the binarized-MNIST files are ordered by class: never take the first N) "
+        "(default: the whole split)",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="write the summary (and the run's config) to this JSON file",
+    )
+    p.add_argument(
+        "--per-datapoint",
+        default=None,
+        metavar="FILE.npz",
+        help="write per-datapoint arrays to this .npz file",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="where the data are (default: the run's, else $PPL_VAE_DATA, else ~/.cache/ppl_vae)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        choices=("best", "checkpoint"),
+        default="best",
+        help="best.pt (best validation bound) or checkpoint.pt (latest) (default: best)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BLOCK, metavar="B", help=f"datapoints per block; part of the "
-                   f"protocol, since a block's draws are seeded together (default: {DEFAULT_BLOCK})")
-    p.add_argument("--chunk-size", type=int, default=None, metavar="C", help=f"particles × datapoints per vectorized pass: "
-                   f"bounds memory, halved on CUDA out-of-memory; does not change results (default: "
-                   f"{importance.DEFAULT_CHUNK['cpu']} on CPU, {importance.DEFAULT_CHUNK['cuda']} on CUDA)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BLOCK,
+        metavar="B",
+        help=f"datapoints per block; part of the "
+        f"protocol, since a block's draws are seeded together (default: {DEFAULT_BLOCK})",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="C",
+        help=f"particles × datapoints per vectorized pass: "
+        f"bounds memory, halved on CUDA out-of-memory; does not change results (default: "
+        f"{importance.DEFAULT_CHUNK['cpu']} on CPU, {importance.DEFAULT_CHUNK['cuda']} on CUDA)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every draw (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -81,8 +134,11 @@ def check_args(args) -> list[int]:
         bad = [k for k in args.ks if not 1 <= k <= K]
         if bad:
             raise UserError(f"--ks values must lie in 1..K = {K}, got {bad}")
-    for flag, value in (("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size),
-                        ("--subset", args.subset)):
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--chunk-size", args.chunk_size),
+        ("--subset", args.subset),
+    ):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.seed < 0:
@@ -110,45 +166,76 @@ def _binarization(dataset: str, binarize: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .data import load_dataset
-    from .runs import load_run, resolve_device
+    from .data.datasets import load_dataset
+    from .training.runs import load_run, resolve_device
 
     args = build_parser().parse_args(argv)
     with user_errors(PROG):
         ks = check_args(args)
         run_dir = Path(args.run_dir)
         if not run_dir.is_dir():
-            raise UserError(f"run directory {run_dir} does not exist; pass the --out of a python -m ppl_vae.fit run")
+            raise UserError(
+                f"run directory {run_dir} does not exist; pass the --out of a python -m ppl_vae.fit run"
+            )
         # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
         ctx, device = distributed.setup(resolve_device(args.device))
         vae, cfg = load_run(run_dir, which=args.checkpoint, device=device)
         ds = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.binarize, vae.likelihood)
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
-            raise UserError(f"the data have image shape {list(ds.image_shape)} but the run was trained on "
-                            f"{cfg.image_shape}")
+            raise UserError(
+                f"the data have image shape {list(ds.image_shape)} but the run was trained on "
+                f"{cfg.image_shape}"
+            )
         x_split = ds.split(args.split)
         index = choose_subset(x_split.shape[0], args.subset, args.seed)
         x = x_split[index]  # (n, D)
         if cfg.conditional:  # the program takes the labels too: (x, y) sliced together
             if args.split not in ds.labels:
-                raise UserError(f"this run is class-conditional, and {ds.name} has no labels for the {args.split} split")
+                raise UserError(
+                    f"this run is class-conditional, and {ds.name} has no labels for the {args.split} split"
+                )
             x = (x, ds.labels[args.split][index])  # labels (n,) class indices
-        report = evaluate(vae.model, vae.guide, x, num_samples=args.num_samples, ks=ks, seed=args.seed,
-                          batch_size=args.batch_size, chunk_size=args.chunk_size, discrete=vae.likelihood.binary_data,
-                          likelihood=vae.likelihood.name, device=device, progress=not args.quiet and ctx.is_main,
-                          ctx=ctx)
+        report = evaluate(
+            vae.model,
+            vae.guide,
+            x,
+            num_samples=args.num_samples,
+            ks=ks,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            discrete=vae.likelihood.binary_data,
+            likelihood=vae.likelihood.name,
+            device=device,
+            progress=not args.quiet and ctx.is_main,
+            ctx=ctx,
+        )
         if not ctx.is_main:
             return 0
         binarization = _binarization(ds.name, ds.binarize)
-        s = Report({"dataset": ds.name, "split": args.split, "binarization": binarization,
-                    "likelihood": vae.likelihood.name, **report, "subset": args.subset, "device": str(device),
-                    "processes": ctx.world_size, "run_dir": str(run_dir), "checkpoint": args.checkpoint,
-                    "config": cfg.to_dict()}, report.per_datapoint)
+        s = Report(
+            {
+                "dataset": ds.name,
+                "split": args.split,
+                "binarization": binarization,
+                "likelihood": vae.likelihood.name,
+                **report,
+                "subset": args.subset,
+                "device": str(device),
+                "processes": ctx.world_size,
+                "run_dir": str(run_dir),
+                "checkpoint": args.checkpoint,
+                "config": cfg.to_dict(),
+            },
+            report.per_datapoint,
+        )
         said = "not binarized" if binarization == "none" else f"{binarization} binarization"
-        header = (f"{ds.name} ({said}), {args.split} split, n = {s['n']}"
-                  f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "
-                  f"D = {s['dim']}, {vae.likelihood.name} likelihood; nats per datapoint  [{s['seconds']:.0f} s on "
-                  f"{device}{f' × {ctx.world_size} processes' if ctx.enabled else ''}]")
+        header = (
+            f"{ds.name} ({said}), {args.split} split, n = {s['n']}"
+            f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "
+            f"D = {s['dim']}, {vae.likelihood.name} likelihood; nats per datapoint  [{s['seconds']:.0f} s on "
+            f"{device}{f' × {ctx.world_size} processes' if ctx.enabled else ''}]"
+        )
         print(s.table(header))
         for path in (args.json, args.per_datapoint):
             if path:
@@ -158,10 +245,29 @@ def main(argv=None) -> int:
         if args.per_datapoint:
             res = report.per_datapoint
             latent = {k.replace(":", "_"): res[k].T for k in res if k.startswith(MEAN)}  # (M, d) per site
-            files.atomic_write(args.per_datapoint, lambda f: np.savez(
-                f, index=index.numpy(), ks=np.asarray(ks), **latent,
-                **{k: res[k] for k in (*PER_DATAPOINT, "iwae_by_k", "iwae_by_k_stderr")}))
+            files.atomic_write(
+                args.per_datapoint,
+                lambda f: np.savez(
+                    f,
+                    index=index.numpy(),
+                    ks=np.asarray(ks),
+                    **latent,
+                    **{k: res[k] for k in (*PER_DATAPOINT, "iwae_by_k", "iwae_by_k_stderr")},
+                ),
+            )
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``ppl_vae.evaluate`` is this module (``python -m ppl_vae.evaluate``) and, called,
+    :func:`~ppl_vae.reports.evaluation.evaluate` of any Pyro ``model``/``guide`` pair:
+    ``from ppl_vae import evaluate; evaluate(model, guide, x, num_samples=1000).table()``."""
+
+    def __call__(self, *args, **kwargs):
+        return self.evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

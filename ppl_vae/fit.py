@@ -8,26 +8,28 @@ Examples::
     python -m ppl_vae.fit --elbo iwae --num-particles 50 --dataset binarized-mnist
     python -m ppl_vae.fit --out runs/bmnist --resume --epochs 20   # continue a run
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
 import time
+import types
 from pathlib import Path
 
-from .cli import ArgumentParser, run_command, int_list, startup, user_errors
-from .errors import UserError
+from .core.cli import ArgumentParser, int_list, run_command, startup, user_errors
+from .core.errors import UserError
 
 PROG = "python -m ppl_vae.fit"
 with startup(PROG):  # torch loads here: a signal meanwhile is one line, not a traceback
-    from .config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, FitConfig
-    from .data import BINARIZE, DATASETS
-    from .likelihoods import LIKELIHOODS
-    from .model import HIERARCHIES
-    from .guides import POSTERIORS
-    from .nets import ACTIVATIONS, ARCHS
-    from .priors import PRIORS
+    from .data.datasets import BINARIZE, DATASETS
+    from .programs.guides import POSTERIORS
+    from .programs.likelihoods import LIKELIHOODS
+    from .programs.model import HIERARCHIES
+    from .programs.nets import ACTIVATIONS, ARCHS
+    from .programs.priors import PRIORS
+    from .training.config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, FitConfig
 
 S = argparse.SUPPRESS  # only flags given on the command line appear, so --resume can merge them
 
@@ -46,94 +48,224 @@ def _opt_str(text):
 
 def build_parser() -> ArgumentParser:
     d = FitConfig()
-    p = ArgumentParser(prog=PROG, description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=S, help=f"one of {', '.join(DATASETS)}, or a .npy/.npz file of images in "
-                   f"[0, 1] shaped (N, H, W) or (N, D) (default: auto = MNIST if present or downloadable, else "
-                   f"binarized MNIST if present, else scikit-learn's 8x8 digits)")
-    g.add_argument("--data-dir", default=S, help="where datasets are read/downloaded (default: $PPL_VAE_DATA, "
-                   "else ~/.cache/ppl_vae)")
-    g.add_argument("--binarize", choices=BINARIZE, default=S, help="greyscale → 0/1 (default: auto = dynamic for "
-                   "greyscale data under --likelihood bernoulli, none otherwise; binarized-mnist is already 0/1)")
+    g.add_argument(
+        "--dataset",
+        default=S,
+        help=f"one of {', '.join(DATASETS)}, or a .npy/.npz file of images in "
+        f"[0, 1] shaped (N, H, W) or (N, D) (default: auto = MNIST if present or downloadable, else "
+        f"binarized MNIST if present, else scikit-learn's 8x8 digits)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=S,
+        help="where datasets are read/downloaded (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)",
+    )
+    g.add_argument(
+        "--binarize",
+        choices=BINARIZE,
+        default=S,
+        help="greyscale → 0/1 (default: auto = dynamic for "
+        "greyscale data under --likelihood bernoulli, none otherwise; binarized-mnist is already 0/1)",
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--likelihood", choices=list(LIKELIHOODS), default=S, help=f"p(x|z) (default: {d.likelihood})")
-    g.add_argument("--sigma", type=float, default=S, help=f"fixed σ of --likelihood gaussian (default: {d.sigma}; "
-                   f"for data in [0, 1]; σ = 1, the MSE loss, lets the latents collapse)")
-    g.add_argument("--sigma-floor", type=float, default=S, help=f"lower bound on the learned σ of "
-                   f"gaussian-learned (default: {d.sigma_floor})")
-    g.add_argument("--arch", choices=ARCHS, default=S, help=f"networks (default: {d.arch}; conv needs H and W "
-                   f"divisible by 4, e.g. 28x28; broadcast: MLP encoder, spatial broadcast decoder)")
-    g.add_argument("--hidden", type=int_list, default=S, help="hidden widths of the MLP, comma-separated "
-                   "(default: 400; 200,200 with two latent layers)")
-    g.add_argument("--z-dim", type=int, default=S, help="latent dimension, of z1 with two layers (default: 20; "
-                   "100 with two layers)")
+    g.add_argument(
+        "--likelihood", choices=list(LIKELIHOODS), default=S, help=f"p(x|z) (default: {d.likelihood})"
+    )
+    g.add_argument(
+        "--sigma",
+        type=float,
+        default=S,
+        help=f"fixed σ of --likelihood gaussian (default: {d.sigma}; "
+        f"for data in [0, 1]; σ = 1, the MSE loss, lets the latents collapse)",
+    )
+    g.add_argument(
+        "--sigma-floor",
+        type=float,
+        default=S,
+        help=f"lower bound on the learned σ of gaussian-learned (default: {d.sigma_floor})",
+    )
+    g.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=S,
+        help=f"networks (default: {d.arch}; conv needs H and W "
+        f"divisible by 4, e.g. 28x28; broadcast: MLP encoder, spatial broadcast decoder)",
+    )
+    g.add_argument(
+        "--hidden",
+        type=int_list,
+        default=S,
+        help="hidden widths of the MLP, comma-separated (default: 400; 200,200 with two latent layers)",
+    )
+    g.add_argument(
+        "--z-dim",
+        type=int,
+        default=S,
+        help="latent dimension, of z1 with two layers (default: 20; 100 with two layers)",
+    )
     g.add_argument("--activation", choices=list(ACTIVATIONS), default=S, help=f"(default: {d.activation})")
     g = p.add_argument_group("program (docs/models.md)")
-    g.add_argument("--prior", choices=PRIORS, default=S, help="p(z) of the top latent layer: normal N(0, I), mog (a "
-                   "learned mixture of Gaussians), vampprior (a mixture of the guide's encodings of learned "
-                   "pseudo-inputs) (default: normal)")
-    g.add_argument("--guide", choices=list(POSTERIORS), default=S, help="posterior family q(z|x): diagonal, "
-                   "full-rank (Cholesky factor from the encoder) or iaf (inverse autoregressive flow) (default: diagonal)")
-    g.add_argument("--latent-layers", type=int, choices=(1, 2), default=S, help="2: z2 → z1 → x (--hierarchy "
-                   "says how), sites z1 and z2 (default: 1; with 2, --z-dim 100 and --hidden 200,200 by default)")
-    g.add_argument("--hierarchy", choices=HIERARCHIES, default=S, help="two layers: chain, p(x|z1) with the guide "
-                   "q(z1|x) q(z2|z1) (Burda et al. 2016); skip, p(x|z1,z2) with the guide q(z2|x) q(z1|x,z2) "
-                   "(Tomczak & Welling 2018; --arch mlp) (default: chain)")
-    g.add_argument("--z2-dim", type=int, default=S, help=f"dimension of z2 with --latent-layers 2 (default: {d.z2_dim})")
-    g.add_argument("--hidden2", type=int_list, default=S, help="hidden widths of the z1 ↔ z2 networks "
-                   "(default: 100,100)")
-    g.add_argument("--pseudo-inputs", type=int, default=S, help=f"K learned pseudo-inputs of --prior vampprior "
-                   f"(default: {d.pseudo_inputs})")
-    g.add_argument("--mixture-components", type=int, default=S, help=f"M components of --prior mog (default: "
-                   f"{d.mixture_components})")
-    g.add_argument("--flow-steps", type=int, default=S, help=f"IAF steps of --guide iaf (default: {d.flow_steps})")
-    g.add_argument("--conditional", action="store_true", default=S, help="class-conditional p(x|z,y) and q(z|x,y) "
-                   "(datasets with labels: digits, mnist, mnist-t10k, fashion-mnist, kmnist)")
+    g.add_argument(
+        "--prior",
+        choices=PRIORS,
+        default=S,
+        help="p(z) of the top latent layer: normal N(0, I), mog (a "
+        "learned mixture of Gaussians), vampprior (a mixture of the guide's encodings of learned "
+        "pseudo-inputs) (default: normal)",
+    )
+    g.add_argument(
+        "--guide",
+        choices=list(POSTERIORS),
+        default=S,
+        help="posterior family q(z|x): diagonal, "
+        "full-rank (Cholesky factor from the encoder) or iaf (inverse autoregressive flow) (default: diagonal)",
+    )
+    g.add_argument(
+        "--latent-layers",
+        type=int,
+        choices=(1, 2),
+        default=S,
+        help="2: z2 → z1 → x (--hierarchy "
+        "says how), sites z1 and z2 (default: 1; with 2, --z-dim 100 and --hidden 200,200 by default)",
+    )
+    g.add_argument(
+        "--hierarchy",
+        choices=HIERARCHIES,
+        default=S,
+        help="two layers: chain, p(x|z1) with the guide "
+        "q(z1|x) q(z2|z1) (Burda et al. 2016); skip, p(x|z1,z2) with the guide q(z2|x) q(z1|x,z2) "
+        "(Tomczak & Welling 2018; --arch mlp) (default: chain)",
+    )
+    g.add_argument(
+        "--z2-dim", type=int, default=S, help=f"dimension of z2 with --latent-layers 2 (default: {d.z2_dim})"
+    )
+    g.add_argument(
+        "--hidden2", type=int_list, default=S, help="hidden widths of the z1 ↔ z2 networks (default: 100,100)"
+    )
+    g.add_argument(
+        "--pseudo-inputs",
+        type=int,
+        default=S,
+        help=f"K learned pseudo-inputs of --prior vampprior (default: {d.pseudo_inputs})",
+    )
+    g.add_argument(
+        "--mixture-components",
+        type=int,
+        default=S,
+        help=f"M components of --prior mog (default: {d.mixture_components})",
+    )
+    g.add_argument(
+        "--flow-steps", type=int, default=S, help=f"IAF steps of --guide iaf (default: {d.flow_steps})"
+    )
+    g.add_argument(
+        "--conditional",
+        action="store_true",
+        default=S,
+        help="class-conditional p(x|z,y) and q(z|x,y) "
+        "(datasets with labels: digits, mnist, mnist-t10k, fashion-mnist, kmnist)",
+    )
     g = p.add_argument_group("objective")
-    g.add_argument("--elbo", choices=ELBO_CHOICES, default=S, help="trace = Trace_ELBO (Monte Carlo KL), meanfield = "
-                   "TraceMeanField_ELBO (analytic KL), iwae = importance-weighted bound (default: trace)")
-    g.add_argument("--num-particles", type=int, default=S, help="K particles per datapoint, vectorized "
-                   "(default: 1)")
+    g.add_argument(
+        "--elbo",
+        choices=ELBO_CHOICES,
+        default=S,
+        help="trace = Trace_ELBO (Monte Carlo KL), meanfield = "
+        "TraceMeanField_ELBO (analytic KL), iwae = importance-weighted bound (default: trace)",
+    )
+    g.add_argument(
+        "--num-particles", type=int, default=S, help="K particles per datapoint, vectorized (default: 1)"
+    )
     g.add_argument("--beta", type=float, default=S, help="β-VAE: weight of the KL term (default: 1)")
-    g.add_argument("--kl-warmup", type=float, default=S, help="epochs of linear β warm-up; with --elbo iwae it "
-                   "tempers log p(z) − log q(z|x) in each weight (default: 0, off, with one latent layer; a tenth of "
-                   "the epochs with --latent-layers 2)")
+    g.add_argument(
+        "--kl-warmup",
+        type=float,
+        default=S,
+        help="epochs of linear β warm-up; with --elbo iwae it "
+        "tempers log p(z) − log q(z|x) in each weight (default: 0, off, with one latent layer; a tenth of "
+        "the epochs with --latent-layers 2)",
+    )
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=S, help=f"(default: enough epochs for {DEFAULT_MIN_STEPS} optimizer "
-                   f"steps, at least {DEFAULT_MIN_EPOCHS}: 10 on MNIST, 250 on digits)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=S,
+        help=f"(default: enough epochs for {DEFAULT_MIN_STEPS} optimizer "
+        f"steps, at least {DEFAULT_MIN_EPOCHS}: 10 on MNIST, 250 on digits)",
+    )
     g.add_argument("--batch-size", type=int, default=S, help=f"(default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default: {d.lr})")
     g.add_argument("--weight-decay", type=float, default=S, help="Adam weight decay (default: 0)")
-    g.add_argument("--lr-decay", type=float, default=S, help="multiply the lr by this each epoch (default: 1)")
-    g.add_argument("--ema", type=float, default=S, metavar="DECAY", help="average the parameters, θ̄ ← d·θ̄ + "
-                   "(1 − d)·θ after every step; validation, best.pt and evaluate use θ̄ (e.g. 0.999; default: 0, off)")
+    g.add_argument(
+        "--lr-decay", type=float, default=S, help="multiply the lr by this each epoch (default: 1)"
+    )
+    g.add_argument(
+        "--ema",
+        type=float,
+        default=S,
+        metavar="DECAY",
+        help="average the parameters, θ̄ ← d·θ̄ + "
+        "(1 − d)·θ after every step; validation, best.pt and evaluate use θ̄ (e.g. 0.999; default: 0, off)",
+    )
     g.add_argument("--grad-clip", type=_opt_float, default=S, help="clip the gradient norm (default: off)")
-    g.add_argument("--patience", type=_opt_int, default=S, help="early stop after this many epochs without a "
-                   "better validation ELBO (IWAE_K bound with --elbo iwae) (default: off)")
-    g.add_argument("--time-limit", type=_opt_float, default=S, metavar="MINUTES", help="stop after the first "
-                   "epoch that ends past this many minutes of training in this invocation; best.pt is still "
-                   "chosen on validation (default: off)")
+    g.add_argument(
+        "--patience",
+        type=_opt_int,
+        default=S,
+        help="early stop after this many epochs without a "
+        "better validation ELBO (IWAE_K bound with --elbo iwae) (default: off)",
+    )
+    g.add_argument(
+        "--time-limit",
+        type=_opt_float,
+        default=S,
+        metavar="MINUTES",
+        help="stop after the first "
+        "epoch that ends past this many minutes of training in this invocation; best.pt is still "
+        "chosen on validation (default: off)",
+    )
     g.add_argument("--seed", type=int, default=S, help="(default: 0)")
     g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
-    g.add_argument("--cuda-graph", action="store_true", default=S, help="on CUDA, replay each training step "
-                   "from a captured CUDA graph: the same numbers as eager steps, about 10x faster on an H200 "
-                   "(default: off until every program family passes benchmarks/gpu_check.py; no effect on the CPU)")
-    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=S,
-                   help="eager training steps (the default; switches --cuda-graph off on --resume)")
-    g.add_argument("--log-every", type=int, default=S, help=f"steps between progress updates (default: "
-                   f"{d.log_every})")
-    g.add_argument("--final-iwae-k", type=int, default=S, help=f"K of the validation IWAE bound reported at the "
-                   f"end (default: {d.final_iwae_k}; 0 skips it)")
+    g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        default=S,
+        help="on CUDA, replay each training step "
+        "from a captured CUDA graph: the same numbers as eager steps, about 10x faster on an H200 "
+        "(default: off until every program family passes benchmarks/gpu_check.py; no effect on the CPU)",
+    )
+    g.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        default=S,
+        help="eager training steps (the default; switches --cuda-graph off on --resume)",
+    )
+    g.add_argument(
+        "--log-every", type=int, default=S, help=f"steps between progress updates (default: {d.log_every})"
+    )
+    g.add_argument(
+        "--final-iwae-k",
+        type=int,
+        default=S,
+        help=f"K of the validation IWAE bound reported at the end (default: {d.final_iwae_k}; 0 skips it)",
+    )
     g = p.add_argument_group("run directory")
     g.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<elbo>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
-    g.add_argument("--tensorboard", type=_opt_str, default=S, metavar="DIR", help="also write each epoch's "
-                   "metrics and image grids (reconstructions, prior samples) as TensorBoard events in DIR, step = "
-                   "epoch; --resume continues there ('none' turns it off); needs pip install 'ppl_vae[tensorboard]' "
-                   "(default: off)")
+    g.add_argument(
+        "--tensorboard",
+        type=_opt_str,
+        default=S,
+        metavar="DIR",
+        help="also write each epoch's "
+        "metrics and image grids (reconstructions, prior samples) as TensorBoard events in DIR, step = "
+        "epoch; --resume continues there ('none' turns it off); needs pip install 'ppl_vae[tensorboard]' "
+        "(default: off)",
+    )
     return p
 
 
@@ -143,51 +275,122 @@ RUN_FLAGS = ("out", "resume", "overwrite", "quiet")
 def config_from_args(args: argparse.Namespace, base: FitConfig | None = None) -> FitConfig:
     """``base`` (defaults, or the saved config on --resume) updated with the flags given, validated
     (e.g. argparse's float() accepts "inf" and "nan", which no setting means)."""
-    given = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
-    cfg = dataclasses.replace(base or FitConfig(), **given)
+    return _config({k: v for k, v in vars(args).items() if k not in RUN_FLAGS}, base)
+
+
+def _config(options: dict, base: FitConfig | None) -> FitConfig:
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UserError(
+            f"unknown option(s) {unknown} of ppl_vae.fit; the options are FitConfig's fields: "
+            f"{sorted(known - {'image_shape', 'num_classes'})}"
+        )
+    cfg = dataclasses.replace(base or FitConfig(), **options)
     cfg.validate()
     return cfg
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished ``fit``: its directory ``out``, the trained ``model`` (the parameters it is
+    judged and kept by: θ̄ under ``ema``; in eval mode), its ``config`` (data-dependent defaults
+    fixed), the ``metrics`` rows (one per epoch, as in ``metrics.jsonl``) and the ``summary``
+    (``summary.json``)."""
+
+    out: Path
+    model: object
+    config: FitConfig
+    metrics: list
+    summary: dict
+    main_process: bool = True  # False on ranks > 0 under torchrun
+
+
+def fit(
+    dataset=None, out=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = True, **options
+) -> Run:
+    """Train a VAE from Python exactly as ``python -m ppl_vae.fit`` does (the command calls this):
+    ``ppl_vae.fit(dataset="binarized-mnist", out="runs/bmnist", epochs=10, prior="vampprior")``.
+
+    ``dataset``: a name or file, as ``--dataset`` (default ``auto``), or a :class:`~ppl_vae.data.Dataset`
+    (e.g. from :func:`~ppl_vae.data.load_dataset` or ``dataset_from_array``); ``out``: the run
+    directory (default ``runs/<dataset>-<elbo>-<time>``); ``options``: any flag of the command,
+    spelled as :class:`~ppl_vae.training.config.FitConfig`'s field (``z_dim=20``, ``kl_warmup=5``,
+    ``hidden=[400]``). Raises :class:`~ppl_vae.core.errors.UserError` (one line) on bad input,
+    ``Interrupted`` (a checkpoint was saved; ``resume=True`` continues) and ``NonFiniteLoss``."""
+    from .training.train import Trainer
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if resume and not out:
+        raise UserError("--resume needs --out, the run directory to continue")
+    base = None
+    if resume:
+        if not (Path(out) / "config.json").exists():
+            raise UserError(f"--resume: {out} holds no run (no config.json)")
+        base = FitConfig.load(Path(out) / "config.json")
+    data = None if dataset is None or isinstance(dataset, (str, Path)) else dataset
+    if dataset is not None:
+        options["dataset"] = data.name if data is not None else str(dataset)
+    cfg = _config(options, base)
+    out = Path(out or f"runs/{Path(cfg.dataset).stem}-{cfg.elbo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet, dataset=data)
+    summary = trainer.run()
+    return Run(
+        out, trainer.evaluated.eval(), trainer.cfg, list(trainer.state.rows), summary, trainer.ctx.is_main
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with user_errors(PROG):
-        from .train import Interrupted, NonFiniteLoss, Trainer  # (a signal while it loads: one line)
+        from .training.train import Interrupted, NonFiniteLoss  # (a signal while it loads: one line)
 
-        if args.resume and args.overwrite:
-            raise UserError("--resume and --overwrite contradict each other; pick one")
-        if args.resume and not args.out:
-            raise UserError("--resume needs --out, the run directory to continue")
-        base = None
-        if args.resume:
-            cfg_path = Path(args.out) / "config.json"
-            if not cfg_path.exists():
-                raise UserError(f"--resume: {args.out} holds no run (no config.json)")
-            base = FitConfig.load(cfg_path)
-        cfg = config_from_args(args, base)
-        out = args.out or f"runs/{Path(cfg.dataset).stem}-{cfg.elbo}-{time.strftime('%Y%m%d-%H%M%S')}"
         try:
-            trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
-            summary = trainer.run()
+            run = fit(
+                out=args.out,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                **{k: v for k, v in vars(args).items() if k not in RUN_FLAGS},
+            )
         except Interrupted as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return e.exit_code
         except NonFiniteLoss as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
-    if not trainer.ctx.is_main:  # under torchrun, rank 0 reports
+    if not run.main_process:  # under torchrun, rank 0 reports
         return 0
-    cfg = trainer.cfg
-    best = (f"best validation IWAE_{cfg.num_particles} (the bound trained): {summary['best_valid_iwae_k']:.3f}"
-            if "best_valid_iwae_k" in summary else f"best validation ELBO: {summary['best_valid_elbo']:.3f}")
+    cfg, summary, out = run.config, run.summary, run.out
+    best = (
+        f"best validation IWAE_{cfg.num_particles} (the bound trained): {summary['best_valid_iwae_k']:.3f}"
+        if "best_valid_iwae_k" in summary
+        else f"best validation ELBO: {summary['best_valid_elbo']:.3f}"
+    )
     at = f" (epoch {summary['best_epoch']}, kept in best.pt)" if summary.get("best_epoch") else ""
-    print(f"{best} nats per datapoint{at}" + (
-        f"; validation IWAE_{summary['final_iwae_k']} of the last epoch: {summary['final_valid_iwae']:.3f}"
-        if "final_valid_iwae" in summary else ""))
+    print(
+        f"{best} nats per datapoint{at}"
+        + (
+            f"; validation IWAE_{summary['final_iwae_k']} of the last epoch: {summary['final_valid_iwae']:.3f}"
+            if "final_valid_iwae" in summary
+            else ""
+        )
+    )
     print(f"run directory: {out}")
-    print(f"figures: {Path(out) / 'reconstructions.png'}, {Path(out) / 'samples.png'}, "
-          f"{Path(out) / 'training_curve.png'}")
+    print(f"figures: {out / 'reconstructions.png'}, {out / 'samples.png'}, {out / 'training_curve.png'}")
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``ppl_vae.fit`` is this module (``python -m ppl_vae.fit``, ``fit.main``) and, called,
+    :func:`fit`: ``from ppl_vae import fit; fit(dataset=..., epochs=3)``."""
+
+    def __call__(self, *args, **kwargs) -> Run:
+        return self.fit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     run_command(PROG, main)

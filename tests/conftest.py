@@ -8,6 +8,7 @@ Real data: tests that need ``../shared/data`` (static binarized MNIST, the MNIST
 take the ``data_dir`` fixture. Without the data they skip, except when ``CI=true`` or
 ``PPL_VAE_REQUIRE_DATA=1``: then missing data fail the test.
 """
+
 import os
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def _require_data() -> bool:
 def data_dir() -> Path:
     """The shared real-data folder: $PPL_VAE_DATA, else ../shared/data beside the repo."""
     d = Path(os.environ.get("PPL_VAE_DATA") or REPO.parent / "shared" / "data")
-    needed = [d / "binarized_mnist" / "binarized_mnist_train.amat.gz", d / "mnist_t10k" / "t10k-images-idx3-ubyte.gz"]
+    needed = [
+        d / "binarized_mnist" / "binarized_mnist_train.amat.gz",
+        d / "mnist_t10k" / "t10k-images-idx3-ubyte.gz",
+    ]
     missing = [str(p) for p in needed if not p.exists() and not p.with_suffix("").exists()]
     if missing:
         msg = f"real data missing: {', '.join(missing)} (set PPL_VAE_DATA to the shared data folder)"

@@ -3,19 +3,19 @@ it after every step, and every consumer (validation, best.pt, evaluate, --resume
 
 Tiny runs on 48 binary 4x4 images (3 steps per epoch), so each costs little more than the imports.
 """
+
 import math
 
 import pytest
 import torch
+from test_checkpoint import bits, tiny_config  # noqa: F401  (bits: a fixture)
 from torch import nn
 
-from ppl_vae.averaging import ParameterAverage
-from ppl_vae.errors import CheckpointError
-from ppl_vae.runs import load_run
-from ppl_vae.train import Trainer
-from ppl_vae.validation import elbo_terms_on
-
-from test_checkpoint import bits, tiny_config  # noqa: F401  (bits: a fixture)
+from ppl_vae.core.errors import CheckpointError
+from ppl_vae.training.averaging import ParameterAverage
+from ppl_vae.training.runs import load_run
+from ppl_vae.training.train import Trainer
+from ppl_vae.training.validation import elbo_terms_on
 
 DECAY = 0.6  # a short memory, so that three steps per epoch move θ̄ well away from θ₀
 
@@ -36,9 +36,10 @@ def test_average_is_the_closed_form_of_the_recursion():
         thetas.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
         avg.update()
     T, d = len(thetas) - 1, 0.9
-    closed = d ** T * thetas[0] + sum((1 - d) * d ** (T - t) * thetas[t] for t in range(1, T + 1))
-    torch.testing.assert_close(torch.cat([p.flatten() for p in avg.model.parameters()]), closed,
-                               rtol=1e-12, atol=1e-12)
+    closed = d**T * thetas[0] + sum((1 - d) * d ** (T - t) * thetas[t] for t in range(1, T + 1))
+    torch.testing.assert_close(
+        torch.cat([p.flatten() for p in avg.model.parameters()]), closed, rtol=1e-12, atol=1e-12
+    )
     assert torch.equal(avg.model.const, torch.full((2,), 5.0, dtype=torch.float64))
     assert not any(p.requires_grad for p in avg.model.parameters()) and not avg.model.training
     for bad in (0.0, 1.0):
@@ -96,5 +97,6 @@ def test_resume_with_averaging_equals_one_go(bits, tmp_path):  # noqa: F811
     for ema in (0.0, 0.9):
         with pytest.raises(CheckpointError, match=f"ema: checkpoint has {DECAY}, requested {ema}"):
             Trainer(tiny_config(bits, epochs=5, ema=ema), tmp_path / "two", resume=True, quiet=True)
-    assert torch.equal(_flat(torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]),
-                       _flat(two["model"]))
+    assert torch.equal(
+        _flat(torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]), _flat(two["model"])
+    )

@@ -1,6 +1,7 @@
 """Checkpoints in process: atomic writes that survive a full disk, safe loading that refuses
 every damaged or crafted file with one clear line, RNG states that round-trip exactly.
 See docs/reliability.md."""
+
 import errno
 import json
 import os
@@ -13,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae import __version__, checkpoint, runs
-from ppl_vae.config import FitConfig
-from ppl_vae.errors import CheckpointError, WriteError, UserError
-from ppl_vae.runs import load_run, read_metrics
-from ppl_vae.train import Trainer
+from ppl_vae import __version__
+from ppl_vae.core.errors import CheckpointError, UserError, WriteError
+from ppl_vae.training import checkpoint, runs
+from ppl_vae.training.config import FitConfig
+from ppl_vae.training.runs import load_run, read_metrics
+from ppl_vae.training.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,7 @@ def no_temp_files(folder: Path) -> bool:
 
 # --------------------------------------------------------------------------- writing
 
+
 def test_atomic_save_writes_a_loadable_file_with_the_usual_permissions(tmp_path):
     obj = {"a": torch.arange(5.0), "b": [1, "x", None]}
     checkpoint.atomic_save(obj, tmp_path / "c.pt")
@@ -87,15 +90,25 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     def enospc(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(*{"torch.save": (torch, "save", DiskFull(1)), "os.fsync": (os, "fsync", enospc),
-                          "os.replace": (os, "replace", enospc),
-                          "torch zip writer": (torch, "save", _torch_zip_enospc)}[where])
+    monkeypatch.setattr(
+        *{
+            "torch.save": (torch, "save", DiskFull(1)),
+            "os.fsync": (os, "fsync", enospc),
+            "os.replace": (os, "replace", enospc),
+            "torch zip writer": (torch, "save", _torch_zip_enospc),
+        }[where]
+    )
     with pytest.raises(WriteError) as e:
         checkpoint.atomic_save({"format_version": 0, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    why = ("the write was cut short (most likely no space left on device)" if where == "torch zip writer"
-           else "no space left on device")
-    assert isinstance(e.value, OSError) and e.value.errno == (errno.EIO if where == "torch zip writer" else errno.ENOSPC)
+    why = (
+        "the write was cut short (most likely no space left on device)"
+        if where == "torch zip writer"
+        else "no space left on device"
+    )
+    assert isinstance(e.value, OSError) and e.value.errno == (
+        errno.EIO if where == "torch zip writer" else errno.ENOSPC
+    )
     assert str(e.value) == f"could not write {path} ({why}); the previous checkpoint.pt is intact"
     assert path.read_bytes() == before and no_temp_files(tmp_path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
@@ -114,7 +127,9 @@ def test_disk_full_during_training_keeps_the_last_checkpoint_and_resumes(bits, t
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]  # epoch 2 was logged, not saved
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "train_el')  # and a line cut short by the crash
-    with pytest.warns(UserWarning, match=r"dropped the line\(s\) after epoch 1"):  # healed from the checkpoint
+    with pytest.warns(
+        UserWarning, match=r"dropped the line\(s\) after epoch 1"
+    ):  # healed from the checkpoint
         t2 = Trainer(FitConfig.load(out / "config.json"), out, resume=True, quiet=True)
     assert t2.state.epoch == 1 and [m["epoch"] for m in read_metrics(out)] == [1]
     assert all(torch.equal(v.cpu(), ckpt["model"][k]) for k, v in t2.model.state_dict().items())
@@ -126,14 +141,32 @@ def test_disk_full_through_the_cli_is_one_line_and_exit_1(bits, tmp_path, monkey
     monkeypatch.setattr(torch, "save", DiskFull(fail_from=3))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(["--dataset", str(bits), "--hidden", "8", "--z-dim", "2", "--batch-size", "16", "--epochs", "3",
-              "--final-iwae-k", "0", "--quiet", "--out", str(tmp_path / "run")])
+        main(
+            [
+                "--dataset",
+                str(bits),
+                "--hidden",
+                "8",
+                "--z-dim",
+                "2",
+                "--batch-size",
+                "16",
+                "--epochs",
+                "3",
+                "--final-iwae-k",
+                "0",
+                "--quiet",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("python -m ppl_vae.fit: error: could not write ") and "is intact" in err
 
 
 # --------------------------------------------------------------------------- reading
+
 
 class Evil:
     def __init__(self, marker):
@@ -153,15 +186,21 @@ def _damaged(run: Path, tmp_path: Path, kind: str) -> Path:
     elif kind == "junk":
         path.write_bytes(b"hello world" * 10)
     elif kind.startswith("truncated"):
-        path.write_bytes(good[:int(len(good) * float(kind.split("-")[1]))])
+        path.write_bytes(good[: int(len(good) * float(kind.split("-")[1]))])
     elif kind.startswith("flip"):
         member = "data.pkl" if kind == "flip-pickle" else "data/0"
         with zipfile.ZipFile(run / "checkpoint.pt") as z:
             info = next(i for i in z.infolist() if i.filename.endswith(member))
         data = bytearray(good)
-        local = info.header_offset  # local header: 30 bytes, then the name and an extra field of its own length
-        start = local + 30 + int.from_bytes(good[local + 26:local + 28], "little") + \
-            int.from_bytes(good[local + 28:local + 30], "little")
+        local = (
+            info.header_offset
+        )  # local header: 30 bytes, then the name and an extra field of its own length
+        start = (
+            local
+            + 30
+            + int.from_bytes(good[local + 26 : local + 28], "little")
+            + int.from_bytes(good[local + 28 : local + 30], "little")
+        )
         data[start + info.file_size // 2] ^= 0x10
         path.write_bytes(data)
     elif kind == "not-a-dict":
@@ -191,24 +230,30 @@ def _damaged(run: Path, tmp_path: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind,message", [
-    ("empty", "is truncated or corrupt (not a readable PyTorch archive: BadZipFile)"),
-    ("junk", "is truncated or corrupt"),
-    ("truncated-0.1", "is truncated or corrupt"),
-    ("truncated-0.5", "is truncated or corrupt"),
-    ("truncated-0.999", "is truncated or corrupt"),
-    ("flip-tensor", "/data/0 fails its CRC-32 check)"),
-    ("flip-pickle", "/data.pkl fails its CRC-32 check)"),
-    ("not-a-dict", "is not a ppl_vae checkpoint (no format_version field)"),
-    ("no-format", "is not a ppl_vae checkpoint (no format_version field)"),
-    ("format", "has checkpoint format 2, this ppl_vae reads format 1; use the ppl_vae version that wrote it (9.9)"),
-    ("incomplete", "is an incomplete ppl_vae checkpoint (missing or malformed: optimizer, rng)"),
-    ("directory", "is a directory, not a checkpoint file"),
-    ("missing", "does not exist"),
-    ("evil-torch", "refusing to load"),
-    ("evil-pickle", "is truncated or corrupt (not a readable PyTorch archive"),
-    ("evil-in-archive", "refusing to load"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("empty", "is truncated or corrupt (not a readable PyTorch archive: BadZipFile)"),
+        ("junk", "is truncated or corrupt"),
+        ("truncated-0.1", "is truncated or corrupt"),
+        ("truncated-0.5", "is truncated or corrupt"),
+        ("truncated-0.999", "is truncated or corrupt"),
+        ("flip-tensor", "/data/0 fails its CRC-32 check)"),
+        ("flip-pickle", "/data.pkl fails its CRC-32 check)"),
+        ("not-a-dict", "is not a ppl_vae checkpoint (no format_version field)"),
+        ("no-format", "is not a ppl_vae checkpoint (no format_version field)"),
+        (
+            "format",
+            "has checkpoint format 2, this ppl_vae reads format 1; use the ppl_vae version that wrote it (9.9)",
+        ),
+        ("incomplete", "is an incomplete ppl_vae checkpoint (missing or malformed: optimizer, rng)"),
+        ("directory", "is a directory, not a checkpoint file"),
+        ("missing", "does not exist"),
+        ("evil-torch", "refusing to load"),
+        ("evil-pickle", "is truncated or corrupt (not a readable PyTorch archive"),
+        ("evil-in-archive", "refusing to load"),
+    ],
+)
 def test_every_bad_checkpoint_is_one_clear_error(run, tmp_path, capfd, kind, message):
     path = _damaged(run, tmp_path, kind)
     capfd.readouterr()
@@ -237,8 +282,11 @@ def test_load_run_refuses_a_checkpoint_of_another_model(run, tmp_path):
     cfg = FitConfig.load(tmp_path / "config.json")
     cfg.z_dim = 3
     cfg.save(tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match=r"does not match the requested model \(z_dim: checkpoint has 2, "
-                                              r"requested 3\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not match the requested model \(z_dim: checkpoint has 2, "
+        r"requested 3\)",
+    ):
         load_run(tmp_path)
     with pytest.raises(UserError, match="is not a ppl_vae run directory"):
         load_run(tmp_path / "nowhere")
@@ -265,7 +313,11 @@ def test_rng_states_round_trip_exactly_through_a_safe_checkpoint(tmp_path, devic
     checkpoint.atomic_save({"rng": checkpoint.rng_state()}, tmp_path / "rng.pt")
 
     def draws():
-        return torch.rand(4).tolist(), np.random.normal(size=3).tolist(), [random.gauss(0, 1), random.random()]
+        return (
+            torch.rand(4).tolist(),
+            np.random.normal(size=3).tolist(),
+            [random.gauss(0, 1), random.random()],
+        )
 
     first = draws()
     draws()
@@ -276,26 +328,40 @@ def test_rng_states_round_trip_exactly_through_a_safe_checkpoint(tmp_path, devic
 def test_heal_metrics_renames_a_legacy_file_silently_and_reports_damage(tmp_path):
     """A metrics.jsonl of version 0.1 (train_elbo, valid_iwae) is intact: rewritten under the new
     keys without a note. A line cut short is damage: rewritten from the rows, with a note."""
-    legacy = [{"epoch": 1, "train_elbo": -1.0, "valid_elbo": -2.0}, {"epoch": 2, "train_elbo": -0.5, "valid_iwae": -1.5}]
+    legacy = [
+        {"epoch": 1, "train_elbo": -1.0, "valid_elbo": -2.0},
+        {"epoch": 2, "train_elbo": -0.5, "valid_iwae": -1.5},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in legacy))
     rows = read_metrics(tmp_path)
-    assert rows == [{"epoch": 1, "train_objective": -1.0, "valid_elbo": -2.0},
-                    {"epoch": 2, "train_objective": -0.5, "valid_iwae_k": -1.5}]
+    assert rows == [
+        {"epoch": 1, "train_objective": -1.0, "valid_elbo": -2.0},
+        {"epoch": 2, "train_objective": -0.5, "valid_iwae_k": -1.5},
+    ]
     assert runs.heal_metrics(tmp_path, rows) is None
     assert [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
     (tmp_path / "metrics.jsonl").write_text((tmp_path / "metrics.jsonl").read_text()[:-10])
     note = runs.heal_metrics(tmp_path, rows)
-    assert note == "metrics.jsonl was damaged or incomplete (2 line(s)); rewritten from the checkpoint (epochs 1-2)"
+    assert (
+        note
+        == "metrics.jsonl was damaged or incomplete (2 line(s)); rewritten from the checkpoint (epochs 1-2)"
+    )
     assert read_metrics(tmp_path) == rows
 
 
 def test_best_epoch_is_the_first_maximum_of_the_bound_the_run_selects_on():
     """An ELBO run is selected on valid_elbo; an IWAE run on valid_iwae_k, even where its ELBO
     is higher at another epoch; a tie keeps the earlier epoch (the trainer needs a strict gain)."""
-    elbo_rows = [{"epoch": 1, "valid_elbo": -90.0}, {"epoch": 2, "valid_elbo": -88.0},
-                 {"epoch": 3, "valid_elbo": -88.0}, {"epoch": 4, "valid_elbo": -89.0}]
+    elbo_rows = [
+        {"epoch": 1, "valid_elbo": -90.0},
+        {"epoch": 2, "valid_elbo": -88.0},
+        {"epoch": 3, "valid_elbo": -88.0},
+        {"epoch": 4, "valid_elbo": -89.0},
+    ]
     assert runs.best_epoch(elbo_rows) == 2
-    iwae_rows = [{"epoch": 1, "valid_elbo": -88.0, "valid_iwae_k": -87.5},
-                 {"epoch": 2, "valid_elbo": -89.0, "valid_iwae_k": -86.9}]
+    iwae_rows = [
+        {"epoch": 1, "valid_elbo": -88.0, "valid_iwae_k": -87.5},
+        {"epoch": 2, "valid_elbo": -89.0, "valid_iwae_k": -86.9},
+    ]
     assert runs.best_epoch(iwae_rows) == 2 and runs.selection_bound(iwae_rows[0]) == -87.5
     assert runs.best_epoch([]) is None

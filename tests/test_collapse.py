@@ -1,14 +1,17 @@
 """Posterior collapse said out loud: each layer's KL against closed forms, the rules of the
 warning, and the warning through ``fit`` (with ``--quiet`` too) and ``evaluate``."""
+
 import json
 
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from ppl_vae import collapse, estimators, evaluate, fit
-from ppl_vae.config import FitConfig
-from ppl_vae.model import VAE
+from ppl_vae import evaluate, fit
+from ppl_vae.inference import estimators
+from ppl_vae.programs.model import VAE
+from ppl_vae.reports import collapse
+from ppl_vae.training.config import FitConfig
 
 
 def _x(n=60, d=16, seed=0):
@@ -27,8 +30,9 @@ def test_a_layers_kl_is_the_closed_form_gaussian_kl(device):
     assert set(terms) == {"z"} and terms["z"].shape == (60,)
     # the MC standard error of each datapoint's mean of log q − log p: sd/√S with sd ≈ √(2 KL) + ...
     torch.testing.assert_close(terms["z"], exact, rtol=0.08, atol=0.02)
-    assert collapse.kl_per_site(vae.model, vae.guide, x, num_samples=4000, seed=1)["z"] == \
-        pytest.approx(exact.mean().item(), rel=0.03)
+    assert collapse.kl_per_site(vae.model, vae.guide, x, num_samples=4000, seed=1)["z"] == pytest.approx(
+        exact.mean().item(), rel=0.03
+    )
 
 
 def test_the_layers_kls_sum_to_the_elbos_kl_term_in_a_hierarchy():
@@ -40,7 +44,7 @@ def test_the_layers_kls_sum_to_the_elbos_kl_term_in_a_hierarchy():
     kl = collapse.kl_per_site(vae.model, vae.guide, x, num_samples=2000, seed=2)
     t = estimators.elbo_terms(vae.model, vae.guide, x, num_samples=2000, seed=3)
     term = (t["recon"].value - t["elbo"].value).mean().item()
-    se = (t["recon"].value - t["elbo"].value).std().item() / 40 ** 0.5  # across datapoints: a loose bound
+    se = (t["recon"].value - t["elbo"].value).std().item() / 40**0.5  # across datapoints: a loose bound
     assert set(kl) == {"z1", "z2"} and all(v > 0 for v in kl.values())
     assert sum(kl.values()) == pytest.approx(term, abs=5 * se + 0.01)
 
@@ -48,15 +52,32 @@ def test_the_layers_kls_sum_to_the_elbos_kl_term_in_a_hierarchy():
 UNITS = {"z": {"active": 0, "dims": 20}}
 
 
-@pytest.mark.parametrize("kl,units,likelihood,expect", [
-    ({"z": 0.04}, {"z": {"active": 0, "dims": 20}}, "gaussian", ["posterior collapse in z", "--sigma", "--kl-warmup",
-                                                                "--z-dim"]),
-    ({"z": 0.5}, {"z": {"active": 12, "dims": 20}}, "bernoulli", ["posterior collapse in z", "KL(q ‖ p) 0.50"]),
-    ({"z": 30.0}, {"z": {"active": 0, "dims": 20}}, "bernoulli", ["posterior collapse in z", "0 of 20"]),
-    ({"z2": 5.0}, {"z2": {"active": 12, "dims": 40}}, "bernoulli", ["z2 is mostly unused", "12 of 40", "--z2-dim"]),
-    ({"z": 20.0}, {"z": {"active": 10, "dims": 20}}, "bernoulli", []),  # half: in use
-    ({"z": 20.0}, None, None, []),
-])
+@pytest.mark.parametrize(
+    "kl,units,likelihood,expect",
+    [
+        (
+            {"z": 0.04},
+            {"z": {"active": 0, "dims": 20}},
+            "gaussian",
+            ["posterior collapse in z", "--sigma", "--kl-warmup", "--z-dim"],
+        ),
+        (
+            {"z": 0.5},
+            {"z": {"active": 12, "dims": 20}},
+            "bernoulli",
+            ["posterior collapse in z", "KL(q ‖ p) 0.50"],
+        ),
+        ({"z": 30.0}, {"z": {"active": 0, "dims": 20}}, "bernoulli", ["posterior collapse in z", "0 of 20"]),
+        (
+            {"z2": 5.0},
+            {"z2": {"active": 12, "dims": 40}},
+            "bernoulli",
+            ["z2 is mostly unused", "12 of 40", "--z2-dim"],
+        ),
+        ({"z": 20.0}, {"z": {"active": 10, "dims": 20}}, "bernoulli", []),  # half: in use
+        ({"z": 20.0}, None, None, []),
+    ],
+)
 def test_the_warning_names_the_layer_what_is_wrong_and_the_remedies(kl, units, likelihood, expect):
     lines = collapse.warnings_for(kl, units, likelihood)
     assert len(lines) == (1 if expect else 0), lines
@@ -80,8 +101,23 @@ def test_defaults_that_avoid_the_collapses():
 def collapsed_run(tmp_path_factory):
     """σ = 1 Gaussian on the digits for 3 epochs: the collapse of issue 22, in seconds."""
     out = tmp_path_factory.mktemp("collapsed") / "run"
-    argv = ["--dataset", "digits", "--likelihood", "gaussian", "--sigma", "1", "--epochs", "3", "--final-iwae-k", "0",
-            "--device", "cpu", "--quiet", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--likelihood",
+        "gaussian",
+        "--sigma",
+        "1",
+        "--epochs",
+        "3",
+        "--final-iwae-k",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     return out, argv
 
 
@@ -90,7 +126,9 @@ def test_fit_says_collapse_out_loud_even_with_quiet(collapsed_run, capsys):
     assert fit.main(argv) == 0
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if "posterior collapse in z" in ln]
-    assert len(lines) == 1 and lines[0].startswith("python -m ppl_vae.fit: warning: posterior collapse in z: 0 of 20")
+    assert len(lines) == 1 and lines[0].startswith(
+        "python -m ppl_vae.fit: warning: posterior collapse in z: 0 of 20"
+    )
     assert "--sigma" in lines[0]
     s = json.loads((out / "summary.json").read_text())
     assert s["active_units"] == {"z": 0} and s["kl_per_site"]["z"] < collapse.KL_FLOOR
@@ -102,7 +140,9 @@ def test_evaluate_reports_each_layers_kl_and_the_collapse(collapsed_run, tmp_pat
     if not (out / "best.pt").exists():
         assert fit.main(argv) == 0
     js = tmp_path / "e.json"
-    assert evaluate.main([str(out), "--num-samples", "20", "--subset", "100", "--quiet", "--json", str(js)]) == 0
+    assert (
+        evaluate.main([str(out), "--num-samples", "20", "--subset", "100", "--quiet", "--json", str(js)]) == 0
+    )
     table = capsys.readouterr().out
     assert "KL(q ‖ p) per layer: z 0." in table
     assert "warning: posterior collapse in z: 0 of 20 units active" in table

@@ -1,5 +1,6 @@
 """Datasets: file readers, bundled and synthetic data, user arrays, the data directory,
 binarization, and the checks that refuse data a likelihood cannot model."""
+
 import gzip
 import math
 import warnings
@@ -9,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae import data, data_files
-from ppl_vae.circles import make_circles
-from ppl_vae.data import load_dataset
-from ppl_vae.errors import DataError
-from ppl_vae.likelihoods import make_likelihood
+from ppl_vae.core.errors import DataError
+from ppl_vae.data import datasets as data
+from ppl_vae.data import readers as data_files
+from ppl_vae.data.circles import make_circles
+from ppl_vae.data.datasets import load_dataset
+from ppl_vae.programs.likelihoods import make_likelihood
 
 BERNOULLI = make_likelihood("bernoulli")
 
@@ -23,6 +25,7 @@ def _is_binary(x):
 
 
 # --------------------------------------------------------------------------- file readers
+
 
 def _write_amat(path, arr):
     text = "".join(" ".join(str(int(v)) for v in row) + "\n" for row in arr)
@@ -82,14 +85,16 @@ def test_binarized_mnist_missing_without_download_is_a_data_error(tmp_path):
 def _fake_download_url(calls, fail=None):
     """A stand-in for torchvision's ``download_url`` (no network in tests): records its arguments
     and writes a tiny valid ``.amat`` where asked, or half of one and then raises ``fail``."""
+
     def download_url(url, root, filename=None, md5=None):
         calls.append({"url": url, "root": root, "filename": filename, "md5": md5})
         text = "".join(" ".join("1" if (i + j) % 3 else "0" for j in range(784)) + "\n" for i in range(4))
         path = Path(root) / filename
         path.parent.mkdir(parents=True, exist_ok=True)  # as download_url does
-        path.write_text(text[:len(text) // 2] if fail else text)
+        path.write_text(text[: len(text) // 2] if fail else text)
         if fail:
             raise fail
+
     return download_url
 
 
@@ -100,21 +105,35 @@ def test_binarized_mnist_download_is_https_with_the_md5_of_each_file(tmp_path, m
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", _fake_download_url(calls))
     ds = load_dataset("binarized-mnist", data_dir=tmp_path)
     folder = tmp_path / "binarized_mnist"
-    assert [c["url"] for c in calls] == [f"https://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
-                                         f"binarized_mnist_{s}.amat" for s in ("train", "valid", "test")]
-    assert [c["md5"] for c in calls] == ["db28b1a6ae0fe70cbd3da91acf46e477", "bf37822a04e94123630de6a7dfd9c9ef",
-                                         "14e41ae11040adba6ab8cb291eda0dd8"]
+    assert [c["url"] for c in calls] == [
+        f"https://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{s}.amat"
+        for s in ("train", "valid", "test")
+    ]
+    assert [c["md5"] for c in calls] == [
+        "db28b1a6ae0fe70cbd3da91acf46e477",
+        "bf37822a04e94123630de6a7dfd9c9ef",
+        "14e41ae11040adba6ab8cb291eda0dd8",
+    ]
     assert all(Path(c["root"]) == folder for c in calls)
     # each file was fetched under a temporary name and renamed once checked
-    assert sorted(p.name for p in folder.iterdir()) == [f"binarized_mnist_{s}.amat" for s in ("test", "train", "valid")]
-    assert torch.equal(ds.train, torch.tensor([[float((i + j) % 3 != 0) for j in range(784)] for i in range(4)]))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"binarized_mnist_{s}.amat" for s in ("test", "train", "valid")
+    ]
+    assert torch.equal(
+        ds.train, torch.tensor([[float((i + j) % 3 != 0) for j in range(784)] for i in range(4)])
+    )
     # a second load reads the local copies: no download
     load_dataset("binarized-mnist", data_dir=tmp_path)
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("fail,why", [(RuntimeError("File not found or corrupted."), "its MD5 check failed"),
-                                      (ConnectionResetError("reset"), "ConnectionResetError")])
+@pytest.mark.parametrize(
+    "fail,why",
+    [
+        (RuntimeError("File not found or corrupted."), "its MD5 check failed"),
+        (ConnectionResetError("reset"), "ConnectionResetError"),
+    ],
+)
 def test_failed_download_leaves_no_file_that_looks_local(tmp_path, monkeypatch, fail, why):
     import torchvision.datasets.utils
 
@@ -156,7 +175,9 @@ def test_read_idx_refuses_truncated_and_foreign_files(tmp_path):
     path = tmp_path / "images-idx3-ubyte"
     _write_idx(path, np.zeros((4, 3, 5)))
     path.write_bytes(path.read_bytes()[:-7])  # a cut download
-    with pytest.raises(DataError, match=r"header declares shape \(4, 3, 5\) \(60 bytes\) but 53 bytes follow it"):
+    with pytest.raises(
+        DataError, match=r"header declares shape \(4, 3, 5\) \(60 bytes\) but 53 bytes follow it"
+    ):
         data.read_idx(path)
     path.write_bytes(b"PK\x03\x04 not idx")
     with pytest.raises(DataError, match="is not an IDX file"):
@@ -182,6 +203,7 @@ def test_mnist_t10k_from_idx_files(tmp_path):
 
 # --------------------------------------------------------------------------- bundled and synthetic
 
+
 def test_digits():
     ds = load_dataset("digits")
     assert ds.image_shape == (1, 8, 8)
@@ -201,7 +223,7 @@ def test_circles_factors_match_pixels():
     img = x.reshape(200, 28, 28)
     cx, cy, r = f.unbind(-1)
     area = img.sum((1, 2))
-    err = area - math.pi * r ** 2
+    err = area - math.pi * r**2
     assert (err.abs() <= 0.5 * math.pi * r).all() and err.mean().abs() < 0.5
     grid = torch.arange(28.0) + 0.5
     mx = (img * grid[None, None, :]).sum((1, 2)) / area
@@ -220,8 +242,11 @@ def test_load_circles_dataset():
 
 # --------------------------------------------------------------------------- user arrays
 
-@pytest.mark.parametrize("shape,image_shape", [((30, 6, 5), (1, 6, 5)), ((30, 1, 4, 4), (1, 4, 4)),
-                                               ((30, 16), (1, 4, 4)), ((30, 10), (1, 1, 10))])
+
+@pytest.mark.parametrize(
+    "shape,image_shape",
+    [((30, 6, 5), (1, 6, 5)), ((30, 1, 4, 4), (1, 4, 4)), ((30, 16), (1, 4, 4)), ((30, 10), (1, 1, 10))],
+)
 @pytest.mark.parametrize("ext", [".npy", ".npz"])
 def test_load_array_files(tmp_path, shape, image_shape, ext):
     arr = np.random.default_rng(6).random(shape).astype(np.float32)
@@ -238,15 +263,18 @@ def test_load_array_files(tmp_path, shape, image_shape, ext):
     assert torch.equal(all_x.sort(0).values, torch.from_numpy(arr.reshape(30, d)).sort(0).values)
 
 
-@pytest.mark.parametrize("arr,match", [
-    (np.random.default_rng(0).random(30), "shape"),
-    (np.random.default_rng(0).random((3, 3, 4, 4)), "shape"),
-    (np.zeros((0, 4, 4)), "empty"),
-    (np.full((10, 4, 4), 255.0), "divide by 255"),
-    (np.full((10, 4, 4), -0.5), r"\[0.0, 1.0\]"),
-    (np.full((10, 4, 4), np.nan), "NaN"),
-    (np.array([["a", "b"]] * 5), "numeric"),
-])
+@pytest.mark.parametrize(
+    "arr,match",
+    [
+        (np.random.default_rng(0).random(30), "shape"),
+        (np.random.default_rng(0).random((3, 3, 4, 4)), "shape"),
+        (np.zeros((0, 4, 4)), "empty"),
+        (np.full((10, 4, 4), 255.0), "divide by 255"),
+        (np.full((10, 4, 4), -0.5), r"\[0.0, 1.0\]"),
+        (np.full((10, 4, 4), np.nan), "NaN"),
+        (np.array([["a", "b"]] * 5), "numeric"),
+    ],
+)
 def test_bad_arrays_refused(tmp_path, arr, match):
     path = tmp_path / "bad.npy"
     np.save(path, arr)
@@ -277,7 +305,7 @@ def _lying_npy(shape) -> bytes:
 
 
 @pytest.mark.parametrize("ext", [".npy", ".npz"])
-@pytest.mark.parametrize("shape,need", [((10 ** 12, 64), "256,000,000,000,000"), ((10, 8, 8), "2,560")])
+@pytest.mark.parametrize("shape,need", [((10**12, 64), "256,000,000,000,000"), ((10, 8, 8), "2,560")])
 def test_a_header_that_declares_more_than_the_file_holds_is_refused(tmp_path, ext, shape, need):
     """Refused from the header alone (before NumPy allocates what it declares: 233 TiB here),
     whether the lie is absurd or a few bytes (a truncated file)."""
@@ -292,12 +320,15 @@ def test_a_header_that_declares_more_than_the_file_holds_is_refused(tmp_path, ex
     with pytest.raises(DataError) as e:
         load_dataset(str(path))
     where = str(path) + (" (array 'images')" if ext == ".npz" else "")
-    assert str(e.value) == (f"{where}: its header declares an array of shape {shape} and dtype float32 ({need} "
-                            f"bytes) but only 256 bytes follow it; the file is truncated or damaged: save the "
-                            f"images again with numpy.save / numpy.savez")
+    assert str(e.value) == (
+        f"{where}: its header declares an array of shape {shape} and dtype float32 ({need} "
+        f"bytes) but only 256 bytes follow it; the file is truncated or damaged: save the "
+        f"images again with numpy.save / numpy.savez"
+    )
 
 
 # --------------------------------------------------------------------------- data directory
+
 
 def test_data_dir_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv("PPL_VAE_DATA", str(tmp_path / "env"))
@@ -343,6 +374,7 @@ def test_auto_prefers_local_binarized_mnist_over_digits(tmp_path):
 
 
 # --------------------------------------------------------------------------- binarization
+
 
 def test_binarize_auto_is_dynamic_for_greyscale_under_bernoulli():
     ds = load_dataset("digits", likelihood=BERNOULLI)
@@ -413,6 +445,7 @@ def test_data_outside_likelihood_support_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- real data
+
 
 def test_mnist_t10k_real(data_dir):
     ds = load_dataset("mnist-t10k", data_dir=data_dir)

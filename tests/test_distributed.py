@@ -1,4 +1,4 @@
-"""Data-parallel training and evaluation (``ppl_vae.distributed``) with 2 CPU processes and Gloo.
+"""Data-parallel training and evaluation (``ppl_vae.core.distributed``) with 2 CPU processes and Gloo.
 
 Exact identities use a VAE whose guide draws ε as a fixed function of the datapoint
 (:class:`FixedNoiseVAE`), so a datapoint's loss does not depend on which rank computes it:
@@ -14,6 +14,7 @@ follows the single-process loss curve within 1.5 nats per datapoint (different �
 itself climbs ~9 nats), rank 0 alone writes, and sharded evaluation equals one process exactly.
 See docs/scaling.md.
 """
+
 import json
 import os
 import signal
@@ -30,10 +31,11 @@ import pytest
 import torch
 from pyro.poutine.messenger import Messenger
 
-from ppl_vae import distributed, plots
-from ppl_vae.config import FitConfig
-from ppl_vae.model import VAE
-from ppl_vae.objectives import make_objective
+from ppl_vae.core import distributed
+from ppl_vae.inference.objectives import make_objective
+from ppl_vae.programs.model import VAE
+from ppl_vae.reports import plots
+from ppl_vae.training.config import FitConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -95,7 +97,8 @@ class FixedNoiseVAE(VAE):
 
 def fixed_noise_setup(x: np.ndarray):
     """The float64 dataset and FixedNoiseVAE of the exact tests (the same on every rank)."""
-    from ppl_vae.data import dataset_from_array
+    from ppl_vae.data.datasets import dataset_from_array
+
     ds = dataset_from_array(x, "bits")
     ds = replace(ds, train=ds.train.double(), valid=ds.valid.double(), test=ds.test.double())
     torch.manual_seed(0)
@@ -119,12 +122,19 @@ def batch_gradients(vae, loss_fn, x, n, weights_of) -> list[list[torch.Tensor]]:
 
 # --------------------------------------------------------------------------- the 2-rank worker
 
+
 def _worker(rank: int, port: int, out: str, x: np.ndarray) -> None:
     """One of 2 ranks: gradients, a fixed-noise training run, and resume with the real VAE."""
-    from ppl_vae.train import Interrupted, Trainer
+    from ppl_vae.training.train import Interrupted, Trainer
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **LOOPBACK)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **LOOPBACK,
+    )
     torch.set_num_threads(1)
     plots.run_figures = lambda *args, **kwargs: None  # figures are tested elsewhere; here they cost seconds
     torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))  # fail fast, never hang
@@ -135,11 +145,18 @@ def _worker(rank: int, port: int, out: str, x: np.ndarray) -> None:
     for name in ("trace", "meanfield"):  # a fresh model per DDP wrapper (each hooks its parameters)
         ds, vae = fixed_noise_setup(x)
         loss_fn = distributed.wrap(vae, make_objective(name), ctx, device)
-        grads[name] = batch_gradients(vae, loss_fn, ds.train, ds.train.shape[0], lambda b: distributed.shard(b, ctx))
+        grads[name] = batch_gradients(
+            vae, loss_fn, ds.train, ds.train.shape[0], lambda b: distributed.shard(b, ctx)
+        )
     torch.save(grads, out / f"grads{rank}.pt")
     ds, vae = fixed_noise_setup(x)
-    t = Trainer(FitConfig(dataset="bits", epochs=3, device="cpu", **TINY), out / "fixed", quiet=True, dataset=ds,
-                model=vae)
+    t = Trainer(
+        FitConfig(dataset="bits", epochs=3, device="cpu", **TINY),
+        out / "fixed",
+        quiet=True,
+        dataset=ds,
+        model=vae,
+    )
     t.run()
     torch.save(t.model.state_dict(), out / f"fixed_params{rank}.pt")
     torch.set_default_dtype(torch.float32)
@@ -210,16 +227,21 @@ def test_ddp_gradient_equals_single_process_gradient(two_ranks):
 def test_ddp_training_follows_single_process_training_exactly(two_ranks, tmp_path, monkeypatch):
     """3 epochs, global batch 17 (9 + 8 rows): same metrics and parameters as one process,
     identical parameters on both ranks, rank 0 the only writer."""
-    from ppl_vae.runs import read_metrics
-    from ppl_vae.train import Trainer
+    from ppl_vae.training.runs import read_metrics
+    from ppl_vae.training.train import Trainer
 
     monkeypatch.setattr(plots, "run_figures", lambda *args, **kwargs: None)  # as in the workers
     torch.set_default_dtype(torch.float64)
     try:
         ds, vae = fixed_noise_setup(np.load(two_ranks / "bits.npy"))
         with one_thread():
-            t = Trainer(FitConfig(dataset="bits", epochs=3, device="cpu", **TINY), tmp_path, quiet=True, dataset=ds,
-                        model=vae)
+            t = Trainer(
+                FitConfig(dataset="bits", epochs=3, device="cpu", **TINY),
+                tmp_path,
+                quiet=True,
+                dataset=ds,
+                model=vae,
+            )
             t.run()
     finally:
         torch.set_default_dtype(torch.float32)
@@ -233,15 +255,21 @@ def test_ddp_training_follows_single_process_training_exactly(two_ranks, tmp_pat
         for key in ("train_objective", "valid_elbo"):
             assert b[key] == pytest.approx(a[key], rel=1e-9), key
     assert single[-1]["train_objective"] > single[0]["train_objective"] + 0.5  # it did learn
-    assert sorted(p.name for p in (two_ranks / "fixed").iterdir()) == sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in (two_ranks / "fixed").iterdir()) == sorted(
+        p.name for p in tmp_path.iterdir()
+    )
 
 
 def test_ddp_resume_equals_uninterrupted(two_ranks):
     """The real (random) VAE under 2 ranks: 2 epochs + resume to 3 = 3 in one go, bit for bit."""
-    from ppl_vae.runs import read_metrics
+    from ppl_vae.training.runs import read_metrics
 
-    whole, cut = (torch.load(two_ranks / run / "checkpoint.pt", weights_only=True) for run in ("whole", "cut"))
-    assert len(cut["rng_ranks"]) == 2 and not torch.equal(cut["rng_ranks"][0]["torch"], cut["rng_ranks"][1]["torch"])
+    whole, cut = (
+        torch.load(two_ranks / run / "checkpoint.pt", weights_only=True) for run in ("whole", "cut")
+    )
+    assert len(cut["rng_ranks"]) == 2 and not torch.equal(
+        cut["rng_ranks"][0]["torch"], cut["rng_ranks"][1]["torch"]
+    )
     for k in whole["model"]:
         assert torch.equal(whole["model"][k], cut["model"][k]), k
     strip = lambda run: [{k: v for k, v in m.items() if k != "epoch_seconds"} for m in read_metrics(run)]  # noqa: E731
@@ -254,21 +282,48 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_exac
     resuming gives the uninterrupted parameters bit for bit."""
     at = [json.loads((two_ranks / f"signal{r}.json").read_text()) for r in (0, 1)]
     assert at[0] == at[1] == {"code": 130, "at": [1, 8]}
-    whole, resumed = (torch.load(two_ranks / run / "checkpoint.pt", weights_only=True) for run in ("whole", "signal"))
+    whole, resumed = (
+        torch.load(two_ranks / run / "checkpoint.pt", weights_only=True) for run in ("whole", "signal")
+    )
     for k in whole["model"]:
         assert torch.equal(whole["model"][k], resumed["model"][k]), k
 
 
 # --------------------------------------------------------------------------- torchrun, the real CLI
 
+
 def torchrun(module: str, *args, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           "-m", module, *map(str, args)]
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        module,
+        *map(str, args),
+    ]
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-CURVE = ["--hidden", "16", "--z-dim", "2", "--batch-size", "64", "--lr", "3e-3", "--seed", "3", "--epochs", "3",
-         "--final-iwae-k", "0", "--device", "cpu", "--quiet"]
+CURVE = [
+    "--hidden",
+    "16",
+    "--z-dim",
+    "2",
+    "--batch-size",
+    "64",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "3",
+    "--epochs",
+    "3",
+    "--final-iwae-k",
+    "0",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +331,23 @@ def cli_runs(tmp_path_factory):
     """The same fit of 2,000 binary images, single-process and under torchrun with 2 processes."""
     out = tmp_path_factory.mktemp("cli")
     np.save(out / "bits.npy", binary_images(2000))
-    single = subprocess.run([sys.executable, "-m", "ppl_vae.fit", "--dataset", str(out / "bits.npy"), *CURVE,
-                             "--out", str(out / "single")], cwd=REPO, env=ENV, capture_output=True, text=True,
-                            timeout=240)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ppl_vae.fit",
+            "--dataset",
+            str(out / "bits.npy"),
+            *CURVE,
+            "--out",
+            str(out / "single"),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert single.returncode == 0, single.stderr
     ddp = torchrun("ppl_vae.fit", "--dataset", out / "bits.npy", *CURVE, "--out", out / "ddp")
     assert ddp.returncode == 0, ddp.stderr
@@ -289,7 +358,7 @@ def test_torchrun_fit_follows_the_single_process_curve(cli_runs):
     """Different ε draws (and so different later permutations): within 1.5 nats per datapoint
     at every epoch (measured: ≤ 0.25 for this seed, ≤ 1.02 over seeds 3-5; single-process runs
     with different seeds differ by ~1), while the curve climbs ~9 nats."""
-    from ppl_vae.runs import read_metrics
+    from ppl_vae.training.runs import read_metrics
 
     out, ddp = cli_runs
     assert ddp.stdout.count("run directory:") == 1  # only rank 0 reports
@@ -302,8 +371,9 @@ def test_torchrun_fit_follows_the_single_process_curve(cli_runs):
     assert single[-1]["valid_elbo"] - single[0]["train_objective"] > 5
     # no temp files; the one hidden file is the run's lock (taken by rank 0 alone)
     assert not list((out / "ddp").glob("*.tmp")) and [p.name for p in (out / "ddp").glob(".*")] == [".lock"]
-    assert json.loads((out / "ddp" / "config.json").read_text()) == \
-        json.loads((out / "single" / "config.json").read_text())
+    assert json.loads((out / "ddp" / "config.json").read_text()) == json.loads(
+        (out / "single" / "config.json").read_text()
+    )
 
 
 def test_torchrun_evaluate_equals_single_process(cli_runs, tmp_path, capsys):
@@ -312,14 +382,35 @@ def test_torchrun_evaluate_equals_single_process(cli_runs, tmp_path, capsys):
     from ppl_vae.evaluate import main
 
     out, _ = cli_runs
-    args = [out / "ddp", "--subset", 45, "-K", 40, "--ks", "1,10", "--batch-size", 10, "--seed", 5, "--device",
-            "cpu", "--quiet"]
-    r = torchrun("ppl_vae.evaluate", *args, "--json", tmp_path / "two.json", "--per-datapoint", tmp_path / "two.npz")
+    args = [
+        out / "ddp",
+        "--subset",
+        45,
+        "-K",
+        40,
+        "--ks",
+        "1,10",
+        "--batch-size",
+        10,
+        "--seed",
+        5,
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    r = torchrun(
+        "ppl_vae.evaluate", *args, "--json", tmp_path / "two.json", "--per-datapoint", tmp_path / "two.npz"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("ELBO (analytic KL)") == 1 and "× 2 processes" in r.stdout  # rank 0 prints, once
     with one_thread():  # as each torchrun worker (OMP_NUM_THREADS=1): float32 rounding depends on it
-        assert main([str(a) for a in args] + ["--json", str(tmp_path / "one.json"), "--per-datapoint",
-                                              str(tmp_path / "one.npz")]) == 0
+        assert (
+            main(
+                [str(a) for a in args]
+                + ["--json", str(tmp_path / "one.json"), "--per-datapoint", str(tmp_path / "one.npz")]
+            )
+            == 0
+        )
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert one.files == two.files and one["log_px"].shape == (45,)
     for k in one.files:

@@ -1,5 +1,6 @@
 """docs/cli.md matches the code: each command's flags (its ``--help``) are exactly the flags its
 table in docs/cli.md lists, and the defaults the docs give for σ and the KL warm-up are the code's."""
+
 import argparse
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ def documented_flags(module: str) -> set[str]:
     start = text.index(f"## `python -m ppl_vae.{module}`")
     end = text.find("\n## ", start + 1)
     flags = set()
-    for line in text[start:end if end != -1 else None].splitlines():
+    for line in text[start : end if end != -1 else None].splitlines():
         if line.startswith("| `-"):
             first = line.split("|")[1]
             flags |= set(re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", first))
@@ -25,12 +26,19 @@ def documented_flags(module: str) -> set[str]:
 
 
 def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
-    return {o for a in parser._actions if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
-            for o in a.option_strings if o.startswith("--")}
+    return {
+        o
+        for a in parser._actions
+        if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
+        for o in a.option_strings
+        if o.startswith("--")
+    }
 
 
-@pytest.mark.parametrize("module,parser", [("fit", fit.build_parser), ("evaluate", evaluate.build_parser),
-                                           ("sample", sample.build_parser)])
+@pytest.mark.parametrize(
+    "module,parser",
+    [("fit", fit.build_parser), ("evaluate", evaluate.build_parser), ("sample", sample.build_parser)],
+)
 def test_every_flag_of_a_command_is_in_its_docs_table_and_no_other(module, parser):
     code, docs = parser_flags(parser()), documented_flags(module)
     assert code - docs == set(), f"in --help but not in docs/cli.md: {sorted(code - docs)}"
@@ -40,4 +48,6 @@ def test_every_flag_of_a_command_is_in_its_docs_table_and_no_other(module, parse
 def test_the_documented_defaults_of_sigma_and_the_warm_up_are_the_codes():
     text = DOCS.read_text()
     assert re.search(r"\| `--sigma S` \| 0\.1 \|", text)
-    assert re.search(r"\| `--kl-warmup E` \| 0 with one latent layer, a tenth of the epochs with two \|", text)
+    assert re.search(
+        r"\| `--kl-warmup E` \| 0 with one latent layer, a tenth of the epochs with two \|", text
+    )

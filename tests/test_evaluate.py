@@ -1,9 +1,10 @@
 """``python -m ppl_vae.evaluate``: end to end on a short binarized-MNIST run, bad input, the
-block design of :mod:`ppl_vae.evaluation` (results independent of how blocks are split over
+block design of :mod:`ppl_vae.reports.evaluation` (results independent of how blocks are split over
 calls and of the chunk size), the public ``evaluate`` on other Pyro programs (Pyro's tutorial
 VAE, a linear-Gaussian model with log p(x) in closed form) and active units against closed
 forms. The in-process tests run on every ``device`` (conftest): programs and data are put there,
 and every number read back is moved to the CPU first."""
+
 import json
 import math
 import subprocess
@@ -17,10 +18,12 @@ import torch
 from torch import nn
 from torch.distributions.transforms import AffineTransform
 
-from ppl_vae import distributed, estimators, evaluation, importance, latents
-from ppl_vae import report as report_module
+from ppl_vae.core import distributed
 from ppl_vae.evaluate import evaluate, main
-from ppl_vae.model import VAE
+from ppl_vae.inference import estimators, importance
+from ppl_vae.programs.model import VAE
+from ppl_vae.reports import evaluation, latents
+from ppl_vae.reports import report as report_module
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -29,32 +32,69 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 def bmnist_run(tmp_path_factory, data_dir):
     """A VAE trained for one epoch on 1,000 binarized-MNIST training images (the run directory
     names the real dataset, so evaluate reads the real test split)."""
-    from ppl_vae.config import FitConfig
-    from ppl_vae.data import load_dataset
-    from ppl_vae.train import Trainer
+    from ppl_vae.data.datasets import load_dataset
+    from ppl_vae.training.config import FitConfig
+    from ppl_vae.training.train import Trainer
 
     ds = load_dataset("binarized-mnist", data_dir)
     ds.train, ds.valid = ds.train[:1000], ds.valid[:200]
     out = tmp_path_factory.mktemp("bmnist_run")
-    cfg = FitConfig(dataset="binarized-mnist", data_dir=str(data_dir), hidden=[64], z_dim=8, epochs=1,
-                    batch_size=100, final_iwae_k=0, device="cpu")
+    cfg = FitConfig(
+        dataset="binarized-mnist",
+        data_dir=str(data_dir),
+        hidden=[64],
+        z_dim=8,
+        epochs=1,
+        batch_size=100,
+        final_iwae_k=0,
+        device="cpu",
+    )
     Trainer(cfg, out, overwrite=True, quiet=True, dataset=ds).run()
     return out
 
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ppl_vae.evaluate", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ppl_vae.evaluate", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     js, npz = tmp_path / "out" / "eval.json", tmp_path / "out" / "per.npz"
-    r = run_cli(bmnist_run, "--split", "test", "--num-samples", 300, "--ks", "1,10,100", "--subset", 60,
-                "--batch-size", 25, "--json", js, "--per-datapoint", npz, "--data-dir", data_dir, "--quiet")
+    r = run_cli(
+        bmnist_run,
+        "--split",
+        "test",
+        "--num-samples",
+        300,
+        "--ks",
+        "1,10,100",
+        "--subset",
+        60,
+        "--batch-size",
+        25,
+        "--json",
+        js,
+        "--per-datapoint",
+        npz,
+        "--data-dir",
+        data_dir,
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads(js.read_text())
-    assert (s["dataset"], s["split"], s["binarization"], s["n"], s["num_samples"], s["subset"]) == \
-        ("binarized-mnist", "test", "static", 60, 300, 60)
+    assert (s["dataset"], s["split"], s["binarization"], s["n"], s["num_samples"], s["subset"]) == (
+        "binarized-mnist",
+        "test",
+        "static",
+        60,
+        300,
+        60,
+    )
     assert s["config"] == json.loads((bmnist_run / "config.json").read_text())
     numbers = [v for k, v in s.items() if isinstance(v, float)]
     assert all(math.isfinite(v) for v in numbers)
@@ -67,31 +107,53 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     assert s["elbo_mc"] <= s["log_px"] + 4 * s["log_px_stderr"]
     curve = [s["iwae_by_k"][k] for k in ("1", "10", "100", "300")]
     assert all(b >= a - 4 * s["iwae_by_k_stderr"]["100"] for a, b in zip(curve, curve[1:])), curve
-    assert s["iwae_by_k"]["300"] == s["log_px"] and s["iwae_by_k"]["1"] == pytest.approx(s["elbo_mc"], abs=1e-9)
+    assert s["iwae_by_k"]["300"] == s["log_px"] and s["iwae_by_k"]["1"] == pytest.approx(
+        s["elbo_mc"], abs=1e-9
+    )
     assert s["gap"] == pytest.approx(s["log_px"] - s["elbo_analytic"], abs=1e-9) and s["gap"] > 0
-    assert abs(s["elbo_analytic"] - s["elbo_mc"]) < 4 * math.hypot(s["elbo_mc_stderr"], s["elbo_analytic_stderr"]) + 0.5
+    assert (
+        abs(s["elbo_analytic"] - s["elbo_mc"])
+        < 4 * math.hypot(s["elbo_mc_stderr"], s["elbo_analytic_stderr"]) + 0.5
+    )
     assert 0 < s["log_px_stderr"] < 1 and s["log_px_stderr_across_datapoints"] > s["log_px_stderr"]
     per = np.load(npz)
     # k̂ against the K-dependent threshold min(1 − 1/log10 K, 0.7) = 0.5964 at K = 300, from the saved k̂
     assert s["khat_threshold"] == pytest.approx(1 - 1 / math.log10(300), rel=1e-12)
-    for key, t in (("khat_frac_above_threshold", s["khat_threshold"]), ("khat_frac_above_0_7", 0.7),
-                   ("khat_frac_above_0_5", 0.5)):
+    for key, t in (
+        ("khat_frac_above_threshold", s["khat_threshold"]),
+        ("khat_frac_above_0_7", 0.7),
+        ("khat_frac_above_0_5", 0.5),
+    ):
         assert s[key] == pytest.approx(np.mean(per["khat"] > t), abs=1e-12), key
     assert s["log_px_reliable"] is bool(np.mean(per["khat"] > s["khat_threshold"]) <= 0.1)
     assert s["khat_mean"] == pytest.approx(per["khat"][np.isfinite(per["khat"])].mean(), rel=1e-12)
     pct = 100 * s["khat_frac_above_threshold"]
-    verdict = (f"lower bound; SE unreliable: k̂ > 0.60 on {pct:.0f} % of datapoints" if not s["log_px_reliable"]
-               else f"k̂ <= 0.60 on {100 - pct:.0f} % of datapoints")
-    assert [line for line in r.stdout.splitlines() if line.startswith("log p(x) (IWAE K=300)")][0].endswith(verdict)
+    verdict = (
+        f"lower bound; SE unreliable: k̂ > 0.60 on {pct:.0f} % of datapoints"
+        if not s["log_px_reliable"]
+        else f"k̂ <= 0.60 on {100 - pct:.0f} % of datapoints"
+    )
+    assert [line for line in r.stdout.splitlines() if line.startswith("log p(x) (IWAE K=300)")][0].endswith(
+        verdict
+    )
     # the table: one row per estimate (IWAE_1 is the MC ELBO and IWAE_300 log p(x): not repeated), in
     # nats and bits/dim, then k̂, active units and the across-datapoint SE
     lines = r.stdout.splitlines()
-    assert [line[:28].strip() for line in lines[2:8]] == ["ELBO (analytic KL)", "ELBO (Monte Carlo)", "IWAE k=10",
-                                                          "IWAE k=100", "log p(x) (IWAE K=300)", "gap log p(x) − ELBO"]
+    assert [line[:28].strip() for line in lines[2:8]] == [
+        "ELBO (analytic KL)",
+        "ELBO (Monte Carlo)",
+        "IWAE k=10",
+        "IWAE k=100",
+        "log p(x) (IWAE K=300)",
+        "gap log p(x) − ELBO",
+    ]
     assert lines[1].split()[-1] == "bits/dim"
     assert [float(v) for v in lines[6].split()[4:7]] == pytest.approx(
-        [s["log_px"], s["log_px_stderr"], s["bits_per_dim"]], abs=5e-4)
-    assert lines[8].startswith("Pareto k̂: mean") and lines[9].startswith("active units (Cov_x E_q[z_u|x] > 0.01): z ")
+        [s["log_px"], s["log_px_stderr"], s["bits_per_dim"]], abs=5e-4
+    )
+    assert lines[8].startswith("Pareto k̂: mean") and lines[9].startswith(
+        "active units (Cov_x E_q[z_u|x] > 0.01): z "
+    )
     # per-datapoint arrays agree with the summary; the subset is random, not the first 60
     idx = per["index"]
     assert idx.shape == (60,) and len(set(idx.tolist())) == 60 and idx.max() < 10000
@@ -102,8 +164,8 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     assert per["iwae_by_k"].shape == (4, 60) and per["ks"].tolist() == [1, 10, 100, 300]
     assert per["khat"].shape == per["ess"].shape == (60,) and ((per["ess"] >= 1) & (per["ess"] <= 300)).all()
     # active units: the VAE guide's E_q[z|x] is the encoder's z_loc, exactly (no Monte Carlo)
-    from ppl_vae.data import load_dataset
-    from ppl_vae.runs import load_run
+    from ppl_vae.data.datasets import load_dataset
+    from ppl_vae.training.runs import load_run
 
     vae, _ = load_run(bmnist_run)
     x = load_dataset("binarized-mnist", data_dir).split("test")[torch.as_tensor(idx)]
@@ -117,29 +179,37 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     assert f"z {units['active']} of 8" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num-samples", "0"], "--num-samples K must be >= 1"),
-    (["--ks", "1,0"], "--ks values must lie in 1..K"),
-    (["--num-samples", "50", "--ks", "1,100"], "--ks values must lie in 1..K = 50"),
-    (["--ks", "1,x"], "expected comma-separated integers"),
-    (["--subset", "10001"], "--subset 10001 is larger than the split (10000 datapoints)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-samples", "0"], "--num-samples K must be >= 1"),
+        (["--ks", "1,0"], "--ks values must lie in 1..K"),
+        (["--num-samples", "50", "--ks", "1,100"], "--ks values must lie in 1..K = 50"),
+        (["--ks", "1,x"], "expected comma-separated integers"),
+        (["--subset", "10001"], "--subset 10001 is larger than the split (10000 datapoints)"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(bmnist_run, data_dir, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main([str(bmnist_run), "--data-dir", str(data_dir), "--quiet", *args])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and err.startswith("python -m ppl_vae.evaluate: error:")
+    assert (
+        message in err and len(err.splitlines()) == 1 and err.startswith("python -m ppl_vae.evaluate: error:")
+    )
 
 
 def test_missing_run_dir_exits_2_through_the_cli(tmp_path):
     r = run_cli(tmp_path / "nope")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"python -m ppl_vae.evaluate: error: run directory {tmp_path / 'nope'} "
-                                             f"does not exist; pass the --out of a python -m ppl_vae.fit run"]
+    assert r.stderr.strip().splitlines() == [
+        f"python -m ppl_vae.evaluate: error: run directory {tmp_path / 'nope'} "
+        f"does not exist; pass the --out of a python -m ppl_vae.fit run"
+    ]
 
 
 # --------------------------------------------------------------------------- block design
+
 
 @pytest.fixture
 def small_vae(device):
@@ -153,19 +223,24 @@ def small_vae(device):
 def test_blocks_give_the_same_numbers_however_they_are_split(small_vae, device):
     vae, x = small_vae
     kw = dict(block_size=10, num_samples=250, ks=[1, 10, 250], seed=3)
-    whole = evaluation.evaluate_blocks(vae.model, vae.guide, x, range(3), chunk_size=10 ** 6, **kw)
+    whole = evaluation.evaluate_blocks(vae.model, vae.guide, x, range(3), chunk_size=10**6, **kw)
     last = evaluation.evaluate_blocks(vae.model, vae.guide, x, [2], chunk_size=10, **kw)  # another "process"
     first = evaluation.evaluate_blocks(vae.model, vae.guide, x, [0, 1], chunk_size=1000, **kw)
     assert whole["position"].tolist() == list(range(25))
     assert np.concatenate([first["position"], last["position"]]).tolist() == list(range(25))
     for key in (*evaluation.PER_DATAPOINT, "iwae_by_k"):
-        np.testing.assert_allclose(np.concatenate([first[key], last[key]], -1), whole[key], rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(
+            np.concatenate([first[key], last[key]], -1), whole[key], rtol=1e-6, atol=1e-5
+        )
     # block 1 is estimate_all on x[10:20] with the block's derived seed
-    ref = estimators.estimate_all(vae.model, vae.guide, x[10:20], 250, ks=[1, 10, 250],
-                                  seed=importance.derive_seed(3, 1))
+    ref = estimators.estimate_all(
+        vae.model, vae.guide, x[10:20], 250, ks=[1, 10, 250], seed=importance.derive_seed(3, 1)
+    )
     np.testing.assert_allclose(whole["log_px"][10:20], ref["iwae"].value.cpu().numpy(), rtol=1e-6)
     # data held on the CPU, blocks moved to the program's device (device=): the same numbers
-    moved = evaluation.evaluate_blocks(vae.model, vae.guide, x.cpu(), [1], chunk_size=1000, device=device, **kw)
+    moved = evaluation.evaluate_blocks(
+        vae.model, vae.guide, x.cpu(), [1], chunk_size=1000, device=device, **kw
+    )
     for key in (*evaluation.PER_DATAPOINT, "iwae_by_k"):
         np.testing.assert_allclose(moved[key], whole[key][..., 10:20], rtol=1e-6, atol=1e-5)
     assert evaluation.evaluate_blocks(vae.model, vae.guide, x, [], **kw)["log_px"].shape == (0,)
@@ -180,9 +255,22 @@ def test_ranks_gathered_give_the_single_process_report(small_vae, monkeypatch):
     single = evaluate(vae.model, vae.guide, x, **kw)
     for world in (2, 4):
         ranks = [distributed.Context(rank=r, world_size=world) for r in range(world)]
-        shares = [evaluation.evaluate_blocks(vae.model, vae.guide, x, distributed.strided(range(3), c), block_size=10,
-                                             num_samples=60, ks=[1, 10, 60], seed=2) for c in ranks]
-        assert (world == 4) is not any(k.startswith("posterior_mean:") for k in shares[-1])  # 4: rank 3 has no block
+        shares = [
+            evaluation.evaluate_blocks(
+                vae.model,
+                vae.guide,
+                x,
+                distributed.strided(range(3), c),
+                block_size=10,
+                num_samples=60,
+                ks=[1, 10, 60],
+                seed=2,
+            )
+            for c in ranks
+        ]
+        assert (world == 4) is not any(
+            k.startswith("posterior_mean:") for k in shares[-1]
+        )  # 4: rank 3 has no block
         monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, ctx: shares)
         gathered = evaluate(vae.model, vae.guide, x, ctx=ranks[1], **kw)
         assert gathered.per_datapoint.keys() == single.per_datapoint.keys()
@@ -208,7 +296,9 @@ def test_cuda_out_of_memory_halves_the_chunk_and_retries(small_vae):
 
     kw = dict(block_size=25, num_samples=400, ks=[1, 400], seed=1)
     logs = []
-    got = evaluation.evaluate_blocks(fragile_model, vae.guide, x, [0], chunk_size=25 * 400, log=logs.append, **kw)
+    got = evaluation.evaluate_blocks(
+        fragile_model, vae.guide, x, [0], chunk_size=25 * 400, log=logs.append, **kw
+    )
     ref = evaluation.evaluate_blocks(vae.model, vae.guide, x, [0], chunk_size=25 * 100, **kw)
     assert max(calls) > importance.SAMPLE_UNIT and got["chunk_size"] < 25 * 2 * importance.SAMPLE_UNIT
     assert len(logs) >= 1 and "retrying block 0" in logs[0]
@@ -218,6 +308,7 @@ def test_cuda_out_of_memory_halves_the_chunk_and_retries(small_vae):
 
 # --------------------------------------------------------------------------- the public API on other programs
 
+
 def assert_same_units(got: dict, want: dict):
     """Active units alike: the counts exactly, the variances to float64 rounding (``evaluate``
     takes them on the CPU from the gathered means, ``active_units_of`` on the program's device)."""
@@ -225,8 +316,13 @@ def assert_same_units(got: dict, want: dict):
     for name, w in want.items():
         g = got[name]
         assert (g["active"], g["dims"], g["mc_samples"]) == (w["active"], w["dims"], w["mc_samples"]), name
-        np.testing.assert_allclose([*g["variance"], g["mc_inflation"]], [*w["variance"], w["mc_inflation"]],
-                                   rtol=1e-12, atol=0, err_msg=name)
+        np.testing.assert_allclose(
+            [*g["variance"], g["mc_inflation"]],
+            [*w["variance"], w["mc_inflation"]],
+            rtol=1e-12,
+            atol=0,
+            err_msg=name,
+        )
 
 
 class Encoder(nn.Module):
@@ -272,7 +368,9 @@ class TutorialVAE(nn.Module):
             z_scale = x.new_ones(torch.Size((x.shape[0], self.z_dim)))
             z = pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
             loc_img = self.decoder(z)
-            pyro.sample("obs", dist.Bernoulli(loc_img, validate_args=False).to_event(1), obs=x.reshape(-1, 784))
+            pyro.sample(
+                "obs", dist.Bernoulli(loc_img, validate_args=False).to_event(1), obs=x.reshape(-1, 784)
+            )
 
     def guide(self, x):
         pyro.module("encoder", self.encoder)
@@ -301,12 +399,19 @@ def test_evaluate_a_pyro_tutorial_vae_equals_the_estimators_on_the_same_blocks(d
     units = report["active_units"]["latent"]
     assert units["active"] == int((var > 1e-2).sum()) and units["dims"] == 4 and units["mc_samples"] == 1
     np.testing.assert_allclose(units["variance"], var.numpy(), rtol=1e-5)
-    assert_same_units(latents.active_units_of(vae.model, vae.guide, x, seed=7, block_size=8), report["active_units"])
+    assert_same_units(
+        latents.active_units_of(vae.model, vae.guide, x, seed=7, block_size=8), report["active_units"]
+    )
     table = report.table().splitlines()
     assert table[0] == "n = 20, K = 50, D = 784; nats per datapoint"
     assert table[1].split() == ["nats", "±", "MC", "SE", "bits/dim"]
     assert [line[:28].strip() for line in table[2:7]] == [
-        "ELBO (analytic KL)", "ELBO (Monte Carlo)", "IWAE k=10", "log p(x) (IWAE K=50)", "gap log p(x) − ELBO"]
+        "ELBO (analytic KL)",
+        "ELBO (Monte Carlo)",
+        "IWAE k=10",
+        "log p(x) (IWAE K=50)",
+        "gap log p(x) − ELBO",
+    ]
     log_px_row = table[5].split()
     assert float(log_px_row[4]) == pytest.approx(report["log_px"], abs=5e-4)
     assert float(log_px_row[6]) == pytest.approx(report["bits_per_dim"], abs=5e-5)
@@ -319,6 +424,7 @@ def linear_gaussian(guide_scale):
     """z ~ N(0, 1), x | z ~ N(z, 1) per datapoint: log p(x) = log N(x; 0, 2), posterior
     N(x/2, 1/2). A guide N(x/2, s) with s > 1/√2 has bounded weights (k̂ small); s = 0.25 makes
     the weights' tail heavy (k̂ large). The prior lives on x's device."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
@@ -327,6 +433,7 @@ def linear_gaussian(guide_scale):
     def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x / 2, guide_scale))
+
     return model, guide
 
 
@@ -368,22 +475,31 @@ def test_no_closed_form_kl_reports_the_analytic_elbo_as_na(device):
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.TransformedDistribution(dist.Normal(x / 4, 0.5), [AffineTransform(0.0, 2.0)]))
+            pyro.sample(
+                "z", dist.TransformedDistribution(dist.Normal(x / 4, 0.5), [AffineTransform(0.0, 2.0)])
+            )
 
     x = torch.linspace(-2.0, 2.0, 10, dtype=torch.float64, device=device)
     report = evaluate(model, guide, x, num_samples=200, seed=0, mean_samples=400)
     assert report["elbo_analytic"] is not None and math.isnan(report["elbo_analytic"])
-    assert report["elbo_analytic_na"].startswith("no closed-form KL for site 'z' (guide TransformedDistribution")
-    assert report["gap_elbo"] == "elbo_mc" and report["gap"] == pytest.approx(report["log_px"] - report["elbo_mc"])
+    assert report["elbo_analytic_na"].startswith(
+        "no closed-form KL for site 'z' (guide TransformedDistribution"
+    )
+    assert report["gap_elbo"] == "elbo_mc" and report["gap"] == pytest.approx(
+        report["log_px"] - report["elbo_mc"]
+    )
     assert json.loads(report.to_json())["elbo_analytic"] is None
     assert "ELBO (analytic KL)                   n/a  (no closed-form KL)" in report.table()
     # no .mean on a TransformedDistribution: E_q[z|x] = x/2 by Monte Carlo over 400 draws (se 1/√400)
     units = report["active_units"]["z"]
     assert units["mc_samples"] == 400 and units["mc_inflation"] == pytest.approx(1 / 400, rel=0.2)
-    np.testing.assert_allclose(report.per_datapoint["posterior_mean:z"][0], x.cpu().numpy() / 2, atol=5 * 0.05)
+    np.testing.assert_allclose(
+        report.per_datapoint["posterior_mean:z"][0], x.cpu().numpy() / 2, atol=5 * 0.05
+    )
 
 
 # --------------------------------------------------------------------------- active units in closed form
+
 
 def linear_guide_program(scales, device):
     """x (N, 3) → E_q[z|x] = A x + b with row u of A = scales[u] · e_(u mod 3) and the columns of
@@ -401,6 +517,7 @@ def linear_guide_program(scales, device):
     def guide(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x @ A.T + b, 0.3).to_event(1))
+
     return model, guide, A, b
 
 
@@ -411,7 +528,7 @@ def standardized(device, n=50):
 
 
 def test_active_units_of_a_linear_guide_in_closed_form(device):
-    scales = [0.5 ** 0.5, 0.0, 0.02 ** 0.5, 0.005 ** 0.5, 0.0, 0.15]  # variances .5, 0, .02, .005, 0, .0225
+    scales = [0.5**0.5, 0.0, 0.02**0.5, 0.005**0.5, 0.0, 0.15]  # variances .5, 0, .02, .005, 0, .0225
     model, guide, A, b = linear_guide_program(scales, device)
     x = standardized(device)
     means = latents.posterior_means(model, guide, x, seed=0)
@@ -427,8 +544,11 @@ def test_active_units_of_a_lower_layer_by_monte_carlo(device):
     below the first): E_q[z2|x] = W (A x + b), averaged over draws of z1 (Rao-Blackwellized:
     mean of W z1), Monte Carlo error se² = 0.09 ‖W_u‖² / S per entry."""
     _, _, A, b = linear_guide_program([1.0, 1.0, 1.0], device)  # z1 = x + b, Cov_x = I
-    W = torch.tensor([[0.8, 0.0, 0.0], [0.0, 0.0, 0.0], [0.05, 0.0, 0.0], [0.0, 0.6, 0.0]], dtype=torch.float64,
-                     device=device)
+    W = torch.tensor(
+        [[0.8, 0.0, 0.0], [0.0, 0.0, 0.0], [0.05, 0.0, 0.0], [0.0, 0.6, 0.0]],
+        dtype=torch.float64,
+        device=device,
+    )
     S = 1000
 
     def model(x):  # only traced for its plates
@@ -451,8 +571,11 @@ def test_active_units_of_a_lower_layer_by_monte_carlo(device):
     exact_var = np.square(W.cpu().numpy()).sum(1)  # Cov_x(W (x + b)) = W Wᵀ diagonal: .64, 0, .0025, .36
     # the Monte Carlo error of a variance: cross term 2 sd_x se / √N (random) plus se² (upward bias)
     se = se.cpu().numpy()
-    tol = 5 * 2 * np.sqrt(exact_var) * se / math.sqrt(x.shape[0]) + 2 * se ** 2
-    assert (np.abs(np.array(units["z2"]["variance"]) - exact_var) <= tol).all(), (units["z2"]["variance"], tol)
+    tol = 5 * 2 * np.sqrt(exact_var) * se / math.sqrt(x.shape[0]) + 2 * se**2
+    assert (np.abs(np.array(units["z2"]["variance"]) - exact_var) <= tol).all(), (
+        units["z2"]["variance"],
+        tol,
+    )
     assert units["z2"]["active"] == 2 and units["z"]["active"] == 3
     assert units["z2"]["mc_inflation"] == pytest.approx(0.09 * 0.64 / S, rel=0.2)
     assert latents.describe(units).startswith("z 3 of 3, z2 2 of 4 (Monte Carlo mean over 1000 draws")
@@ -460,24 +583,31 @@ def test_active_units_of_a_lower_layer_by_monte_carlo(device):
 
 def test_too_few_samples_for_khat_leave_the_verdict_unknown(device):
     model, guide = linear_gaussian(0.8)
-    report = evaluate(model, guide, torch.linspace(-1.0, 1.0, 6, dtype=torch.float64, device=device), num_samples=20)
+    report = evaluate(
+        model, guide, torch.linspace(-1.0, 1.0, 6, dtype=torch.float64, device=device), num_samples=20
+    )
     assert report["log_px_reliable"] is None and report["khat_frac_above_threshold"] is None
     assert json.loads(report.to_json())["khat_threshold"] is None  # NaN below K = 21
-    assert "log p(x) (IWAE K=20)" in report.table() and "reliability unknown: k̂ needs K >= 21" in report.table()
+    assert (
+        "log p(x) (IWAE K=20)" in report.table() and "reliability unknown: k̂ needs K >= 21" in report.table()
+    )
 
 
 def test_a_conditional_program_gets_its_labels_block_by_block(device):
     """model(x, y): data = (x, y), split into blocks together; the same numbers as the estimators
     (and the active units as latents.active_units_of) on each block's (x, y)."""
-    from ppl_vae.conditional import ConditionalVAE
+    from ppl_vae.programs.conditional import ConditionalVAE
 
     torch.manual_seed(0)
     cvae = ConditionalVAE((1, 4, 4), z_dim=3, hidden=[16], num_classes=3).eval().to(device)
     x, y = torch.bernoulli(torch.full((25, 16), 0.3)).to(device), torch.arange(25, device=device) % 3
     report = evaluate(cvae.model, cvae.guide, (x, y), num_samples=40, seed=4, batch_size=10)
     for b, rows in enumerate((slice(0, 10), slice(10, 20), slice(20, 25))):
-        ref = estimators.iwae(cvae.model, cvae.guide, (x[rows], y[rows]), 40, seed=importance.derive_seed(4, b))
+        ref = estimators.iwae(
+            cvae.model, cvae.guide, (x[rows], y[rows]), 40, seed=importance.derive_seed(4, b)
+        )
         np.testing.assert_allclose(report.per_datapoint["log_px"][rows], ref.value.cpu().numpy(), rtol=1e-6)
     assert (report["n"], report["dim"], report["discrete"]) == (25, 16, True)
-    assert_same_units(latents.active_units_of(cvae.model, cvae.guide, (x, y), seed=4, block_size=10),
-                      report["active_units"])
+    assert_same_units(
+        latents.active_units_of(cvae.model, cvae.guide, (x, y), seed=4, block_size=10), report["active_units"]
+    )

@@ -5,6 +5,7 @@ The examples need MNIST-like data (the shared ``mnist_t10k`` / binarized MNIST h
 ``circles.py``, which generates its own. Subprocesses run with one intra-op thread: these
 models are small, and two threads fighting other work on a 2-core machine are slower.
 """
+
 import json
 import math
 import os
@@ -25,8 +26,19 @@ D = 784
 
 
 def run_example(name: str, out: Path, data_dir: Path | None, *args) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg"}  # one test at a time: both cores (circles 93 → 69 s)
-    cmd = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(out), *map(str, args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "MPLBACKEND": "Agg",
+    }  # one test at a time: both cores (circles 93 → 69 s)
+    cmd = [
+        sys.executable,
+        str(REPO / "examples" / f"{name}.py"),
+        "--quick",
+        "--out",
+        str(out),
+        *map(str, args),
+    ]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
@@ -87,7 +99,9 @@ def test_generate_from_an_existing_run(generated, tmp_path, data_dir):
     res = run_example("generate", tmp_path, data_dir, "--run", first_out / "run")
     assert res["run"] == str(first_out / "run") and not (tmp_path / "run").exists()
     assert_figure(tmp_path / "samples.png")
-    assert res["mean_pixel_samples"] == pytest.approx(first["mean_pixel_samples"], rel=1e-5)  # same model, seed
+    assert res["mean_pixel_samples"] == pytest.approx(
+        first["mean_pixel_samples"], rel=1e-5
+    )  # same model, seed
 
 
 @pytest.mark.slow
@@ -159,8 +173,11 @@ def test_likelihoods(tmp_path, data_dir):
     assert m["bernoulli"]["binarize"] == "dynamic" and m["gaussian"]["binarize"] == "none"
     # Bernoulli: a probability of binary images, so log p(x) ≤ 0.
     assert m["bernoulli"]["test"]["iwae"] < 0
-    # Gaussian σ = 1: log p(x|z) ≤ −(D/2) log 2π for every z, hence so is log p(x) (1 nat of MC slack).
-    assert m["gaussian"]["test"]["iwae"] < -D / 2 * math.log(2 * math.pi) + 1
+    # Gaussian with the fixed σ = 0.1 (the default for data in [0, 1]): log p(x|z) ≤ −(D/2) log 2πσ²
+    # for every z, hence so is log p(x) (1 nat of MC slack); and unlike σ = 1 (0 of 20 units on the
+    # digits) its latents are in use.
+    assert m["gaussian"]["test"]["iwae"] < -D / 2 * math.log(2 * math.pi * 0.1**2) + 1
+    assert m["gaussian"]["active_units"] >= 10
     # The learned σ respects its floor (0.01) and goes well below σ = 1 on the background.
     assert m["gaussian-learned"]["sigma_min"] >= 0.01 - 1e-6
     assert m["gaussian-learned"]["test"]["iwae"] > m["gaussian"]["test"]["iwae"]
@@ -191,7 +208,9 @@ def test_estimators(tmp_path, data_dir):
         assert abs(r["elbo_analytic"]["value"] - r["elbo_mc"]["value"]) < 5 * r["elbo_mc"]["mc_se"] + 0.05
         # E[IWAE_k] increases with k: each step may dip by Monte Carlo noise only
         for a, b in zip(ks, ks[1:]):
-            assert by_k[b]["value"] > by_k[a]["value"] - 3 * (by_k[a]["mc_se"] + by_k[b]["mc_se"]) - 1e-6, label
+            assert by_k[b]["value"] > by_k[a]["value"] - 3 * (by_k[a]["mc_se"] + by_k[b]["mc_se"]) - 1e-6, (
+                label
+            )
         assert r["gap_iwae_minus_elbo"]["mean"] > 0
         # k̂ says which images' IWAE estimate to distrust: the images whose weights are heavier-
         # tailed are those whose guide is further from p(z|x), i.e. with the larger gap (quick run:
@@ -207,8 +226,13 @@ def test_priors_and_posteriors(tmp_path, data_dir):
     assert_figure(tmp_path / "gaps.png")
     assert_figure(tmp_path / "iwae_curves.png")
     progs = res["programs"]
-    assert list(progs) == ["normal × diagonal", "normal × full-rank", "normal × iaf", "vampprior × diagonal",
-                           "two-layer"]
+    assert list(progs) == [
+        "normal × diagonal",
+        "normal × full-rank",
+        "normal × iaf",
+        "vampprior × diagonal",
+        "two-layer",
+    ]
     assert res["data"] == "binarized-mnist" and res["n_test"] == 300 and res["k"] == 100
     for name, r in progs.items():
         assert r["gap"] == pytest.approx(r["log_px"] - r["elbo"], abs=1e-9)
@@ -217,14 +241,20 @@ def test_priors_and_posteriors(tmp_path, data_dir):
         assert r["train_seconds"] > 0 and 0 <= r["khat_mean"] < 3
     # the analytic-KL ELBO exists exactly where a closed form does (normal prior; not a VampPrior, not a flow)
     assert [r["elbo_analytic"] is not None for r in progs.values()] == [True, True, False, False, True]
-    assert set(progs["two-layer"]["latent_dims"]) == {"z1", "z2"} and progs["normal × iaf"]["latent_dims"] == {"z": 20}
+    assert set(progs["two-layer"]["latent_dims"]) == {"z1", "z2"} and progs["normal × iaf"][
+        "latent_dims"
+    ] == {"z": 20}
     table = (tmp_path / "table.md").read_text().splitlines()
     assert len(table) == 2 + 5 and all(name in "\n".join(table) for name in progs)
 
 
 OFFLINE = {  # the examples that load data, with the flags that make --quick quicker still
-    "latent_2d": ["--epochs", 1], "estimators": ["--epochs", 1], "generate": [],
-    "ae_vs_vae": ["--epochs", 1], "likelihoods": ["--epochs", 1], "priors_and_posteriors": ["--epochs", 1],
+    "latent_2d": ["--epochs", 1],
+    "estimators": ["--epochs", 1],
+    "generate": [],
+    "ae_vs_vae": ["--epochs", 1],
+    "likelihoods": ["--epochs", 1],
+    "priors_and_posteriors": ["--epochs", 1],
 }
 
 
@@ -236,14 +266,28 @@ def test_every_example_runs_offline_without_a_data_folder(name, tmp_path):
     empty, home = tmp_path / "no-data", tmp_path / "home"
     empty.mkdir()
     home.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg", "PPL_VAE_DATA": str(empty), "HOME": str(home),
-           "PPL_VAE_OFFLINE": "1"}
-    cmd = [sys.executable, str(REPO / "examples" / f"{name}.py"), "--quick", "--out", str(tmp_path / "out"),
-           *map(str, OFFLINE[name])]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "MPLBACKEND": "Agg",
+        "PPL_VAE_DATA": str(empty),
+        "HOME": str(home),
+        "PPL_VAE_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        str(REPO / "examples" / f"{name}.py"),
+        "--quick",
+        "--out",
+        str(tmp_path / "out"),
+        *map(str, OFFLINE[name]),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     data_line = next(line for line in r.stdout.splitlines() if line.startswith("data: "))
-    assert data_line.startswith("data: scikit-learn's 8x8 digits (1,797 images), bundled with scikit-learn"), data_line
+    assert data_line.startswith(
+        "data: scikit-learn's 8x8 digits (1,797 images), bundled with scikit-learn"
+    ), data_line
     assert f"no MNIST in {empty} and none could be downloaded" in data_line
     assert "Traceback" not in r.stderr
     assert json.loads((tmp_path / "out" / "results.json").read_text())
@@ -252,8 +296,23 @@ def test_every_example_runs_offline_without_a_data_folder(name, tmp_path):
 def test_an_example_given_missing_data_says_so_in_one_line(tmp_path):
     """An explicit --dataset that is not there: exit 2, one line naming the file and the fix."""
     env = {**os.environ, "PPL_VAE_OFFLINE": "1", "HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, str(REPO / "examples" / "latent_2d.py"), "--quick", "--dataset",
-                        "binarized-mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "latent_2d.py"),
+            "--quick",
+            "--dataset",
+            "binarized-mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert r.stderr.startswith("latent_2d.py: error: binarized MNIST file") and "--data-dir" in r.stderr

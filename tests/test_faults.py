@@ -10,6 +10,7 @@ Each test asserts the exit code, one stderr line and no traceback, byte-identica
 no temporary files left, and the exact metrics after the resume: epochs 1..4 once each, with the
 numbers of an uninterrupted run (the training bound to 1e-7 relative). See docs/reliability.md.
 """
+
 import json
 import re
 import signal
@@ -19,10 +20,26 @@ import zipfile
 
 import numpy as np
 import pytest
-
-from test_reliability import (TINY, FIT, assert_exact_metrics, assert_one_line, bits, cli, copy_run,  # noqa: F401
-                              digest, finish, in_process, inject, metrics_without_timing, run2, run4, snapshot, spawn,
-                              temp_files, wait_for)
+from test_reliability import (
+    FIT,
+    TINY,
+    assert_exact_metrics,
+    assert_one_line,
+    bits,  # noqa: F401  (a fixture)
+    cli,
+    copy_run,
+    digest,
+    finish,
+    in_process,
+    inject,
+    metrics_without_timing,
+    run2,  # noqa: F401  (a fixture)
+    run4,  # noqa: F401  (a fixture)
+    snapshot,
+    spawn,
+    temp_files,
+    wait_for,
+)
 
 WARNING = f"{FIT}: warning: "
 
@@ -40,6 +57,7 @@ def healed(r, note: str = "") -> None:
 
 # --------------------------------------------------------------------------- one writer
 
+
 def test_a_second_fit_on_a_busy_run_directory_is_refused(bits, run4, tmp_path, capsys):
     """A trains in D (a subprocess) and is held inside its epoch-2 save, its temporary file written
     but not renamed. Meanwhile ``fit --out D`` plain, with ``--resume`` and with ``--overwrite``
@@ -47,14 +65,25 @@ def test_a_second_fit_on_a_busy_run_directory_is_refused(bits, run4, tmp_path, c
     A's pid and host, and touch nothing: not A's files, its lock, or the temporary file of its save
     in flight. Released, A finishes with epochs 1..4 exactly."""
     out, held, release = tmp_path / "D", tmp_path / "held", tmp_path / "release"
-    a = spawn("--dataset", bits, *TINY, "--epochs", 4, "--out", out,
-              fault={"block": "checkpoint.pt", "nth": 2, "marker": str(held), "release": str(release)})
+    a = spawn(
+        "--dataset",
+        bits,
+        *TINY,
+        "--epochs",
+        4,
+        "--out",
+        out,
+        fault={"block": "checkpoint.pt", "nth": 2, "marker": str(held), "release": str(release)},
+    )
     try:
         wait_for(held, a)
         before = snapshot(out, lock=True)
         assert re.fullmatch(rf"\.checkpoint\.pt\.{a.pid}\.[0-9a-f]{{8}}\.tmp", " ".join(temp_files(out)))
-        for argv in (["--dataset", bits, *TINY, "--epochs", 4], ["--resume", "--quiet"],
-                     ["--dataset", bits, *TINY, "--epochs", 4, "--overwrite"]):
+        for argv in (
+            ["--dataset", bits, *TINY, "--epochs", 4],
+            ["--resume", "--quiet"],
+            ["--dataset", bits, *TINY, "--epochs", 4, "--overwrite"],
+        ):
             line = assert_one_line(in_process([*argv, "--out", out], capsys), 2)
             assert f"{out} is in use by another fit (pid {a.pid} on {socket.gethostname()})" in line, line
         assert snapshot(out, lock=True) == before
@@ -71,15 +100,20 @@ def test_a_reader_writing_into_a_busy_run_directory_keeps_its_file(run2, tmp_pat
     ``sample`` started) trains two epochs and saves. The fit's clean-up of stale temporary files
     must spare a live writer's file newer than the lock (issue 15: remove only those whose writer
     is dead, or which are older than the lock): ``sample`` exits 0 and the figure is there."""
-    from ppl_vae.config import FitConfig
-    from ppl_vae.train import Trainer
+    from ppl_vae.training.config import FitConfig
+    from ppl_vae.training.train import Trainer
 
     run, held, go = copy_run(run2, tmp_path / "run"), tmp_path / "held", tmp_path / "go"
     trainer = Trainer(FitConfig.load(run / "config.json"), run, resume=True, quiet=True)
     trainer.cfg.epochs = 4
     try:
-        s = spawn(run, "--n", 4, module="sample",
-                  fault={"block": "samples-seed0.png", "marker": str(held), "release": str(go)})
+        s = spawn(
+            run,
+            "--n",
+            4,
+            module="sample",
+            fault={"block": "samples-seed0.png", "marker": str(held), "release": str(go)},
+        )
         wait_for(held, s)
         trainer.run()
     finally:
@@ -92,19 +126,24 @@ def test_a_reader_writing_into_a_busy_run_directory_keeps_its_file(run2, tmp_pat
 
 # --------------------------------------------------------------------------- full disk, kill -9
 
+
 def test_a_file_size_limit_while_saving_a_checkpoint_keeps_the_previous_one(run2, run4, tmp_path, capsys):
     """The kernel refuses the epoch-3 checkpoint past 4 KiB (RLIMIT_FSIZE: a short write, which
     torch's zip writer reports as ``RuntimeError: ... unexpected pos``, as it does a full disk):
     exit 1, one line naming the file; checkpoint.pt and best.pt byte-identical to epoch 2's and
     loadable; no temporary file; --resume drops the epoch-3 metrics line, which has no
     checkpoint, with one warning, and ends exactly."""
-    from ppl_vae import checkpoint
+    from ppl_vae.training import checkpoint
 
     run = copy_run(run2, tmp_path / "run")
-    r = cli("--out", run, "--resume", "--epochs", 4, "--quiet", fault={"fsize": "checkpoint.pt", "limit": 4096})
+    r = cli(
+        "--out", run, "--resume", "--epochs", 4, "--quiet", fault={"fsize": "checkpoint.pt", "limit": 4096}
+    )
     line = assert_one_line(r, 1)
-    assert line.endswith(f"could not write {run / 'checkpoint.pt'} (the write was cut short (most likely no space "
-                         f"left on device)); the previous checkpoint.pt is intact"), line
+    assert line.endswith(
+        f"could not write {run / 'checkpoint.pt'} (the write was cut short (most likely no space "
+        f"left on device)); the previous checkpoint.pt is intact"
+    ), line
     for name in ("checkpoint.pt", "best.pt"):
         assert digest(run / name) == digest(run2 / name)
     assert checkpoint.load(run / "checkpoint.pt")["epoch"] == 2 and not temp_files(run)
@@ -122,15 +161,17 @@ def test_a_full_disk_while_writing_a_run_file_is_one_line(run2, run4, tmp_path, 
     run = copy_run(run2, tmp_path / "run")
     with inject({"enospc": name}):
         r = in_process(["--out", run, "--resume", "--epochs", 4, "--quiet"], capsys)
-    assert r.returncode != 0, f"no fsync of {name} happened: it is not written through ppl_vae.files"
+    assert r.returncode != 0, f"no fsync of {name} happened: it is not written through ppl_vae.core.files"
     line = assert_one_line(r, 1)
     if name == "metrics.jsonl":
-        assert line.endswith(f"could not append to {run / name} (no space left on device); the lines before are "
-                             f"intact"), line
+        assert line.endswith(
+            f"could not append to {run / name} (no space left on device); the lines before are intact"
+        ), line
         assert (run / name).read_bytes().startswith((run2 / name).read_bytes())
     else:
-        assert line.endswith(f"could not write {run / name} (no space left on device); the previous {name} is "
-                             f"intact"), line
+        assert line.endswith(
+            f"could not write {run / name} (no space left on device); the previous {name} is intact"
+        ), line
         assert digest(run / name) == digest(run2 / name)
     assert not temp_files(run)
     r = in_process(["--out", run, "--resume", "--epochs", 4, "--quiet"], capsys)
@@ -144,10 +185,18 @@ def test_kill_9_inside_a_checkpoint_save_then_resume(run2, run4, tmp_path, capsy
     checkpoint.pt and best.pt stay byte-identical (epoch 2); the temporary file remains, named
     after the dead writer; --resume is not blocked by the dead lock, removes that file, drops the
     orphaned epoch-3 metrics line with one warning, and ends exactly."""
-    from ppl_vae import checkpoint
+    from ppl_vae.training import checkpoint
 
     run, held = copy_run(run2, tmp_path / "run"), tmp_path / "held"
-    p = spawn("--out", run, "--resume", "--epochs", 4, "--quiet", fault={"block": "checkpoint.pt", "marker": str(held)})
+    p = spawn(
+        "--out",
+        run,
+        "--resume",
+        "--epochs",
+        4,
+        "--quiet",
+        fault={"block": "checkpoint.pt", "marker": str(held)},
+    )
     wait_for(held, p)
     p.kill()
     assert finish(p).returncode == -signal.SIGKILL
@@ -162,23 +211,37 @@ def test_kill_9_inside_a_checkpoint_save_then_resume(run2, run4, tmp_path, capsy
 
 # --------------------------------------------------------------------------- damaged files
 
+
 def _damage_metrics(lines: list[str], how: str) -> bytes | None:
     """metrics.jsonl of a 2-epoch run (``lines``) damaged as ``how`` says (None: deleted)."""
     extra = [json.dumps({**json.loads(lines[1]), "epoch": e}) for e in (3, 4)]
-    text = {"partial last line": lines[0] + "\n" + lines[1][:40], "empty": "", "first line only": lines[0] + "\n",
-            "two epochs too many": "\n".join(lines + extra) + "\n", "duplicated": "\n".join(lines + lines[1:]) + "\n",
-            "reordered": "\n".join(lines[::-1]) + "\n", "missing": None}.get(how)
+    text = {
+        "partial last line": lines[0] + "\n" + lines[1][:40],
+        "empty": "",
+        "first line only": lines[0] + "\n",
+        "two epochs too many": "\n".join(lines + extra) + "\n",
+        "duplicated": "\n".join(lines + lines[1:]) + "\n",
+        "reordered": "\n".join(lines[::-1]) + "\n",
+        "missing": None,
+    }.get(how)
     if how == "garbage":
         return np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes()
     return None if text is None else text.encode()
 
 
-@pytest.mark.parametrize("how,note", [
-    ("partial last line", "was damaged or incomplete (2 line(s))"), ("empty", "damaged or incomplete (0 line(s))"),
-    ("first line only", "damaged or incomplete (1 line(s))"), ("missing", "damaged or incomplete (0 line(s))"),
-    ("garbage", "rewritten from the checkpoint (epochs 1-2)"), ("reordered", "rewritten from the checkpoint"),
-    ("two epochs too many", "dropped the line(s) after epoch 2"), ("duplicated", "after epoch 2"),
-])
+@pytest.mark.parametrize(
+    "how,note",
+    [
+        ("partial last line", "was damaged or incomplete (2 line(s))"),
+        ("empty", "damaged or incomplete (0 line(s))"),
+        ("first line only", "damaged or incomplete (1 line(s))"),
+        ("missing", "damaged or incomplete (0 line(s))"),
+        ("garbage", "rewritten from the checkpoint (epochs 1-2)"),
+        ("reordered", "rewritten from the checkpoint"),
+        ("two epochs too many", "dropped the line(s) after epoch 2"),
+        ("duplicated", "after epoch 2"),
+    ],
+)
 def test_a_damaged_metrics_file_heals_on_resume(run2, run4, tmp_path, capsys, how, note):
     run = copy_run(run2, tmp_path / "run")
     damaged = _damage_metrics((run / "metrics.jsonl").read_text().splitlines(), how)
@@ -190,23 +253,42 @@ def test_a_damaged_metrics_file_heals_on_resume(run2, run4, tmp_path, capsys, ho
     assert_exact_metrics(run, run4)
 
 
-@pytest.mark.parametrize("content", [
-    "null", "[]", '"a string"', '{"z_dim": "20"}', '{"hidden": "16"}', '{"lr": "fast"}', '{"z_dim": -3}',
-    '{"epochs": 2.5}', '{"image_shape": "8x8"}', '{"zdim": 2}', "TRUNCATED",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "null",
+        "[]",
+        '"a string"',
+        '{"z_dim": "20"}',
+        '{"hidden": "16"}',
+        '{"lr": "fast"}',
+        '{"z_dim": -3}',
+        '{"epochs": 2.5}',
+        '{"image_shape": "8x8"}',
+        '{"zdim": 2}',
+        "TRUNCATED",
+    ],
+)
 def test_a_damaged_config_json_is_one_line(run2, tmp_path, capsys, content):
     """config.json replaced (``null``, a list, a string), one field of the real one made ill-typed,
     out of range or unknown, or cut in half: ``fit --resume``, ``evaluate`` and ``sample`` each
     exit 2 with one line naming config.json, and the run stays byte-identical."""
     run = copy_run(run2, tmp_path / "run")
     real = (run / "config.json").read_text()
-    text = (real[:len(real) // 2] if content == "TRUNCATED" else
-            json.dumps({**json.loads(real), **json.loads(content)}) if content.startswith("{") else content)
+    text = (
+        real[: len(real) // 2]
+        if content == "TRUNCATED"
+        else json.dumps({**json.loads(real), **json.loads(content)})
+        if content.startswith("{")
+        else content
+    )
     (run / "config.json").write_text(text)
     before = snapshot(run)
-    for module, argv in [("fit", ["--out", run, "--resume", "--epochs", 4, "--quiet"]),
-                         ("evaluate", [run, "--subset", 8, "--num-samples", 2, "--device", "cpu", "--quiet"]),
-                         ("sample", [run, "--n", 4, "--out", tmp_path / "s.png"])]:
+    for module, argv in [
+        ("fit", ["--out", run, "--resume", "--epochs", 4, "--quiet"]),
+        ("evaluate", [run, "--subset", 8, "--num-samples", 2, "--device", "cpu", "--quiet"]),
+        ("sample", [run, "--n", 4, "--out", tmp_path / "s.png"]),
+    ]:
         line = assert_one_line(in_process(argv, capsys, module), 2, f"python -m ppl_vae.{module}: error: ")
         assert "config.json" in line, line
     assert snapshot(run) == before and not (tmp_path / "s.png").exists()
@@ -227,13 +309,16 @@ def _lying_npy(path, shape: tuple, payload: int = 256) -> None:
         path.write_bytes(data)
 
 
-@pytest.mark.parametrize("name,shape", [("huge.npy", (10**12, 64)), ("short.npy", (300, 8, 8)),
-                                        ("huge.npz", (10**12, 64))])
+@pytest.mark.parametrize(
+    "name,shape", [("huge.npy", (10**12, 64)), ("short.npy", (300, 8, 8)), ("huge.npz", (10**12, 64))]
+)
 def test_a_lying_npy_header_is_one_line(tmp_path, capsys, name, shape):
     """A header declaring 10^12 x 64 float32 (233 TiB) or 300 x 8 x 8 over 256 bytes: exit 2, one
     line naming the file, no MemoryError, no run directory."""
     _lying_npy(tmp_path / name, shape)
-    line = assert_one_line(in_process(["--dataset", tmp_path / name, *TINY, "--out", tmp_path / "run"], capsys), 2)
+    line = assert_one_line(
+        in_process(["--dataset", tmp_path / name, *TINY, "--out", tmp_path / "run"], capsys), 2
+    )
     assert str(tmp_path / name) in line, line
     assert not (tmp_path / "run").exists()
 
@@ -249,6 +334,7 @@ def test_zero_epochs_is_refused(bits, run2, tmp_path, capsys, resume):
 
 
 # --------------------------------------------------------------------------- signals at start-up
+
 
 @pytest.mark.parametrize("module", ["fit", "evaluate", "sample"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -274,14 +360,16 @@ def test_ctrl_c_as_a_finished_run_exits_is_not_a_traceback(bits, tmp_path):
     p.send_signal(signal.SIGINT)
     r = finish(p)
     assert first.startswith("best validation ELBO"), (first, r.stderr)
-    assert r.returncode in (0, 130) and len(r.stderr.splitlines()) <= 1 and "Traceback" not in r.stderr, \
-        (r.returncode, r.stderr)
+    assert r.returncode in (0, 130) and len(r.stderr.splitlines()) <= 1 and "Traceback" not in r.stderr, (
+        r.returncode,
+        r.stderr,
+    )
     assert [m["epoch"] for m in metrics_without_timing(out)] == [1, 2] and (out / "summary.json").exists()
 
 
 COMMAND = """
 import atexit, os, signal, sys
-from ppl_vae.cli import run_command
+from ppl_vae.core.cli import run_command
 
 def main():
     print("result", flush=True)
@@ -297,17 +385,28 @@ run_command("prog", main)
 """
 
 
-@pytest.mark.parametrize("when,sig,times,code", [
-    ("printing", "SIGINT", 1, 130), ("printing", "SIGTERM", 1, 143), ("printing", "SIGINT", 3, 130),
-    ("exiting", "SIGINT", 1, 0), ("exiting", "SIGTERM", 1, 0)])
+@pytest.mark.parametrize(
+    "when,sig,times,code",
+    [
+        ("printing", "SIGINT", 1, 130),
+        ("printing", "SIGTERM", 1, 143),
+        ("printing", "SIGINT", 3, 130),
+        ("exiting", "SIGINT", 1, 0),
+        ("exiting", "SIGTERM", 1, 0),
+    ],
+)
 def test_run_command_turns_any_signal_into_one_line_or_ignores_it_after_the_work(when, sig, times, code):
     """Deterministic form of the Ctrl-C race: a signal (or three) while the command prints its
     result gives exit 128 + n and exactly one line; one while the interpreter exits is ignored."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", COMMAND.format(when=when, sig=sig, times=times)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", COMMAND.format(when=when, sig=sig, times=times)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == code, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     assert r.stderr.splitlines() == ([f"prog: interrupted by {sig}"] if code else []), r.stderr
@@ -322,8 +421,15 @@ def test_a_signal_while_loading_the_data_leaves_no_half_made_run(bits, run2, tmp
     if existing:
         copy_run(run2, out)
     before = snapshot(out) if existing else None
-    p = spawn("--dataset", bits, *TINY, "--out", out, *(["--overwrite"] if existing else []),
-              fault={"pause_data": str(marker)})
+    p = spawn(
+        "--dataset",
+        bits,
+        *TINY,
+        "--out",
+        out,
+        *(["--overwrite"] if existing else []),
+        fault={"pause_data": str(marker)},
+    )
     wait_for(marker, p)
     p.send_signal(sig)
     assert_one_line(finish(p), 128 + sig, f"{FIT}: interrupted by {sig.name}")

@@ -15,6 +15,7 @@ The measures, on the 180 validation digits:
   across 100 decoded prior draws, averaged over pixels. Required: > 0.1 each (measured 0.17 and
   0.19; 0.03 and 0.05 after 120 steps).
 """
+
 import os
 import subprocess
 import sys
@@ -22,17 +23,17 @@ from pathlib import Path
 
 import torch
 
-from ppl_vae.data import load_dataset
-from ppl_vae.likelihoods import make_likelihood
+from ppl_vae.data.datasets import load_dataset
+from ppl_vae.programs.likelihoods import make_likelihood
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_run(run_dir):
     try:
-        from ppl_vae.runs import load_run as load
+        from ppl_vae.training.runs import load_run as load
     except ImportError:  # before the training split
-        from ppl_vae.train import load_run as load
+        from ppl_vae.training.train import load_run as load
     return load(run_dir)
 
 
@@ -45,18 +46,32 @@ def first_run_measures(run_dir: Path) -> dict:
         recon = vae.reconstruct(seen.valid)  # (180, 64) E[x | z = μ(x)]
         mse = ((recon - grey.valid) ** 2).mean().item()
         mean_mse = ((grey.train.mean(0) - grey.valid) ** 2).mean().item()
-        shown = torch.randperm(len(seen.valid), generator=torch.Generator().manual_seed(0))[:10]  # the figure's
-        samples = vae.decode(torch.randn(100, cfg.z_dim, generator=torch.Generator().manual_seed(0)))  # (100, 64)
-    return {"epochs": cfg.epochs, "mse_ratio": mse / mean_mse, "recon_std": recon[shown].std(0).mean().item(),
-            "sample_std": samples.std(0).mean().item()}
+        shown = torch.randperm(len(seen.valid), generator=torch.Generator().manual_seed(0))[
+            :10
+        ]  # the figure's
+        samples = vae.decode(
+            torch.randn(100, cfg.z_dim, generator=torch.Generator().manual_seed(0))
+        )  # (100, 64)
+    return {
+        "epochs": cfg.epochs,
+        "mse_ratio": mse / mean_mse,
+        "recon_std": recon[shown].std(0).mean().item(),
+        "sample_std": samples.std(0).mean().item(),
+    }
 
 
 def test_default_digits_run_shows_a_vae(tmp_path):
     out = tmp_path / "run"
     # one thread: on a shared 2-core machine, torch's spinning OpenMP threads slow these tiny steps ~10x
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "ppl_vae.fit", "--dataset", "digits", "--out", str(out), "--quiet"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.fit", "--dataset", "digits", "--out", str(out), "--quiet"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert "reconstructions.png" in r.stdout.splitlines()[-1]  # the last line says where the figures are
     assert all((out / f).stat().st_size > 0 for f in ("reconstructions.png", "samples.png"))

@@ -5,20 +5,20 @@ Every density is written out by hand, float64, tolerances at each check; log p(x
 with one-dimensional z1 and z2 is integrated on a grid and compared with the estimators. The
 chain hierarchy has its own checks in tests/test_programs.py and tests/test_generic_programs.py.
 """
+
 import math
 
 import numpy as np
 import pyro
 import pytest
 import torch
-
-from ppl_vae import estimators as E
-from ppl_vae import importance as I
-from ppl_vae.errors import UserError
-from ppl_vae.model import VAE
-from ppl_vae.nets import JointInputMLP, mlp
-
 from test_programs import _bernoulli_log_density, _normal_log_density, _traces, assert_joint_densities
+
+from ppl_vae.core.errors import UserError
+from ppl_vae.inference import estimators as E
+from ppl_vae.inference import importance as I
+from ppl_vae.programs.model import VAE
+from ppl_vae.programs.nets import JointInputMLP, mlp
 
 SHAPE, D, Z, Z2, K_PSEUDO = (1, 4, 5), 20, 4, 3, 7
 
@@ -34,8 +34,18 @@ def float64():
 
 def skip_vae(device="cpu", shape=SHAPE, z_dim=Z, z2_dim=Z2, **kw):
     torch.manual_seed(0)
-    return VAE(shape, z_dim, [16, 12], activation="gated", latent_layers=2, hierarchy="skip", z2_dim=z2_dim,
-               hidden2=[8], pseudo_inputs=K_PSEUDO, **kw).to(device)
+    return VAE(
+        shape,
+        z_dim,
+        [16, 12],
+        activation="gated",
+        latent_layers=2,
+        hierarchy="skip",
+        z2_dim=z2_dim,
+        hidden2=[8],
+        pseudo_inputs=K_PSEUDO,
+        **kw,
+    ).to(device)
 
 
 @pytest.mark.parametrize("activation", ["gated", "relu"])
@@ -49,7 +59,7 @@ def test_joint_input_mlp_is_the_mlp_of_the_concatenation(activation):
     with torch.no_grad():
         first.weight.copy_(torch.cat([net.a.weight, net.b.weight], 1))
         first.bias.copy_(net.a.bias)
-        for mine, theirs in zip(net.rest.parameters(), ref[1 + (activation != "gated"):].parameters()):
+        for mine, theirs in zip(net.rest.parameters(), ref[1 + (activation != "gated") :].parameters()):
             theirs.copy_(mine)
     a, b = torch.randn(7, 5), torch.randn(3, 7, 3)  # (N, 5), (K, N, 3)
     out = net(a, b)  # (K, N, 2)
@@ -70,17 +80,26 @@ def test_skip_joint_densities_are_the_sums_of_their_gaussian_terms(device):
     p1_loc, p1_logvar = vae.layer.net(z2)
     q2_loc, q2_logvar = vae.encoder2(x)
     q1_loc, q1_logvar = vae.encoder(x, z2)
-    log_p = (_normal_log_density(z2, torch.zeros(Z2, device=device), torch.ones(Z2, device=device))
-             + _normal_log_density(z1, p1_loc, torch.exp(0.5 * p1_logvar))
-             + _bernoulli_log_density(x, vae.decoder(torch.cat([z1, z2], -1))))  # (N,)
-    log_q = (_normal_log_density(z2, q2_loc, torch.exp(0.5 * q2_logvar))
-             + _normal_log_density(z1, q1_loc, torch.exp(0.5 * q1_logvar)))  # (N,)
+    log_p = (
+        _normal_log_density(z2, torch.zeros(Z2, device=device), torch.ones(Z2, device=device))
+        + _normal_log_density(z1, p1_loc, torch.exp(0.5 * p1_logvar))
+        + _bernoulli_log_density(x, vae.decoder(torch.cat([z1, z2], -1)))
+    )  # (N,)
+    log_q = _normal_log_density(z2, q2_loc, torch.exp(0.5 * q2_logvar)) + _normal_log_density(
+        z1, q1_loc, torch.exp(0.5 * q1_logvar)
+    )  # (N,)
     assert_joint_densities(vae, x, model_tr, guide_tr, log_p, log_q, seed=5)
     # encode: q(z1 | x, z2 = E[z2|x]) beside q(z2|x), the code that decode reads
     loc, scale = vae.encode(x)
-    torch.testing.assert_close(loc, torch.cat([vae.encoder(x, q2_loc)[0], q2_loc], -1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(scale, torch.cat([torch.exp(0.5 * vae.encoder(x, q2_loc)[1]), torch.exp(0.5 * q2_logvar)], -1),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        loc, torch.cat([vae.encoder(x, q2_loc)[0], q2_loc], -1), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        scale,
+        torch.cat([torch.exp(0.5 * vae.encoder(x, q2_loc)[1]), torch.exp(0.5 * q2_logvar)], -1),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     torch.testing.assert_close(vae.reconstruct(x), torch.sigmoid(vae.decoder(loc)), rtol=1e-12, atol=1e-12)
 
 
@@ -94,7 +113,9 @@ def test_skip_vampprior_components_are_q_z2_at_the_pseudo_inputs_exactly(device)
     torch.testing.assert_close(comps.mean, loc, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(comps.stddev, torch.exp(0.5 * logvar), rtol=1e-12, atol=1e-12)
     z2 = torch.randn(6, Z2, device=device)
-    by_hand = torch.logsumexp(_normal_log_density(z2[:, None], loc, torch.exp(0.5 * logvar)), -1) - math.log(K_PSEUDO)
+    by_hand = torch.logsumexp(_normal_log_density(z2[:, None], loc, torch.exp(0.5 * logvar)), -1) - math.log(
+        K_PSEUDO
+    )
     torch.testing.assert_close(vae.prior().log_prob(z2), by_hand, rtol=1e-12, atol=1e-12)
 
 
@@ -105,8 +126,12 @@ def test_skip_sample_draws_z2_then_z1_given_z2_and_decodes_both(device):
     z2 = torch.randn(6, Z2, generator=g).to(device)
     loc, logvar = vae.layer.net(z2)
     z1 = loc + torch.exp(0.5 * logvar) * torch.randn(6, Z, generator=g).to(device)
-    torch.testing.assert_close(vae.sample(6, torch.Generator().manual_seed(4)),
-                               torch.sigmoid(vae.decoder(torch.cat([z1, z2], -1))), rtol=0, atol=0)
+    torch.testing.assert_close(
+        vae.sample(6, torch.Generator().manual_seed(4)),
+        torch.sigmoid(vae.decoder(torch.cat([z1, z2], -1))),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_skip_log_px_by_quadrature_is_what_the_estimators_find(device):
@@ -115,15 +140,18 @@ def test_skip_log_px_by_quadrature_is_what_the_estimators_find(device):
     same to 1e-4). IWAE_20000 is within 4 SE of it; both KLs are in closed form (the guide draws in the model's order, and
     p(z1 | z2) reads only z2), and that analytic ELBO is the Monte Carlo ELBO within 4 SE."""
     vae = skip_vae(device, shape=(1, 2, 2), z_dim=1, z2_dim=1).eval()
-    x = torch.tensor([[1., 0., 1., 1.], [0., 0., 0., 1.], [1., 1., 1., 1.]], device=device)  # (N, 4)
+    x = torch.tensor(
+        [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]], device=device
+    )  # (N, 4)
     grid = torch.linspace(-12, 12, 401, device=device)
     step = (grid[1] - grid[0]).item()
     z1, z2 = torch.meshgrid(grid, grid, indexing="ij")  # (G, G) each
     z1, z2 = z1.reshape(-1, 1), z2.reshape(-1, 1)  # (G², 1)
     with torch.no_grad():
         loc, logvar = vae.layer.net(z2)
-        log_joint_z = _normal_log_density(z2, torch.zeros(1, device=device), torch.ones(1, device=device)) \
-            + _normal_log_density(z1, loc, torch.exp(0.5 * logvar))  # (G²,)
+        log_joint_z = _normal_log_density(
+            z2, torch.zeros(1, device=device), torch.ones(1, device=device)
+        ) + _normal_log_density(z1, loc, torch.exp(0.5 * logvar))  # (G²,)
         logits = vae.decoder(torch.cat([z1, z2], -1))  # (G², 4)
         log_lik = _bernoulli_log_density(x[:, None], logits)  # (N, G²)
         exact = torch.logsumexp(log_joint_z + log_lik, -1) + 2 * math.log(step)  # (N,)
@@ -134,13 +162,15 @@ def test_skip_log_px_by_quadrature_is_what_the_estimators_find(device):
     assert I.inspect_program(vae.model, vae.guide, x, {}, True).closed_form == {"z1", "z2"}
     analytic = E.elbo(vae.model, vae.guide, x, 2000, analytic_kl=True, seed=1)
     mc = E.elbo(vae.model, vae.guide, x, 2000, seed=1)
-    assert ((analytic.value - mc.value).abs() <= 4 * (analytic.stderr ** 2 + mc.stderr ** 2).sqrt()).all()
+    assert ((analytic.value - mc.value).abs() <= 4 * (analytic.stderr**2 + mc.stderr**2).sqrt()).all()
     assert (exact - mc.value > 4 * mc.stderr).all()  # a real gap: the guide is not the posterior
 
 
 def test_skip_needs_two_layers_of_mlps():
     for kw in ({"latent_layers": 1}, {"latent_layers": 2, "arch": "conv"}):
-        with pytest.raises(UserError, match="skip is a two-layer program of MLPs: add --latent-layers 2 and --arch mlp"):
+        with pytest.raises(
+            UserError, match="skip is a two-layer program of MLPs: add --latent-layers 2 and --arch mlp"
+        ):
             VAE((1, 28, 28), 4, [8], hierarchy="skip", **kw)
     with pytest.raises(UserError, match="needs at least one --hidden layer"):
         VAE((1, 28, 28), 4, [], latent_layers=2, hierarchy="skip")

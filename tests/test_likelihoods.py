@@ -4,6 +4,7 @@ Every log-density is checked in float64 against a formula written out here (not 
 code's own helper), at rtol 1e-10 unless stated; shapes follow the module's contract: batch
 ``(...)``, event ``(D,)``, so ``log_prob`` gives one number per datapoint.
 """
+
 import math
 
 import pyro
@@ -12,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import kl_divergence
 
-from ppl_vae.likelihoods import LIKELIHOODS, make_likelihood
-from ppl_vae.model import VAE
-from ppl_vae.objectives import DeviceTraceMeanField_ELBO
+from ppl_vae.inference.objectives import DeviceTraceMeanField_ELBO
+from ppl_vae.programs.likelihoods import LIKELIHOODS, make_likelihood
+from ppl_vae.programs.model import VAE
 
 K, N, D = 3, 5, 12
 
@@ -44,9 +45,11 @@ def test_bernoulli_is_minus_summed_bce_with_logits():
     _close(lp, (x * logits - F.softplus(logits)).sum(-1))
     _close(make_likelihood("bernoulli").mean(logits), torch.sigmoid(logits))
     # greyscale x gets the same formula, with Pyro's validation on (conftest): the densities are
-    # built with validate_args=False, and the data are checked once, at load (ppl_vae.data)
+    # built with validate_args=False, and the data are checked once, at load (ppl_vae.data.datasets)
     grey = torch.rand(N, D, dtype=torch.float64)
-    _close(make_likelihood("bernoulli").dist(logits).log_prob(grey), (grey * logits - F.softplus(logits)).sum(-1))
+    _close(
+        make_likelihood("bernoulli").dist(logits).log_prob(grey), (grey * logits - F.softplus(logits)).sum(-1)
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
@@ -60,7 +63,9 @@ def test_fast_bernoulli_values_and_gradients_match_bce(dtype, tol):
     ours_l, ref_l = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     ours_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours = make_likelihood("bernoulli").dist(ours_l).log_prob(ours_x)  # (K, N)
-    ref = -F.binary_cross_entropy_with_logits(ref_l, ref_x.expand(K, N, D), reduction="none").sum(-1)  # (K, N)
+    ref = -F.binary_cross_entropy_with_logits(ref_l, ref_x.expand(K, N, D), reduction="none").sum(
+        -1
+    )  # (K, N)
     assert ours.shape == (K, N)
     # per pixel the error is ≤ ½ ulp of 1 (log(1 + e) for log1p(e)); D pixels are summed
     torch.testing.assert_close(ours, ref, rtol=tol, atol=D * tol)
@@ -76,8 +81,9 @@ def test_fixed_sigma_gaussian_closed_form(sigma):
     mu = torch.randn(N, D, dtype=torch.float64)
     x = torch.rand(N, D, dtype=torch.float64)
     lp = make_likelihood("gaussian", sigma=sigma).dist(mu).log_prob(x)  # (N,)
-    expected = (-0.5 * ((x - mu) ** 2).sum(-1) / sigma ** 2 - D * math.log(sigma)
-                - 0.5 * D * math.log(2 * math.pi))
+    expected = (
+        -0.5 * ((x - mu) ** 2).sum(-1) / sigma**2 - D * math.log(sigma) - 0.5 * D * math.log(2 * math.pi)
+    )
     _close(lp, expected)
     if sigma == 1.0:  # σ = 1 is −½ · summed squared error plus a constant
         mse = F.mse_loss(mu, x, reduction="none").sum(-1)
@@ -138,6 +144,7 @@ def test_unknown_likelihood_names_the_choices():
 
 # --------------------------------------------------------------------------- the analytic KL
 
+
 def test_meanfield_elbo_is_reconstruction_plus_closed_form_kl_on_the_models_sites():
     """On the sites the program builds (guide N(μ, diag σ²) from the log-variance head, prior
     N(0, I), both ``.to_event(1)``), the KL the objectives and estimators call is one number per
@@ -151,12 +158,14 @@ def test_meanfield_elbo_is_reconstruction_plus_closed_form_kl_on_the_models_site
     x = torch.bernoulli(torch.full((6, 16), 0.4))
     size = 30
     pyro.set_rng_seed(5)
-    loss = DeviceTraceMeanField_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x, size=size)
+    loss = DeviceTraceMeanField_ELBO(max_plate_nesting=1).differentiable_loss(
+        vae.model, vae.guide, x, size=size
+    )
     pyro.set_rng_seed(5)
     guide_tr = pyro.poutine.trace(vae.guide).get_trace(x, size=size)
     model_tr = pyro.poutine.trace(pyro.poutine.replay(vae.model, trace=guide_tr)).get_trace(x, size=size)
     mu, logvar = vae.encoder(x)  # (6, 3) each
-    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(-1)  # (6,)
+    kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)  # (6,)
     assert mu.abs().max() > 1 and logvar.abs().max() > 1  # the check covers more than q ≈ p
     _close(kl_divergence(guide_tr.nodes["z"]["fn"], model_tr.nodes["z"]["fn"]), kl)
     logits = vae.decoder(guide_tr.nodes["z"]["value"])  # (6, 16)

@@ -5,6 +5,7 @@ Pyro's stock ELBOs (same seed → same value and gradients), against each other 
 and for minibatch unbiasedness; statistical checks state their tolerance in standard errors
 and run under fixed seeds (deterministic).
 """
+
 import math
 
 import pyro
@@ -12,9 +13,9 @@ import pytest
 import torch
 from pyro import poutine
 
-from ppl_vae.likelihoods import LIKELIHOODS
-from ppl_vae.model import VAE
-from ppl_vae.objectives import DeviceTrace_ELBO, DeviceTraceMeanField_ELBO, make_objective
+from ppl_vae.inference.objectives import DeviceTrace_ELBO, DeviceTraceMeanField_ELBO, make_objective
+from ppl_vae.programs.likelihoods import LIKELIHOODS
+from ppl_vae.programs.model import VAE
 
 Z = 3
 
@@ -123,7 +124,9 @@ def test_sample_decodes_prior_draws_and_reconstruct_decodes_the_code():
     torch.testing.assert_close(s, torch.sigmoid(vae.decoder(z)), rtol=0, atol=0)
     assert not torch.equal(s, vae.sample(7, generator=torch.Generator().manual_seed(1)))
     x = _data(3, 16)
-    torch.testing.assert_close(vae.reconstruct(x), torch.sigmoid(vae.decoder(vae.encoder(x)[0])), rtol=0, atol=0)
+    torch.testing.assert_close(
+        vae.reconstruct(x), torch.sigmoid(vae.decoder(vae.encoder(x)[0])), rtol=0, atol=0
+    )
 
 
 def test_conv_refuses_images_it_cannot_halve_twice():
@@ -133,13 +136,16 @@ def test_conv_refuses_images_it_cannot_halve_twice():
 
 # --------------------------------------------------------------------------- objectives
 
+
 def _fixed_vae(likelihood="bernoulli", shape=(1, 4, 4), hidden=(16,)):
     torch.manual_seed(3)
     return VAE(shape, z_dim=Z, hidden=list(hidden), likelihood=likelihood)
 
 
-@pytest.mark.parametrize("ours,stock", [(DeviceTrace_ELBO, pyro.infer.Trace_ELBO),
-                                        (DeviceTraceMeanField_ELBO, pyro.infer.TraceMeanField_ELBO)])
+@pytest.mark.parametrize(
+    "ours,stock",
+    [(DeviceTrace_ELBO, pyro.infer.Trace_ELBO), (DeviceTraceMeanField_ELBO, pyro.infer.TraceMeanField_ELBO)],
+)
 @pytest.mark.parametrize("k", [1, 4])
 def test_device_elbos_equal_pyro_stock(ours, stock, k):
     """Same seed → same loss value and the same gradient for every parameter (rtol 1e-6, float64)."""
@@ -160,8 +166,10 @@ def test_device_elbos_equal_pyro_stock(ours, stock, k):
 
 
 @pytest.mark.parametrize("case", ["auxiliary", "no_closed_form_kl"])
-@pytest.mark.parametrize("ours,stock", [(DeviceTrace_ELBO, pyro.infer.Trace_ELBO),
-                                        (DeviceTraceMeanField_ELBO, pyro.infer.TraceMeanField_ELBO)])
+@pytest.mark.parametrize(
+    "ours,stock",
+    [(DeviceTrace_ELBO, pyro.infer.Trace_ELBO), (DeviceTraceMeanField_ELBO, pyro.infer.TraceMeanField_ELBO)],
+)
 def test_device_elbos_equal_pyro_stock_beyond_the_vae(ours, stock, case):
     """A guide-only (auxiliary) site adds −log q; a prior with no registered KL (Laplace) falls
     back to Monte Carlo: both exactly as Pyro's own ELBOs do (same seed, rtol 1e-6)."""
@@ -231,8 +239,12 @@ def test_minibatch_loss_is_unbiased_for_full_data_loss(elbo):
     x = torch.bernoulli(torch.rand(n, 1, generator=g).expand(n, 16), generator=g)
     objective = make_objective(elbo)
     full = _draws(objective, vae, x, 200)
-    mini = torch.stack([objective(vae.model, vae.guide, x[torch.randperm(n, generator=g)[:b]], size=n).detach()
-                        for _ in range(500)])
+    mini = torch.stack(
+        [
+            objective(vae.model, vae.guide, x[torch.randperm(n, generator=g)[:b]], size=n).detach()
+            for _ in range(500)
+        ]
+    )
     se = math.sqrt(full.var() / len(full) + mini.var() / len(mini))
     assert abs(mini.mean() - full.mean()) < 3 * se
     assert 3 * se < 0.02 * full.mean().abs()  # resolves a 2 % bias
@@ -260,8 +272,9 @@ def test_beta_changes_loss_by_beta_minus_one_times_kl(elbo):
         kl = torch.distributions.kl_divergence(q["fn"], p["fn"]).sum()
     else:
         kl = (q["fn"].log_prob(q["value"]) - p["fn"].log_prob(q["value"])).sum()
-    torch.testing.assert_close(losses[beta] - losses[1.0], (beta - 1) * size / x.shape[0] * kl,
-                               rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(
+        losses[beta] - losses[1.0], (beta - 1) * size / x.shape[0] * kl, rtol=1e-8, atol=1e-8
+    )
 
 
 def test_iwae_objective_with_one_particle_is_the_trace_elbo():

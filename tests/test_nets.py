@@ -1,7 +1,8 @@
 """Network building blocks against their formulas."""
+
 import torch
 
-from ppl_vae.nets import GatedLinear, mlp
+from ppl_vae.programs.nets import GatedLinear, mlp
 
 
 def test_gated_linear_is_h_times_sigmoid_gate(device):

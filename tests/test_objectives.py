@@ -10,6 +10,7 @@ log p(x) = log N(x; b, W Wᵀ + σ² I) (Bishop 2006, §2.3.3).
 Every test runs on each ``device`` (conftest): parameters and data are drawn on the CPU from a
 seeded generator and moved there, so the programs are the same on every device.
 """
+
 import math
 
 import pyro
@@ -18,8 +19,8 @@ import pytest
 import torch
 from pyro.infer import RenyiELBO
 
-from ppl_vae.importance import log_importance_weights
-from ppl_vae.objectives import DeviceTrace_ELBO, iwae_loss
+from ppl_vae.inference.importance import log_importance_weights
+from ppl_vae.inference.objectives import DeviceTrace_ELBO, iwae_loss
 
 N, D, Z, K, SIGMA = 4, 3, 2, 5, 0.7
 PARAMS = ("W", "b", "A", "c", "log_s")
@@ -63,8 +64,11 @@ def closed_form_loss(x, size, eps, W, b, A, c, log_s):
     """The loss written out in plain torch for fixed noise ``eps (K, N, Z)``."""
     loc, scale = x @ A + c, log_s.exp()  # (N, Z), (Z,)
     z = loc + scale * eps  # (K, N, Z)
-    log_w = (dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + dist.Normal(z @ W.T + b, SIGMA).log_prob(x).sum(-1)
-             - dist.Normal(loc, scale).log_prob(z).sum(-1))  # (K, N)
+    log_w = (
+        dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        + dist.Normal(z @ W.T + b, SIGMA).log_prob(x).sum(-1)
+        - dist.Normal(loc, scale).log_prob(z).sum(-1)
+    )  # (K, N)
     return -(torch.logsumexp(log_w, 0) - math.log(eps.shape[0])).sum() * size / x.shape[0]
 
 
@@ -82,7 +86,9 @@ def test_iwae_loss_value_and_gradient_match_closed_form_and_finite_differences(d
     params = [pyro.param(n).unconstrained() for n in PARAMS]
     grads = torch.autograd.grad(loss, params)
     pyro.set_rng_seed(7)
-    eps = torch.randn(K, N, Z, device=device)  # the noise the guide's Normal.rsample draws first after the seed
+    eps = torch.randn(
+        K, N, Z, device=device
+    )  # the noise the guide's Normal.rsample draws first after the seed
     leaves = [p.detach().clone().requires_grad_() for p in params]
     ref = closed_form_loss(x, size, eps, *leaves)
     torch.testing.assert_close(loss, ref, atol=1e-10, rtol=0)
@@ -143,12 +149,12 @@ def test_iwae_loss_scaling_and_k1_matches_trace_elbo(device):
     x, size = init_params(device), 60
     W, b = pyro.param("W").detach(), pyro.param("b").detach()
     eye_z = torch.eye(Z, device=device)
-    cov = torch.linalg.inv(eye_z + W.T @ W / SIGMA ** 2)  # the exact posterior's Σ
-    log_px = dist.MultivariateNormal(b, W @ W.T + SIGMA ** 2 * torch.eye(D, device=device)).log_prob(x)  # (N,)
+    cov = torch.linalg.inv(eye_z + W.T @ W / SIGMA**2)  # the exact posterior's Σ
+    log_px = dist.MultivariateNormal(b, W @ W.T + SIGMA**2 * torch.eye(D, device=device)).log_prob(x)  # (N,)
 
     def exact_guide(x, size=None):
         with data_plate(x, size):
-            mu = (x - b) @ W @ cov / SIGMA ** 2  # (N, Z)
+            mu = (x - b) @ W @ cov / SIGMA**2  # (N, Z)
             pyro.sample("z", dist.MultivariateNormal(mu, scale_tril=torch.linalg.cholesky(cov)))
 
     def mvn_model(x, size=None):  # the model above with p(z) as an MVN, to match the guide's event shape
@@ -184,6 +190,7 @@ def _beta_scaled(fn, beta):
     def scaled(x, size=None):
         with _ScaleZ(beta):
             return fn(x, size)
+
     return scaled
 
 
@@ -198,11 +205,16 @@ def test_iwae_beta_is_tempered_prior_ratio_and_k1_is_the_beta_elbo(device):
     a = iwae_loss(model, guide, x, 1, size=20, beta=beta)
     pyro.set_rng_seed(5)
     b = DeviceTrace_ELBO(num_particles=1, max_plate_nesting=1).differentiable_loss(
-        _beta_scaled(model, beta), _beta_scaled(guide, beta), x, size=20)
+        _beta_scaled(model, beta), _beta_scaled(guide, beta), x, size=20
+    )
     torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-12)
     pyro.set_rng_seed(5)
-    torch.testing.assert_close(iwae_loss(model, guide, x, 1, size=20, beta=torch.tensor(beta, device=x.device)), a,
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        iwae_loss(model, guide, x, 1, size=20, beta=torch.tensor(beta, device=x.device)),
+        a,
+        atol=1e-12,
+        rtol=0,
+    )
     for k in (1, K):
         pyro.set_rng_seed(1)
         plain = iwae_loss(model, guide, x, k)
@@ -211,14 +223,22 @@ def test_iwae_beta_is_tempered_prior_ratio_and_k1_is_the_beta_elbo(device):
 
     # closed form: q = N(μ, diag s²), μ = x A + c; E_q log p(x|z) = Σ_d −½ log 2πσ² − ((x − Wμ − b)_d²
     # + (W diag(s²) Wᵀ)_dd) / 2σ²; E_q log p(z) − E_q log q = −½ (|μ|² + Σ s²) + Σ log s + Z/2
-    W, bias, A, c, s = pyro.param("W"), pyro.param("b"), pyro.param("A"), pyro.param("c"), pyro.param("log_s").exp()
+    W, bias, A, c, s = (
+        pyro.param("W"),
+        pyro.param("b"),
+        pyro.param("A"),
+        pyro.param("c"),
+        pyro.param("log_s").exp(),
+    )
     mu = x @ A + c  # (N, Z)
-    recon = (-0.5 * math.log(2 * math.pi * SIGMA ** 2) * D
-             - (((x - mu @ W.T - bias) ** 2).sum(-1) + (W ** 2 * s ** 2).sum()) / (2 * SIGMA ** 2))  # (N,)
-    neg_kl = -0.5 * ((mu ** 2).sum(-1) + (s ** 2).sum()) + s.log().sum() + Z / 2  # (N,)
+    recon = -0.5 * math.log(2 * math.pi * SIGMA**2) * D - (
+        ((x - mu @ W.T - bias) ** 2).sum(-1) + (W**2 * s**2).sum()
+    ) / (2 * SIGMA**2)  # (N,)
+    neg_kl = -0.5 * ((mu**2).sum(-1) + (s**2).sum()) + s.log().sum() + Z / 2  # (N,)
     exact = (recon + beta * neg_kl).sum()  # the β-ELBO of the batch
     reps = 2000  # the batch repeated: 20 chunks of 2000 × N draws, one per datapoint copy
-    chunks = torch.stack([-iwae_loss(model, guide, x.repeat(reps, 1), 1, beta=beta).detach() / reps
-                          for _ in range(20)])
+    chunks = torch.stack(
+        [-iwae_loss(model, guide, x.repeat(reps, 1), 1, beta=beta).detach() / reps for _ in range(20)]
+    )
     se = chunks.std() / math.sqrt(len(chunks))
     assert abs(chunks.mean() - exact) < 4 * se, (chunks.mean().item(), exact.item(), se.item())

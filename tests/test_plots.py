@@ -5,6 +5,7 @@ Pixel checks read the image matplotlib was given (``ax.images[0].get_array()``),
 ``make_grid`` picture with 1-pixel padding, so tile (r, c) of an H×W image starts at
 pixel (1 + r·(H+1), 1 + c·(W+1)).
 """
+
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,18 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from ppl_vae import fit, plots, sample
+from ppl_vae import fit, sample
+from ppl_vae.reports import plots
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 import _figures  # noqa: E402  (the examples' figures: examples/_figures.py)
+
 SHAPE = (1, 4, 4)  # tiny images: D = 16
 
 
 def _tile(img: np.ndarray, r: int, c: int, h: int = 4, w: int = 4) -> np.ndarray:
-    return img[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w]
+    return img[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w]
 
 
 def _constant_decoder(fn):
@@ -62,7 +65,9 @@ def test_manifold_grid_places_prior_quantiles_with_z2_upwards():
     torch.testing.assert_close(z[::n, 1], expected.flip(0))  # first column: z₂ top → bottom decreasing
     img = np.asarray(fig.axes[0].images[0].get_array())
     # Φ(z₁) is the brightness: 0.05 … 0.95 from the left column to the right one, in every row.
-    np.testing.assert_allclose([_tile(img, 2, c).mean() for c in range(n)], np.linspace(0.05, 0.95, n), atol=1e-6)
+    np.testing.assert_allclose(
+        [_tile(img, 2, c).mean() for c in range(n)], np.linspace(0.05, 0.95, n), atol=1e-6
+    )
     assert fig.axes[0].get_xlabel().startswith("z₁") and fig.axes[0].get_ylabel() == "z₂"
     plt.close(fig)
 
@@ -96,7 +101,9 @@ def test_image_panels_table_layout_and_content():
     assert axes[0].get_ylabel() == "row A" and axes[2].get_ylabel() == "row B"
     assert len(axes[3].images) == 0
     img = np.asarray(axes[1].images[0].get_array())
-    np.testing.assert_allclose(_tile(img, 1, 2), b[5].reshape(4, 4).numpy(), atol=1e-6)  # image 5 = row 1, col 2
+    np.testing.assert_allclose(
+        _tile(img, 1, 2), b[5].reshape(4, 4).numpy(), atol=1e-6
+    )  # image 5 = row 1, col 2
     plt.close(fig)
 
 
@@ -157,8 +164,17 @@ def test_training_curve_adds_the_recon_and_kl_panel_when_rows_have_them(tmp_path
     ELBO panel; rows with the terms add a panel of −valid_recon and valid_kl; comparing the two
     runs, the second panel holds only the newer run's lines, in its colour."""
     old = [{"epoch": e, "train_elbo": -100.0 + e, "valid_elbo": -101.0 + e} for e in (1, 2, 3)]
-    new = [{"epoch": e, "objective": "elbo", "train_objective": -90.0 + e, "valid_elbo": -91.0 + e,
-            "valid_recon": -70.0 + 2 * e, "valid_kl": 21.0 + e} for e in (1, 2, 3)]
+    new = [
+        {
+            "epoch": e,
+            "objective": "elbo",
+            "train_objective": -90.0 + e,
+            "valid_elbo": -91.0 + e,
+            "valid_recon": -70.0 + 2 * e,
+            "valid_kl": 21.0 + e,
+        }
+        for e in (1, 2, 3)
+    ]
     fig = plots.training_curve(old)
     assert len(fig.axes) == 1
     np.testing.assert_array_equal(fig.axes[0].get_lines()[1].get_ydata(), [-100.0, -99.0, -98.0])
@@ -179,13 +195,29 @@ def test_training_curve_adds_the_recon_and_kl_panel_when_rows_have_them(tmp_path
 
 # --------------------------------------------------------------------------- python -m ppl_vae.sample
 
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One epoch on the 8×8 digits, through the fit command's main (in-process: a second python
     would spend seconds importing torch)."""
     out = tmp_path_factory.mktemp("run")
-    argv = ["--dataset", "digits", "--hidden", "16", "--z-dim", "3", "--epochs", "1", "--final-iwae-k", "0",
-            "--device", "cpu", "--quiet", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--hidden",
+        "16",
+        "--z-dim",
+        "3",
+        "--epochs",
+        "1",
+        "--final-iwae-k",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert fit.main(argv) == 0
     return out
 
@@ -195,8 +227,13 @@ def test_sample_cli_writes_a_seeded_grid(tiny_run, tmp_path):
     seed gives the same picture, at --out or at the default RUN_DIR/samples-seed<seed>.png."""
     a, c = tmp_path / "a.png", tmp_path / "c.png"
     b = tiny_run / "samples-seed3.png"  # the default --out
-    r = subprocess.run([sys.executable, "-m", "ppl_vae.sample", str(tiny_run), "--n", "12", "--seed", "3",
-                        "--out", str(a)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "ppl_vae.sample", str(tiny_run), "--n", "12", "--seed", "3", "--out", str(a)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"wrote {a}"
     for seed, extra in ((3, []), (4, ["--out", str(c)])):
@@ -210,8 +247,29 @@ def test_sample_cli_writes_a_seeded_grid(tiny_run, tmp_path):
 def test_sample_of_a_label_has_its_own_default_file(tmp_path):
     """``--label L`` writes RUN_DIR/samples-labelL-seedS.png beside, not over, the unlabelled grid."""
     out = tmp_path / "cond"
-    assert fit.main(["--dataset", "digits", "--conditional", "--hidden", "16", "--z-dim", "3", "--epochs", "1",
-                     "--final-iwae-k", "0", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert (
+        fit.main(
+            [
+                "--dataset",
+                "digits",
+                "--conditional",
+                "--hidden",
+                "16",
+                "--z-dim",
+                "3",
+                "--epochs",
+                "1",
+                "--final-iwae-k",
+                "0",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert sample.main([str(out), "--n", "4"]) == 0
     unlabelled = (out / "samples-seed0.png").read_bytes()
     assert sample.main([str(out), "--n", "4", "--label", "3"]) == 0
@@ -219,19 +277,24 @@ def test_sample_of_a_label_has_its_own_default_file(tmp_path):
     assert (out / "samples-seed0.png").read_bytes() == unlabelled
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--n", "0"], "--n must be >= 1"),
-    (["--out", "x.jpg"], "must name a .png"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--out", "no/such/folder/x.png"], "does not exist"),
-    (["--device", "gpu0"], "--device must be auto, cpu or cuda"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n", "0"], "--n must be >= 1"),
+        (["--out", "x.jpg"], "must name a .png"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--out", "no/such/folder/x.png"], "does not exist"),
+        (["--device", "gpu0"], "--device must be auto, cpu or cuda"),
+    ],
+)
 def test_sample_cli_rejects_bad_input(tiny_run, args, message, capsys):
     with pytest.raises(SystemExit) as e:  # in-process: the same main() the module runs
         sample.main([str(tiny_run), *args])
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("python -m ppl_vae.sample: error: ") and message in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("python -m ppl_vae.sample: error: ") and message in lines[0]
+    )
 
 
 def test_sample_cli_refuses_a_folder_without_a_run(tmp_path, capsys):

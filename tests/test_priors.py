@@ -1,10 +1,11 @@
 """The mixture priors' fast log-density (``DiagonalNormalMixture``) against Pyro's ``MixtureSameFamily``."""
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
-from ppl_vae.priors import DiagonalNormalMixture, mixture
+from ppl_vae.programs.priors import DiagonalNormalMixture, mixture
 
 
 def _mixture_params(m, d, scale_low, dtype=torch.float32, seed=0):
@@ -17,8 +18,9 @@ def _mixture_params(m, d, scale_low, dtype=torch.float32, seed=0):
 
 def _reference(logits, loc, scale):
     """Pyro's MixtureSameFamily in float64: the elementwise log-density."""
-    return dist.MixtureSameFamily(dist.Categorical(logits=logits.double()),
-                                  dist.Normal(loc.double(), scale.double()).to_event(1))
+    return dist.MixtureSameFamily(
+        dist.Categorical(logits=logits.double()), dist.Normal(loc.double(), scale.double()).to_event(1)
+    )
 
 
 @pytest.mark.parametrize("scale_low", [0.05, 0.2, 1.0])
@@ -60,7 +62,9 @@ def test_expanded_by_a_plate_scores_like_the_unexpanded_mixture():
 
     site = pyro.poutine.trace(model).get_trace().nodes["z"]
     assert isinstance(site["fn"], DiagonalNormalMixture) and site["fn"].batch_shape == (6,)
-    torch.testing.assert_close(site["fn"].log_prob(z), _reference(logits, loc, scale).log_prob(z), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        site["fn"].log_prob(z), _reference(logits, loc, scale).log_prob(z), rtol=0, atol=1e-12
+    )
 
 
 def test_non_diagonal_components_keep_pyros_mixture():

@@ -5,6 +5,7 @@ checked against closed forms written out by hand (float64, tolerances stated at 
 The tests of a program's tensors run on each ``device`` (conftest): the program is moved there
 and its inputs are drawn on the CPU and moved to it (``_args``), so they are the same everywhere.
 """
+
 import itertools
 import math
 from contextlib import nullcontext
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch.distributions import kl_divergence
 
-from ppl_vae.errors import UserError
-from ppl_vae.conditional import ConditionalVAE, make_vae
-from ppl_vae.model import VAE
-from ppl_vae.objectives import DeviceTrace_ELBO
-from ppl_vae.priors import draw
+from ppl_vae.core.errors import UserError
+from ppl_vae.inference.objectives import DeviceTrace_ELBO
+from ppl_vae.programs.conditional import ConditionalVAE, make_vae
+from ppl_vae.programs.model import VAE
+from ppl_vae.programs.priors import draw
 
 SHAPE, D = (1, 4, 5), 20
 Z, Z2, C, K_PSEUDO, M = 4, 3, 3, 7, 5
@@ -34,8 +35,20 @@ def _vae(prior="normal", posterior="diagonal", layers=1, classes=0, device="cpu"
     """A small program; ``layers="skip"``: two layers, the skip hierarchy (else the chain)."""
     if layers == "skip":
         layers, kw = 2, {"hierarchy": "skip", **kw}
-    return make_vae(SHAPE, Z, [16], prior=prior, posterior=posterior, latent_layers=layers, z2_dim=Z2, hidden2=[8],
-                    pseudo_inputs=K_PSEUDO, mixture_components=M, num_classes=classes, **kw).to(device)
+    return make_vae(
+        SHAPE,
+        Z,
+        [16],
+        prior=prior,
+        posterior=posterior,
+        latent_layers=layers,
+        z2_dim=Z2,
+        hidden2=[8],
+        pseudo_inputs=K_PSEUDO,
+        mixture_components=M,
+        num_classes=classes,
+        **kw,
+    ).to(device)
 
 
 def _args(vae, n=6):
@@ -78,14 +91,22 @@ def assert_joint_densities(vae, x, model_tr, guide_tr, log_p, log_q, seed):
 
 # --------------------------------------------------------------------------- every combination
 
-PRIOR_TYPES = {"normal": torch.distributions.Independent, "mog": torch.distributions.MixtureSameFamily,
-               "vampprior": torch.distributions.MixtureSameFamily}
-GUIDE_TYPES = {"diagonal": torch.distributions.Independent, "full-rank": torch.distributions.MultivariateNormal,
-               "iaf": torch.distributions.TransformedDistribution}
+PRIOR_TYPES = {
+    "normal": torch.distributions.Independent,
+    "mog": torch.distributions.MixtureSameFamily,
+    "vampprior": torch.distributions.MixtureSameFamily,
+}
+GUIDE_TYPES = {
+    "diagonal": torch.distributions.Independent,
+    "full-rank": torch.distributions.MultivariateNormal,
+    "iaf": torch.distributions.TransformedDistribution,
+}
 
 
-@pytest.mark.parametrize("prior,posterior,layers,classes",
-                         list(itertools.product(PRIOR_TYPES, GUIDE_TYPES, (1, 2, "skip"), (0, C))))
+@pytest.mark.parametrize(
+    "prior,posterior,layers,classes",
+    list(itertools.product(PRIOR_TYPES, GUIDE_TYPES, (1, 2, "skip"), (0, C))),
+)
 def test_every_program_has_its_sites_shapes_scales_and_gradients(prior, posterior, layers, classes, device):
     vae = _vae(prior, posterior, layers, classes, device)
     n, k, size, beta = 6, 4, 30, 0.5
@@ -110,11 +131,18 @@ def test_every_program_has_its_sites_shapes_scales_and_gradients(prior, posterio
         assert model_tr.nodes["x"]["log_prob"].shape == batch
         assert model_tr.nodes["x"]["scale"] == pytest.approx(size / n)
     top = model_tr.nodes[latents[-1]]["fn"]
-    prior_type = torch.distributions.MultivariateNormal if (prior, posterior) == ("normal", "full-rank") \
+    prior_type = (
+        torch.distributions.MultivariateNormal
+        if (prior, posterior) == ("normal", "full-rank")
         else PRIOR_TYPES[prior]
-    assert isinstance(top, prior_type) and all(isinstance(guide_tr.nodes[s]["fn"], GUIDE_TYPES[posterior]) for s in latents)
+    )
+    assert isinstance(top, prior_type) and all(
+        isinstance(guide_tr.nodes[s]["fn"], GUIDE_TYPES[posterior]) for s in latents
+    )
     # one torch optimizer over vae.parameters() trains every part: each parameter is reached by the loss
-    DeviceTrace_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, *args, size=size).backward()
+    DeviceTrace_ELBO(max_plate_nesting=1).differentiable_loss(
+        vae.model, vae.guide, *args, size=size
+    ).backward()
     missing = [name for name, p in vae.named_parameters() if p.grad is None]
     assert not missing
     # the plain helpers work for every program
@@ -140,14 +168,22 @@ def test_plain_vae_keeps_its_parameters_and_state_dict_keys():
     """Checkpoints of the plain VAE load unchanged: same keys, same shapes (784-400-20 layout)."""
     vae = VAE((1, 28, 28))
     shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    assert shapes == {"encoder.body.0.weight": (400, 784), "encoder.body.0.bias": (400,),
-                      "encoder.body.2.weight": (40, 400), "encoder.body.2.bias": (40,),
-                      "decoder.body.0.weight": (400, 20), "decoder.body.0.bias": (400,),
-                      "decoder.body.2.weight": (784, 400), "decoder.body.2.bias": (784,),
-                      "prior_loc": (20,), "prior_scale": (20,)}
+    assert shapes == {
+        "encoder.body.0.weight": (400, 784),
+        "encoder.body.0.bias": (400,),
+        "encoder.body.2.weight": (40, 400),
+        "encoder.body.2.bias": (40,),
+        "decoder.body.0.weight": (400, 20),
+        "decoder.body.0.bias": (400,),
+        "decoder.body.2.weight": (784, 400),
+        "decoder.body.2.bias": (784,),
+        "prior_loc": (20,),
+        "prior_scale": (20,),
+    }
 
 
 # --------------------------------------------------------------------------- priors
+
 
 @pytest.mark.parametrize("layers,classes", [(1, 0), (1, C), (2, 0)])
 def test_vampprior_is_the_mixture_of_the_encoders_gaussians_at_the_pseudo_inputs(layers, classes, device):
@@ -163,7 +199,9 @@ def test_vampprior_is_the_mixture_of_the_encoders_gaussians_at_the_pseudo_inputs
     top = model_tr.nodes[vae.top_site]
     p = top["fn"]
     assert p.mixture_distribution.probs.shape == (5, K_PSEUDO)
-    torch.testing.assert_close(p.mixture_distribution.probs, torch.full((5, K_PSEUDO), 1 / K_PSEUDO, device=device))
+    torch.testing.assert_close(
+        p.mixture_distribution.probs, torch.full((5, K_PSEUDO), 1 / K_PSEUDO, device=device)
+    )
     u = vae.prior.pseudo_inputs.clamp(0, 1)  # (K, D)
     if classes:
         u = torch.cat([u, F.one_hot(torch.arange(K_PSEUDO, device=device) % C, C).double()], -1)  # (K, D + C)
@@ -188,7 +226,9 @@ def test_vampprior_pseudo_inputs_start_at_the_papers_setting():
     u = make_vae(SHAPE, Z, [16], prior="vampprior").prior.pseudo_inputs  # the default K = 500
     assert u.shape == (500, D)
     se = 0.01 / math.sqrt(u.numel())
-    assert abs(u.mean().item() - 0.05) < 5 * se and abs(u.std().item() - 0.01) < 5 * 0.01 / math.sqrt(2 * u.numel())
+    assert abs(u.mean().item() - 0.05) < 5 * se and abs(u.std().item() - 0.01) < 5 * 0.01 / math.sqrt(
+        2 * u.numel()
+    )
     assert ((u > 0) & (u < 1)).all()
 
 
@@ -227,10 +267,13 @@ def test_draws_from_a_mixture_follow_its_weights_and_components(device):
     for part, loc, sd in ((z[first], -10.0, 1.0), (z[~first], 10.0, 2.0)):
         assert (part.mean(0) - loc).abs().max() < 5 * sd / math.sqrt(len(part))
         assert (part.std(0) - sd).abs().max() < 5 * sd / math.sqrt(2 * len(part))
-    torch.testing.assert_close(draw(mog(), torch.Generator(device=device).manual_seed(0), n), z, rtol=0, atol=0)
+    torch.testing.assert_close(
+        draw(mog(), torch.Generator(device=device).manual_seed(0), n), z, rtol=0, atol=0
+    )
 
 
 # --------------------------------------------------------------------------- posterior families
+
 
 def _copy_shared(src, dst):
     """dst's parameters take src's values on their common leading rows (the encoders' (μ, log σ²)
@@ -246,10 +289,14 @@ def _draws_and_log_weights(vae, x, seed=7, particles=3):
     pyro.set_rng_seed(seed)
     with pyro.plate("particles", particles, dim=-2):
         model_tr, guide_tr = _traces(vae, x)
-    log_w = sum(model_tr.nodes[s]["log_prob"] for s in (*vae.latent_sites, "x")) - \
-        sum(guide_tr.nodes[s]["log_prob"] for s in vae.latent_sites)
-    return ([guide_tr.nodes[s]["value"] for s in vae.latent_sites],
-            [guide_tr.nodes[s]["log_prob"] for s in vae.latent_sites], log_w)
+    log_w = sum(model_tr.nodes[s]["log_prob"] for s in (*vae.latent_sites, "x")) - sum(
+        guide_tr.nodes[s]["log_prob"] for s in vae.latent_sites
+    )
+    return (
+        [guide_tr.nodes[s]["value"] for s in vae.latent_sites],
+        [guide_tr.nodes[s]["log_prob"] for s in vae.latent_sites],
+        log_w,
+    )
 
 
 @pytest.mark.parametrize("layers", [1, 2])
@@ -260,7 +307,10 @@ def test_identity_iaf_gives_the_diagonal_guides_draws_and_log_weights(layers, de
     with the same weights they agree to 1e-12 (its encoder's last matmul has fewer rows, which
     changes the rounding of μ by ~1e-17)."""
     torch.set_default_dtype(torch.float64)
-    diag, iaf = _vae("normal", "diagonal", layers, device=device), _vae("normal", "iaf", layers, device=device)
+    diag, iaf = (
+        _vae("normal", "diagonal", layers, device=device),
+        _vae("normal", "iaf", layers, device=device),
+    )
     _copy_shared(diag, iaf)
     x = _args(diag, 5)[0]
     with_flow = _draws_and_log_weights(iaf, x)
@@ -287,8 +337,9 @@ def test_iaf_log_density_is_base_minus_log_jacobian_and_trains_with_torch(device
     vae = _vae("normal", "iaf", device=device)
     flow = vae.posterior
     assert {id(p) for p in flow.parameters()} <= {id(p) for p in vae.parameters()}
-    assert len(flow.transforms) == 2 and torch.equal(flow.transforms[1].nn.permutation,
-                                                   torch.arange(Z, device=device).flip(0))
+    assert len(flow.transforms) == 2 and torch.equal(
+        flow.transforms[1].nn.permutation, torch.arange(Z, device=device).flip(0)
+    )
     opt = torch.optim.Adam(vae.parameters(), lr=0.1)
     x = _args(vae, 4)[0]
     DeviceTrace_ELBO(max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x).backward()
@@ -301,17 +352,20 @@ def test_iaf_log_density_is_base_minus_log_jacobian_and_trains_with_torch(device
     z_loc, z_logvar, h = vae.encoder(x)
     site = guide_tr.nodes["z"]
     for i in range(x.shape[0]):
-        q = flow(z_loc[i:i + 1], z_logvar[i:i + 1], h[i:i + 1])
+        q = flow(z_loc[i : i + 1], z_logvar[i : i + 1], h[i : i + 1])
 
         def f(z0):
             for t in q.transforms:
                 z0 = t._call(z0)  # the uncached forward map
             return z0
-        z0 = q.transforms[0].inv(q.transforms[1].inv(site["value"][i:i + 1]))  # (1, Z)
+
+        z0 = q.transforms[0].inv(q.transforms[1].inv(site["value"][i : i + 1]))  # (1, Z)
         jac = torch.autograd.functional.jacobian(lambda v: f(v[None])[0], z0[0])  # (Z, Z)
         base = _normal_log_density(z0[0], z_loc[i], torch.exp(0.5 * z_logvar[i]))
-        torch.testing.assert_close(site["log_prob"][i], base - torch.linalg.slogdet(jac)[1], rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(f(z0), site["value"][i:i + 1], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            site["log_prob"][i], base - torch.linalg.slogdet(jac)[1], rtol=1e-10, atol=1e-10
+        )
+        torch.testing.assert_close(f(z0), site["value"][i : i + 1], rtol=1e-10, atol=1e-10)
 
 
 def test_full_rank_kl_to_the_standard_normal_is_the_mvn_formula(device):
@@ -321,8 +375,8 @@ def test_full_rank_kl_to_the_standard_normal_is_the_mvn_formula(device):
     vae = _vae("normal", "full-rank", device=device)
     with torch.no_grad():  # off-diagonal outputs start at zero: make L a full lower triangle
         last = vae.encoder.body[-1]
-        last.weight[2 * Z:].normal_(0, 0.5)
-        last.bias[2 * Z:].normal_(0, 0.5)
+        last.weight[2 * Z :].normal_(0, 0.5)
+        last.bias[2 * Z :].normal_(0, 0.5)
     x = _args(vae, 5)[0]
     model_tr, guide_tr = _traces(vae, x)
     q, p = guide_tr.nodes["z"]["fn"], model_tr.nodes["z"]["fn"]
@@ -332,7 +386,7 @@ def test_full_rank_kl_to_the_standard_normal_is_the_mvn_formula(device):
     L[:, rows, cols] = lower
     torch.testing.assert_close(q.scale_tril, L, rtol=0, atol=0)
     sigma = L @ L.transpose(-1, -2)  # (N, Z, Z)
-    formula = 0.5 * (sigma.diagonal(dim1=-2, dim2=-1).sum(-1) + (mu ** 2).sum(-1) - Z - torch.logdet(sigma))
+    formula = 0.5 * (sigma.diagonal(dim1=-2, dim2=-1).sum(-1) + (mu**2).sum(-1) - Z - torch.logdet(sigma))
     torch.testing.assert_close(kl_divergence(q, p), formula, rtol=1e-10, atol=1e-10)
     assert (lower.abs() > 1e-3).any()
 
@@ -357,18 +411,20 @@ def test_full_rank_scale_tril_is_torchs_row_by_row_layout(device):
     ``vec_to_tril_matrix(lower, diag=-1)`` plus the diagonal σ, and each entry's gradient is 1."""
     from torch.distributions.utils import vec_to_tril_matrix
 
-    from ppl_vae.guides import FullRankGaussian
+    from ppl_vae.programs.guides import FullRankGaussian
 
     lower = torch.randn(3, 7, 10, device=device, requires_grad=True)  # [S, N, d(d−1)/2], d = 5
     logvar = torch.randn(3, 7, 5, device=device)  # [S, N, d]
     L = FullRankGaussian(5).scale_tril(logvar, lower)  # [S, N, d, d]
-    torch.testing.assert_close(L, vec_to_tril_matrix(lower, diag=-1) + torch.diag_embed(torch.exp(0.5 * logvar)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        L, vec_to_tril_matrix(lower, diag=-1) + torch.diag_embed(torch.exp(0.5 * logvar)), rtol=0, atol=0
+    )
     L.sum().backward()
     assert torch.equal(lower.grad, torch.ones_like(lower))
 
 
 # --------------------------------------------------------------------------- two latent layers
+
 
 def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms(device):
     """log p(x, z1, z2) = log N(z2; 0, I) + log N(z1; μ_θ(z2), σ_θ(z2)²) + log Bern(x; decoder(z1)) and
@@ -384,11 +440,14 @@ def test_two_layer_joint_densities_are_the_sums_of_their_gaussian_terms(device):
     prior_loc, prior_logvar = vae.layer.net(z2)
     q1_loc, q1_logvar = vae.encoder(x)
     q2_loc, q2_logvar = vae.encoder2(z1)
-    log_p = (_normal_log_density(z2, torch.zeros(Z2, device=device), torch.ones(Z2, device=device))
-             + _normal_log_density(z1, prior_loc, torch.exp(0.5 * prior_logvar))
-             + _bernoulli_log_density(x, vae.decoder(z1)))  # (N,)
-    log_q = (_normal_log_density(z1, q1_loc, torch.exp(0.5 * q1_logvar))
-             + _normal_log_density(z2, q2_loc, torch.exp(0.5 * q2_logvar)))  # (N,)
+    log_p = (
+        _normal_log_density(z2, torch.zeros(Z2, device=device), torch.ones(Z2, device=device))
+        + _normal_log_density(z1, prior_loc, torch.exp(0.5 * prior_logvar))
+        + _bernoulli_log_density(x, vae.decoder(z1))
+    )  # (N,)
+    log_q = _normal_log_density(z1, q1_loc, torch.exp(0.5 * q1_logvar)) + _normal_log_density(
+        z2, q2_loc, torch.exp(0.5 * q2_logvar)
+    )  # (N,)
     assert_joint_densities(vae, x, model_tr, guide_tr, log_p, log_q, seed=5)
 
 
@@ -401,11 +460,13 @@ def test_two_layer_sample_draws_z2_from_the_prior_then_z1_given_z2(device):
     z2 = torch.randn(n, Z2, generator=g).to(device)
     loc, logvar = vae.layer.net(z2)
     z1 = loc + torch.exp(0.5 * logvar) * torch.randn(n, Z, generator=g).to(device)
-    torch.testing.assert_close(vae.sample(n, torch.Generator().manual_seed(4)), torch.sigmoid(vae.decoder(z1)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        vae.sample(n, torch.Generator().manual_seed(4)), torch.sigmoid(vae.decoder(z1)), rtol=0, atol=0
+    )
 
 
 # --------------------------------------------------------------------------- conditioning
+
 
 def test_conditional_decoder_reads_the_label(device):
     """E[x | z, y] = σ(decoder(cat(z, onehot(y)))) exactly, and changing y changes it."""
@@ -413,8 +474,12 @@ def test_conditional_decoder_reads_the_label(device):
     z = torch.randn(5, Z).to(device)
     for c in range(C):
         y = torch.full((5,), c, device=device)
-        torch.testing.assert_close(vae.decode(z, y), torch.sigmoid(vae.decoder(torch.cat([z, F.one_hot(y, C).float()], -1))),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            vae.decode(z, y),
+            torch.sigmoid(vae.decoder(torch.cat([z, F.one_hot(y, C).float()], -1))),
+            rtol=0,
+            atol=0,
+        )
     y0, y1 = torch.zeros(5, dtype=torch.long, device=device), torch.ones(5, dtype=torch.long, device=device)
     assert (vae.decode(z, y0) - vae.decode(z, y1)).abs().max() > 1e-4
 
@@ -471,7 +536,7 @@ def test_an_iaf_guide_is_weighed_on_the_trace_that_drew_it(device):
     cached each step's (z_{t-1}, z_t, log s_t): one MADE pass per step and unit of particles. Replayed
     on slices of the datapoints (what a Gaussian guide gets), log q(z|x) needs the flow's inverse,
     one MADE pass per latent dimension. Both give the same log weights (float64, 1e-10)."""
-    from ppl_vae import importance
+    from ppl_vae.inference import importance
 
     torch.set_default_dtype(torch.float64)
     vae = _vae("normal", "iaf", 2, device=device)
@@ -480,8 +545,12 @@ def test_an_iaf_guide_is_weighed_on_the_trace_that_drew_it(device):
             t.nn.layers[-1].weight.normal_(0, 0.3)
     (x,) = _args(vae, 30)
     program = importance.inspect_program(vae.model, vae.guide, x, {})
-    assert program.flow_guide and not importance.inspect_program(
-        _vae(device=device).model, _vae(device=device).guide, x, {}).flow_guide
+    assert (
+        program.flow_guide
+        and not importance.inspect_program(
+            _vae(device=device).model, _vae(device=device).guide, x, {}
+        ).flow_guide
+    )
     calls = []
     made = [t.nn for t in list(vae.posterior.transforms) + list(vae.posterior2.transforms)]
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in made]
@@ -489,8 +558,15 @@ def test_an_iaf_guide_is_weighed_on_the_trace_that_drew_it(device):
     def log_w(prog):
         calls.clear()
         with torch.no_grad():
-            lw = torch.cat([d.log_w for d in importance.iter_log_weights(
-                vae.model, vae.guide, x, 300, seed=1, chunk_size=300, program=prog)], 0)  # (300, 30)
+            lw = torch.cat(
+                [
+                    d.log_w
+                    for d in importance.iter_log_weights(
+                        vae.model, vae.guide, x, 300, seed=1, chunk_size=300, program=prog
+                    )
+                ],
+                0,
+            )  # (300, 30)
         return lw, len(calls)
 
     drawn, drawn_calls = log_w(program)

@@ -2,12 +2,13 @@
 
 The fit itself is ArviZ's, in NumPy on the CPU; the log-weights come in on any ``device``
 (conftest) and k̂ and the ESS come back on the CPU, float64."""
+
 import math
 
 import pytest
 import torch
 
-from ppl_vae.psis import PSIS_MIN_SAMPLES, khat_threshold, psis_from_log_weights
+from ppl_vae.inference.psis import PSIS_MIN_SAMPLES, khat_threshold, psis_from_log_weights
 
 
 def test_khat_threshold_is_min_of_one_minus_inverse_log10_k_and_0_7():
@@ -17,7 +18,7 @@ def test_khat_threshold_is_min_of_one_minus_inverse_log10_k_and_0_7():
     assert khat_threshold(1000) == pytest.approx(2 / 3, abs=1e-12)
     assert khat_threshold(2000) == pytest.approx(1 - 1 / math.log10(2000), abs=1e-12)
     assert khat_threshold(2000) < 0.7
-    for k in (2155, 5000, 10 ** 4, 10 ** 6):
+    for k in (2155, 5000, 10**4, 10**6):
         assert khat_threshold(k) == 0.7
     assert khat_threshold(PSIS_MIN_SAMPLES) == pytest.approx(1 - 1 / math.log10(21), abs=1e-12)
     assert math.isnan(khat_threshold(PSIS_MIN_SAMPLES - 1)) and math.isnan(khat_threshold(1))

@@ -3,6 +3,7 @@ binarized-MNIST training images): each is wired as documented: the program it na
 objective it trains, a validation bound that improves, and a result JSON whose numbers are the
 evaluation's. The record numbers themselves are in benchmarks/results/ (docs/benchmarks.md).
 """
+
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppl_vae.runs import load_run
+from ppl_vae.training.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,9 +23,14 @@ WIRING = {
     "vae": ({"prior": "normal", "guide": "diagonal", "latent_layers": 1, "elbo": "meanfield"}, "beta-elbo"),
     "iwae5": ({"prior": "normal", "elbo": "iwae", "num_particles": 5}, "beta-iwae-5"),
     "vampprior": ({"prior": "vampprior", "latent_layers": 1, "elbo": "trace"}, "beta-elbo"),
-    "hvae-vampprior": ({"prior": "vampprior", "latent_layers": 2, "hierarchy": "chain", "guide": "diagonal"}, "beta-elbo"),
-    "best": ({"prior": "vampprior", "latent_layers": 2, "hierarchy": "chain", "guide": "diagonal", "ema": 0.9},
-             "beta-elbo"),
+    "hvae-vampprior": (
+        {"prior": "vampprior", "latent_layers": 2, "hierarchy": "chain", "guide": "diagonal"},
+        "beta-elbo",
+    ),
+    "best": (
+        {"prior": "vampprior", "latent_layers": 2, "hierarchy": "chain", "guide": "diagonal", "ema": 0.9},
+        "beta-elbo",
+    ),
 }
 
 
@@ -35,9 +41,25 @@ def quick_runs(tmp_path_factory, data_dir) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
     def run(recipe):
-        return subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), recipe, "--quick",
-                               "--data-dir", str(data_dir), "--out", str(root / recipe), "--device", "cpu"],
-                              capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+        return subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "quality.py"),
+                recipe,
+                "--quick",
+                "--data-dir",
+                str(data_dir),
+                "--out",
+                str(root / recipe),
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=600,
+        )
 
     with ThreadPoolExecutor(2) as pool:
         done = dict(zip(WIRING, pool.map(run, WIRING)))
@@ -75,9 +97,9 @@ def test_quick_recipe_is_wired(recipe, quick_runs):
     prior = vae.prior()
     if cfg["prior"] == "vampprior":  # the top site's prior is a mixture of the guide at K = 50 pseudo-inputs
         assert isinstance(prior, torch.distributions.MixtureSameFamily)
-        assert prior.mixture_distribution.logits.shape == (50,) and prior.event_shape == (cfg["z2_dim"]
-                                                                                          if cfg["latent_layers"] == 2
-                                                                                          else cfg["z_dim"],)
+        assert prior.mixture_distribution.logits.shape == (50,) and prior.event_shape == (
+            cfg["z2_dim"] if cfg["latent_layers"] == 2 else cfg["z_dim"],
+        )
     units = result["test"]["active_units"]
     assert set(units) == ({"z1", "z2"} if cfg["latent_layers"] == 2 else {"z"})
 
@@ -98,9 +120,19 @@ def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_pat
     results.mkdir()
     rows = [{"epoch": e, "valid_elbo": -100.0 + e, "epoch_seconds": 60.0} for e in range(1, 11)]
     (results / "quality-vae-cpu-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (results / "quality-vae-cpu.json").write_text(json.dumps({
-        "recipe": "vae", "device": "cpu", "train_seconds": 1200.0, "best_epoch": 5, "test_nll": 88.25,
-        "test_nll_stderr": 0.004, "test": {"num_samples": 5000}}))
+    (results / "quality-vae-cpu.json").write_text(
+        json.dumps(
+            {
+                "recipe": "vae",
+                "device": "cpu",
+                "train_seconds": 1200.0,
+                "best_epoch": 5,
+                "test_nll": 88.25,
+                "test_nll_stderr": 0.004,
+                "test": {"num_samples": 5000},
+            }
+        )
+    )
     markers = _quality_module().figure(tmp_path / "q.png", results)
     assert markers == {"vae (cpu)": (pytest.approx(10.0), -88.25)}
     assert (tmp_path / "q.png").stat().st_size > 10_000

@@ -7,6 +7,7 @@ per epoch, a second per run. ``metrics.jsonl`` holds one row per finished epoch 
 counts from 1); its ``beta`` is the β of the epoch's last step and its ``lr`` the learning
 rate after the epoch's decay step.
 """
+
 import json
 
 import numpy as np
@@ -25,8 +26,24 @@ def images(tmp_path_factory):
 
 def _fit(images, out, *flags) -> tuple[list[dict], dict]:
     """Train on ``images`` into ``out``; return the metric rows and the summary."""
-    argv = ["--dataset", str(images), "--out", str(out), "--hidden", "8", "--z-dim", "2", "--batch-size", "8",
-            "--final-iwae-k", "0", "--device", "cpu", "--quiet", *map(str, flags)]
+    argv = [
+        "--dataset",
+        str(images),
+        "--out",
+        str(out),
+        "--hidden",
+        "8",
+        "--z-dim",
+        "2",
+        "--batch-size",
+        "8",
+        "--final-iwae-k",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        *map(str, flags),
+    ]
     assert fit.main(argv) == 0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
@@ -36,8 +53,20 @@ def _fit(images, out, *flags) -> tuple[list[dict], dict]:
 @pytest.fixture(scope="module")
 def warmup_and_decay(images, tmp_path_factory):
     """β = 2 warmed up over 4 epochs; lr 0.01 halved after every epoch; 6 epochs."""
-    return _fit(images, tmp_path_factory.mktemp("run"), "--beta", 2, "--kl-warmup", 4, "--lr", 0.01,
-                "--lr-decay", 0.5, "--epochs", 6)
+    return _fit(
+        images,
+        tmp_path_factory.mktemp("run"),
+        "--beta",
+        2,
+        "--kl-warmup",
+        4,
+        "--lr",
+        0.01,
+        "--lr-decay",
+        0.5,
+        "--epochs",
+        6,
+    )
 
 
 def test_kl_warmup_raises_beta_linearly_over_the_warmup_epochs(warmup_and_decay):
@@ -52,15 +81,16 @@ def test_lr_decays_by_gamma_after_every_epoch(warmup_and_decay):
     """lr after epoch e = lr·γ^e; with γ = 0.5 every product is exact, so the column equals it
     exactly (==), and an off-by-one epoch or a decay per step would differ by a factor ≥ 2."""
     rows, _ = warmup_and_decay
-    assert [r["lr"] for r in rows] == [0.01 * 0.5 ** e for e in range(1, 7)]
+    assert [r["lr"] for r in rows] == [0.01 * 0.5**e for e in range(1, 7)]
 
 
 def test_kl_warmup_with_the_iwae_objective(images, tmp_path):
     """``--elbo iwae --kl-warmup 2``: β of the tempered IWAE weights rises 0.5, 1, then stays 1;
     the warm-up epochs are named ``beta-iwae-K`` and the rest ``iwae-K``, and the validation bound
     the run selects on is the true IWAE_K (β = 1) from the first epoch."""
-    rows, summary = _fit(images, tmp_path / "run", "--elbo", "iwae", "--num-particles", 3, "--kl-warmup", 2,
-                         "--epochs", 4)
+    rows, summary = _fit(
+        images, tmp_path / "run", "--elbo", "iwae", "--num-particles", 3, "--kl-warmup", 2, "--epochs", 4
+    )
     assert [r["beta"] for r in rows] == [0.5, 1.0, 1.0, 1.0]
     assert [r["objective"] for r in rows] == ["beta-iwae-3", "beta-iwae-3", "iwae-3", "iwae-3"]
     assert all(r["iwae_k"] == 3 and r["valid_iwae_k"] >= r["valid_elbo"] - 0.5 for r in rows)
@@ -78,11 +108,14 @@ def _stop_epoch(valid: list[float], patience: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("lr, stops_after", [
-    (1e-30, 4),   # Adam steps of ~1e-30 leave every float32 parameter as it is: the bound never
-                  # improves after epoch 1, so the run stops after exactly 1 + patience epochs
-    (0.05, None),  # a large lr on 32 images: the bound improves, then wanders (where: read below)
-])
+@pytest.mark.parametrize(
+    "lr, stops_after",
+    [
+        (1e-30, 4),  # Adam steps of ~1e-30 leave every float32 parameter as it is: the bound never
+        # improves after epoch 1, so the run stops after exactly 1 + patience epochs
+        (0.05, None),  # a large lr on 32 images: the bound improves, then wanders (where: read below)
+    ],
+)
 def test_early_stopping_after_patience_epochs_without_improvement(images, tmp_path, lr, stops_after):
     """``--patience 3``: the run stops after the third epoch in a row whose validation ELBO is not
     above the best before it, and not earlier; the summary's best is the best row's, and β and

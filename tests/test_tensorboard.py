@@ -1,6 +1,7 @@
 """``fit --tensorboard DIR``: the event files hold metrics.jsonl's numbers at step = epoch and the
 image grids of the run's figures, a resumed run continues the curves, and without the
 tensorboard package the flag is one line and exit code 2 before anything is written."""
+
 import io
 import sys
 
@@ -8,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from ppl_vae.config import FitConfig
-from ppl_vae.data import load_dataset
+from ppl_vae.data.datasets import load_dataset
 from ppl_vae.fit import PROG, build_parser, config_from_args
-from ppl_vae.likelihoods import make_likelihood
-from ppl_vae.runs import read_metrics
-from ppl_vae.tensorboard_log import MISSING
-from ppl_vae.train import Trainer
+from ppl_vae.programs.likelihoods import make_likelihood
+from ppl_vae.reports.tensorboard_log import MISSING
+from ppl_vae.training.config import FitConfig
+from ppl_vae.training.runs import read_metrics
+from ppl_vae.training.train import Trainer
 
 pytest.importorskip("tensorboard")  # the `tensorboard` extra (in `test`, so CI runs these)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -60,8 +61,15 @@ def image_at(acc: EventAccumulator, tag: str, step: int) -> np.ndarray:
 def tiles(grid: np.ndarray, rows: int, cols: int, h: int = 8, w: int = 8) -> torch.Tensor:
     """The ``rows * cols`` images of a make_grid image (padding 1), ``(rows * cols, h * w)``."""
     assert grid.shape == (rows * (h + 1) + 1, cols * (w + 1) + 1)
-    return torch.tensor(np.stack([grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w]
-                                  for r in range(rows) for c in range(cols)]).reshape(rows * cols, h * w))
+    return torch.tensor(
+        np.stack(
+            [
+                grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w]
+                for r in range(rows)
+                for c in range(cols)
+            ]
+        ).reshape(rows * cols, h * w)
+    )
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -80,10 +88,14 @@ def test_events_hold_the_metrics_and_the_figures_and_a_resume_continues(tmp_path
     assert_scalars_are_the_metrics(acc, rows)
 
     model, valid = trainer.model.eval(), trainer.data.valid
-    idx = torch.randperm(valid.shape[0], generator=torch.Generator().manual_seed(0))[:10]  # run_figures' choice
+    idx = torch.randperm(valid.shape[0], generator=torch.Generator().manual_seed(0))[
+        :10
+    ]  # run_figures' choice
     with torch.no_grad():
         recon, samples = model.reconstruct(valid[idx]), model.sample(64, torch.Generator().manual_seed(0))
-    assert {e.step for e in acc.Images("reconstructions")} == {e.step for e in acc.Images("samples")} == {1, 2}
+    assert (
+        {e.step for e in acc.Images("reconstructions")} == {e.step for e in acc.Images("samples")} == {1, 2}
+    )
     shown = tiles(image_at(acc, "reconstructions", 2), 2, 10)  # (20, 64): inputs, then reconstructions
     torch.testing.assert_close(shown, torch.cat([valid[idx], recon]).double(), atol=PIXEL, rtol=0)
     torch.testing.assert_close(tiles(image_at(acc, "samples", 2), 8, 8), samples.double(), atol=PIXEL, rtol=0)
@@ -126,7 +138,9 @@ def test_without_the_package_the_flag_is_one_line_and_exit_2(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` now raises ImportError
     out, tb = tmp_path / "run", tmp_path / "tb"
     with pytest.raises(SystemExit) as exit_:
-        fit.main(["--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(out), "--tensorboard", str(tb)])
+        fit.main(
+            ["--dataset", "digits", "--epochs", "1", "--quiet", "--out", str(out), "--tensorboard", str(tb)]
+        )
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"{PROG}: error: {MISSING}"]
     assert not out.exists() and not tb.exists()

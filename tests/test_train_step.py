@@ -4,15 +4,16 @@ graph capture it (``--cuda-graph``), and this test checks it on any device, the 
 so that a change that would break capture fails here first. On the CPU it catches the
 syncs Python makes (``.item()``, ``bool(t)``, ...); on CUDA ``torch.cuda.set_sync_debug_mode``
 also catches those inside torch's kernels (a boolean-mask write, ``nonzero``)."""
+
 import pyro
 import pytest
 import torch
 
-from ppl_vae.config import FitConfig
-from ppl_vae.model import VAE
-from ppl_vae.objectives import make_objective
-from ppl_vae.optim import make_optimizer
-from ppl_vae.train import train_step
+from ppl_vae.inference.objectives import make_objective
+from ppl_vae.programs.model import VAE
+from ppl_vae.training.config import FitConfig
+from ppl_vae.training.optim import make_optimizer
+from ppl_vae.training.train import train_step
 
 SYNCS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")
 
@@ -23,18 +24,35 @@ class HostSync(AssertionError):
 
 def _forbid_host_syncs(monkeypatch):
     for name in SYNCS:
+
         def refuse(*args, _name=name, **kwargs):
             raise HostSync(f"Tensor.{_name} called inside the training step (a host synchronization)")
+
         monkeypatch.setattr(torch.Tensor, name, refuse)
 
 
-@pytest.mark.parametrize("elbo,k,grad_clip,beta,program", [
-    ("trace", 1, None, 1.0, {}), ("meanfield", 1, 5.0, 0.3, {}), ("trace", 4, 1.0, 0.5, {}),
-    ("iwae", 5, None, 1.0, {}), ("trace", 1, None, 1.0, {"prior": "vampprior", "pseudo_inputs": 3}),
-    ("trace", 1, None, 1.0, {"posterior": "iaf"}), ("trace", 2, None, 1.0, {"latent_layers": 2, "z2_dim": 2}),
-    ("trace", 1, 5.0, 2.0, {"posterior": "full-rank"}), ("meanfield", 1, None, 1.0, {"prior": "mog"}),
-    ("trace", 1, None, 1.0, {"likelihood": "gaussian-learned"}),
-    ("trace", 1, None, 1.0, {"latent_layers": 2, "z2_dim": 2, "hierarchy": "skip", "activation": "gated"})])
+@pytest.mark.parametrize(
+    "elbo,k,grad_clip,beta,program",
+    [
+        ("trace", 1, None, 1.0, {}),
+        ("meanfield", 1, 5.0, 0.3, {}),
+        ("trace", 4, 1.0, 0.5, {}),
+        ("iwae", 5, None, 1.0, {}),
+        ("trace", 1, None, 1.0, {"prior": "vampprior", "pseudo_inputs": 3}),
+        ("trace", 1, None, 1.0, {"posterior": "iaf"}),
+        ("trace", 2, None, 1.0, {"latent_layers": 2, "z2_dim": 2}),
+        ("trace", 1, 5.0, 2.0, {"posterior": "full-rank"}),
+        ("meanfield", 1, None, 1.0, {"prior": "mog"}),
+        ("trace", 1, None, 1.0, {"likelihood": "gaussian-learned"}),
+        (
+            "trace",
+            1,
+            None,
+            1.0,
+            {"latent_layers": 2, "z2_dim": 2, "hierarchy": "skip", "activation": "gated"},
+        ),
+    ],
+)
 def test_train_step_makes_no_host_sync(device, monkeypatch, elbo, k, grad_clip, beta, program):
     pyro.enable_validation(False)  # as in the training loop: the data were checked at load time
     vae = VAE((1, 4, 4), z_dim=3, hidden=[8], **program).to(device)
@@ -82,7 +100,7 @@ def test_the_guard_catches_a_host_sync(monkeypatch):
 
 CAPTURE_FAILS = """
 import torch
-from ppl_vae.cuda_graph import GraphCaptureError, GraphedStep
+from ppl_vae.training.cuda_graph import GraphCaptureError, GraphedStep
 
 w = torch.zeros((), device="cuda", requires_grad=True)
 

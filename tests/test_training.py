@@ -3,20 +3,20 @@
 The untrained figure is the same estimator (``bound_on``: analytic-KL ELBO, fixed draws) on
 the freshly initialized model, which ``Trainer`` builds from ``cfg.seed`` before training.
 """
+
 import json
 import math
 
 import pytest
 import torch
 
-from ppl_vae.config import FitConfig
-from ppl_vae.data import load_dataset
-from ppl_vae.errors import UserError
-from ppl_vae.likelihoods import make_likelihood
-from ppl_vae.runs import read_metrics
-from ppl_vae.train import Trainer
-from ppl_vae.validation import bound_on
-
+from ppl_vae.core.errors import UserError
+from ppl_vae.data.datasets import load_dataset
+from ppl_vae.programs.likelihoods import make_likelihood
+from ppl_vae.training.config import FitConfig
+from ppl_vae.training.runs import read_metrics
+from ppl_vae.training.train import Trainer
+from ppl_vae.training.validation import bound_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (conftest.one_thread)
 
@@ -64,8 +64,9 @@ def test_short_fit_on_digits_improves_valid_elbo(tmp_path, elbo, k):
     rises from about −45 by more than 15 nats, and beats independent pixels (about −26.9) by more
     than 1 nat (about −24 here), so the latent code carries information."""
     ds = load_dataset("digits", likelihood=make_likelihood("bernoulli"))
-    trainer, untrained, summary, metrics = _fit(tmp_path, ds, epochs=15, elbo=elbo, num_particles=k,
-                                                **DIGITS_FIT)
+    trainer, untrained, summary, metrics = _fit(
+        tmp_path, ds, epochs=15, elbo=elbo, num_particles=k, **DIGITS_FIT
+    )
     valid = [m["valid_elbo"] for m in metrics]
     assert all(math.isfinite(v) and v < 0 for v in valid)
     assert valid[-1] > untrained + 15
@@ -89,8 +90,17 @@ def test_beta_vae_fit_has_smaller_kl(tmp_path):
     assert kls[4.0] < 0.7 * kls[1.0]
 
 
-@pytest.mark.parametrize("key,value", [("likelihood", "poisson"), ("arch", "resnet"), ("elbo", "renyi"),
-                                       ("binarize", "sometimes"), ("epochs", -1), ("beta", 0.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("likelihood", "poisson"),
+        ("arch", "resnet"),
+        ("elbo", "renyi"),
+        ("binarize", "sometimes"),
+        ("epochs", -1),
+        ("beta", 0.0),
+    ],
+)
 def test_bad_settings_refused_before_any_work(tmp_path, key, value):
     """Settings reach Trainer from the CLI, a config.json on --resume, or Python: each bad one is a
     UserError naming its flag, raised before the run directory is created."""

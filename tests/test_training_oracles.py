@@ -6,6 +6,7 @@
 * ``Trainer`` takes the same steps as Pyro's own ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO())``
   on the same batches and the same draws, parameter by parameter, to float tolerance.
 """
+
 import copy
 import math
 
@@ -16,9 +17,9 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from ppl_vae import runs
-from ppl_vae.config import FitConfig
-from ppl_vae.train import Trainer
+from ppl_vae.training import runs
+from ppl_vae.training.config import FitConfig
+from ppl_vae.training.train import Trainer
 
 
 def _bits(path, n=75, d=16, seed=0):
@@ -28,8 +29,14 @@ def _bits(path, n=75, d=16, seed=0):
 
 
 def _trainer(tmp_path, **kw) -> Trainer:
-    cfg = FitConfig(dataset=str(_bits(tmp_path / "bits.npy")), hidden=[8], z_dim=2, final_iwae_k=0, device="cpu",
-                    **{"epochs": 2, **kw})
+    cfg = FitConfig(
+        dataset=str(_bits(tmp_path / "bits.npy")),
+        hidden=[8],
+        z_dim=2,
+        final_iwae_k=0,
+        device="cpu",
+        **{"epochs": 2, **kw},
+    )
     return Trainer(cfg, tmp_path / "run", quiet=True)
 
 
@@ -48,8 +55,10 @@ def test_every_training_index_is_seen_once_per_epoch(tmp_path, batch_size):
     per_epoch = math.ceil(n / batch_size)
     assert len(seen) == 2 * per_epoch
     for e in range(2):
-        batches = seen[e * per_epoch:(e + 1) * per_epoch]
-        assert [len(b) for b in batches] == [batch_size] * (per_epoch - 1) + [n - batch_size * (per_epoch - 1)]
+        batches = seen[e * per_epoch : (e + 1) * per_epoch]
+        assert [len(b) for b in batches] == [batch_size] * (per_epoch - 1) + [
+            n - batch_size * (per_epoch - 1)
+        ]
         assert torch.equal(torch.cat(batches).sort().values, torch.arange(n))  # each index once
     if batch_size < n:
         assert not torch.equal(torch.cat(seen[:per_epoch]), torch.cat(seen[per_epoch:]))  # reshuffled

@@ -8,21 +8,21 @@ q = N(m, diag s²), E_q log p(x|z) and KL(q ‖ N(0, I)) are known exactly; for 
 of KL(N(μ(x), σ(x)²) ‖ N(0, I)), and E_q[z|x] = μ(x), so the active units are the units with
 Var_x μ_u(x) > 10⁻² (Burda et al. 2016).
 """
+
 import json
 
 import pytest
 import torch
-
-from ppl_vae import estimators as E
-from ppl_vae import latents
-from ppl_vae.config import FitConfig
-from ppl_vae.data import load_dataset
-from ppl_vae.likelihoods import make_likelihood
-from ppl_vae.runs import read_metrics
-from ppl_vae.train import Trainer
-from ppl_vae.validation import VALID_SEED, bound_on, elbo_terms_on
-
 from test_estimators import gaussian_kl, make_problem
+
+from ppl_vae.data.datasets import load_dataset
+from ppl_vae.inference import estimators as E
+from ppl_vae.programs.likelihoods import make_likelihood
+from ppl_vae.reports import latents
+from ppl_vae.training.config import FitConfig
+from ppl_vae.training.runs import read_metrics
+from ppl_vae.training.train import Trainer
+from ppl_vae.training.validation import VALID_SEED, bound_on, elbo_terms_on
 
 
 @pytest.fixture
@@ -43,11 +43,17 @@ def test_elbo_terms_match_closed_forms_on_a_linear_gaussian_model():
     recon_true, kl_true = lg.expected_log_lik(x, loc, scale), gaussian_kl(loc, scale)  # (N,) each
     by_kind = {}
     for analytic in (True, False):
-        t = by_kind[analytic] = E.elbo_terms(lg.model, guide, x, num_samples=2000, analytic_kl=analytic, seed=7)
+        t = by_kind[analytic] = E.elbo_terms(
+            lg.model, guide, x, num_samples=2000, analytic_kl=analytic, seed=7
+        )
         assert all(t[k].value.shape == (x.shape[0],) for k in ("elbo", "recon", "kl"))
-        assert torch.equal(t["elbo"].value, E.elbo(lg.model, guide, x, 2000, analytic_kl=analytic, seed=7).value)
+        assert torch.equal(
+            t["elbo"].value, E.elbo(lg.model, guide, x, 2000, analytic_kl=analytic, seed=7).value
+        )
         torch.testing.assert_close(t["elbo"].value, t["recon"].value - t["kl"].value, atol=1e-12, rtol=0)
-        assert (t["recon"].stderr > 0).all() and ((t["recon"].value - recon_true).abs() <= 4 * t["recon"].stderr).all()
+        assert (t["recon"].stderr > 0).all() and (
+            (t["recon"].value - recon_true).abs() <= 4 * t["recon"].stderr
+        ).all()
     exact = by_kind[True]["kl"]
     torch.testing.assert_close(exact.value, kl_true, atol=1e-10, rtol=0)
     assert exact.stderr.abs().max() < 1e-12  # nothing left to sample
@@ -71,19 +77,24 @@ def test_elbo_terms_do_not_depend_on_the_chunk_size():
 
 # --------------------------------------------------------------------------- a fit writes them
 
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", likelihood=make_likelihood("bernoulli"))
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("settings", [{}, {"conditional": True}, {"guide": "iaf"}], ids=["vae", "cvae", "iaf"])
+@pytest.mark.parametrize(
+    "settings", [{}, {"conditional": True}, {"guide": "iaf"}], ids=["vae", "cvae", "iaf"]
+)
 def test_fit_writes_valid_recon_and_kl_and_active_units(tmp_path, digits, settings):
     """Two epochs on the 8×8 digits: every metrics row has valid_elbo = valid_recon − valid_kl
     (to 1e-6); valid_elbo is bound_on's value; the last row's KL is the closed-form KL of the final
     model's encoder (diagonal guide) and summary.json's active units are the units with
     Var_x μ(x) > 10⁻² (as latents.active_units_of computes them, E_q[z|x] by Monte Carlo for IAF)."""
-    cfg = FitConfig(dataset="digits", hidden=[32], z_dim=6, epochs=2, lr=3e-3, final_iwae_k=0, device="cpu", **settings)
+    cfg = FitConfig(
+        dataset="digits", hidden=[32], z_dim=6, epochs=2, lr=3e-3, final_iwae_k=0, device="cpu", **settings
+    )
     trainer = Trainer(cfg, tmp_path / "run", quiet=True, dataset=digits)
     trainer.run()
     rows = read_metrics(tmp_path / "run")
@@ -105,8 +116,9 @@ def test_fit_writes_valid_recon_and_kl_and_active_units(tmp_path, digits, settin
         units = latents.active_units_of(model.model, model.guide, x, 100, seed=VALID_SEED, block_size=500)
         assert summary["active_units"] == {"z": units["z"]["active"]} and units["z"]["mc_samples"] == 100
         return
-    kl = torch.distributions.kl_divergence(torch.distributions.Normal(loc, scale),
-                                           torch.distributions.Normal(0.0, 1.0)).sum(-1)  # (N,)
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(loc, scale), torch.distributions.Normal(0.0, 1.0)
+    ).sum(-1)  # (N,)
     assert rows[-1]["valid_kl"] == pytest.approx(kl.mean().item(), abs=1e-4)
     active = int((loc.var(0) > latents.ACTIVE_THRESHOLD).sum())
     assert summary["active_units"] == {"z": active} and 0 < active <= 6
@@ -116,12 +128,12 @@ def test_fit_writes_valid_recon_and_kl_and_active_units(tmp_path, digits, settin
 def test_a_failing_active_units_diagnostic_still_writes_the_summary(tmp_path, digits, monkeypatch):
     """The active units are a diagnostic: if they fail (e.g. on a user's program), the run still
     ends with its summary, which records why, and a warning says so."""
-    import ppl_vae.train
+    import ppl_vae.training.train
 
     def broken(*args, **kwargs):
         raise ValueError("this guide has no .mean")
 
-    monkeypatch.setattr(ppl_vae.train, "latent_use_on", broken)
+    monkeypatch.setattr(ppl_vae.training.train, "latent_use_on", broken)
     cfg = FitConfig(dataset="digits", hidden=[16], z_dim=2, epochs=1, final_iwae_k=0, device="cpu")
     with pytest.warns(RuntimeWarning, match="active units not computed: ValueError: this guide has no .mean"):
         Trainer(cfg, tmp_path / "run", quiet=True, dataset=digits).run()

@@ -1,0 +1,124 @@
+"""Shared plumbing of the command-line modules: one clear line and a meaningful exit code for
+bad input (2), runtime faults (1) and interrupts (130/143), never a traceback for those."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+
+from .errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error convention (``error: ...`` then exit 2, usage hint)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's ``KeyboardInterrupt`` so that ``finally`` blocks still run."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def user_errors(prog: str):
+    """Report, on one line of stderr and without a traceback:
+
+    * :class:`UserError` (bad input) → exit 2;
+    * ``OSError`` (a full disk, a permission denied while writing) → exit 1;
+    * Ctrl-C / SIGTERM arriving outside a training loop (which saves a checkpoint itself) →
+      exit 130 / 143. SIGTERM is turned into :class:`Terminated` while the block runs
+      (main thread only), so a killed job unwinds like an interrupted one.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    show = warnings.showwarning
+    # warnings for the user (e.g. "MNIST not available, using digits") as one line, no source excerpt
+    warnings.showwarning = lambda message, *a, **k: print(f"{prog}: warning: {message}", file=sys.stderr)
+    try:
+        yield
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        _exit_interrupted(prog, e)
+    finally:
+        warnings.showwarning = show
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+def _exit_interrupted(prog: str, e: KeyboardInterrupt, when: str = ""):
+    name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+    print(f"{prog}: interrupted by {name}{when}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextmanager
+def startup(prog: str):
+    """Around a command-line module's heavy imports (torch, Pyro: seconds): Ctrl-C or SIGTERM
+    while they load exits 130 / 143 with one line instead of a traceback. Nothing has been
+    written yet, so there is nothing to clean up."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        _exit_interrupted(prog, e, " while starting")
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+def run_command(prog: str, main) -> None:
+    """Run a command-line module's ``main()`` and exit with its code. From ``main``'s first
+    statement to the process exit, Ctrl-C or SIGTERM gives exit 130 / 143 and one line, never a
+    traceback, whatever is running or printing then: the first signal raises once (a
+    ``KeyboardInterrupt``, or :class:`Terminated`), caught here; any later one, and every signal
+    once the work is done (while the interpreter tears torch and matplotlib down), is ignored.
+    (Blocks inside ``main`` may take the signals over for a while, as the training loop does, and
+    hand them back.)"""
+    state = {"raised": False, "done": False}
+
+    def once(signum, frame):
+        if state["raised"] or state["done"]:
+            return
+        state["raised"] = True
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGINT, once)
+        signal.signal(signal.SIGTERM, once)
+    try:
+        code = main()
+        state["done"] = True  # a signal before this line is still caught below
+    except SystemExit as e:  # user_errors' one line was printed already
+        state["done"] = True
+        code = e.code
+    except KeyboardInterrupt as e:
+        state["raised"] = True
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+        print(f"{prog}: interrupted by {name}", file=sys.stderr)
+    if main_thread:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

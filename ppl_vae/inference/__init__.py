@@ -1,0 +1,7 @@
+"""Inference for any Pyro ``model``/``guide`` pair: the training objectives (:mod:`.objectives`),
+the held-out estimators (:mod:`.estimators`: ELBOs, IWAE_K, their standard errors), the
+importance weights behind them (:mod:`.importance`, :mod:`.replay`), the checks of a user's
+program (:mod:`.checks`) and Pareto k̂ (:mod:`.psis`).
+
+May import: ``core``. (Generic over programs: it never imports ``programs``.)
+"""

@@ -1,0 +1,343 @@
+r"""What the estimators accept, checked once per call before any pass (:func:`inspect_program`):
+the data, the program's plates, whether it is slice-safe, whether its guide is a flow and, for
+the analytic-KL ELBO, which latent sites have a valid closed-form KL.
+
+**Data.** ``x`` is a tensor ``(N, ...)`` with the datapoints along dim 0, or a tuple
+``(x, y, ...)`` of such tensors with the same N: the per-datapoint arguments of
+``model(x, y, ...)`` and ``guide(x, y, ...)`` (class labels, masks, ...), passed positionally
+as Pyro's CVAE tutorial writes them and sliced together with x. Keyword arguments
+(``size=``, ``beta=``) go to both programs unchanged and are never sliced, so a keyword tensor
+with N rows is refused (it would pair datapoints with the wrong rows).
+
+**Program.** Every sample site of model and guide sits inside a vectorized
+``pyro.plate("data", N)`` (any ``dim``) over the N datapoints given.
+
+**Analytic KL, site by site.** For a latent site s, E_q[log p(z_s | pa) − log q(z_s | ·)] =
+−E_q[KL(q(z_s | ·) ‖ p(z_s | pa))] only when, given everything the guide drew before z_s, z_s
+is distributed as q(z_s | ·) *and* p's parents pa are among those earlier draws. The order rule
+checks a sufficient condition: every latent that precedes s in the model (its possible
+parents) precedes s in the guide too. Pyro's ``TraceMeanField_ELBO`` asks for the same order at
+every site (``_check_mean_field_requirement``, a warning); here the rule is per site, and a
+site that fails it is weighed by Monte Carlo, which is right for any guide. Example: model
+z2 → z1 → x, guide q(z1 | x) q(z2 | z1): KL(q(z2 | z1) ‖ p(z2)) is closed-form given z1, but
+p(z1 | z2) depends on z2, drawn after z1, so site z1 is Monte Carlo.
+
+Every refusal is one line, a :class:`~ppl_vae.core.errors.UserError` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from torch.distributions import kl_divergence
+
+from ..core.errors import DataError, UserError
+from .replay import DATA_PLATE, as_args, cat_units, flow_guide, replay, rng_fork, take_rows, weigh
+
+PROBE_ROWS = 8  # datapoints of the probe of each call (inspect_program), when the program runs on them
+# What a program raises on data it cannot take (torch shape/dtype errors, Pyro shape mismatches)
+PROGRAM_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+
+
+class NoClosedFormKL(UserError, NotImplementedError):
+    """A latent site whose closed-form KL is valid by the order rule but not registered in
+    ``torch.distributions`` (a mixture prior, a flow guide). A ``NotImplementedError`` too."""
+
+
+def take(args, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+    """Datapoints ``start:stop`` of every argument (dim 0)."""
+    return tuple(a[start:stop] for a in args)
+
+
+def check_num_samples(k) -> None:
+    """Refuse a number of samples K that is not an integer >= 1."""
+    if not (isinstance(k, (int, np.integer)) and k >= 1):
+        if torch.is_tensor(k):
+            raise UserError(
+                f"the number of samples K must be an integer >= 1, got a tensor of shape {tuple(k.shape)}: "
+                f"per-datapoint arguments go with x as a tuple (x, y, ...)"
+            )
+        raise UserError(f"the number of samples K must be an integer >= 1, got {k!r}")
+
+
+def num_datapoints(x) -> int:
+    """N, the length of dim 0 of ``x`` (a tensor or a tuple of arguments)."""
+    return as_args(x)[0].shape[0]
+
+
+def select(x, index, device=None):
+    """Datapoints ``index`` (a slice or indices along dim 0) of ``x``, a tensor or a tuple of
+    arguments (then a tuple), moved to ``device`` when given."""
+    args = tuple(a[index] if device is None else a[index].to(device) for a in as_args(x))
+    return args[0] if torch.is_tensor(x) else args
+
+
+def _name(i: int) -> str:
+    return "x" if i == 0 else f"argument {i} of (x, ...)"
+
+
+def check_data(x, kwargs: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """``x`` as a tuple of arguments, refused (:class:`DataError`) unless each is a tensor of
+    rank ≥ 1 with the same N ≥ 1 along dim 0 and every floating one is finite (the first bad
+    datapoint is named); a keyword tensor with N rows is refused too. One reduction and one host
+    sync per floating argument."""
+    if not (torch.is_tensor(x) or (isinstance(x, (tuple, list)) and x and all(map(torch.is_tensor, x)))):
+        raise DataError(
+            f"x must be a tensor (N, ...) or a tuple (x, y, ...) of tensors with the datapoints along "
+            f"dim 0, got {type(x).__name__}"
+        )
+    args = as_args(x)
+    if args[0].dim() == 0 or args[0].shape[0] == 0:
+        raise DataError(f"x must hold at least one datapoint along dim 0, got shape {tuple(args[0].shape)}")
+    n = args[0].shape[0]
+    for i, a in enumerate(args):
+        if a.dim() == 0 or a.shape[0] != n:
+            raise DataError(
+                f"{_name(i)} has shape {tuple(a.shape)} but x has {n} datapoints: every per-datapoint "
+                f"argument needs them along dim 0"
+            )
+        # a row sum is finite unless the row holds NaN or inf (or overflows: then the rows are looked at)
+        if a.is_floating_point() and not bool(torch.isfinite(a.reshape(n, -1).sum(1)).all()):
+            bad = ~torch.isfinite(a.reshape(n, -1)).all(1)  # (N,)
+            if bool(bad.any()):
+                rows = bad.nonzero().flatten().tolist()
+                more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+                raise DataError(
+                    f"{_name(i)} has NaN or inf at datapoint {rows[0]}{more}: drop or fix those rows"
+                )
+    for key, v in (kwargs or {}).items():
+        if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n and n > 1:
+            raise UserError(
+                f"keyword argument {key}= has {n} rows, one per datapoint: pass per-datapoint arguments "
+                f"with x as a tuple (x, {key}), so that they are sliced with x"
+            )
+    return args
+
+
+def _module(model, guide) -> torch.nn.Module | None:
+    """The ``nn.Module`` that ``model`` or ``guide`` is a bound method of, if any."""
+    return next(
+        (m for m in (getattr(f, "__self__", None) for f in (model, guide)) if isinstance(m, torch.nn.Module)),
+        None,
+    )
+
+
+def _module_mismatch(module, x) -> DataError | None:
+    """x of another dtype than the module's parameters, or, for a module with ``x_dim`` (ppl_vae's
+    VAE, which takes flattened datapoints), not of shape (N, x_dim)."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is not None and x.dtype != dtype:
+        return DataError(
+            f"x has dtype {x.dtype} but the program's parameters are {dtype}: pass x.to({dtype})"
+        )
+    x_dim = getattr(module, "x_dim", None)
+    if isinstance(x_dim, int) and (x.dim() != 2 or x.shape[1] != x_dim):
+        return DataError(
+            f"x must have shape (N, {x_dim}) (N flattened datapoints of {x_dim} values), got {tuple(x.shape)}"
+        )
+    return None
+
+
+def check_program_inputs(model, guide, args) -> None:
+    """Before running a ppl_vae VAE (a module with ``x_dim``): x's dtype and shape (N, x_dim)."""
+    module = _module(model, guide)
+    if module is not None and isinstance(getattr(module, "x_dim", None), int):
+        err = _module_mismatch(module, args[0])
+        if err is not None:
+            raise err
+
+
+def program_failed(model, guide, args, err: Exception) -> UserError:
+    """One line for a program that raised on the caller's data: a dtype other than its module's,
+    a missing positional argument, else the shapes given with the program's own message."""
+    if isinstance(err, UserError):
+        return err
+    module = _module(model, guide)
+    mismatch = _module_mismatch(module, args[0]) if module is not None else None
+    if mismatch is not None:
+        return mismatch
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, TypeError) and "positional argument" in msg:
+        return UserError(f"{msg}: pass per-datapoint arguments with x as a tuple (x, y, ...)")
+    given = ", ".join(f"{_name(i)} {tuple(a.shape)} {a.dtype}" for i, a in enumerate(args))
+    return DataError(f"the program failed on {given}: {type(err).__name__}: {msg}")
+
+
+def check_plates(model_tr, guide_tr, n: int) -> None:
+    """Every sample site inside a vectorized ``pyro.plate("data", n)``."""
+    for role, tr in (("guide", guide_tr), ("model", model_tr)):
+        for name, site in tr.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            frame = next((f for f in site["cond_indep_stack"] if f.name == DATA_PLATE), None)
+            if frame is None or frame.dim is None:
+                raise UserError(
+                    f"{role} site {name!r} is not inside a vectorized pyro.plate({DATA_PLATE!r}, N): the "
+                    f"estimators need every sample site of model and guide in that plate"
+                )
+            if frame.size != n:
+                raise DataError(
+                    f"pyro.plate({DATA_PLATE!r}) at {role} site {name!r} has size {frame.size} but x has "
+                    f"{n} datapoints along dim 0"
+                )
+
+
+def plate_nesting(model_tr, guide_tr) -> int:
+    """How many plate dims (vectorized plates, counted from the right) model and guide use."""
+    return max(
+        [
+            -f.dim
+            for tr in (guide_tr, model_tr)
+            for s in tr.nodes.values()
+            if s["type"] == "sample"
+            for f in s["cond_indep_stack"]
+            if f.vectorized
+        ],
+        default=0,
+    )
+
+
+def _latents(tr) -> list[str]:
+    return [
+        name
+        for name, s in tr.nodes.items()
+        if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)
+    ]
+
+
+def describe(fn) -> str:
+    """``Independent(Normal)``: a distribution's class with those it wraps."""
+    base = getattr(fn, "base_dist", None)
+    return type(fn).__name__ + (f"({describe(base)})" if base is not None else "")
+
+
+def closed_form_sites(model_tr, guide_tr, analytic_kl) -> tuple[frozenset, str | None]:
+    """The latent sites whose KL term is taken in closed form, and why one that passes the order
+    rule has none (``None`` if all have one). ``analytic_kl=True`` raises :class:`NoClosedFormKL`
+    there; ``"auto"`` leaves such a site to Monte Carlo."""
+    if analytic_kl not in (True, "auto"):
+        raise ValueError(f"analytic_kl must be True, False or 'auto', got {analytic_kl!r}")
+    guide_order = _latents(guide_tr)
+    shared = [s for s in _latents(model_tr) if s in guide_order]  # model order
+    closed, missing = set(), None
+    for i, s in enumerate(shared):
+        if not set(shared[:i]) <= set(guide_order[: guide_order.index(s)]):
+            continue  # p(z_s | ·) may read a latent the guide draws after z_s: Monte Carlo
+        q, p = guide_tr.nodes[s]["fn"], model_tr.nodes[s]["fn"]
+        try:
+            kl_divergence(q, p)
+            closed.add(s)
+        except NotImplementedError:
+            missing = missing or (
+                f"no closed-form KL for site {s!r} (guide {describe(q)}, prior {describe(p)}): use "
+                f"analytic_kl=False or 'auto' (Monte Carlo KL), or --elbo trace"
+            )
+    if missing and analytic_kl is True:
+        raise NoClosedFormKL(missing)
+    return frozenset(closed), missing
+
+
+# --------------------------------------------------------------------------- the probe of each call
+
+
+class Program(NamedTuple):
+    """What one probe of model and guide on the caller's arguments found (:func:`inspect_program`):
+    ``nesting``, the plate dims they use; ``closed_form``, the latent sites whose KL is taken in
+    closed form (``None``: no analytic ELBO asked for); ``no_closed_form``, why a site that could
+    have one has none; ``slice_safe``, whether weighing slices of the datapoints gives the
+    whole batch's weights (:func:`slice_safe`); ``flow_guide``, whether a guide site is a
+    transformed distribution (an IAF), whose log q(z|x) of a *replayed* z needs the flow's
+    inverse, for an autoregressive flow one network pass per dimension, where the trace that drew
+    z has it cached (:func:`flow_guide`)."""
+
+    nesting: int
+    closed_form: frozenset | None = None
+    no_closed_form: str | None = None
+    slice_safe: bool = True
+    flow_guide: bool = False
+
+
+def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program:
+    """Probe ``guide(*args, **kwargs)`` and the model replayed on it, one draw without particle
+    plate and without touching the caller's RNG, on the caller's own arguments: the first
+    :data:`PROBE_ROWS` datapoints, or all of them where the program does not run on those (a
+    guide holding ``(N, d)`` tensors). Checks the data, the plates, the log weights and the
+    analytic-KL sites (:mod:`ppl_vae.inference.checks`; a one-line ``UserError`` on bad input) and
+    :func:`slice_safe` (the probe's last two datapoints replayed alone)."""
+    args = check_data(x, kwargs)
+    check_program_inputs(model, guide, args)
+    with rng_fork(), poutine.block(), torch.no_grad():
+        probe = None
+        if args[0].shape[0] > PROBE_ROWS:
+            try:
+                probe = _probe(model, guide, take(args, 0, PROBE_ROWS), kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except PROGRAM_ERRORS:  # e.g. a guide holding (N, d) tensors: probe all of x
+                pass
+        if probe is None:
+            try:
+                probe = _probe(model, guide, args, kwargs)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except PROGRAM_ERRORS as e:
+                raise program_failed(model, guide, args, e) from e
+        probe_args, model_tr, guide_tr, nesting, log_w = probe
+        closed, missing = closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
+        safe = _same_on_a_slice(model, guide, probe_args, kwargs, nesting, guide_tr, log_w)
+    return Program(nesting, closed, missing, safe, flow_guide(guide_tr))
+
+
+def _probe(model, guide, args, kwargs):
+    """``(args, model trace, guide trace, nesting, log w (1, n))`` of one plain run on ``args``."""
+    guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    check_plates(model_tr, guide_tr, args[0].shape[0])
+    nesting = plate_nesting(model_tr, guide_tr)
+    log_w = weigh(prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr), nesting).log_w  # (1, n)
+    return args, model_tr, guide_tr, nesting, log_w
+
+
+def max_plate_nesting(model, guide, x, **kwargs) -> int:
+    """How many plate dims the model and guide use, traced on the caller's own ``x`` (tensor or
+    tuple of per-datapoint arguments) without touching the caller's RNG."""
+    return inspect_program(model, guide, x, kwargs).nesting
+
+
+def slice_safe(model, guide, x, **kwargs) -> bool:
+    """Whether datapoint i gets the same weight from a run on a slice of ``x`` as from one on all
+    of it: not so for a guide reading per-datapoint parameters by plate index (``loc[idx]``,
+    idx = 0..rows−1 on a slice), holding ``(N, d)`` tensors or using batch statistics. Tested on
+    the probe's last two datapoints (its draw for the probe's batch replayed on those two alone;
+    agreement to 1000 float eps, relative)."""
+    return inspect_program(model, guide, x, kwargs).slice_safe
+
+
+def _same_on_a_slice(model, guide, args, kwargs, nesting, guide_tr, log_w) -> bool:
+    """:func:`slice_safe` from the probe: its arguments, guide trace and log weights ``(1, n)``."""
+    n = args[0].shape[0]
+    if n == 1:
+        return True
+    try:
+        part = weigh(
+            *replay(
+                model,
+                guide,
+                take_rows(cat_units([guide_tr], nesting), n - 2, n),
+                take(args, n - 2, n),
+                None,
+                nesting,
+                kwargs,
+            ),
+            nesting,
+        ).log_w  # (1, 2)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except PROGRAM_ERRORS:  # e.g. a guide holding (N, d) tensors: a slice does not fit its plate
+        return False
+    whole, tol = log_w[:, n - 2 :], 1000 * torch.finfo(log_w.dtype).eps
+    return bool(((part - whole).abs() <= tol * (1 + whole.abs())).all())

@@ -1,0 +1,196 @@
+r"""Drawing latents from a guide, replaying them through model and guide, and weighing them.
+
+The machinery behind :mod:`ppl_vae.inference.importance`: the guide runs under an outer plate of k
+particles at dim ``−nesting − 1``, left of the program's own plates, so every latent site has
+shape ``(k, ..., N, ...)``; the drawn values are replayed on all datapoints or on a slice of
+them, and each site's *unscaled* log-density (no ``size / N``, no β, no mask) is reduced to one
+number per particle and datapoint, ``(k, N)``, in nats.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from torch.distributions import kl_divergence
+
+from ..core.errors import UserError
+
+DATA_PLATE = "data"
+
+
+class Draws(NamedTuple):
+    """One pass of draws: ``log_w (k, N)`` = log p(x, z_k) − log q(z_k|x), and, when asked for,
+    ``elbo_analytic (k, N)`` = log p(x|z_k) − Σ_sites KL(q ‖ p), closed form at the sites of
+    :attr:`ppl_vae.inference.checks.Program.closed_form` and Monte Carlo at the others (per-draw terms of the
+    analytic-KL ELBO), else ``None``; ``log_lik (k, N)`` = log p(x|z_k), the sum over the observed
+    sites (the reconstruction term; ``None`` where a caller built the tuple without it)."""
+
+    log_w: torch.Tensor
+    elbo_analytic: torch.Tensor | None
+    log_lik: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts) -> "Draws":
+        """The draws of consecutive slices of datapoints joined along N: each field ``(k, N)``
+        from the ``(k, rows)`` of each slice (``None`` stays ``None``)."""
+        return Draws(*(None if f[0] is None else torch.cat(f, 1) for f in zip(*parts)))
+
+
+@contextmanager
+def rng_fork():
+    """Restore the torch RNG (CPU and the current CUDA device) on exit."""
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def guide_trace(guide, x, k: int | None, nesting: int, kwargs: dict) -> poutine.Trace:
+    """The trace of ``guide(*args, **kwargs)`` (``x``: a tensor or a tuple of arguments) under an
+    outer plate of ``k`` particles at dim ``−nesting − 1`` (each latent site ``(k, ..., N, ...)``;
+    no particle plate for ``k=None``), blocked from enclosing handlers."""
+    with poutine.block(), _particles(k, nesting):
+        return poutine.trace(guide).get_trace(*as_args(x), **kwargs)
+
+
+def _particles(k: int | None, nesting: int):
+    return nullcontext() if k is None else pyro.plate("_particles", k, dim=-nesting - 1)
+
+
+def as_args(x) -> tuple[torch.Tensor, ...]:
+    """The positional per-datapoint arguments: ``(x,)`` for a tensor, the tuple itself otherwise."""
+    return (x,) if torch.is_tensor(x) else tuple(x)
+
+
+def data_dim(site) -> int:
+    """The (negative) dim of the data plate in a site's batch shape."""
+    return next(f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE)
+
+
+def draw_units(guide, args, units, nesting, kwargs) -> tuple[poutine.Trace, poutine.Trace | None]:
+    """The latent values of one pass over ``units`` = [(size, seed or None)], each unit drawn by
+    its own (seeded) guide run on all of ``args``, joined along the particle dim (a trace to replay);
+    and, for a single unit, its guide trace itself, which weighs the whole batch without a
+    second guide run (the IWAE training step)."""
+    traces = []
+    for size, seed in units:
+        if seed is not None:
+            torch.manual_seed(seed)
+        traces.append(guide_trace(guide, args, size, nesting, kwargs))
+    return cat_units(traces, nesting), (traces[0] if len(traces) == 1 else None)
+
+
+def cat_units(traces, nesting) -> poutine.Trace:
+    """The latent values of several guide traces joined along the particle dim, for replay."""
+    out = poutine.Trace()
+    for name, site in traces[0].nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        dim = site["value"].dim() - site["fn"].event_dim - nesting - 1  # the particle dim
+        value = (
+            site["value"] if len(traces) == 1 else torch.cat([t.nodes[name]["value"] for t in traces], dim)
+        )
+        out.add_node(
+            name,
+            type="sample",
+            is_observed=False,
+            infer=site["infer"],
+            event_dim=site["fn"].event_dim,
+            data_dim=data_dim(site),
+            value=value,
+        )  # (k, ..., N, ...)
+    return out
+
+
+def take_rows(values: poutine.Trace, start: int, stop: int) -> poutine.Trace:
+    """``values`` restricted to datapoints ``start:stop`` (along each site's data-plate dim)."""
+    out = poutine.Trace()
+    for name, site in values.nodes.items():
+        v = site["value"]
+        dim = v.dim() - site["event_dim"] + site["data_dim"]  # the data dim, counted from the left
+        out.add_node(
+            name,
+            type="sample",
+            is_observed=False,
+            infer=site["infer"],
+            value=v.narrow(dim, start, stop - start),
+        )
+    return out
+
+
+def flow_guide(guide_tr) -> bool:
+    """Whether a latent site of the guide trace draws from a ``TransformedDistribution`` (under
+    any ``Independent`` / mask wrappers): replaying such a guide on other values than it drew
+    needs the flow's inverse, for an autoregressive flow one network pass per dimension."""
+    for site in guide_tr.nodes.values():
+        if site["type"] == "sample" and not site["is_observed"]:
+            fn = site["fn"]
+            while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
+                fn = fn.base_dist
+            if isinstance(fn, torch.distributions.TransformedDistribution):
+                return True
+    return False
+
+
+def replay(model, guide, values, args, k, nesting, kwargs, guide_tr=None):
+    """Guide and model traces with the latents ``values`` (k particles) replayed on ``args``
+    (``guide_tr``: the guide's trace of exactly these, when there is one already)."""
+    if guide_tr is None:
+        guide_tr = guide_trace(poutine.replay(guide, trace=values), args, k, nesting, kwargs)
+    with poutine.block(), _particles(k, nesting):
+        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
+    return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
+
+
+def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> Draws:
+    """The per-draw terms ``(k, N)`` of one pass: log w, log p(x|z) (the observed sites), and the
+    analytic-KL ELBO's when ``closed_form`` is a set of sites (−KL(q ‖ p) at those, log p − log q
+    at the other latent sites)."""
+    obs = latent_mc = latent_an = 0.0  # each becomes (k, N)
+    for name, site in model_tr.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            obs = obs + per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
+        elif name in guide_tr.nodes:  # a model-only latent is drawn from its prior: p/q cancel
+            g = guide_tr.nodes[name]
+            log_p = per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
+            log_q = per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
+            latent_mc = latent_mc + log_p - log_q
+            if closed_form is None:
+                continue
+            if name in closed_form:  # KL(q ‖ p) in closed form: torch.distributions.kl_divergence
+                latent_an = latent_an - per_datapoint(site, kl_divergence(g["fn"], site["fn"]), nesting)
+            else:
+                latent_an = latent_an + log_p - log_q
+    aux = 0.0
+    for name, g in guide_tr.nodes.items():  # auxiliary guide-only sites contribute −log q
+        if g["type"] == "sample" and not g["is_observed"] and name not in model_tr.nodes:
+            aux = aux - per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
+    log_w = obs + latent_mc + aux
+    if not torch.is_tensor(log_w):
+        raise UserError("the model and guide have no sample sites to weigh")
+    # + zeros: terms constant over particles broadcast to (k, N)
+    analytic = None if closed_form is None else obs + latent_an + aux + torch.zeros_like(log_w)
+    log_lik = torch.broadcast_to(
+        torch.as_tensor(obs, dtype=log_w.dtype, device=log_w.device), log_w.shape
+    )  # a view
+    return Draws(log_w, analytic, log_lik)
+
+
+def per_datapoint(site, log_prob: torch.Tensor, nesting: int) -> torch.Tensor:
+    """Reduce a site's (unscaled) log-density to ``(K, N)``: keep the particle and data dims,
+    sum every other plate dim (a trace without particle plate gives K = 1)."""
+    lp = log_prob.reshape((1,) * (nesting + 1 - log_prob.dim()) + log_prob.shape)  # (K, ..., N, ...)
+    n_dim = lp.dim() + data_dim(site)  # the data dim, counted from the left
+    other = [d for d in range(1, lp.dim()) if d != n_dim]
+    if other:
+        lp = lp.sum(other, keepdim=True)
+    return lp.reshape(lp.shape[0], lp.shape[n_dim])  # (K, N)

@@ -1,0 +1,216 @@
+r"""The evaluation report: dataset means of per-datapoint estimates, the k̂ verdict on
+log p(x), bits per dimension where they mean something, active units, and the table.
+
+Input: the per-datapoint arrays of :func:`ppl_vae.reports.evaluation.evaluate_blocks` over n datapoints
+(those of every block, gathered).
+Output: a JSON-ready dict in nats per datapoint (the sign of a log-density), with two kinds of
+standard error for each mean: ``*_stderr``, the Monte Carlo error on these datapoints,
+√(Σ_i se_i²)/n, and ``*_stderr_across_datapoints``, std_i/√n, the datapoints' own spread
+(:class:`ppl_vae.inference.estimators.Estimate`).
+
+Honesty rules (``docs/estimators.md``):
+
+* log p(x) ≈ IWAE_K is flagged "lower bound; SE unreliable" when the Pareto k̂ of the weights
+  exceeds min(1 − 1/log10 K, 0.7) (:func:`ppl_vae.inference.psis.khat_threshold`, Vehtari et al. 2024)
+  on more than :data:`UNRELIABLE_FRACTION` of the datapoints (``log_px_reliable = False``).
+  Measured at k̂ ≈ 1.5, the delta-method SE then understates the spread of repeated
+  estimates 2–3×.
+* bits/dim = −log p(x) / (D ln 2) is reported only for discrete data, where p(x) is a
+  probability; for a density of continuous data it is omitted with the reason
+  (``bits_per_dim_omitted``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from ..inference import estimators, psis
+from . import collapse, latents
+
+UNRELIABLE_FRACTION = 0.1  # log p(x) is flagged when k̂ > khat_threshold(K) on more than this fraction
+NO_BITS = (
+    "not shown: p(x|z) is a density of continuous data, not a probability; bits/dim would be "
+    "meaningless without dequantization"
+)
+MEAN, MC_VAR = "posterior_mean:", "posterior_mc_var:"  # per-site keys of the block results, (d, M)
+KL = "kl:"  # per-site key of each layer's KL term, (M,)
+
+
+def bits_per_dim(nats: float, dim: int) -> float:
+    """−log p / (D ln 2): a log-probability per datapoint in nats → bits per dimension."""
+    return -nats / (dim * math.log(2))
+
+
+def summarize(
+    res: dict,
+    ks,
+    num_samples: int,
+    dim: int,
+    discrete: bool,
+    mean_samples: int = 0,
+    likelihood: str | None = None,
+) -> dict:
+    """Dataset means of :func:`~ppl_vae.reports.evaluation.evaluate_blocks`' arrays with their Monte Carlo standard errors
+    (``*_stderr``: :meth:`~ppl_vae.inference.estimators.Estimate.mean_stderr`) and, under
+    ``*_stderr_across_datapoints``, the spread of the datapoints themselves
+    (:meth:`~ppl_vae.inference.estimators.Estimate.across_datapoints_stderr`); k̂ against
+    ``khat_threshold(K)`` with the verdict ``log_px_reliable`` (``None`` when k̂ needs a larger K);
+    bits per dimension only when ``discrete``; the active units of each latent site (``None`` for
+    a single datapoint; ``mean_samples``: the guide draws behind a mean that was not exact), each
+    layer's KL ``kl_per_site`` and the ``collapse`` lines of :func:`ppl_vae.reports.collapse.warnings_for`
+    (``likelihood``: the program's, for its remedies)."""
+
+    def est(name, i=None):
+        value, se = (
+            (res[name], res[name + "_stderr"]) if i is None else (res[name][i], res[name + "_stderr"][i])
+        )
+        return estimators.Estimate(torch.from_numpy(np.asarray(value)), torch.from_numpy(np.asarray(se)))
+
+    s = {
+        "n": len(res["log_px"]),
+        "num_samples": num_samples,
+        "dim": dim,
+        "units": "nats per datapoint" + (" (bits_per_dim = -nats / (D ln 2))" if discrete else ""),
+    }
+    for name in ("elbo_analytic", "elbo_mc", "log_px"):
+        e = est(name)
+        s[name], s[name + "_stderr"] = e.mean(), e.mean_stderr()
+        s[name + "_stderr_across_datapoints"] = e.across_datapoints_stderr()
+    if res.get("elbo_analytic_na"):  # a latent site without closed-form KL: the analytic ELBO is n/a
+        s["elbo_analytic_na"] = res["elbo_analytic_na"]
+    s["gap_elbo"] = "elbo_analytic" if math.isfinite(s["elbo_analytic"]) else "elbo_mc"
+    s["gap"] = s["log_px"] - s[s["gap_elbo"]]
+    s["gap_stderr"] = math.hypot(s["log_px_stderr"], s[s["gap_elbo"] + "_stderr"])
+    if discrete:
+        s["bits_per_dim"] = bits_per_dim(s["log_px"], dim)
+        s["elbo_bits_per_dim"] = bits_per_dim(s[s["gap_elbo"]], dim)
+        s["gap_bits_per_dim"] = -bits_per_dim(s["gap"], dim)
+    else:
+        s["bits_per_dim_omitted"] = NO_BITS
+    s["iwae_by_k"] = {str(k): est("iwae_by_k", i).mean() for i, k in enumerate(ks)}
+    s["iwae_by_k_stderr"] = {str(k): est("iwae_by_k", i).mean_stderr() for i, k in enumerate(ks)}
+    khat = res["khat"][~np.isnan(res["khat"])]  # NaN: K too small to fit a tail; inf counts as above
+    finite = khat[np.isfinite(khat)]
+    s["khat_threshold"] = psis.khat_threshold(num_samples)
+    frac = {
+        key: float(np.mean(khat > t)) if len(khat) else None
+        for key, t in (
+            ("khat_frac_above_threshold", s["khat_threshold"]),
+            ("khat_frac_above_0_7", 0.7),
+            ("khat_frac_above_0_5", 0.5),
+        )
+    }
+    s.update(frac, khat_mean=float(np.mean(finite)) if len(finite) else None)
+    above = frac["khat_frac_above_threshold"]
+    s["log_px_reliable"] = None if above is None else above <= UNRELIABLE_FRACTION
+    s["ess_median"] = float(np.median(res["ess"]))
+    means = {}
+    for name in (k[len(MEAN) :] for k in res if k.startswith(MEAN)):
+        mc_var = torch.from_numpy(res[MC_VAR + name].T)  # (M, d)
+        exact = bool((mc_var == 0).all())  # else every block averaged mean_samples draws
+        means[name] = latents.PosteriorMean(
+            torch.from_numpy(res[MEAN + name].T), mc_var, exact, 1 if exact else mean_samples
+        )
+    s["active_units"] = latents.active_units(means) if s["n"] > 1 else None
+    s["kl_per_site"] = {
+        k[len(KL) :]: float(np.mean(v)) for k, v in res.items() if k.startswith(KL) and len(v)
+    }
+    s["collapse"] = (
+        collapse.warnings_for(s["kl_per_site"], s["active_units"], likelihood) if s["n"] > 1 else []
+    )
+    return s
+
+
+def json_safe(obj):
+    """NaN/inf (e.g. the standard error of a single draw) → ``null``: strict JSON."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def verdict(s: dict) -> str:
+    """What log p(x) is worth, from the k̂ fraction above ``khat_threshold(K)``."""
+    if s["log_px_reliable"] is None:
+        return f"reliability unknown: k̂ needs K >= {psis.PSIS_MIN_SAMPLES}"
+    pct, t = 100 * s["khat_frac_above_threshold"], s["khat_threshold"]
+    if s["log_px_reliable"]:
+        return f"k̂ <= {t:.2f} on {100 - pct:.0f} % of datapoints"
+    return f"lower bound; SE unreliable: k̂ > {t:.2f} on {pct:.0f} % of datapoints"
+
+
+def format_table(s: dict, header: str | None = None) -> str:
+    """The report as the table ``evaluate`` prints (a bits/dim column only for discrete data)."""
+    bits = "bits_per_dim" in s
+
+    def row(label, value, se, sign=1):
+        if value is None or not math.isfinite(value):
+            return f"{label:<28}{'n/a':>12}  (no closed-form KL)"
+        return f"{label:<28}{value:>12.3f}{se:>10.3f}" + (
+            f"{sign * bits_per_dim(value, s['dim']):>12.4f}" if bits else ""
+        )
+
+    header = header or f"n = {s['n']}, K = {s['num_samples']}, D = {s['dim']}; nats per datapoint"
+    lines = [
+        header,
+        f"{'':<28}{'nats':>12}{'± MC SE':>10}" + (f"{'bits/dim':>12}" if bits else ""),
+        row("ELBO (analytic KL)", s["elbo_analytic"], s["elbo_analytic_stderr"]),
+        row("ELBO (Monte Carlo)", s["elbo_mc"], s["elbo_mc_stderr"]),
+    ]
+    for k, v in s["iwae_by_k"].items():
+        if k not in ("1", str(s["num_samples"])):  # IWAE_1 is the Monte Carlo ELBO, IWAE_K log p(x)
+            lines.append(row(f"IWAE k={k}", v, s["iwae_by_k_stderr"][k]))
+    lines.append(
+        row(f"log p(x) (IWAE K={s['num_samples']})", s["log_px"], s["log_px_stderr"]) + "  " + verdict(s)
+    )
+    lines.append(row("gap log p(x) − ELBO", s["gap"], s["gap_stderr"], sign=-1))
+    if s["khat_frac_above_threshold"] is None:
+        lines.append(
+            f"Pareto k̂: not computed (needs K >= {psis.PSIS_MIN_SAMPLES}); median ESS {s['ess_median']:.1f} of K"
+        )
+    else:
+        mean = "n/a" if s["khat_mean"] is None else f"{s['khat_mean']:.3f}"
+        lines.append(
+            f"Pareto k̂: mean {mean}; above {s['khat_threshold']:.2f}, the threshold for K = {s['num_samples']}, "
+            f"on {100 * s['khat_frac_above_threshold']:.1f} % of datapoints; median PSIS ESS {s['ess_median']:.1f} of K"
+        )
+    if not bits:
+        lines.append(f"bits/dim: {s['bits_per_dim_omitted']}")
+    units = "n/a (needs 2 datapoints)" if s["active_units"] is None else latents.describe(s["active_units"])
+    lines.append(f"active units (Cov_x E_q[z_u|x] > {latents.ACTIVE_THRESHOLD:g}): {units}")
+    if s.get("kl_per_site"):
+        lines.append(
+            "KL(q ‖ p) per layer: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in s["kl_per_site"].items())
+            + " nats per datapoint"
+        )
+    lines.extend(f"warning: {line}" for line in s.get("collapse", []))
+    lines.append(
+        f"across-datapoint SE of log p(x): {s['log_px_stderr_across_datapoints']:.3f} nats "
+        f"(the datapoints' own spread; the ± column is Monte Carlo error only)"
+    )
+    return "\n".join(lines)
+
+
+class Report(dict):
+    """What :func:`ppl_vae.reports.evaluation.evaluate` returns: the summary dict (the CLI's ``--json``; keys
+    as :func:`summarize`, plus ``ks``, ``seed``, ``batch_size``, ``chunk_size``, ``discrete``,
+    ``seconds``), with ``per_datapoint`` (the arrays of :func:`~ppl_vae.reports.evaluation.evaluate_blocks`),
+    :meth:`table` and :meth:`to_json` (strict JSON: NaN and inf become ``null``)."""
+
+    def __init__(self, summary: dict, per_datapoint: dict):
+        super().__init__(summary)
+        self.per_datapoint = per_datapoint
+
+    def table(self, header: str | None = None) -> str:
+        return format_table(self, header)
+
+    def to_json(self) -> str:
+        return json.dumps(json_safe(dict(self)), indent=2, allow_nan=False) + "\n"

@@ -1,0 +1,291 @@
+"""Checkpoints: written atomically, loaded safely, restoring every RNG for exact resume.
+
+A checkpoint is a plain dict of tensors and Python scalars/strings/lists, saved with
+``torch.save`` (a zip archive whose members carry CRC-32 checksums) and loaded with
+``torch.load(..., weights_only=True)``: PyTorch's restricted unpickler, which refuses any
+object other than tensors and primitive containers, so a crafted file cannot run code.
+Fields (:data:`FIELDS`): ``format_version``, ``package_version``, ``config``, ``model``,
+``optimizer``, ``scheduler``, ``epoch`` (epochs completed), ``step`` (steps into the next
+epoch, for a mid-epoch save), ``perm`` (that epoch's permutation), ``loss_sum`` (Σ loss of
+those steps), ``best_valid_elbo`` (the best validation bound the run selects on: the ELBO,
+or IWAE_K for IWAE runs; the name is kept for older files), ``bad_epochs``, ``rng`` (torch,
+CUDA, NumPy, Python), and ``metrics``: the metric rows of epochs 1..``epoch``, the source of
+truth from which ``metrics.jsonl`` is healed on resume (absent in files of version 0.1). Under
+``--ema`` ``model`` holds the averaged parameters θ̄ (what is evaluated) and ``train_model`` the
+trained θ (what ``--resume`` continues from); :mod:`ppl_vae.training.averaging`.
+
+Writes go through :func:`ppl_vae.core.files.atomic_write` (temporary file, fsync, ``os.replace``,
+fsync of the directory): a crash or a full disk leaves the previous checkpoint intact. See
+``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+
+from .. import __version__
+from ..core import distributed, files
+from ..core.errors import CheckpointError, UserError
+from .config import MODEL_KEYS
+
+FORMAT_VERSION = 1
+FIELDS = (
+    "format_version",
+    "package_version",
+    "config",
+    "model",
+    "optimizer",
+    "scheduler",
+    "epoch",
+    "step",
+    "perm",
+    "loss_sum",
+    "best_valid_elbo",
+    "bad_epochs",
+    "rng",
+)
+
+
+def rng_state() -> dict:
+    """The torch (CPU and CUDA), NumPy and Python RNG states as tensors/lists (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s states; they may have been loaded onto a GPU (``map_location``),
+    and torch takes RNG states as CPU byte tensors only."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`ppl_vae.core.files.atomic_write`: on any failure (a full disk
+    included, which torch's zip writer reports as a ``RuntimeError``) ``path`` keeps its previous
+    content and one :class:`~ppl_vae.core.errors.WriteError` line says which file and why."""
+    files.atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse files that are not intact zip archives: truncation breaks the central directory,
+    a flipped byte breaks a member's CRC-32 (``torch.load`` checks neither)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # BadZipFile, OSError, EOFError, ...: every way the bytes can be wrong
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt (not a readable PyTorch archive: "
+            f"{e.__class__.__name__}); use an intact copy (e.g. best.pt) or retrain"
+        ) from None
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (member {bad} fails its CRC-32 check); use an "
+            f"intact copy (e.g. best.pt) or retrain"
+        )
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint safely; one clear :class:`CheckpointError` for every way it can be bad:
+    missing, truncated/corrupt, holding non-tensor objects (refused unread), another format
+    version, or lacking a field of :data:`FIELDS`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} "
+            + ("is a directory, not a checkpoint file" if path.is_dir() else "does not exist")
+        )
+    _check_archive(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values, which could run "
+            f"code when unpickled{f' ({why[0][:160]})' if why else ''}; only load checkpoints written by "
+            f"ppl_vae, from people you trust"
+        ) from None
+    except Exception as e:  # the archive is intact, so its content is malformed
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}); use an intact copy "
+            f"(e.g. best.pt) or retrain"
+        ) from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(f"{path} is not a ppl_vae checkpoint (no format_version field)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {ckpt['format_version']!r}, this ppl_vae reads "
+            f"format {FORMAT_VERSION}; use the ppl_vae version that wrote it "
+            f"({ckpt.get('package_version', 'unknown')})"
+        )
+    missing = [k for k in FIELDS if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(
+            f"{path} is an incomplete ppl_vae checkpoint (missing or malformed: "
+            f"{', '.join(missing) or 'config/model'}); use an intact copy or retrain"
+        )
+    return ckpt
+
+
+def check_config_matches(saved: dict, requested: dict, keys) -> None:
+    """Refuse to resume/load when a model-defining setting differs (a key that an older
+    ``config.json`` lacks counts as its default: the program of version 0.1 is the default one)."""
+    from .config import FitConfig
+
+    default = FitConfig().to_dict()
+    diffs = [
+        f"{k}: checkpoint has {saved.get(k, default.get(k))!r}, requested {requested.get(k, default.get(k))!r}"
+        for k in keys
+        if saved.get(k, default.get(k)) != requested.get(k, default.get(k))
+    ]
+    if diffs:
+        raise CheckpointError(
+            "checkpoint does not match the requested model ("
+            + "; ".join(diffs)
+            + "); use the run's own settings or start a new --out"
+        )
+
+
+# --------------------------------------------------------------------------- training state
+
+# fixed for a run's life (ema: which parameters are judged; a switch would compare θ with θ̄'s best)
+RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset", "ema")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: ``epoch`` epochs done, ``step`` steps into the next (a mid-epoch
+    save) over permutation ``perm``, ``loss_sum`` of those steps, the best validation bound and
+    the epochs since it improved, the metric rows so far, and ``saved_at`` = (epoch, step) of
+    the checkpoint on disk."""
+
+    epoch: int = 0
+    step: int = 0
+    perm: torch.Tensor | None = None
+    loss_sum: float = 0.0
+    best: float = -math.inf
+    bad_epochs: int = 0
+    rows: list | None = field(default_factory=list)
+    saved_at: tuple[int, int] | None = None
+
+
+def save_training(trainer, best: bool = False) -> None:
+    """Write ``checkpoint.pt`` (and ``best.pt``) of a :class:`~ppl_vae.training.train.Trainer`. Distributed:
+    called by every rank (their RNG states are gathered into ``rng_ranks``), written by rank 0.
+    After a successful save, temp files of dead writers are removed."""
+    ctx, s = trainer.ctx, trainer.state
+    rngs = distributed.all_gather_objects(rng_state(), ctx) if ctx.enabled else None
+    if ctx.is_main:
+        ckpt = {
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            "config": trainer.cfg.to_dict(),
+            "model": trainer.evaluated.state_dict(),
+            "optimizer": trainer.optim.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "epoch": s.epoch,
+            "step": s.step,
+            "perm": s.perm,
+            "loss_sum": s.loss_sum,
+            "best_valid_elbo": s.best,
+            "bad_epochs": s.bad_epochs,
+            "rng": rng_state(),
+            "metrics": list(s.rows),
+        }
+        if trainer.average is not None:  # "model" is the average θ̄ (what evaluate loads); θ resumes training
+            ckpt["train_model"] = trainer.model.state_dict()
+        if rngs is not None:
+            ckpt["rng_ranks"] = rngs
+        atomic_save(ckpt, trainer.out / "checkpoint.pt")
+        if best:
+            atomic_save(ckpt, trainer.out / "best.pt")
+        files.remove_stale_temps(trainer.out, older_than=trainer.lock.acquired_at if trainer.lock else None)
+    s.saved_at = (s.epoch, s.step)
+
+
+def restore(ckpt: dict, trainer) -> TrainState:
+    """Load a checkpoint into a freshly built trainer (model, optimizer, scheduler, RNG) and
+    return its :class:`TrainState`. Optimizer settings given anew with ``--resume`` (lr, weight
+    decay, lr decay) apply from here on."""
+    cfg, saved, perm, n = trainer.cfg, ckpt["config"], ckpt["perm"], trainer.data.train.shape[0]
+    check_config_matches(saved, cfg.to_dict(), MODEL_KEYS)
+    if perm is not None and perm.numel() != n:
+        raise CheckpointError(
+            f"the checkpoint is {ckpt['step']} steps into an epoch over {perm.numel()} "
+            f"training points, but the data now have {n}; the data changed since the run started"
+        )
+    if perm is not None and saved.get("batch_size") != cfg.batch_size:
+        raise UserError(
+            f"the checkpoint is {ckpt['step']} steps into an epoch of batches of "
+            f"{saved.get('batch_size')}; resume with that --batch-size (change it at an epoch end)"
+        )
+    optim = trainer.optim
+    try:
+        trainer.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        if trainer.average is not None:  # θ̄ as saved
+            trainer.average.model.load_state_dict(ckpt["model"])
+        optim.load_state_dict(ckpt["optimizer"])
+        trainer.scheduler.load_state_dict(ckpt["scheduler"])
+        _restore_rng(ckpt, trainer.ctx, cfg.seed)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
+    for g in optim.param_groups:
+        if saved.get("lr") != cfg.lr:
+            g["lr"] = g["initial_lr"] = cfg.lr
+        g["weight_decay"] = cfg.weight_decay
+        # a checkpoint from another device or path (CUDA graph or eager) resumes with this run's
+        # optimizer implementation: the loaded groups carry the old one's flags
+        for key in ("fused", "foreach", "capturable"):
+            g[key] = optim.defaults.get(key)
+        if isinstance(g["lr"], torch.Tensor) and not g["capturable"]:
+            g["lr"] = float(g["lr"])
+        elif g["capturable"] and not isinstance(g["lr"], torch.Tensor):
+            g["lr"] = torch.tensor(g["lr"], device=trainer.device)
+    trainer.scheduler.gamma = cfg.lr_decay
+    rows = ckpt.get("metrics")
+    return TrainState(
+        ckpt["epoch"],
+        ckpt["step"],
+        None if perm is None else perm.to(trainer.device),
+        ckpt["loss_sum"],
+        ckpt["best_valid_elbo"],
+        ckpt["bad_epochs"],
+        None if rows is None else list(rows),
+        (ckpt["epoch"], ckpt["step"]),
+    )
+
+
+def _restore_rng(ckpt: dict, ctx, seed: int) -> None:
+    """Rank r's own saved RNG state when the checkpoint was written by as many ranks
+    (``rng_ranks``); else rank 0 takes ``rng`` and rank r > 0 a fresh stream for this point."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == ctx.world_size:
+        set_rng_state(ranks[ctx.rank])
+    elif ctx.is_main:
+        set_rng_state(ckpt["rng"])
+    else:
+        pyro.set_rng_seed(distributed.rank_seed(seed, ctx.rank, ckpt["epoch"], ckpt["step"]))

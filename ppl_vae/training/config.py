@@ -1,0 +1,328 @@
+"""Run configuration: one dataclass, saved as ``config.json`` in every run directory.
+
+Settings come from flags (:mod:`ppl_vae.fit`), from Python, or from a run's ``config.json``
+(``--resume``, ``evaluate``, ``sample``). :meth:`FitConfig.validate` checks every field's type and
+range whichever way it came; a bad value from a file is one :class:`UserError` line naming the
+file and the field. Settings that depend on the data (``epochs`` = None) are fixed by
+:meth:`FitConfig.with_data_defaults` once the data are loaded, and ``config.json`` records the
+fixed value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core import files
+from ..core.errors import UserError
+from ..data.datasets import BINARIZE
+from ..programs.guides import POSTERIORS
+from ..programs.likelihoods import LIKELIHOODS
+from ..programs.model import DEFAULT_DIMS, HIERARCHIES, hierarchy_error
+from ..programs.nets import ACTIVATIONS, ARCHS
+from ..programs.priors import PRIORS
+
+# Settings that define the model's parameters: a checkpoint only loads into the same ones.
+MODEL_KEYS = (
+    "likelihood",
+    "arch",
+    "hidden",
+    "z_dim",
+    "activation",
+    "image_shape",
+    "prior",
+    "guide",
+    "latent_layers",
+    "hierarchy",
+    "z2_dim",
+    "hidden2",
+    "pseudo_inputs",
+    "mixture_components",
+    "flow_steps",
+    "conditional",
+    "num_classes",
+)
+# The training objectives (--elbo); ppl_vae.inference.objectives.OBJECTIVES implements exactly these
+# (tests/test_config.py), named here so that the configuration imports no inference code.
+ELBO_CHOICES = ("trace", "meanfield", "iwae")
+# The default length of a run: at least this many epochs and optimizer steps. Ten epochs of
+# MNIST (391 steps each at batch 128) already give recognisable digits; a small dataset needs
+# more epochs for as many steps (scikit-learn's digits: 250 epochs of 12 steps).
+DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS = 10, 3000
+
+
+def default_epochs(n_train: int, batch_size: int) -> int:
+    """max(10, ⌈3000 / steps per epoch⌉), with ⌈n_train / min(batch_size, n_train)⌉ steps per epoch."""
+    steps_per_epoch = math.ceil(n_train / min(batch_size, n_train))
+    return max(DEFAULT_MIN_EPOCHS, math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch))
+
+
+def default_kl_warmup(latent_layers: int, epochs: int) -> float:
+    """0 (off) for one latent layer; for two, a tenth of the epochs (at least 1): without it the
+    upper layers of a hierarchy tend to collapse early (docs/models.md)."""
+    return 0.0 if latent_layers == 1 else float(max(1, round(epochs / 10)))
+
+
+@dataclass
+class FitConfig:
+    # data
+    dataset: str = "auto"  # a name from ppl_vae.data.datasets.DATASETS or a .npy/.npz path
+    data_dir: str | None = None  # else $PPL_VAE_DATA, else ~/.cache/ppl_vae
+    binarize: str = "auto"  # auto | none | dynamic | static
+    # model
+    likelihood: str = "bernoulli"
+    sigma: float = 0.1  # fixed σ of the `gaussian` likelihood, for data in [0, 1] (σ = 1 collapses)
+    sigma_floor: float = 0.01  # lower bound on the learned σ of `gaussian-learned`
+    arch: str = "mlp"
+    hidden: list[int] | None = None  # None: [400] with one latent layer, [200, 200] with two
+    z_dim: int | None = None  # None: 20 with one latent layer, 100 (z1) with two
+    activation: str = "relu"  # or gated (gated hidden layers, as the VampPrior paper's MLPs)
+    # the program (docs/models.md)
+    prior: str = "normal"  # normal | mog | vampprior: p(z) of the top latent layer
+    guide: str = "diagonal"  # diagonal | full-rank | iaf: the posterior family of every layer
+    latent_layers: int = 1  # 1: z; 2: z2 → z1 → x (docs/models.md)
+    hierarchy: str = (
+        "chain"  # (two layers) chain: p(x|z1), q(z1|x) q(z2|z1); skip: p(x|z1,z2), q(z2|x) q(z1|x,z2)
+    )
+    z2_dim: int = 50  # (two layers) dimension of z2
+    hidden2: list[int] = field(default_factory=lambda: [100, 100])  # (two layers) the z1 ↔ z2 networks
+    pseudo_inputs: int = 500  # (vampprior) K learned pseudo-inputs
+    mixture_components: int = 10  # (mog) M components
+    flow_steps: int = 2  # (iaf) inverse-autoregressive steps
+    conditional: bool = False  # class-conditional p(x|z,y), q(z|x,y) (datasets with labels)
+    num_classes: int | None = None  # (conditional) filled in from the dataset's labels
+    # objective
+    elbo: str = "trace"  # trace | meanfield | iwae
+    num_particles: int = 1  # K: vectorized particles (IWAE: importance samples)
+    beta: float = 1.0  # β-VAE weight of the KL term
+    kl_warmup: float | None = (
+        None  # epochs of linear β warm-up (0 = off; None: 0 with one latent layer, a tenth of the epochs with two)
+    )
+    # optimization
+    epochs: int | None = None  # None: default_epochs(N, batch_size), fixed once the data are loaded
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0  # multiply the learning rate by this after every epoch
+    ema: float = 0.0  # parameter averaging θ̄ ← d·θ̄ + (1 − d)·θ per step (0 = off); θ̄ is judged and kept
+    grad_clip: float | None = None  # clip the global gradient norm (None = off)
+    patience: int | None = None  # stop after this many epochs without a better valid ELBO (IWAE_K for iwae)
+    time_limit: float | None = (
+        None  # stop after the epoch that ends past this many minutes of this invocation
+    )
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    cuda_graph: bool = (
+        False  # on CUDA, replay each step from a captured CUDA graph (opt-in; docs/benchmarks.md)
+    )
+    log_every: int = 50  # steps between host syncs (progress bar, NaN check)
+    final_iwae_k: int = 100  # K of the validation IWAE bound reported at the end (0 = skip)
+    tensorboard: str | None = (
+        None  # also write each epoch's metrics and image grids as TensorBoard events here
+    )
+    # filled in by fit()
+    image_shape: list[int] | None = None
+
+    def validate(self, source: str | None = None) -> None:
+        """Raise a one-line :class:`UserError` for a value of the wrong type or out of range.
+        Fields are named as flags (``--z-dim``), or as ``"z_dim"`` of the file ``source``."""
+        where = (lambda name: f'{source}: "{name}"') if source else _flag
+        for f in dataclasses.fields(self):
+            ok, expected = _TYPE_CHECKS[_TYPES[f.name]]
+            value = getattr(self, f.name)
+            if not ok(value):
+                raise UserError(f"{where(f.name)} must be {expected}, got {_show(value, source)}")
+        for name, ok, expected in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise UserError(f"{where(name)} must be {expected}, got {_show(value, source)}")
+        if self.elbo == "meanfield" and self.latent_layers == 2:
+            raise UserError(
+                (f"{source}: " if source else "") + "--elbo meanfield (Pyro's TraceMeanField_ELBO) "
+                "needs a mean-field guide, which the two-layer guides q(z2|z1) and q(z1|x,z2) are not; "
+                "use --elbo trace or iwae"
+            )
+        why = hierarchy_error(self.hierarchy, self.latent_layers, self.arch, self.hidden)
+        if why:
+            raise UserError((f"{source}: " if source else "") + why)
+        if self.elbo == "iwae" and self.beta != 1:  # (--kl-warmup is fine: it ramps β up to 1)
+            raise UserError(
+                (f"{source}: " if source else "") + "--beta ≠ 1 makes --elbo iwae no bound on log p(x); "
+                "drop it (--kl-warmup may ramp β to 1) or use --elbo trace"
+            )
+
+    def with_data_defaults(self, n_train: int) -> "FitConfig":
+        """This config with the settings that depend on the data fixed, for ``n_train`` training
+        datapoints: ``epochs`` = None becomes :func:`default_epochs`, ``kl_warmup`` = None :func:`default_kl_warmup`. Call it once the data are
+        loaded, before the config is saved (``config.json`` records the fixed values)."""
+        z_dim, hidden = DEFAULT_DIMS[self.latent_layers]
+        epochs = self.epochs or default_epochs(n_train, self.batch_size)
+        return dataclasses.replace(
+            self,
+            epochs=epochs,
+            z_dim=self.z_dim or z_dim,
+            hidden=list(hidden) if self.hidden is None else self.hidden,
+            kl_warmup=self.kl_warmup
+            if self.kl_warmup is not None
+            else default_kl_warmup(self.latent_layers, epochs),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, source: str | None = None) -> "FitConfig":
+        """A validated config from a JSON object ``d``; missing keys take their defaults (runs of
+        earlier versions), unknown keys are refused. ``source`` names ``d``'s file in errors."""
+        what = source or "the configuration"
+        if not isinstance(d, dict):
+            raise UserError(f"{what} must hold a JSON object of settings, got {_json_type(d)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise UserError(f"{what}: unknown keys {unknown}; known keys: {sorted(names)}")
+        # JSON writes 1.0 as 1; a float field takes an integer (but not true/false)
+        d = {
+            k: float(v) if _TYPES[k] in (float, float | None) and _is_int(v) and _is_number(v) else v
+            for k, v in d.items()
+        }
+        cfg = cls(**d)
+        cfg.validate(source)
+        return cfg
+
+    def save(self, path: Path) -> None:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        files.atomic_write(path, lambda f: f.write(text), binary=False)
+
+    @classmethod
+    def load(cls, path: Path) -> "FitConfig":
+        """The config in the file ``path``, validated; any problem is one :class:`UserError` line."""
+        source = f"run configuration {path}"
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"cannot read {source}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{source} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                f"restore or correct the file"
+            ) from None
+        except (ValueError, RecursionError) as e:  # not UTF-8 text, or absurdly nested
+            raise UserError(
+                f"{source} is not a JSON text file ({e.__class__.__name__}); restore or correct the file"
+            ) from None
+        return cls.from_dict(d, source)
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) and abs(v) < 1e300) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _optional(check):
+    ok, expected = check
+    return (lambda v: v is None or ok(v)), f"{expected} or null"
+
+
+_INT_LIST = (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers")
+_TYPE_CHECKS = {
+    int: (_is_int, "an integer"),
+    float: (_is_number, "a finite number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    list[int]: _INT_LIST,
+}
+_TYPE_CHECKS.update({t | None: _optional(c) for t, c in list(_TYPE_CHECKS.items())})
+_TYPES = typing.get_type_hints(FitConfig)  # field name → type, e.g. "epochs" → int | None
+
+
+def _one_of(choices):
+    return (lambda v: v in choices), f"one of {', '.join(choices)}"
+
+
+# (field, test, what the value must be); a None value (where the type allows it) is not tested
+_RANGES = (
+    ("binarize", *_one_of(BINARIZE)),
+    ("likelihood", *_one_of(tuple(LIKELIHOODS))),
+    ("arch", *_one_of(ARCHS)),
+    ("activation", *_one_of(tuple(ACTIVATIONS))),
+    ("elbo", *_one_of(ELBO_CHOICES)),
+    ("dataset", lambda v: v.strip() != "", "a dataset name or a .npy/.npz path"),
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("num_particles", lambda v: v >= 1, ">= 1"),
+    ("beta", lambda v: v > 0, "> 0"),
+    ("kl_warmup", lambda v: v >= 0, ">= 0"),
+    ("z_dim", lambda v: v >= 1, ">= 1"),
+    ("hidden", lambda v: all(h >= 1 for h in v), ">= 1"),
+    ("sigma", lambda v: v > 0, "> 0"),
+    ("sigma_floor", lambda v: v >= 0, ">= 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("lr_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("ema", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    ("grad_clip", lambda v: v > 0, "> 0"),
+    ("patience", lambda v: v >= 1, ">= 1"),
+    ("time_limit", lambda v: v > 0, "> 0 (minutes)"),
+    ("seed", lambda v: 0 <= v < 2**32, "in 0 .. 2**32 - 1 (NumPy's seed range)"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("final_iwae_k", lambda v: v >= 0, ">= 0"),
+    ("tensorboard", lambda v: v.strip() != "", "a directory name"),
+    (
+        "device",
+        lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v),
+        "auto, cpu or cuda (or cuda:N)",
+    ),
+    ("prior", *_one_of(tuple(PRIORS))),
+    ("guide", *_one_of(tuple(POSTERIORS))),
+    ("latent_layers", lambda v: v in (1, 2), "1 or 2"),
+    ("hierarchy", *_one_of(HIERARCHIES)),
+    ("z2_dim", lambda v: v >= 1, ">= 1"),
+    ("hidden2", lambda v: all(h >= 1 for h in v), ">= 1"),
+    ("pseudo_inputs", lambda v: v >= 1, ">= 1"),
+    ("mixture_components", lambda v: v >= 1, ">= 1"),
+    ("flow_steps", lambda v: v >= 1, ">= 1"),
+    ("num_classes", lambda v: v >= 2, ">= 2"),
+    ("image_shape", lambda v: len(v) == 3 and all(s >= 1 for s in v), "3 sizes >= 1 (C, H, W)"),
+)
+_FLAG_NAMES = {
+    "num_particles": "--num-particles K",
+    "hidden": "--hidden sizes",
+    "image_shape": "the image shape",
+}
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _json_type(v) -> str:
+    return {
+        type(None): "null",
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(v), type(v).__name__)
+
+
+def _show(value, source) -> str:
+    """``value`` as the user wrote it: JSON with its type for a file, Python's repr (str) otherwise."""
+    if source:
+        text = json.dumps(value) + (f" ({_json_type(value)})" if not isinstance(value, (int, float)) else "")
+    else:
+        text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
