@@ -354,6 +354,7 @@ def cli_runs(tmp_path_factory):
     return out, ddp
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_torchrun_fit_follows_the_single_process_curve(cli_runs):
     """Different ε draws (and so different later permutations): within 1.5 nats per datapoint
     at every epoch (measured: ≤ 0.25 for this seed, ≤ 1.02 over seeds 3-5; single-process runs
@@ -376,6 +377,7 @@ def test_torchrun_fit_follows_the_single_process_curve(cli_runs):
     )
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_torchrun_evaluate_equals_single_process(cli_runs, tmp_path, capsys):
     """Blocks r, r+2, ... on rank r, gathered: every per-datapoint number equals one process's
     (with one thread per process on both sides: 2 threads round float32 sums differently, ~1e-7)."""

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ppl_vae.data.datasets import load_dataset
@@ -60,6 +61,7 @@ def first_run_measures(run_dir: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_default_digits_run_shows_a_vae(tmp_path):
     out = tmp_path / "run"
     # one thread: on a shared 2-core machine, torch's spinning OpenMP threads slow these tiny steps ~10x

@@ -76,6 +76,7 @@ def test_fit_digits_writes_every_output(tmp_path):
     assert_one_line_error(again, "--resume", "--overwrite")
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 @pytest.mark.parametrize("extra", [("--elbo", "meanfield"), ("--elbo", "iwae", "--num-particles", "3")])
 def test_fit_other_objectives(tmp_path, extra):
     out = tmp_path / "run"
@@ -98,6 +99,7 @@ def test_fit_other_objectives(tmp_path, extra):
         assert summary["best_valid_elbo"] == pytest.approx(m["valid_elbo"]) and "valid_iwae_k" not in m
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_fit_conv_on_mnist_t10k(tmp_path, data_dir):
     out = tmp_path / "run"
     r = fit(
@@ -126,6 +128,7 @@ def test_fit_conv_on_mnist_t10k(tmp_path, data_dir):
     assert -350 < m["valid_elbo"] < 0
 
 
+@pytest.mark.slow  # over ~10 s on 2 cores
 def test_fit_broadcast_decoder_on_circles(tmp_path):
     out = tmp_path / "run"
     r = fit(
