@@ -200,25 +200,13 @@ def test_training_curve_adds_the_recon_and_kl_panel_when_rows_have_them(tmp_path
 def tiny_run(tmp_path_factory):
     """One epoch on the 8×8 digits, through the fit command's main (in-process: a second python
     would spend seconds importing torch)."""
-    out = tmp_path_factory.mktemp("run")
-    argv = [
-        "--dataset",
-        "digits",
-        "--hidden",
-        "16",
-        "--z-dim",
-        "3",
-        "--epochs",
-        "1",
-        "--final-iwae-k",
-        "0",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        str(out),
-    ]
-    assert fit.main(argv) == 0
+    return tiny_fit(tmp_path_factory.mktemp("run"))
+
+
+def tiny_fit(out, *extra: str):
+    """``fit.main`` for one epoch of a tiny VAE on the digits into ``out`` (``extra``: more flags)."""
+    argv = "--dataset digits --hidden 16 --z-dim 3 --epochs 1 --final-iwae-k 0 --device cpu --quiet".split()
+    assert fit.main([*argv, *extra, "--out", str(out)]) == 0
     return out
 
 
@@ -246,30 +234,7 @@ def test_sample_cli_writes_a_seeded_grid(tiny_run, tmp_path):
 
 def test_sample_of_a_label_has_its_own_default_file(tmp_path):
     """``--label L`` writes RUN_DIR/samples-labelL-seedS.png beside, not over, the unlabelled grid."""
-    out = tmp_path / "cond"
-    assert (
-        fit.main(
-            [
-                "--dataset",
-                "digits",
-                "--conditional",
-                "--hidden",
-                "16",
-                "--z-dim",
-                "3",
-                "--epochs",
-                "1",
-                "--final-iwae-k",
-                "0",
-                "--device",
-                "cpu",
-                "--quiet",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    out = tiny_fit(tmp_path / "cond", "--conditional")
     assert sample.main([str(out), "--n", "4"]) == 0
     unlabelled = (out / "samples-seed0.png").read_bytes()
     assert sample.main([str(out), "--n", "4", "--label", "3"]) == 0

@@ -325,6 +325,13 @@ def load_dataset(
             f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} "
             f"or give a path to a .npy/.npz file of images in [0, 1]"
         )
+    return prepare(ds, binarize, likelihood)
+
+
+def prepare(ds: Dataset, binarize: str = "auto", likelihood=None) -> Dataset:
+    """Binarize ``ds`` as asked (``auto``: dynamically for a likelihood of binary data when the
+    images are greyscale, else not) and check it suits ``likelihood``: what :func:`load_dataset`
+    does last, also for a :class:`Dataset` made elsewhere (``fit(dataset=...)``). Changes ``ds``."""
     binary = _is_binary(ds.train)
     if binarize == "auto":
         binarize = "dynamic" if (likelihood is not None and likelihood.binary_data and not binary) else "none"

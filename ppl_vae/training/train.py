@@ -15,6 +15,7 @@ checkpoint holds and how it is restored in :mod:`ppl_vae.training.checkpoint`; t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.errors import CheckpointError, UserError
-from ..data.datasets import Dataset, load_dataset
+from ..data.datasets import Dataset, load_dataset, prepare
 from ..inference.objectives import make_objective
 from ..programs.likelihoods import make_likelihood
 from ..programs.model import VAE
@@ -123,12 +124,13 @@ class Trainer:
             )
         ckpt = checkpoint.load(self.out / "checkpoint.pt", map_location=self.device) if resume else None
         pyro.set_rng_seed(cfg.seed)
-        ds = dataset or load_dataset(
-            cfg.dataset,
-            cfg.data_dir,
-            cfg.binarize,
-            make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor),
-        )
+        likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
+        if dataset is None:
+            ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize, likelihood)
+        elif dataset.binarize == "none":  # a Dataset made elsewhere: binarized and checked as a loaded one
+            ds = prepare(dataclasses.replace(dataset), cfg.binarize, likelihood)
+        else:
+            ds = dataset
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
             raise CheckpointError(
                 f"the data have image shape {list(ds.image_shape)} but the run was trained on "
