@@ -16,6 +16,7 @@ LONG = {
     "programs/model.py": "the VAE program: model and guide for one or two layers, chain or skip",
     "data/datasets.py": "every named data set's loader beside load_dataset",
     "inference/checks.py": "the checks of a user's program, each with its one-line message",
+    "inference/estimators.py": "every estimator over one streaming pass, and the public names of 0.1",
 }
 
 

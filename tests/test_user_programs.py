@@ -43,3 +43,14 @@ def test_a_planar_or_radial_flow_guide_is_scored_as_trace_elbo_scores_it(transfo
     assert abs(ours.mean() - theirs.mean().item()) < 4 * se, (ours.mean(), theirs.mean().item(), se)
     iwae = estimators.iwae(model, guide, x, num_samples=100, seed=2)
     assert iwae.mean() >= ours.mean() - 4 * ours.mean_stderr()
+
+
+def test_the_0_1_names_are_still_in_estimators_and_ks_says_where_it_belongs():
+    from ppl_vae.core.errors import UserError
+    from ppl_vae.inference import importance, psis
+
+    assert estimators.log_importance_weights is importance.log_importance_weights
+    assert estimators.psis_diagnostics is psis.psis_diagnostics
+    assert estimators.derive_seed(3, 1) == importance.derive_seed(3, 1)
+    with pytest.raises(UserError, match="use iwae_curve"):
+        estimators.iwae(lambda x: None, lambda x: None, torch.zeros(2, 1), 10, ks=[1, 10])

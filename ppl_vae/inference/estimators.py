@@ -33,8 +33,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .importance import check_num_samples, inspect_program, iter_log_weights
-from .psis import psis_from_log_weights
+from ..core.errors import UserError
+from ..core.seeding import derive_seed  # noqa: F401 (public since 0.1: estimators.derive_seed)
+from .importance import (
+    check_num_samples,
+    inspect_program,
+    iter_log_weights,
+    log_importance_weights,  # noqa: F401 (public since 0.1)
+)
+from .psis import psis_diagnostics, psis_from_log_weights  # noqa: F401 (psis_diagnostics: public since 0.1)
 
 
 @dataclass
@@ -132,6 +139,11 @@ def iwae(
     It is only as good as the weights' variance is finite: check :func:`ppl_vae.inference.psis.psis_diagnostics`.
     K = 1 is the one-draw ELBO: the same value and the same (NaN) stderr as ``elbo(num_samples=1)``.
     """
+    if "ks" in kwargs:  # else: "iwae_curve() got multiple values for argument 'ks'", a function not called
+        raise UserError(
+            "iwae(...) estimates one K and takes no ks; for IWAE_k at several k use "
+            "iwae_curve(model, guide, x, num_samples, ks)"
+        )
     return iwae_curve(model, guide, x, num_samples, [num_samples], seed, chunk_size, **kwargs)[num_samples]
 
 
