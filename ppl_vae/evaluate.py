@@ -27,11 +27,9 @@ process (``docs/scaling.md``).
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 from pathlib import Path
 
-from .core.cli import ArgumentParser, int_list, run_command, startup, user_errors
+from .core.cli import ArgumentParser, callable_module, int_list, run_command, startup, user_errors
 from .core.errors import UserError
 
 PROG = "python -m ppl_vae.evaluate"
@@ -258,16 +256,7 @@ def main(argv=None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """``ppl_vae.evaluate`` is this module (``python -m ppl_vae.evaluate``) and, called,
-    :func:`~ppl_vae.reports.evaluation.evaluate` of any Pyro ``model``/``guide`` pair:
-    ``from ppl_vae import evaluate; evaluate(model, guide, x, num_samples=1000).table()``."""
-
-    def __call__(self, *args, **kwargs):
-        return self.evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, "evaluate")  # fit(...) / evaluate(...) from Python: see core.cli.callable_module
 
 
 if __name__ == "__main__":

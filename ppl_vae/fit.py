@@ -15,10 +15,9 @@ import argparse
 import dataclasses
 import sys
 import time
-import types
 from pathlib import Path
 
-from .core.cli import ArgumentParser, int_list, run_command, startup, user_errors
+from .core.cli import ArgumentParser, callable_module, int_list, run_command, startup, user_errors
 from .core.errors import UserError
 
 PROG = "python -m ppl_vae.fit"
@@ -382,15 +381,7 @@ def main(argv=None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """``ppl_vae.fit`` is this module (``python -m ppl_vae.fit``, ``fit.main``) and, called,
-    :func:`fit`: ``from ppl_vae import fit; fit(dataset=..., epochs=3)``."""
-
-    def __call__(self, *args, **kwargs) -> Run:
-        return self.fit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, "fit")  # fit(...) / evaluate(...) from Python: see core.cli.callable_module
 
 if __name__ == "__main__":
     run_command(PROG, main)

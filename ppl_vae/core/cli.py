@@ -7,6 +7,7 @@ import argparse
 import signal
 import sys
 import threading
+import types
 import warnings
 from contextlib import contextmanager
 
@@ -66,10 +67,15 @@ def user_errors(prog: str):
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
 
 
-def _exit_interrupted(prog: str, e: KeyboardInterrupt, when: str = ""):
+def _say_interrupted(prog: str, e: KeyboardInterrupt, when: str = "") -> int:
+    """Print the one line of an interrupt and return its exit code (130 SIGINT, 143 SIGTERM)."""
     name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
     print(f"{prog}: interrupted by {name}{when}", file=sys.stderr)
-    sys.exit(code)
+    return code
+
+
+def _exit_interrupted(prog: str, e: KeyboardInterrupt, when: str = ""):
+    sys.exit(_say_interrupted(prog, e, when))
 
 
 @contextmanager
@@ -116,9 +122,20 @@ def run_command(prog: str, main) -> None:
         code = e.code
     except KeyboardInterrupt as e:
         state["raised"] = True
-        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
-        print(f"{prog}: interrupted by {name}", file=sys.stderr)
+        code = _say_interrupted(prog, e)
     if main_thread:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
+
+
+def callable_module(name: str, function: str) -> None:
+    """Make module ``name`` callable as its ``function``: ``ppl_vae.fit`` stays the module of
+    ``python -m ppl_vae.fit`` (``fit.main``, ``fit.build_parser``) and ``fit(...)`` calls
+    ``fit.fit(...)``, so ``from ppl_vae import fit`` gives one object either way."""
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return getattr(self, function)(*args, **kwargs)
+
+    sys.modules[name].__class__ = CallableModule
