@@ -231,7 +231,7 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         default=S,
         help="on CUDA, replay each training step "
-        "from a captured CUDA graph: the same numbers as eager steps, about 10x faster on an H200 "
+        "from a captured CUDA graph: the same numbers as eager steps, faster (docs/benchmarks.md, GPU) "
         "(default: off until every program family passes benchmarks/gpu_check.py; no effect on the CPU)",
     )
     g.add_argument(

@@ -365,3 +365,38 @@ def test_best_epoch_is_the_first_maximum_of_the_bound_the_run_selects_on():
     ]
     assert runs.best_epoch(iwae_rows) == 2 and runs.selection_bound(iwae_rows[0]) == -87.5
     assert runs.best_epoch([]) is None
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_trainer_state_dict_continues_a_run_exactly_in_another_directory(bits, tmp_path, ema):
+    """Trainer.state_dict() → load_state_dict() on a new Trainer (another run directory, no
+    checkpoint file read) continues bit-identically to an uninterrupted 2-epoch run, under
+    --ema too (θ and θ̄ both carried)."""
+    whole = Trainer(tiny_config(bits, epochs=2, ema=ema), tmp_path / "whole", quiet=True)
+    whole.run()
+    first = Trainer(tiny_config(bits, epochs=1, ema=ema), tmp_path / "first", quiet=True)
+    first.run()
+    state = first.state_dict()
+    assert set(checkpoint.FIELDS) - set(state) == {"format_version", "package_version"}
+    assert ("train_model" in state) == bool(ema)
+    second = Trainer(tiny_config(bits, epochs=2, ema=ema), tmp_path / "second", quiet=True)
+    second.load_state_dict(state)
+    assert second.state.epoch == 1 and len(second.state.rows) == 1
+    second.run()
+    for a, b in zip(whole.state.rows, second.state.rows):
+        assert {k: v for k, v in a.items() if k != "epoch_seconds"} == {
+            k: v for k, v in b.items() if k != "epoch_seconds"
+        }
+    for model_a, model_b in ((whole.model, second.model), (whole.evaluated, second.evaluated)):
+        sa, sb = model_a.state_dict(), model_b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_state_dict_refuses_another_model_in_one_line(bits, tmp_path):
+    t = Trainer(tiny_config(bits, epochs=1), tmp_path / "a", quiet=True)
+    t.run()
+    cfg = tiny_config(bits, epochs=1)
+    cfg.z_dim = 3
+    other = Trainer(cfg, tmp_path / "b", quiet=True)
+    with pytest.raises(CheckpointError, match=r"z_dim: checkpoint has 2, requested 3"):
+        other.load_state_dict(t.state_dict())

@@ -246,6 +246,29 @@ def test_blocks_give_the_same_numbers_however_they_are_split(small_vae, device):
     assert evaluation.evaluate_blocks(vae.model, vae.guide, x, [], **kw)["log_px"].shape == (0,)
 
 
+def test_an_evaluation_probes_the_program_once_and_its_numbers_match_per_block_probes(small_vae, monkeypatch):
+    """evaluate() probes model and guide once (plates, closed forms, slice safety, discreteness) and
+    passes the probe to every block's estimates, means and KL terms; the numbers are those of
+    estimate_all / posterior_means / kl_terms probing each block themselves."""
+    from ppl_vae.inference import checks
+    from ppl_vae.reports import collapse
+
+    vae, x = small_vae
+    calls, probe = [], checks._probe
+    monkeypatch.setattr(checks, "_probe", lambda *a: calls.append(1) or probe(*a))
+    rep = evaluation.evaluate(
+        vae.model, vae.guide, x, num_samples=20, ks=[1, 20], batch_size=10, mean_samples=4
+    )
+    assert len(calls) == 1  # three blocks, one probe
+    calls.clear()
+    b = x[20:]
+    block = estimators.estimate_all(vae.model, vae.guide, b, 20, ks=[1], seed=importance.derive_seed(0, 2))
+    np.testing.assert_allclose(rep.per_datapoint["log_px"][20:], block["iwae"].value.cpu().numpy(), rtol=1e-6)
+    kl = collapse.kl_terms(vae.model, vae.guide, b, seed=importance.derive_seed(0, 2))["z"]
+    np.testing.assert_allclose(rep.per_datapoint[evaluation.KL + "z"][20:], kl.cpu().numpy(), rtol=1e-6)
+    assert len(calls) == 2  # each called alone probes for itself
+
+
 def test_ranks_gathered_give_the_single_process_report(small_vae, monkeypatch):
     """evaluate(ctx=rank r of 2) computes blocks r, r+2, ... and gathers: the report of one
     process, array for array (the process group replaced by the two ranks' results; with four

@@ -250,13 +250,15 @@ class Program(NamedTuple):
     whole batch's weights (:func:`slice_safe`); ``flow_guide``, whether a guide site is a
     transformed distribution (an IAF), whose log q(z|x) of a *replayed* z needs the flow's
     inverse, for an autoregressive flow one network pass per dimension, where the trace that drew
-    z has it cached (:func:`flow_guide`)."""
+    z has it cached (:func:`flow_guide`); ``observed_discrete``, whether every observed site has a
+    discrete support holding its data, so that p(x|z) is a probability (:func:`observed_discrete`)."""
 
     nesting: int
     closed_form: frozenset | None = None
     no_closed_form: str | None = None
     slice_safe: bool = True
     flow_guide: bool = False
+    observed_discrete: bool = False
 
 
 def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program:
@@ -287,7 +289,17 @@ def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program
         probe_args, model_tr, guide_tr, nesting, log_w = probe
         closed, missing = closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
         safe = _same_on_a_slice(model, guide, probe_args, kwargs, nesting, guide_tr, log_w)
-    return Program(nesting, closed, missing, safe, flow_guide(guide_tr))
+    return Program(nesting, closed, missing, safe, flow_guide(guide_tr), observed_discrete(model_tr))
+
+
+def observed_discrete(model_tr) -> bool:
+    """True when every observed site of a model trace has a discrete support (``support.is_discrete``)
+    and its data lie in it, so p(x) is a probability (bits/dim meaningful); False for densities of
+    continuous data, and for a Bernoulli fed grey levels (``validate_args=False``)."""
+    observed = [s for s in model_tr.nodes.values() if s["type"] == "sample" and s["is_observed"]]
+    return bool(observed) and all(
+        s["fn"].support.is_discrete and bool(s["fn"].support.check(s["value"]).all()) for s in observed
+    )
 
 
 def _probe(model, guide, args, kwargs):

@@ -36,6 +36,7 @@ import torch
 from ..core.errors import UserError
 from ..core.seeding import derive_seed  # noqa: F401 (public since 0.1: estimators.derive_seed)
 from .importance import (
+    Program,
     check_num_samples,
     inspect_program,
     iter_log_weights,
@@ -168,6 +169,7 @@ def estimate_all(
     chunk_size: int | None = None,
     analytic_kl=True,
     psis: bool = True,
+    program: Program | None = None,
     **kwargs,
 ) -> dict:
     """Every estimate from one set of K draws per datapoint (what ``evaluate`` reports):
@@ -175,9 +177,12 @@ def estimate_all(
     registered closed form, with the reason in ``elbo_analytic_na``; ``"auto"``: Monte Carlo
     there), ``iwae`` (IWAE_K) as :class:`Estimate` ``(N,)``; ``iwae_by_k`` {k: Estimate} for
     ``ks``; and, when ``psis``, ``khat`` and ``ess`` ``(N,)`` float64 (this keeps the K × N
-    log-weights, not the decoder outputs)."""
+    log-weights, not the decoder outputs). ``program``: a probe of model and guide already made
+    by the caller (:func:`~ppl_vae.inference.checks.inspect_program` with the same ``analytic_kl``,
+    ``"auto"`` for ``True``), e.g. once for all blocks of an evaluation."""
     curve = _check_ks(ks, num_samples)
-    program = inspect_program(model, guide, x, kwargs, "auto" if analytic_kl is True else analytic_kl)
+    if program is None:
+        program = inspect_program(model, guide, x, kwargs, "auto" if analytic_kl is True else analytic_kl)
     na = program.no_closed_form if analytic_kl is True else None
     if na:  # the analytic ELBO is n/a: report everything else
         program = program._replace(closed_form=None)

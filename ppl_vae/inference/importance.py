@@ -8,9 +8,10 @@ dims declared (:mod:`ppl_vae.inference.checks`). For z_k ~ q(z | x) it returns t
     log w_k(x_i) = log p(x_i, z_k) − log q(z_k | x_i),   shape ``(K, N)``, nats,
 
 from which :mod:`ppl_vae.inference.estimators` builds the ELBO and IWAE_K and :mod:`ppl_vae.inference.psis` k̂.
-The particles are an outer plate placed left of the model's plates. Log-densities are
-*unscaled*: the data plate's ``size / N`` factor and any ``poutine.scale`` (β) are ignored,
-and so are masks, so the weights belong to one datapoint each.
+The particles are an outer plate placed left of the model's plates. Log-densities are scaled and
+masked as Pyro's ``Trace_ELBO`` does (``poutine.scale``, ``poutine.mask``, ``.mask()``), except for
+the data plate's minibatch factor ``size / N``, which is left out so that each weight belongs
+to one datapoint.
 
 Every call first probes the program once on the caller's own arguments
 (:func:`ppl_vae.inference.checks.inspect_program`); the drawing, replaying and weighing of one pass are
@@ -106,7 +107,7 @@ def iter_log_weights(
     n, chunk_size = args[0].shape[0], chunk_size or default_chunk(args[0].device)
     # a flow guide is weighed on the trace that drew z, whose log q(z|x) needs no inverse: one unit of
     # particles per pass and all n datapoints in its model pass (replaying an IAF inverts it
-    # autoregressively, one MADE pass per dimension: ~40x slower evaluation with z = 40)
+    # autoregressively, one MADE pass per dimension; the cost is in docs/benchmarks.md)
     for units in _plan(num_samples, n, chunk_size, seed, one_unit=program.flow_guide):
         k = sum(size for size, _ in units)
         # datapoints per model pass: k × rows ≈ chunk_size; all of them for a program that is not slice-safe

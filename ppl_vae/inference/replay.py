@@ -3,8 +3,10 @@ r"""Drawing latents from a guide, replaying them through model and guide, and we
 The machinery behind :mod:`ppl_vae.inference.importance`: the guide runs under an outer plate of k
 particles at dim ``−nesting − 1``, left of the program's own plates, so every latent site has
 shape ``(k, ..., N, ...)``; the drawn values are replayed on all datapoints or on a slice of
-them, and each site's *unscaled* log-density (no ``size / N``, no β, no mask) is reduced to one
-number per particle and datapoint, ``(k, N)``, in nats.
+them, and each site's log-density is reduced to one number per particle and datapoint, ``(k, N)``,
+in nats. Masks (``poutine.mask``, a site's ``mask``) and scales (``poutine.scale``) apply as in
+Pyro's ``Trace_ELBO`` (``scale_and_mask``), with one exception: the data plate's own minibatch
+factor ``size / N`` is left out, so that each weight belongs to one datapoint.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
@@ -158,22 +161,22 @@ def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> 
         if site["type"] != "sample":
             continue
         if site["is_observed"]:
-            obs = obs + per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
+            obs = obs + log_density(site, nesting)
         elif name in guide_tr.nodes:  # a model-only latent is drawn from its prior: p/q cancel
             g = guide_tr.nodes[name]
-            log_p = per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)
-            log_q = per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
+            log_p, log_q = log_density(site, nesting), log_density(g, nesting)
             latent_mc = latent_mc + log_p - log_q
             if closed_form is None:
                 continue
-            if name in closed_form:  # KL(q ‖ p) in closed form: torch.distributions.kl_divergence
-                latent_an = latent_an - per_datapoint(site, kl_divergence(g["fn"], site["fn"]), nesting)
+            if name in closed_form:  # KL(q ‖ p) in closed form, masked and scaled as the guide site
+                kl = kl_divergence(g["fn"], site["fn"])  # as TraceMeanField_ELBO does
+                latent_an = latent_an - per_datapoint(g, scale_and_mask(kl, _scale(g), g["mask"]), nesting)
             else:
                 latent_an = latent_an + log_p - log_q
     aux = 0.0
     for name, g in guide_tr.nodes.items():  # auxiliary guide-only sites contribute −log q
         if g["type"] == "sample" and not g["is_observed"] and name not in model_tr.nodes:
-            aux = aux - per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)
+            aux = aux - log_density(g, nesting)
     log_w = obs + latent_mc + aux
     if not torch.is_tensor(log_w):
         raise UserError("the model and guide have no sample sites to weigh")
@@ -183,6 +186,26 @@ def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> 
         torch.as_tensor(obs, dtype=log_w.dtype, device=log_w.device), log_w.shape
     )  # a view
     return Draws(log_w, analytic, log_lik)
+
+
+def log_density(site, nesting: int) -> torch.Tensor:
+    """A sample site's log-density of its value, scaled and masked as ``Trace_ELBO`` does
+    (:func:`_scale`), reduced to ``(K, N)`` by :func:`per_datapoint`."""
+    log_prob = site["fn"].log_prob(site["value"])  # (K?, ..., N, ...) batch shape
+    return per_datapoint(site, scale_and_mask(log_prob, _scale(site), site["mask"]), nesting)
+
+
+def _scale(site):
+    """The site's scale (``poutine.scale`` factors × plates' minibatch factors) without the data
+    plate's ``size / subsample_size``: per-datapoint terms, not an estimate of the full-data sum."""
+    frame = next((f for f in site["cond_indep_stack"] if f.name == DATA_PLATE), None)
+    scale = site["scale"]
+    if frame is None or frame.full_size is None or frame.full_size == frame.size:
+        return scale
+    factor = frame.full_size / frame.size  # what pyro.plate multiplied in
+    if not torch.is_tensor(scale) and scale == factor:  # the usual case: exactly 1, no multiply
+        return 1.0
+    return scale / factor
 
 
 def per_datapoint(site, log_prob: torch.Tensor, nesting: int) -> torch.Tensor:

@@ -59,10 +59,9 @@ class _BernoulliLogProb(torch.autograd.Function):
     max(l, 0) + log(1 + exp(−|l|)); gradients x − σ(l) (w.r.t. l) and l (w.r.t. x).
 
     Why not ``-F.binary_cross_entropy_with_logits(l, x, reduction="none")``, which Pyro's
-    Bernoulli calls: on a CPU, PyTorch evaluates its log1p / log-sigmoid with scalar code,
-    about 0.55 ms for one 128 × 784 batch on the machine of docs/benchmarks.md against 0.05 ms
-    for ``log``; that one op was a third of a training step's forward pass. Here every op is a
-    vectorized one, and the backward pass is one sigmoid. log(1 + e) instead of log1p(e) with
+    Bernoulli calls: on a CPU, PyTorch evaluates its log1p / log-sigmoid with scalar code, an order
+    of magnitude slower than ``log`` (measured in docs/benchmarks.md, "What made (a) fast"). Here
+    every op is a vectorized one, and the backward pass is one sigmoid. log(1 + e) instead of log1p(e) with
     e = exp(−|l|) ≤ 1 costs at most half an ulp of 1 per pixel (6e-8 nats in float32)."""
 
     @staticmethod

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..inference import checks, importance
-from ..inference.replay import per_datapoint, replay
+from ..inference.replay import log_density, replay
 
 KL_FLOOR = 1.0  # nats per datapoint: a layer paying less carries (almost) nothing about x
 ACTIVE_SHARE = 0.5  # fewer than this share of a layer's units active: mostly unused
@@ -35,14 +35,16 @@ class PosteriorCollapse(UserWarning):
 
 @torch.no_grad()
 def kl_terms(
-    model, guide, x, num_samples: int = KL_SAMPLES, seed: int = 0, **kwargs
+    model, guide, x, num_samples: int = KL_SAMPLES, seed: int = 0, nesting: int | None = None, **kwargs
 ) -> dict[str, torch.Tensor]:
     """Per datapoint, each layer's KL term, ``{site: (N,)}`` in nats: log q(z_s | ·) − log p(z_s | ·)
     averaged over ``num_samples`` seeded guide draws, for every latent site of ``guide(*x, **kwargs)``
     in the data plate that the model samples too (``x``: a tensor ``(N, ...)`` or a tuple of
-    per-datapoint arguments). The caller's RNG is left as it was."""
+    per-datapoint arguments). The caller's RNG is left as it was. ``nesting``: the plate dims of
+    the caller's probe (``Program.nesting``); probed here when not given."""
     args = checks.check_data(x, kwargs)
-    nesting = importance.max_plate_nesting(model, guide, args, **kwargs)
+    if nesting is None:
+        nesting = importance.max_plate_nesting(model, guide, args, **kwargs)
     with importance.rng_fork():
         torch.manual_seed(importance.derive_seed(seed, _STREAM))
         guide_tr = importance.guide_trace(guide, args, num_samples, nesting, kwargs)  # sites (k, ..., N, ...)
@@ -54,8 +56,7 @@ def kl_terms(
             continue
         if not any(f.name == importance.DATA_PLATE for f in g["cond_indep_stack"]):
             continue  # a global latent: not a per-datapoint layer
-        log_q = per_datapoint(g, g["fn"].log_prob(g["value"]), nesting)  # (k, N)
-        log_p = per_datapoint(site, site["fn"].log_prob(site["value"]), nesting)  # (k, N)
+        log_q, log_p = log_density(g, nesting), log_density(site, nesting)  # (k, N) each, masked
         out[name] = (log_q - log_p).mean(0)  # (N,)
     return out
 

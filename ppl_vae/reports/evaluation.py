@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-from pyro import poutine
 from tqdm.auto import tqdm
 
 from ..core import distributed
@@ -64,10 +63,12 @@ def curve_ks(num_samples: int, ks=None) -> list[int]:
 META = ("chunk_size", "elbo_analytic_na")  # per-call entries of a block result, not per datapoint
 
 
-def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples) -> dict:
+def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples, program) -> dict:
     """One block ``xb (B, ...)`` drawn from ``seed``: the arrays of :func:`evaluate_blocks`, as
-    NumPy on the CPU whatever the device of ``xb``."""
-    est = estimators.estimate_all(model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size)
+    NumPy on the CPU whatever the device of ``xb``. ``program``: the evaluation's one probe."""
+    est = estimators.estimate_all(
+        model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size, program=program
+    )
     out = {
         "khat": est["khat"].cpu().numpy(),
         "ess": est["ess"].cpu().numpy(),
@@ -82,12 +83,13 @@ def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples) ->
         rows = [getattr(est["iwae_by_k"][k], attr).double().cpu().numpy() for k in ks]
         out[key] = np.stack(rows) if rows else np.zeros((0, checks.num_datapoints(xb)))  # (len(ks), B)
     if mean_samples:
-        for name, pm in latents.posterior_means(model, guide, xb, mean_samples, seed=seed).items():
+        means = latents.posterior_means(model, guide, xb, mean_samples, seed=seed, nesting=program.nesting)
+        for name, pm in means.items():
             out[MEAN + name], out[MC_VAR + name] = (
                 pm.mean.T.cpu().numpy(),
                 pm.mc_var.T.cpu().numpy(),
             )  # (d, B)
-        for name, kl in collapse.kl_terms(model, guide, xb, seed=seed).items():
+        for name, kl in collapse.kl_terms(model, guide, xb, seed=seed, nesting=program.nesting).items():
             out[KL + name] = kl.double().cpu().numpy()  # (B,)
     return out
 
@@ -107,6 +109,7 @@ def evaluate_blocks(
     device=None,
     progress=None,
     log=None,
+    program: checks.Program | None = None,
 ) -> dict:
     """Per-datapoint estimates for blocks ``block_ids`` of ``x (N, D)``.
 
@@ -122,8 +125,14 @@ def evaluate_blocks(
     ``(len(ks), M)``, per latent site s ``posterior_mean:s`` and ``posterior_mc_var:s`` ``(d_s, M)``
     and ``kl:s`` ``(M,)`` (the layer's KL term, :func:`ppl_vae.reports.collapse.kl_terms`; with the means),
     ``chunk_size`` (the one finally used) and ``elbo_analytic_na`` (``None``, or why n/a).
+    ``program``: the probe of model and guide (:func:`~ppl_vae.inference.checks.inspect_program`
+    with ``analytic_kl="auto"``), made once here on the first block when not given.
     """
     ks = sorted(ks)
+    if program is None:
+        program = checks.inspect_program(
+            model, guide, checks.select(x, slice(0, block_size), device), {}, "auto"
+        )
     chunk_size = chunk_size or importance.default_chunk(
         device if device is not None else checks.as_args(x)[0].device
     )
@@ -142,6 +151,7 @@ def evaluate_blocks(
                     importance.derive_seed(seed, b),
                     chunk_size,
                     mean_samples,
+                    program,
                 )
                 break
             except torch.cuda.OutOfMemoryError:
@@ -199,18 +209,8 @@ def gather_blocks(res: dict, ctx: distributed.Context) -> dict[str, np.ndarray]:
 
 
 def observed_is_discrete(model, guide, x, **kwargs) -> bool:
-    """True when every observed site of ``model(x)`` has a discrete support (``support.is_discrete``)
-    and its data lie in it, so p(x) is a probability (bits/dim meaningful); False for densities of
-    continuous data, and for a Bernoulli fed grey levels (``validate_args=False``)."""
-    with importance.rng_fork(), poutine.block():
-        guide_tr = poutine.trace(guide).get_trace(*checks.as_args(x), **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(
-            *checks.as_args(x), **kwargs
-        )
-    observed = [s for s in model_tr.nodes.values() if s["type"] == "sample" and s["is_observed"]]
-    return bool(observed) and all(
-        s["fn"].support.is_discrete and bool(s["fn"].support.check(s["value"]).all()) for s in observed
-    )
+    """:func:`ppl_vae.inference.checks.observed_discrete` of ``model(x)`` replayed on one draw of the guide."""
+    return checks.inspect_program(model, guide, x, kwargs).observed_discrete
 
 
 def evaluate(
@@ -243,7 +243,7 @@ def evaluate(
     :param batch_size: datapoints per block (part of the protocol: a block's draws are seeded together).
     :param chunk_size: particles × datapoints per vectorized pass (memory only; default per device).
     :param discrete: whether p(x|z) is a probability of discrete data (bits/dim reported) or a density
-        (no bits/dim); default: :func:`observed_is_discrete` on the first block.
+        (no bits/dim); default: what the probe of the program finds (:func:`observed_is_discrete`).
     :param mean_samples: guide draws for E_q[z|x] of the active units where it is not exact (0: skip
         them and each layer's KL).
     :param likelihood: the likelihood's name, for the remedies of a collapse line (e.g. σ of a Gaussian).
@@ -256,15 +256,15 @@ def evaluate(
     n = checks.num_datapoints(checks.check_data(data))  # bad data: one line, the datapoint named
     if batch_size < 1:
         raise ValueError(f"need batch_size >= 1, got {batch_size}")
-    if n > batch_size and not importance.slice_safe(model, guide, checks.select(data, slice(None), device)):
-        batch_size = (
-            n  # blocks would give wrong numbers (e.g. guide parameters read by plate index): one block
-        )
+    # the one probe of the evaluation: plates, closed forms, slice safety, discreteness; passed down
+    program = checks.inspect_program(model, guide, checks.select(data, slice(None), device), {}, "auto")
+    if not program.slice_safe:  # blocks would give wrong numbers (e.g. guide parameters read by plate index)
+        batch_size = n
     ctx = ctx or distributed.Context()
     n_blocks = math.ceil(n / batch_size)
     blocks = list(distributed.strided(range(n_blocks), ctx))  # this rank's share: blocks r, r+P, ...
     if discrete is None:
-        discrete = observed_is_discrete(model, guide, checks.select(data, slice(0, batch_size), device))
+        discrete = program.observed_discrete
     t0 = time.perf_counter()
     rows = sum(min((b + 1) * batch_size, n) - b * batch_size for b in blocks)
     bar = tqdm(total=rows, unit="datapoint", disable=not progress, dynamic_ncols=True, file=sys.stderr)
@@ -283,6 +283,7 @@ def evaluate(
             device=device,
             progress=bar,
             log=lambda msg: tqdm.write(msg, file=sys.stderr),
+            program=program,
         )
     finally:
         bar.close()

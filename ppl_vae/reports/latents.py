@@ -83,7 +83,13 @@ def _latent_sites(trace):
 
 @torch.no_grad()
 def posterior_means(
-    model, guide, x, num_samples: int = MEAN_SAMPLES, seed: int | None = None, **kwargs
+    model,
+    guide,
+    x,
+    num_samples: int = MEAN_SAMPLES,
+    seed: int | None = None,
+    nesting: int | None = None,
+    **kwargs,
 ) -> dict[str, PosteriorMean]:
     """E_q[z_s | x] for every latent site s of ``guide(*x, **kwargs)`` in the data plate, by name,
     each ``(N, d_s)`` (``x``: a tensor ``(N, ...)`` or a tuple ``(x, y, ...)`` of per-datapoint
@@ -91,9 +97,11 @@ def posterior_means(
     :data:`~ppl_vae.inference.importance.SAMPLE_UNIT` particles (at least 2); after the first unit it stops
     if every site's mean was the same in all draws (exact), else it draws ``num_samples`` in all.
     ``seed`` fixes the draws (unit j: ``derive_seed(seed, _STREAM, j)``) and leaves the caller's
-    RNG untouched. ``model`` is traced only to find the plate nesting."""
+    RNG untouched. ``model`` is traced only to find the plate nesting, unless ``nesting`` (the
+    caller's probe, e.g. ``Program.nesting``) is given."""
     importance.check_num_samples(num_samples)
-    nesting = importance.max_plate_nesting(model, guide, x, **kwargs)
+    if nesting is None:
+        nesting = importance.max_plate_nesting(model, guide, x, **kwargs)
     sums, squares, exact, drawn, unit = {}, {}, {}, 0, 0
     while drawn < num_samples:
         k = min(importance.SAMPLE_UNIT, max(2, num_samples - drawn))

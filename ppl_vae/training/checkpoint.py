@@ -1,4 +1,7 @@
-"""Checkpoints: written atomically, loaded safely, restoring every RNG for exact resume.
+"""Checkpoints: written atomically, loaded safely, checked before a resume, and every RNG restored.
+
+What a checkpoint holds is the :class:`~ppl_vae.training.train.Trainer`'s ``state_dict()``
+(which it takes back with ``load_state_dict()``); this module only writes, reads and validates.
 
 A checkpoint is a plain dict of tensors and Python scalars/strings/lists, saved with
 ``torch.save`` (a zip archive whose members carry CRC-32 checksums) and loaded with
@@ -192,94 +195,67 @@ class TrainState:
     rows: list | None = field(default_factory=list)
     saved_at: tuple[int, int] | None = None
 
-
-def save_training(trainer, best: bool = False) -> None:
-    """Write ``checkpoint.pt`` (and ``best.pt``) of a :class:`~ppl_vae.training.train.Trainer`. Distributed:
-    called by every rank (their RNG states are gathered into ``rng_ranks``), written by rank 0.
-    After a successful save, temp files of dead writers are removed."""
-    ctx, s = trainer.ctx, trainer.state
-    rngs = distributed.all_gather_objects(rng_state(), ctx) if ctx.enabled else None
-    if ctx.is_main:
-        ckpt = {
-            "format_version": FORMAT_VERSION,
-            "package_version": __version__,
-            "config": trainer.cfg.to_dict(),
-            "model": trainer.evaluated.state_dict(),
-            "optimizer": trainer.optim.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
-            "epoch": s.epoch,
-            "step": s.step,
-            "perm": s.perm,
-            "loss_sum": s.loss_sum,
-            "best_valid_elbo": s.best,
-            "bad_epochs": s.bad_epochs,
-            "rng": rng_state(),
-            "metrics": list(s.rows),
+    def fields(self) -> dict:
+        """This state as checkpoint fields (``best`` is stored as ``best_valid_elbo``)."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "perm": self.perm,
+            "loss_sum": self.loss_sum,
+            "best_valid_elbo": self.best,
+            "bad_epochs": self.bad_epochs,
+            "metrics": list(self.rows),
         }
-        if trainer.average is not None:  # "model" is the average θ̄ (what evaluate loads); θ resumes training
-            ckpt["train_model"] = trainer.model.state_dict()
-        if rngs is not None:
-            ckpt["rng_ranks"] = rngs
-        atomic_save(ckpt, trainer.out / "checkpoint.pt")
-        if best:
-            atomic_save(ckpt, trainer.out / "best.pt")
-        files.remove_stale_temps(trainer.out, older_than=trainer.lock.acquired_at if trainer.lock else None)
-    s.saved_at = (s.epoch, s.step)
+
+    @classmethod
+    def from_fields(cls, ckpt: dict, device) -> TrainState:
+        """The state a checkpoint holds, its permutation on ``device`` (``rows`` is None for
+        files of version 0.1, which kept no metric rows)."""
+        perm, rows = ckpt["perm"], ckpt.get("metrics")
+        return cls(
+            ckpt["epoch"],
+            ckpt["step"],
+            None if perm is None else perm.to(device),
+            ckpt["loss_sum"],
+            ckpt["best_valid_elbo"],
+            ckpt["bad_epochs"],
+            None if rows is None else list(rows),
+            (ckpt["epoch"], ckpt["step"]),
+        )
 
 
-def restore(ckpt: dict, trainer) -> TrainState:
-    """Load a checkpoint into a freshly built trainer (model, optimizer, scheduler, RNG) and
-    return its :class:`TrainState`. Optimizer settings given anew with ``--resume`` (lr, weight
-    decay, lr decay) apply from here on."""
-    cfg, saved, perm, n = trainer.cfg, ckpt["config"], ckpt["perm"], trainer.data.train.shape[0]
-    check_config_matches(saved, cfg.to_dict(), MODEL_KEYS)
+def write(state: dict, out: Path, best: bool = False, rng_ranks=None, temps_since=None) -> None:
+    """Write a trainer's ``state`` (:meth:`~ppl_vae.training.train.Trainer.state_dict`) with the
+    format fields as ``out/checkpoint.pt`` (and ``out/best.pt``). ``rng_ranks``: every rank's
+    RNG state under torchrun. After a successful save, temp files of writers dead since
+    ``temps_since`` (the run lock's time) are removed."""
+    ckpt = {"format_version": FORMAT_VERSION, "package_version": __version__, **state}
+    if rng_ranks is not None:
+        ckpt["rng_ranks"] = rng_ranks
+    atomic_save(ckpt, out / "checkpoint.pt")
+    if best:
+        atomic_save(ckpt, out / "best.pt")
+    files.remove_stale_temps(out, older_than=temps_since)
+
+
+def check_resumable(ckpt: dict, requested: dict, batch_size: int, n: int) -> None:
+    """Refuse a checkpoint this run cannot continue: another model (:func:`check_config_matches`),
+    or a mid-epoch permutation over another number of training points ``n`` or batch size."""
+    saved, perm = ckpt["config"], ckpt["perm"]
+    check_config_matches(saved, requested, MODEL_KEYS)
     if perm is not None and perm.numel() != n:
         raise CheckpointError(
             f"the checkpoint is {ckpt['step']} steps into an epoch over {perm.numel()} "
             f"training points, but the data now have {n}; the data changed since the run started"
         )
-    if perm is not None and saved.get("batch_size") != cfg.batch_size:
+    if perm is not None and saved.get("batch_size") != batch_size:
         raise UserError(
             f"the checkpoint is {ckpt['step']} steps into an epoch of batches of "
             f"{saved.get('batch_size')}; resume with that --batch-size (change it at an epoch end)"
         )
-    optim = trainer.optim
-    try:
-        trainer.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
-        if trainer.average is not None:  # θ̄ as saved
-            trainer.average.model.load_state_dict(ckpt["model"])
-        optim.load_state_dict(ckpt["optimizer"])
-        trainer.scheduler.load_state_dict(ckpt["scheduler"])
-        _restore_rng(ckpt, trainer.ctx, cfg.seed)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
-    for g in optim.param_groups:
-        if saved.get("lr") != cfg.lr:
-            g["lr"] = g["initial_lr"] = cfg.lr
-        g["weight_decay"] = cfg.weight_decay
-        # a checkpoint from another device or path (CUDA graph or eager) resumes with this run's
-        # optimizer implementation: the loaded groups carry the old one's flags
-        for key in ("fused", "foreach", "capturable"):
-            g[key] = optim.defaults.get(key)
-        if isinstance(g["lr"], torch.Tensor) and not g["capturable"]:
-            g["lr"] = float(g["lr"])
-        elif g["capturable"] and not isinstance(g["lr"], torch.Tensor):
-            g["lr"] = torch.tensor(g["lr"], device=trainer.device)
-    trainer.scheduler.gamma = cfg.lr_decay
-    rows = ckpt.get("metrics")
-    return TrainState(
-        ckpt["epoch"],
-        ckpt["step"],
-        None if perm is None else perm.to(trainer.device),
-        ckpt["loss_sum"],
-        ckpt["best_valid_elbo"],
-        ckpt["bad_epochs"],
-        None if rows is None else list(rows),
-        (ckpt["epoch"], ckpt["step"]),
-    )
 
 
-def _restore_rng(ckpt: dict, ctx, seed: int) -> None:
+def restore_rng(ckpt: dict, ctx, seed: int) -> None:
     """Rank r's own saved RNG state when the checkpoint was written by as many ranks
     (``rng_ranks``); else rank 0 takes ``rng`` and rank r > 0 a fresh stream for this point."""
     ranks = ckpt.get("rng_ranks")

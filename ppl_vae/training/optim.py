@@ -22,6 +22,24 @@ def make_optimizer(params, cfg, device: torch.device, capturable: bool = False) 
     return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=capturable)
 
 
+def apply_settings(optim: torch.optim.Optimizer, scheduler, cfg, saved_lr, device: torch.device) -> None:
+    """After loading a checkpoint's optimizer state: the settings given anew with ``--resume``
+    (lr when it differs from the run's ``saved_lr``, weight decay, lr decay) apply from here on, and
+    a state from another device or path (CUDA graph or eager) continues with this run's Adam
+    implementation (the loaded groups carry the old one's fused/foreach/capturable flags)."""
+    for g in optim.param_groups:
+        if saved_lr != cfg.lr:
+            g["lr"] = g["initial_lr"] = cfg.lr
+        g["weight_decay"] = cfg.weight_decay
+        for key in ("fused", "foreach", "capturable"):
+            g[key] = optim.defaults.get(key)
+        if isinstance(g["lr"], torch.Tensor) and not g["capturable"]:
+            g["lr"] = float(g["lr"])
+        elif g["capturable"] and not isinstance(g["lr"], torch.Tensor):
+            g["lr"] = torch.tensor(g["lr"], device=device)
+    scheduler.gamma = cfg.lr_decay
+
+
 def beta_at(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
     """β-VAE weight of a step: linearly warmed up from β/(warm-up steps) to β over ``kl_warmup``
     epochs (β itself when the warm-up is off)."""

@@ -8,7 +8,8 @@ loss back only every ``log_every`` steps (progress bar, NaN check), so a GPU is 
 per step. After each epoch: the validation bound, early stopping, a checkpoint, a metrics row.
 
 Where things live: the run directory, its lock and metrics in :mod:`ppl_vae.training.runs`; what a
-checkpoint holds and how it is restored in :mod:`ppl_vae.training.checkpoint`; the validation bound in
+checkpoint holds in :meth:`Trainer.state_dict`, how it is written and checked in
+:mod:`ppl_vae.training.checkpoint`; the validation bound in
 :mod:`ppl_vae.training.validation`; data-parallel training under ``torchrun`` in
 :mod:`ppl_vae.core.distributed`; CUDA-graph replay (``--cuda-graph``) in :mod:`ppl_vae.training.cuda_graph`.
 """
@@ -41,7 +42,7 @@ from .averaging import ParameterAverage
 from .config import FitConfig
 from .cuda_graph import GraphedStep
 from .interrupts import Interrupted, NonFiniteLoss, signals_to_flag
-from .optim import beta_at, make_optimizer
+from .optim import apply_settings, beta_at, make_optimizer
 from .validation import bound_on, elbo_terms_on, latent_use_on, objective_name
 
 
@@ -160,7 +161,7 @@ class Trainer:
         if self.ctx.rank:  # rank 0 keeps the single-process stream; the others draw their own ε
             pyro.set_rng_seed(distributed.rank_seed(cfg.seed, self.ctx.rank))
         if resume:
-            self.state = checkpoint.restore(ckpt, self)
+            self.load_state_dict(ckpt)
             if (
                 self.ctx.is_main
             ):  # metrics.jsonl made to agree with the checkpoint (a warning says what changed)
@@ -181,9 +182,50 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
+    def state_dict(self) -> dict:
+        """Everything a resume needs, as tensors and plain values (the fields of
+        :data:`ppl_vae.training.checkpoint.FIELDS` but the format's own): the config, the judged
+        parameters as ``model`` (θ̄ under ``--ema``, with the trained θ as ``train_model``), the
+        optimizer and scheduler, where training stands (:class:`~.checkpoint.TrainState`), and
+        this process's RNG states."""
+        state = {
+            "config": self.cfg.to_dict(),
+            "model": self.evaluated.state_dict(),
+            "optimizer": self.optim.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **self.state.fields(),
+            "rng": checkpoint.rng_state(),
+        }
+        if self.average is not None:  # "model" is θ̄ (what evaluate loads); θ resumes training
+            state["train_model"] = self.model.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (a loaded checkpoint): refused in one line when it
+        is another model or a mid-epoch state over other data; optimizer settings given anew
+        (lr, weight decay, lr decay) apply from here on."""
+        cfg = self.cfg
+        checkpoint.check_resumable(state, cfg.to_dict(), cfg.batch_size, self.data.train.shape[0])
+        try:
+            self.model.load_state_dict(state.get("train_model", state["model"]))
+            if self.average is not None:  # θ̄ as saved
+                self.average.model.load_state_dict(state["model"])
+            self.optim.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            checkpoint.restore_rng(state, self.ctx, cfg.seed)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint does not fit this model: {str(e).splitlines()[0]}") from None
+        apply_settings(self.optim, self.scheduler, cfg, state["config"].get("lr"), self.device)
+        self.state = checkpoint.TrainState.from_fields(state, self.device)
+
     def save(self, best: bool = False) -> None:
-        """Write ``checkpoint.pt`` (and ``best.pt``); see :func:`ppl_vae.training.checkpoint.save_training`."""
-        checkpoint.save_training(self, best)
+        """Write ``checkpoint.pt`` (and ``best.pt``) through :func:`ppl_vae.training.checkpoint.write`.
+        Distributed: called by every rank (their RNG states are gathered), written by rank 0."""
+        rngs = distributed.all_gather_objects(checkpoint.rng_state(), self.ctx) if self.ctx.enabled else None
+        if self.ctx.is_main:
+            since = self.lock.acquired_at if self.lock else None
+            checkpoint.write(self.state_dict(), self.out, best, rngs, since)
+        self.state.saved_at = (self.state.epoch, self.state.step)
 
     def _log(self, msg: str | None) -> None:
         if msg and not self.quiet and self.ctx.is_main:
