@@ -36,6 +36,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import kl_divergence
 
 from ..core.errors import DataError, UserError
+from . import constructs
 from .replay import DATA_PLATE, as_args, cat_units, flow_guide, replay, rng_fork, take_rows, weigh
 
 PROBE_ROWS = 8  # datapoints of the probe of each call (inspect_program), when the program runs on them
@@ -251,7 +252,9 @@ class Program(NamedTuple):
     transformed distribution (an IAF), whose log q(z|x) of a *replayed* z needs the flow's
     inverse, for an autoregressive flow one network pass per dimension, where the trace that drew
     z has it cached (:func:`flow_guide`); ``observed_discrete``, whether every observed site has a
-    discrete support holding its data, so that p(x|z) is a probability (:func:`observed_discrete`)."""
+    discrete support holding its data, so that p(x|z) is a probability (:func:`observed_discrete`);
+    ``enumerated``, the model's sites summed out inside each weight
+    (:func:`~ppl_vae.inference.constructs.enumerated_sites`)."""
 
     nesting: int
     closed_form: frozenset | None = None
@@ -259,6 +262,7 @@ class Program(NamedTuple):
     slice_safe: bool = True
     flow_guide: bool = False
     observed_discrete: bool = False
+    enumerated: tuple = ()
 
 
 def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program:
@@ -287,9 +291,24 @@ def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program
             except Exception as e:  # noqa: BLE001 - any failure of the user's program: one line
                 raise program_failed(model, guide, args, e) from e
         probe_args, model_tr, guide_tr, nesting, log_w = probe
-        closed, missing = closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
+        constructs.refuse_point_masses(guide_tr)
+        constructs.warn_scaled(model_tr, guide_tr)
+        enumerated = constructs.enumerated_sites(model_tr, guide_tr)
+        if enumerated and analytic_kl:  # log Σ_y p(x, y, z) has no per-site KL terms
+            closed, missing = (
+                frozenset(),
+                f"site {enumerated[0]!r} is summed out (enumerated): no analytic-KL ELBO",
+            )
+            if analytic_kl is True:
+                raise NoClosedFormKL(missing + "; use analytic_kl=False or 'auto'")
+        else:
+            closed, missing = (
+                closed_form_sites(model_tr, guide_tr, analytic_kl) if analytic_kl else (None, None)
+            )
         safe = _same_on_a_slice(model, guide, probe_args, kwargs, nesting, guide_tr, log_w)
-    return Program(nesting, closed, missing, safe, flow_guide(guide_tr), observed_discrete(model_tr))
+    return Program(
+        nesting, closed, missing, safe, flow_guide(guide_tr), observed_discrete(model_tr), enumerated
+    )
 
 
 def observed_discrete(model_tr) -> bool:

@@ -44,7 +44,17 @@ from . import checks
 
 # re-exported (importance.* in evaluate, latents, psis and the tests): DATA_PLATE, guide_trace, max_plate_nesting, slice_safe
 from .checks import Program, check_num_samples, inspect_program, max_plate_nesting, slice_safe  # noqa: F401
-from .replay import DATA_PLATE, Draws, draw_units, guide_trace, replay, rng_fork, take_rows, weigh  # noqa: F401
+from .replay import (  # noqa: F401
+    DATA_PLATE,
+    Draws,
+    draw_units,
+    guide_trace,
+    replay,
+    rng_fork,
+    take_rows,
+    weigh,
+    weigh_enumerated,
+)
 
 # Particles × datapoints per decoder pass (``chunk_size=None``): bounds memory, not K. On a CPU a
 # pass that stays near the caches is fastest (benchmarks/eval_speed.py: 2k–4k rows 5.0 s, 8k
@@ -121,10 +131,20 @@ def iter_log_weights(
             for i in range(0, n, rows):  # the drawn latents replayed on datapoints i : i + rows
                 z_rows = take_rows(values, i, min(i + rows, n))  # (k, rows, ...)
                 model_tr, guide_tr = replay(
-                    model, guide, z_rows, checks.take(args, i, i + rows), k, program.nesting, kwargs, whole
+                    model,
+                    guide,
+                    z_rows,
+                    checks.take(args, i, i + rows),
+                    k,
+                    program.nesting,
+                    kwargs,
+                    whole,
+                    enumerate=bool(program.enumerated),
                 )
                 parts.append(
-                    weigh(model_tr, guide_tr, program.nesting, program.closed_form)
+                    weigh_enumerated(model_tr, guide_tr, program.nesting, program.enumerated)
+                    if program.enumerated
+                    else weigh(model_tr, guide_tr, program.nesting, program.closed_form)
                 )  # (k, rows) fields
         yield parts[0] if len(parts) == 1 else Draws.cat(parts)  # (k, N) from the (k, rows) of each slice
 

@@ -142,11 +142,15 @@ def flow_guide(guide_tr) -> bool:
     return False
 
 
-def replay(model, guide, values, args, k, nesting, kwargs, guide_tr=None):
+def replay(model, guide, values, args, k, nesting, kwargs, guide_tr=None, enumerate=False):
     """Guide and model traces with the latents ``values`` (k particles) replayed on ``args``
-    (``guide_tr``: the guide's trace of exactly these, when there is one already)."""
+    (``guide_tr``: the guide's trace of exactly these, when there is one already). ``enumerate``:
+    the model's sites marked ``infer={"enumerate": "parallel"}`` take every value of their
+    support, each on its own dim left of the particle dim (``−nesting − 2``, ``−nesting − 3``, ...)."""
     if guide_tr is None:
         guide_tr = guide_trace(poutine.replay(guide, trace=values), args, k, nesting, kwargs)
+    if enumerate:
+        model = poutine.enum(model, first_available_dim=-nesting - 2)
     with poutine.block(), _particles(k, nesting):
         model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
     return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
@@ -188,11 +192,39 @@ def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> 
     return Draws(log_w, analytic, log_lik)
 
 
-def log_density(site, nesting: int) -> torch.Tensor:
+def weigh_enumerated(model_tr, guide_tr, nesting, enumerated) -> Draws:
+    """:func:`weigh` for a model whose sites ``enumerated`` took every value of their support
+    (:func:`replay` with ``enumerate``): each is summed out inside the weight, as
+    ``TraceEnum_ELBO`` sums it,
+
+        log w_k = log Σ_y p(x, y, z_k) − log q(z_k | x),    ``(k, N)``,
+
+    and ``log_lik`` = log Σ_y p(y) p(x | y, z_k), the reconstruction term with y under its prior.
+    No analytic-KL terms (``elbo_analytic`` is ``None``)."""
+    e = len(enumerated)
+    joint = lik = 0.0  # each (C_1, .., C_E, k, N) after broadcasting
+    for name, site in model_tr.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"] or name in enumerated:
+            term = log_density(site, nesting, e)
+            joint, lik = joint + term, lik + term
+        elif name in guide_tr.nodes:  # a model-only latent is drawn from its prior: p/q cancel
+            joint = joint + log_density(site, nesting, e) - log_density(guide_tr.nodes[name], nesting, e)
+    aux = 0.0
+    for name, g in guide_tr.nodes.items():  # auxiliary guide-only sites contribute −log q
+        if g["type"] == "sample" and not g["is_observed"] and name not in model_tr.nodes:
+            aux = aux - log_density(g, nesting)
+    log_w = torch.logsumexp(joint.flatten(0, e - 1), 0) + aux  # (k, N): Σ over the C_1 ⋯ C_E values
+    log_lik = torch.logsumexp(lik.flatten(0, e - 1), 0).expand_as(log_w)  # (k, N)
+    return Draws(log_w, None, log_lik)
+
+
+def log_density(site, nesting: int, enum_dims: int = 0) -> torch.Tensor:
     """A sample site's log-density of its value, scaled and masked as ``Trace_ELBO`` does
-    (:func:`_scale`), reduced to ``(K, N)`` by :func:`per_datapoint`."""
-    log_prob = site["fn"].log_prob(site["value"])  # (K?, ..., N, ...) batch shape
-    return per_datapoint(site, scale_and_mask(log_prob, _scale(site), site["mask"]), nesting)
+    (:func:`_scale`), reduced to ``(K, N)`` (``(E.., K, N)``) by :func:`per_datapoint`."""
+    log_prob = site["fn"].log_prob(site["value"])  # (E?.., K?, ..., N, ...) batch shape
+    return per_datapoint(site, scale_and_mask(log_prob, _scale(site), site["mask"]), nesting, enum_dims)
 
 
 def _scale(site):
@@ -208,12 +240,16 @@ def _scale(site):
     return scale / factor
 
 
-def per_datapoint(site, log_prob: torch.Tensor, nesting: int) -> torch.Tensor:
-    """Reduce a site's (unscaled) log-density to ``(K, N)``: keep the particle and data dims,
-    sum every other plate dim (a trace without particle plate gives K = 1)."""
-    lp = log_prob.reshape((1,) * (nesting + 1 - log_prob.dim()) + log_prob.shape)  # (K, ..., N, ...)
+def per_datapoint(site, log_prob: torch.Tensor, nesting: int, enum_dims: int = 0) -> torch.Tensor:
+    """Reduce a site's log-density to ``(K, N)``: keep the particle and data dims, sum every other
+    plate dim (a trace without particle plate gives K = 1). With ``enum_dims`` E enumeration dims
+    left of the particle dim: ``(C_1, ..., C_E, K, N)``, sizes 1 where the site does not depend on
+    that enumerated value."""
+    lp = log_prob.reshape(
+        (1,) * (enum_dims + nesting + 1 - log_prob.dim()) + log_prob.shape
+    )  # (E.., K, .., N, ..)
     n_dim = lp.dim() + data_dim(site)  # the data dim, counted from the left
-    other = [d for d in range(1, lp.dim()) if d != n_dim]
+    other = [d for d in range(enum_dims + 1, lp.dim()) if d != n_dim]
     if other:
         lp = lp.sum(other, keepdim=True)
-    return lp.reshape(lp.shape[0], lp.shape[n_dim])  # (K, N)
+    return lp.reshape(*lp.shape[: enum_dims + 1], lp.shape[n_dim])  # (E.., K, N)

@@ -1,0 +1,115 @@
+"""Pyro constructs in a user's program that change what the estimators can promise.
+
+Checked once per call, on the probe's traces (:func:`ppl_vae.inference.checks.inspect_program`):
+
+* **Point masses.** A guide site drawn from a ``Delta`` (``AutoDelta``, a MAP guide) has no
+  density: log q(z*|x) = 0 is not a log-density of the draw, so log p(x, z*) − 0 is neither a
+  lower bound on log p(x) nor an importance weight, and no ELBO or IWAE_K exists. Refused in
+  one line (:func:`refuse_point_masses`).
+* **Scales.** A site under ``poutine.scale`` (a tempered likelihood, a β on the KL) is weighed
+  with its scale, as ``Trace_ELBO`` weighs it; the estimates are then those of the scaled joint,
+  not of log p(x), and a :class:`ScaledProgram` warning says so (:func:`warn_scaled`).
+* **Enumeration.** Discrete sites marked ``infer={"enumerate": "parallel"}`` in the model
+  only are summed out inside each weight, as ``TraceEnum_ELBO`` sums them
+  (:mod:`ppl_vae.inference.replay`); :func:`enumerated_sites` finds them and refuses what that
+  sum does not cover: an enumerated guide site, a site outside the data plate or inside
+  another plate.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from pyro.distributions import Delta
+from pyro.distributions.torch_distribution import MaskedDistribution
+
+from ..core.errors import UserError
+from .replay import DATA_PLATE
+
+
+class ScaledProgram(UserWarning):
+    """Estimates of a program with ``poutine.scale`` sites: those of the scaled joint."""
+
+
+def _base(fn):
+    while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _latent(site) -> bool:
+    return site["type"] == "sample" and not site["is_observed"]
+
+
+def refuse_point_masses(guide_tr) -> None:
+    """One line for the first guide site drawn from a ``Delta`` (under any wrappers)."""
+    for name, site in guide_tr.nodes.items():
+        if _latent(site) and isinstance(_base(site["fn"]), Delta):
+            raise UserError(
+                f"guide site {name!r} is a point mass (Delta, e.g. AutoDelta or a MAP guide): it has no "
+                f"density, so log p(x, z*) is no bound on log p(x) and no ELBO or IWAE exists; estimate "
+                f"log p(x) with a guide that has one (e.g. AutoNormal, or AutoLaplaceApproximation's "
+                f"laplace_approximation())"
+            )
+
+
+def _scale_of(site) -> float | None:
+    """The site's ``poutine.scale`` factor, without the data plate's minibatch factor; None if 1."""
+    scale = site["scale"]
+    frame = next((f for f in site["cond_indep_stack"] if f.name == DATA_PLATE), None)
+    if frame is not None and frame.full_size not in (None, frame.size):
+        scale = scale / (frame.full_size / frame.size)
+    if torch.is_tensor(scale):
+        return None if bool((scale == 1).all()) else float(scale.float().mean())
+    return None if abs(scale - 1) < 1e-12 else float(scale)
+
+
+def warn_scaled(model_tr, guide_tr) -> None:
+    """A :class:`ScaledProgram` warning naming the scaled sites."""
+    scaled = {
+        name: s
+        for tr in (model_tr, guide_tr)
+        for name, site in tr.nodes.items()
+        if site["type"] == "sample" and (s := _scale_of(site)) is not None
+    }
+    if scaled:
+        sites = ", ".join(f"{name!r} × {s:g}" for name, s in scaled.items())
+        warnings.warn(
+            f"sites under poutine.scale ({sites}): they are weighed with their scales, as Trace_ELBO "
+            f"weighs them, so the estimates are of that scaled joint, not of log p(x)",
+            ScaledProgram,
+            stacklevel=4,
+        )
+
+
+def enumerated_sites(model_tr, guide_tr) -> tuple[str, ...]:
+    """The model's sites marked for parallel enumeration, in model order, each checked: discrete,
+    in the guide not at all, inside the data plate and no other plate (one value per datapoint,
+    summed out in that datapoint's weight)."""
+    for name, site in guide_tr.nodes.items():
+        if _latent(site) and site["infer"].get("enumerate") == "parallel":
+            raise UserError(
+                f"guide site {name!r} is marked for enumeration: the estimators sum out enumerated sites "
+                f"of the model only; leave {name!r} out of the guide (enumerated in the model, as "
+                f"TraceEnum_ELBO does when the guide does not sample it), or let the guide sample it"
+            )
+    out = []
+    for name, site in model_tr.nodes.items():
+        if not (_latent(site) and site["infer"].get("enumerate") == "parallel"):
+            continue
+        if name in guide_tr.nodes:
+            continue  # replayed from the guide: not enumerated
+        if not site["fn"].has_enumerate_support:
+            raise UserError(
+                f"model site {name!r} is marked for enumeration but its distribution has no finite support"
+            )
+        plates = [f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != "_particles"]
+        if plates != [DATA_PLATE]:
+            where = "outside the data plate" if DATA_PLATE not in plates else f"inside plate(s) {plates}"
+            raise UserError(
+                f"model site {name!r} is enumerated {where}: the estimators sum out one enumerated value "
+                f"per datapoint (in pyro.plate('data') and no other plate) and cannot weigh this exactly"
+            )
+        out.append(name)
+    return tuple(out)
