@@ -345,3 +345,16 @@ class _GroupedLSE:
         if self.values.count >= 2 or self.k == 1:
             return self.values.estimate()
         return Estimate(self.values.mean, torch.as_tensor(self.delta_var).sqrt())
+
+
+# --------------------------------------------------------------------------- AIS and BDMC, re-exported
+
+_AIS_NAMES = {"ais": "ais", "simulate": "bdmc", "reverse_ais": "bdmc", "bdmc": "bdmc"}
+
+
+def __getattr__(name):  # lazily: ppl_vae.inference.ais subclasses Estimate from this module
+    if name in _AIS_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_AIS_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

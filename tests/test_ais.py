@@ -1,0 +1,514 @@
+"""Annealed importance sampling and bidirectional Monte Carlo (:mod:`ppl_vae.inference.ais`,
+:mod:`ppl_vae.inference.bdmc`) against closed forms, float64 unless stated.
+
+Gaussian identities (Bishop 2006, §2.3.3): for z ~ N(0, I) and x | z ~ N(W z + b, σ² I),
+x ~ N(b, W Wᵀ + σ² I) and z | x ~ N(Σ Wᵀ (x − b) / σ², Σ), Σ = (I + WᵀW/σ²)⁻¹. Gamma–Poisson:
+for z ~ Gamma(a, b) and x_j | z ~ Poisson(z), j = 1..D, z | x ~ Gamma(a + Σx, b + D) and
+p(x) = b^a Γ(a + Σx) / (Γ(a) (b + D)^(a + Σx) Π_j x_j!).
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_vae.core.errors import UserError
+from ppl_vae.core.seeding import derive_seed
+from ppl_vae.inference import ais as ais_module
+from ppl_vae.inference import estimators as E
+
+
+@pytest.fixture(autouse=True)
+def float64(one_thread):
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+class Linear:
+    """z ~ N(0, I_d), x | z ~ N(W z + b, σ² I_D): log p(x) and p(z | x) exact."""
+
+    def __init__(self, d=3, D=5, sigma=0.5, n=8, seed=0, shift=0.5, scale=0.15):
+        g = torch.Generator().manual_seed(seed)
+        self.d, self.W, self.b, self.sigma = (
+            d,
+            torch.randn(D, d, generator=g),
+            torch.randn(D, generator=g),
+            sigma,
+        )
+        self.cov = torch.linalg.inv(torch.eye(d) + self.W.T @ self.W / sigma**2)
+        self.x = torch.randn(n, d, generator=g) @ self.W.T + self.b + sigma * torch.randn(n, D, generator=g)
+        self.shift, self.scale = shift, scale
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(self.d), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
+
+    def post_mean(self, x):
+        return (x - self.b) @ self.W / self.sigma**2 @ self.cov  # (N, d)
+
+    def exact_guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(self.post_mean(x), self.cov))
+
+    def poor_guide(self, x):
+        """Too narrow (σ 0.15 against posterior sds 0.22-0.35) and shifted by 0.5 in every coordinate."""
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.post_mean(x) + self.shift, self.scale).to_event(1))
+
+    def log_px(self, x):  # (N,)
+        D = self.b.shape[0]
+        return dist.MultivariateNormal(self.b, self.W @ self.W.T + self.sigma**2 * torch.eye(D)).log_prob(x)
+
+
+class GammaPoisson:
+    """A constrained latent (z > 0, moved as log z with its Jacobian): z ~ Gamma(a, b), x_j ~ Poisson(z)."""
+
+    a, b = 2.0, 1.5
+
+    def __init__(self, n=6, D=4, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.poisson(2.0 * torch.ones(n, D), generator=g)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Gamma(torch.tensor(self.a), torch.tensor(self.b)))
+            pyro.sample("x", dist.Poisson(z[..., None].expand(z.shape + x.shape[-1:])).to_event(1), obs=x)
+
+    def guide(self, x, sharp=1.0):
+        s = x.sum(-1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Gamma(sharp * (self.a + s), sharp * (self.b + x.shape[-1])))
+
+    def log_px(self, x):
+        a, b, s, D = self.a, self.b, x.sum(-1), x.shape[-1]
+        return (
+            a * math.log(b)
+            + torch.lgamma(a + s)
+            - math.lgamma(a)
+            - (a + s) * math.log(b + D)
+            - torch.lgamma(x + 1).sum(-1)
+        )
+
+
+FAST = dict(num_chains=8, leapfrog=2)
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 40])
+def test_with_the_exact_posterior_as_guide_every_ais_estimate_is_log_px(num_steps):
+    """q(z|x) = p(z|x): f_t ∝ q for every β, each increment is (β_t − β_{t−1}) log p(x), so every
+    chain's weight is p(x) at any T, forward and reverse (1e-6, float64)."""
+    lin = Linear()
+    exact = lin.log_px(lin.x)
+    fwd = E.ais(lin.model, lin.exact_guide, lin.x, num_steps=num_steps, seed=1, **FAST)
+    torch.testing.assert_close(fwd.value, exact, atol=1e-6, rtol=0)
+    assert fwd.stderr.max() < 1e-6 and bool(fwd.trusted.all())
+    x, latents = E.simulate(lin.model, lin.x, seed=3)
+    rev = E.reverse_ais(lin.model, lin.exact_guide, x, latents, num_steps=num_steps, seed=2, **FAST)
+    torch.testing.assert_close(rev.value, lin.log_px(x), atol=1e-6, rtol=0)
+
+
+def test_a_constrained_latent_moves_in_log_space_with_its_jacobian():
+    """Gamma–Poisson: exact guide → log p(x) to 1e-6 at any T; a guide twice as sharp as the
+    posterior → AIS within 3 stderr of log p(x) (a wrong log-det would bias it)."""
+    gp = GammaPoisson()
+    exact = gp.log_px(gp.x)
+    for t in (1, 20):
+        est = E.ais(gp.model, gp.guide, gp.x, num_steps=t, seed=0, **FAST)
+        torch.testing.assert_close(est.value, exact, atol=1e-6, rtol=0)
+    sharp = E.ais(
+        gp.model, lambda x: gp.guide(x, sharp=2.0), gp.x, num_steps=200, num_chains=16, leapfrog=2, seed=0
+    )
+    assert (sharp.value - exact).abs().max() < 3 * sharp.stderr.max() + 1e-3
+    assert 0.4 < sharp.accept.mean() < 0.9
+
+
+def test_a_single_step_is_iwae_with_k_equal_to_c_on_the_same_draws():
+    """T = 1, init="guide": β jumps from 0 to 1 with no transition, so log w = log p(x, z_0) −
+    log q(z_0 | x) with z_0 ~ q: datapoint i's C chains are iwae(x_i, K = C, seed=derive_seed(seed, i))'s
+    draws, and value and stderr are IWAE_C's."""
+    lin = Linear()
+    est = E.ais(lin.model, lin.poor_guide, lin.x, num_steps=1, num_chains=16, seed=7)
+    for i in range(lin.x.shape[0]):
+        iw = E.iwae(lin.model, lin.poor_guide, lin.x[i : i + 1], 16, seed=derive_seed(7, i))
+        lw = E.log_importance_weights(lin.model, lin.poor_guide, lin.x[i : i + 1], 16, seed=derive_seed(7, i))
+        torch.testing.assert_close(est.log_weights[:, i], lw[:, 0], rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(est.value[i : i + 1], iw.value, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(est.stderr[i : i + 1], iw.stderr, rtol=1e-9, atol=1e-10)
+
+
+def test_with_a_poor_guide_forward_and_reverse_ais_bracket_log_px_and_the_bracket_shrinks():
+    """IWAE_100 is far below log p(x); on data simulated from the model, forward AIS ≤ log p(x) ≤
+    reverse AIS (within 3 stderr of the mean over datapoints), the gap shrinking from T = 10 to 100."""
+    lin = Linear(n=10)
+    gaps = []
+    for t in (10, 100):
+        br = E.bdmc(lin.model, lin.poor_guide, lin.x, num_steps=t, num_chains=16, leapfrog=3, seed=0)
+        exact = lin.log_px(br.x)
+        n = exact.shape[0]
+        se_lo, se_up = br.lower.stderr.pow(2).sum().sqrt() / n, br.upper.stderr.pow(2).sum().sqrt() / n
+        assert (br.lower.value - exact).mean() < 3 * se_lo, t
+        assert (br.upper.value - exact).mean() > -3 * se_up, t
+        gaps.append(br.gap.mean().item())
+    iwae = E.iwae(lin.model, lin.poor_guide, br.x, 100, seed=0)
+    assert (iwae.value - exact).mean() < -1.0  # far below
+    assert gaps[0] > 0.5 and abs(gaps[1]) < gaps[0] / 5, gaps
+
+
+@pytest.mark.slow
+def test_the_bdmc_bracket_reaches_five_hundredths_of_a_nat_at_a_thousand_steps():
+    lin = Linear(n=10)
+    br = E.bdmc(lin.model, lin.poor_guide, lin.x, num_steps=1000, num_chains=16, leapfrog=3, seed=0)
+    exact = lin.log_px(br.x)
+    assert br.gap.mean() <= 0.05, br.gap
+    assert (br.lower.value - exact).mean() <= 0.05 and (br.upper.value - exact).mean() >= -0.05
+
+
+def _gaussian_posterior(m, P, H, b, sigma, x):
+    """Z | x for Z ~ N(m, P), x | Z ~ N(H Z + b, σ² I): mean (N, k) and covariance (k, k)."""
+    cov = torch.linalg.inv(torch.linalg.inv(P) + H.T @ H / sigma**2)
+    return (m @ torch.linalg.inv(P) + (x - b) @ H / sigma**2) @ cov, cov
+
+
+class TwoLayers:
+    """z2 ~ N(0, I_2), z1 | z2 ~ N(A z2 + c, S1), x | z1 ~ N(W z1 + b, σ² I_4); the guide is the
+    exact posterior's two marginals without their correlation, q(z2 | x) q(z1 | x)."""
+
+    def __init__(self, n=5, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.A, self.c = torch.randn(3, 2, generator=g), torch.randn(3, generator=g)
+        self.S1 = torch.diag(0.3 + torch.rand(3, generator=g))
+        self.W, self.b, self.sigma = torch.randn(4, 3, generator=g), torch.randn(4, generator=g), 0.6
+        z1 = torch.randn(n, 2, generator=g) @ self.A.T + self.c
+        self.x = z1 @ self.W.T + self.b + self.sigma * torch.randn(n, 4, generator=g)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
+            z1 = pyro.sample("z1", dist.MultivariateNormal(z2 @ self.A.T + self.c, self.S1))
+            pyro.sample("x", dist.Normal(z1 @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
+
+    def guide(self, x):
+        m = torch.cat([torch.zeros(2), self.c])  # Z = (z2, z1)
+        P = torch.cat(
+            [torch.cat([torch.eye(2), self.A.T], 1), torch.cat([self.A, self.A @ self.A.T + self.S1], 1)]
+        )
+        mean, cov = _gaussian_posterior(
+            m, P, torch.cat([torch.zeros(4, 2), self.W], 1), self.b, self.sigma, x
+        )
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z2", dist.MultivariateNormal(mean[:, :2], cov[:2, :2]))
+            pyro.sample("z1", dist.MultivariateNormal(mean[:, 2:], cov[2:, 2:]))
+
+    def log_px(self, x):
+        P1 = self.A @ self.A.T + self.S1
+        return dist.MultivariateNormal(
+            self.c @ self.W.T + self.b, self.W @ P1 @ self.W.T + self.sigma**2 * torch.eye(4)
+        ).log_prob(x)
+
+
+class MixturePrior:
+    """z ~ Σ_m π_m N(μ_m, diag s_m²) (M = 3, d = 2), x | z ~ N(W z + b, σ² I_3):
+    log p(x) = log Σ_m π_m N(x; W μ_m + b, W diag(s_m²) Wᵀ + σ² I)."""
+
+    def __init__(self, n=5, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        self.logits, self.locs = torch.randn(3, generator=g), 2 * torch.randn(3, 2, generator=g)
+        self.scales = (0.3 * torch.randn(3, 2, generator=g)).exp()
+        self.W, self.b, self.sigma = torch.randn(3, 2, generator=g), torch.randn(3, generator=g), 0.8
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            z = self.prior().sample(torch.Size([n]))  # (N, 2)
+        self.x = z @ self.W.T + self.b + self.sigma * torch.randn(n, 3, generator=g)
+
+    def prior(self):
+        comps = dist.Normal(self.locs, self.scales).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), comps)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", dist.Normal(z @ self.W.T + self.b, self.sigma).to_event(1), obs=x)
+
+    def _components(self, x):
+        """log π_m p_m(x) (N, M), and each component's posterior mean (N, M, 2) and covariance (M, 2, 2)."""
+        log_pi, covs = torch.log_softmax(self.logits, 0), torch.diag_embed(self.scales**2)
+        joint = torch.stack(
+            [
+                log_pi[m]
+                + dist.MultivariateNormal(
+                    self.locs[m] @ self.W.T + self.b,
+                    self.W @ covs[m] @ self.W.T + self.sigma**2 * torch.eye(3),
+                ).log_prob(x)
+                for m in range(3)
+            ],
+            -1,
+        )
+        post = [_gaussian_posterior(self.locs[m], covs[m], self.W, self.b, self.sigma, x) for m in range(3)]
+        return joint, torch.stack([q[0] for q in post], 1), torch.stack([q[1] for q in post])
+
+    def guide(self, x):
+        """One Gaussian with the posterior's mean and 1.5² times its covariance."""
+        joint, means, covs = self._components(x)
+        w = torch.softmax(joint, -1)[..., None]  # (N, M, 1)
+        mean = (w * means).sum(1)  # (N, 2)
+        dev = means - mean[:, None]  # (N, M, 2)
+        cov = (w[..., None] * (covs + dev[..., :, None] * dev[..., None, :])).sum(1)  # (N, 2, 2)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(mean, 1.5**2 * cov))
+
+    def log_px(self, x):
+        return torch.logsumexp(self._components(x)[0], -1)
+
+
+def _within_3_se(est, exact):
+    n = exact.shape[0]
+    se = est.stderr.pow(2).sum().sqrt() / n
+    return abs((est.value - exact).mean().item()) <= 3 * se.item() + 1e-3, ((est.value - exact).mean(), se)
+
+
+@pytest.mark.parametrize(
+    "program,init",
+    [(TwoLayers, "guide"), (MixturePrior, "prior"), (MixturePrior, "guide")],
+)
+def test_a_hierarchy_and_a_mixture_prior_are_within_three_standard_errors_of_log_px(program, init):
+    p = program()
+    est = E.ais(p.model, p.guide, p.x, num_steps=100, num_chains=16, leapfrog=3, init=init, seed=0)
+    ok, why = _within_3_se(est, p.log_px(p.x))
+    assert ok, why
+    assert 0.4 < est.accept.mean() < 0.9
+
+
+# --------------------------------------------------------------------------- reproducibility, schedule, progress
+
+
+def test_the_same_seed_gives_the_same_numbers_at_any_chunk_size_and_batch():
+    """Datapoint i draws from derive_seed(seed, i) alone: passes of 1, 3 or all datapoints, and x
+    cut to its first 3 rows, give the same numbers; another seed gives others."""
+    lin = Linear()
+    kw = dict(num_steps=6, num_chains=4, leapfrog=2, pilot_chains=2)
+    k = 4 + 2
+    ref = E.ais(lin.model, lin.poor_guide, lin.x, seed=5, **kw)
+    for chunk in (k, 3 * k):
+        again = E.ais(lin.model, lin.poor_guide, lin.x, seed=5, chunk_size=chunk, **kw)
+        torch.testing.assert_close(again.value, ref.value, rtol=0, atol=1e-10)
+        torch.testing.assert_close(again.step_size, ref.step_size, rtol=0, atol=1e-10)
+    head = E.ais(lin.model, lin.poor_guide, lin.x[:3], seed=5, **kw)
+    torch.testing.assert_close(head.value, ref.value[:3], rtol=0, atol=1e-10)
+    assert not torch.allclose(E.ais(lin.model, lin.poor_guide, lin.x, seed=6, **kw).value, ref.value)
+    x, latents = E.simulate(lin.model, lin.x, seed=1)
+    up = [
+        E.reverse_ais(lin.model, lin.poor_guide, x, latents, seed=5, chunk_size=c, **kw).value
+        for c in (k, None)
+    ]
+    torch.testing.assert_close(up[0], up[1], rtol=0, atol=1e-10)
+
+
+def test_the_schedules():
+    for t in (1, 2, 10, 1000):
+        for kind in ais_module.SCHEDULES:
+            b = ais_module.schedule(t, kind)
+            assert len(b) == t + 1 and b[0] == 0.0 and b[-1] == 1.0
+            assert all(u < v for u, v in zip(b, b[1:]))
+            assert all(abs(b[i] + b[t - i] - 1) < 1e-12 for i in range(t + 1))  # symmetric
+    b = ais_module.schedule(100)
+    assert b[1] - b[0] < b[51] - b[50] / 2  # small steps at the ends (sigmoid)
+
+
+def test_progress_is_called_after_every_step_with_the_datapoints_of_the_pass():
+    lin = Linear(n=5)
+    calls = []
+    E.ais(lin.model, lin.poor_guide, lin.x, num_steps=4, num_chains=2, pilot_chains=1, leapfrog=1, seed=0,
+          chunk_size=9, progress=calls.append)  # fmt: skip
+    assert calls == [3] * 4 + [2] * 4  # passes of 3 and 2 datapoints (9 // 3 chains)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+class _Frozen(dist.Normal):
+    """A density whose log_prob is not differentiable in its value."""
+
+    def log_prob(self, value):
+        return super().log_prob(value.detach())
+
+
+class _Odd(torch.distributions.constraints.Constraint):
+    def check(self, value):
+        return value == value
+
+
+class _OddNormal(dist.Normal):
+    support = _Odd()
+
+
+def _one(site, fn_model, fn_guide=None, model_extra=None, guide_extra=None):
+    """A model and guide with one scalar latent ``site`` per datapoint (and optional extra sites), x (N, 2)."""
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(site, fn_model(x))  # (..., N)
+            if model_extra:
+                pyro.sample(model_extra, dist.Normal(torch.zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z[..., None] * torch.ones(2), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample(site, (fn_guide or fn_model)(x))
+            if guide_extra:
+                pyro.sample(guide_extra, dist.Normal(torch.zeros(x.shape[0]), 1.0))
+
+    return model, guide
+
+
+def _normal(x):
+    return dist.Normal(torch.zeros(x.shape[0]), 1.0)
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        (
+            dict(site="c", fn_model=lambda x: dist.Bernoulli(0.5 * torch.ones(x.shape[0]))),
+            "site 'c' is discrete",
+        ),
+        (
+            dict(site="z", fn_model=lambda x: _Frozen(torch.zeros(x.shape[0]), 1.0)),
+            "site 'z'.*not reparameterizable",
+        ),
+        (dict(site="z", fn_model=lambda x: _OddNormal(torch.zeros(x.shape[0]), 1.0)), "site 'z' has support"),
+        (dict(site="z", fn_model=_normal, model_extra="w"), "model site 'w' has no guide site"),
+        (dict(site="z", fn_model=_normal, guide_extra="a"), "guide site 'a' has no model site"),
+    ],
+)
+def test_what_ais_cannot_move_is_refused_in_one_line_naming_the_site(case, match):
+    model, guide = _one(**case)
+    x = torch.randn(4, 2)
+    with pytest.raises(UserError, match=match) as e:
+        E.ais(model, guide, x, num_steps=3, num_chains=2, leapfrog=1, seed=0)
+    assert "\n" not in str(e.value)
+    if "has no" in match:  # with the prior as base, the guide is not annealed over: no refusal
+        E.ais(model, guide, x, num_steps=3, num_chains=2, leapfrog=1, seed=0, init="prior")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_steps=0), "num_steps must be an integer >= 1"),
+        (dict(num_chains=0), "num_chains must be an integer >= 1"),
+        (dict(leapfrog=1.5), "leapfrog must be an integer >= 1"),
+        (dict(pilot_chains=-1), "pilot_chains must be an integer >= 0"),
+        (dict(step_size=0.0), "step_size must be a number > 0"),
+        (dict(init="posterior"), "init must be 'guide' or 'prior'"),
+        (dict(schedule="cosine"), "schedule must be one of sigmoid, linear"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(kwargs, match):
+    lin = Linear(n=2)
+    kw = dict(num_steps=3, num_chains=2, leapfrog=1, seed=0) | kwargs
+    with pytest.raises(UserError, match=match) as e:
+        E.ais(lin.model, lin.poor_guide, lin.x, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_simulate_and_reverse_ais_refuse_what_they_cannot_use():
+    lin = Linear(n=3)
+
+    def reshaping(x):  # observes a copy of x, not the argument: its draw cannot be returned as x
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(lin.d), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ lin.W.T + lin.b, lin.sigma).to_event(1), obs=x.clone())
+
+    with pytest.raises(UserError, match="observed site 'x' does not observe an argument") as e:
+        E.simulate(reshaping, lin.x)
+    assert "\n" not in str(e.value)
+    x, latents = E.simulate(lin.model, lin.x, seed=0)
+    assert x.shape == lin.x.shape and set(latents) == {"z"} and latents["z"].shape == (3, lin.d)
+    with pytest.raises(UserError, match="'w' is not a latent site of the model"):
+        E.reverse_ais(lin.model, lin.poor_guide, x, {"w": latents["z"]}, num_steps=2, num_chains=2)
+
+
+# --------------------------------------------------------------------------- no host synchronisation in the loop over t
+
+SYNCS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")  # as tests/test_train_step.py
+
+
+class HostSync(AssertionError):
+    pass
+
+
+def _guard_the_loop(monkeypatch, device):
+    """Replace ais._anneal (the loop over t, nothing else) by itself run with every Python-side host
+    sync of a tensor raising, and on CUDA with torch's sync debug mode on 'error'."""
+    anneal, entered = ais_module._anneal, []
+
+    def guarded(*args, **kwargs):
+        entered.append(1)
+        saved = {name: getattr(torch.Tensor, name) for name in SYNCS}
+        for name in SYNCS:
+
+            def refuse(*a, _name=name, **k):
+                raise HostSync(f"Tensor.{_name} called inside the AIS loop (a host synchronization)")
+
+            setattr(torch.Tensor, name, refuse)
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            return anneal(*args, **kwargs)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            for name, fn in saved.items():
+                setattr(torch.Tensor, name, fn)
+
+    monkeypatch.setattr(ais_module, "_anneal", guarded)
+    return entered
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        {},
+        {"prior": "mog"},
+        {"latent_layers": 2, "z2_dim": 2},
+        {"posterior": "iaf"},
+        {"likelihood": "gaussian-learned"},
+    ],
+)
+def test_the_loop_over_t_makes_no_host_sync(device, monkeypatch, program):
+    from ppl_vae.programs.model import VAE
+
+    torch.set_default_dtype(torch.float32)
+    vae = VAE((1, 4, 4), z_dim=3, hidden=[8], **program).to(device)
+    x = (torch.rand(5, 16) < 0.5).float().to(device)
+    entered = _guard_the_loop(monkeypatch, device)
+    for init in ("guide", "prior"):
+        est = E.ais(
+            vae.model, vae.guide, x, num_steps=4, num_chains=3, pilot_chains=2, leapfrog=2, init=init, seed=0
+        )
+        assert est.value.shape == (5,) and bool(torch.isfinite(est.value).all())
+    br = E.bdmc(vae.model, vae.guide, x, num_steps=3, num_chains=2, leapfrog=1, seed=0)
+    assert bool(torch.isfinite(br.gap).all())
+    assert len(entered) == 4  # the guard ran around every loop
+
+
+def test_the_guard_catches_a_host_sync(monkeypatch):
+    """The patched methods do fire: a program that reads a value back inside the loop fails."""
+    lin = Linear(n=3)
+
+    def syncing_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(lin.d), 1.0).to_event(1))
+            if z.sum() > 0:  # Tensor.__bool__: a host sync
+                pass
+            pyro.sample("x", dist.Normal(z @ lin.W.T + lin.b, lin.sigma).to_event(1), obs=x)
+
+    _guard_the_loop(monkeypatch, torch.device("cpu"))
+    with pytest.raises(HostSync, match="__bool__"):
+        E.ais(syncing_model, lin.poor_guide, lin.x, num_steps=3, num_chains=2, leapfrog=1, seed=0)
