@@ -27,6 +27,7 @@ process (``docs/scaling.md``).
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from .core.cli import ArgumentParser, callable_module, int_list, run_command, startup, user_errors
@@ -165,6 +166,7 @@ def _binarization(dataset: str, binarize: str) -> str:
 
 def main(argv=None) -> int:
     from .data.datasets import load_dataset
+    from .data.fingerprint import changes, fingerprint
     from .training.runs import load_run, resolve_device
 
     args = build_parser().parse_args(argv)
@@ -183,6 +185,13 @@ def main(argv=None) -> int:
             raise UserError(
                 f"the data have image shape {list(ds.image_shape)} but the run was trained on "
                 f"{cfg.image_shape}"
+            )
+        used = fingerprint(ds, cfg.dataset)  # recorded in the JSON; other data than the run's: a warning
+        changed = changes(cfg.data_fingerprint, used)
+        if changed and ctx.is_main:
+            warnings.warn(
+                f"the data ({ds.name}) are not those the run was trained on ({changed}); the numbers "
+                f"below are on these data"
             )
         x_split = ds.split(args.split)
         index = choose_subset(x_split.shape[0], args.subset, args.seed)
@@ -224,6 +233,8 @@ def main(argv=None) -> int:
                 "run_dir": str(run_dir),
                 "checkpoint": args.checkpoint,
                 "config": cfg.to_dict(),
+                "data_fingerprint": used,
+                "data_changed": changed,
             },
             report.per_datapoint,
         )
@@ -237,7 +248,12 @@ def main(argv=None) -> int:
         print(s.table(header))
         for path in (args.json, args.per_datapoint):
             if path:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise UserError(
+                        f"could not create the folder {Path(path).parent} for {path}: {files.reason(e)}"
+                    ) from None
         if args.json:
             files.write_text(args.json, s.to_json())
         if args.per_datapoint:

@@ -254,6 +254,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<elbo>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g.add_argument(
+        "--accept-changed-data",
+        action="store_true",
+        help="with --resume: continue although the data's fingerprint (path, size, content digest, "
+        "split sizes; recorded in config.json) differs from the run's (default: refuse)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
     g.add_argument(
         "--tensorboard",
@@ -268,7 +274,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-RUN_FLAGS = ("out", "resume", "overwrite", "quiet")
+RUN_FLAGS = ("out", "resume", "overwrite", "quiet", "accept_changed_data")
 
 
 def config_from_args(args: argparse.Namespace, base: FitConfig | None = None) -> FitConfig:
@@ -283,7 +289,7 @@ def _config(options: dict, base: FitConfig | None) -> FitConfig:
     if unknown:
         raise UserError(
             f"unknown option(s) {unknown} of ppl_vae.fit; the options are FitConfig's fields: "
-            f"{sorted(known - {'image_shape', 'num_classes'})}"
+            f"{sorted(known - {'image_shape', 'num_classes', 'data_fingerprint'})}"
         )
     cfg = dataclasses.replace(base or FitConfig(), **options)
     cfg.validate()
@@ -306,7 +312,14 @@ class Run:
 
 
 def fit(
-    dataset=None, out=None, *, resume: bool = False, overwrite: bool = False, quiet: bool = True, **options
+    dataset=None,
+    out=None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = True,
+    accept_changed_data: bool = False,
+    **options,
 ) -> Run:
     """Train a VAE from Python exactly as ``python -m ppl_vae.fit`` does (the command calls this):
     ``ppl_vae.fit(dataset="binarized-mnist", out="runs/bmnist", epochs=10, prior="vampprior")``.
@@ -315,7 +328,8 @@ def fit(
     (e.g. from :func:`~ppl_vae.data.load_dataset` or ``dataset_from_array``); ``out``: the run
     directory (default ``runs/<dataset>-<elbo>-<time>``); ``options``: any flag of the command,
     spelled as :class:`~ppl_vae.training.config.FitConfig`'s field (``z_dim=20``, ``kl_warmup=5``,
-    ``hidden=[400]``). Raises :class:`~ppl_vae.core.errors.UserError` (one line) on bad input,
+    ``hidden=[400]``); ``accept_changed_data``: as ``--accept-changed-data``. Raises
+    :class:`~ppl_vae.core.errors.UserError` (one line) on bad input,
     ``Interrupted`` (a checkpoint was saved; ``resume=True`` continues) and ``NonFiniteLoss``."""
     from .training.train import Trainer
 
@@ -333,7 +347,15 @@ def fit(
         options["dataset"] = data.name if data is not None else str(dataset)
     cfg = _config(options, base)
     out = Path(out or f"runs/{Path(cfg.dataset).stem}-{cfg.elbo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet, dataset=data)
+    trainer = Trainer(
+        cfg,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+        dataset=data,
+        accept_changed_data=accept_changed_data,
+    )
     summary = trainer.run()
     return Run(
         out, trainer.evaluated.eval(), trainer.cfg, list(trainer.state.rows), summary, trainer.ctx.is_main
@@ -351,6 +373,7 @@ def main(argv=None) -> int:
                 resume=args.resume,
                 overwrite=args.overwrite,
                 quiet=args.quiet,
+                accept_changed_data=args.accept_changed_data,
                 **{k: v for k, v in vars(args).items() if k not in RUN_FLAGS},
             )
         except Interrupted as e:
@@ -367,7 +390,7 @@ def main(argv=None) -> int:
         if "best_valid_iwae_k" in summary
         else f"best validation ELBO: {summary['best_valid_elbo']:.3f}"
     )
-    at = f" (epoch {summary['best_epoch']}, kept in best.pt)" if summary.get("best_epoch") else ""
+    at = f" (epoch {summary['best_epoch']}{kept_in_best(summary)})" if summary.get("best_epoch") else ""
     print(
         f"{best} nats per datapoint{at}"
         + (
@@ -379,6 +402,15 @@ def main(argv=None) -> int:
     print(f"run directory: {out}")
     print(f"figures: {out / 'reconstructions.png'}, {out / 'samples.png'}, {out / 'training_curve.png'}")
     return 0
+
+
+def kept_in_best(summary: dict) -> str:
+    """What the final line says of best.pt: what it really holds (``summary.json``'s ``best_pt``)."""
+    held = summary.get("best_pt") or {}
+    if held.get("verified", True) and held.get("epoch", summary["best_epoch"]) == summary["best_epoch"]:
+        return ", kept in best.pt"
+    problem = held.get("problem") or f"holds epoch {held.get('epoch')}"
+    return f"; but best.pt {problem}"
 
 
 callable_module(__name__, "fit")  # fit(...) / evaluate(...) from Python: see core.cli.callable_module

@@ -130,7 +130,8 @@ def test_a_reader_writing_into_a_busy_run_directory_keeps_its_file(run2, tmp_pat
 def test_a_file_size_limit_while_saving_a_checkpoint_keeps_the_previous_one(run2, run4, tmp_path, capsys):
     """The kernel refuses the epoch-3 checkpoint past 4 KiB (RLIMIT_FSIZE: a short write, which
     torch's zip writer reports as ``RuntimeError: ... unexpected pos``, as it does a full disk):
-    exit 1, one line naming the file; checkpoint.pt and best.pt byte-identical to epoch 2's and
+    exit 1, one line naming the file and the cause (the file-size limit, found from the process's
+    limit, not guessed as a full disk, issue 28); checkpoint.pt and best.pt byte-identical to epoch 2's and
     loadable; no temporary file; --resume drops the epoch-3 metrics line, which has no
     checkpoint, with one warning, and ends exactly."""
     from ppl_vae.training import checkpoint
@@ -141,8 +142,8 @@ def test_a_file_size_limit_while_saving_a_checkpoint_keeps_the_previous_one(run2
     )
     line = assert_one_line(r, 1)
     assert line.endswith(
-        f"could not write {run / 'checkpoint.pt'} (the write was cut short (most likely no space "
-        f"left on device)); the previous checkpoint.pt is intact"
+        f"could not write {run / 'checkpoint.pt'}: file too large (a file-size limit of 4096 bytes); "
+        f"the previous checkpoint.pt is intact"
     ), line
     for name in ("checkpoint.pt", "best.pt"):
         assert digest(run / name) == digest(run2 / name)
@@ -165,12 +166,12 @@ def test_a_full_disk_while_writing_a_run_file_is_one_line(run2, run4, tmp_path, 
     line = assert_one_line(r, 1)
     if name == "metrics.jsonl":
         assert line.endswith(
-            f"could not append to {run / name} (no space left on device); the lines before are intact"
+            f"could not append to {run / name}: no space left on device; the lines before are intact"
         ), line
         assert (run / name).read_bytes().startswith((run2 / name).read_bytes())
     else:
         assert line.endswith(
-            f"could not write {run / name} (no space left on device); the previous {name} is intact"
+            f"could not write {run / name}: no space left on device; the previous {name} is intact"
         ), line
         assert digest(run / name) == digest(run2 / name)
     assert not temp_files(run)

@@ -13,7 +13,9 @@ epoch, for a mid-epoch save), ``perm`` (that epoch's permutation), ``loss_sum`` 
 those steps), ``best_valid_elbo`` (the best validation bound the run selects on: the ELBO,
 or IWAE_K for IWAE runs; the name is kept for older files), ``bad_epochs``, ``rng`` (torch,
 CUDA, NumPy, Python), and ``metrics``: the metric rows of epochs 1..``epoch``, the source of
-truth from which ``metrics.jsonl`` is healed on resume (absent in files of version 0.1). Under
+truth from which ``metrics.jsonl`` is healed on resume (absent in files of version 0.1), and
+``best_epoch`` / ``best_digest``: which epoch ``best.pt`` holds and a digest of its parameters
+(:mod:`ppl_vae.training.best`; absent before 0.4). Under
 ``--ema`` ``model`` holds the averaged parameters θ̄ (what is evaluated) and ``train_model`` the
 trained θ (what ``--resume`` continues from); :mod:`ppl_vae.training.averaging`.
 
@@ -91,6 +93,16 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     files.atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _fix(path: Path) -> str:
+    """What to do about a damaged checkpoint: another copy, but never "e.g. best.pt" for best.pt."""
+    if path.name == "best.pt":
+        return (
+            f"python -m ppl_vae.fit --out {path.parent} --resume rewrites it when checkpoint.pt holds "
+            f"the best epoch; or use --checkpoint checkpoint"
+        )
+    return "use an intact copy (e.g. best.pt) or retrain"
+
+
 def _check_archive(path: Path) -> None:
     """Refuse files that are not intact zip archives: truncation breaks the central directory,
     a flipped byte breaks a member's CRC-32 (``torch.load`` checks neither)."""
@@ -100,12 +112,11 @@ def _check_archive(path: Path) -> None:
     except Exception as e:  # BadZipFile, OSError, EOFError, ...: every way the bytes can be wrong
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt (not a readable PyTorch archive: "
-            f"{e.__class__.__name__}); use an intact copy (e.g. best.pt) or retrain"
+            f"{e.__class__.__name__}); {_fix(path)}"
         ) from None
     if bad is not None:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt (member {bad} fails its CRC-32 check); use an "
-            f"intact copy (e.g. best.pt) or retrain"
+            f"checkpoint {path} is corrupt (member {bad} fails its CRC-32 check); {_fix(path)}"
         )
 
 
@@ -134,8 +145,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     except Exception as e:  # the archive is intact, so its content is malformed
         raise CheckpointError(
             f"checkpoint {path} is corrupt ({e.__class__.__name__}: "
-            f"{str(e).splitlines()[0][:160] if str(e) else ''}); use an intact copy "
-            f"(e.g. best.pt) or retrain"
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}); {_fix(path)}"
         ) from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(f"{path} is not a ppl_vae checkpoint (no format_version field)")
@@ -183,8 +193,9 @@ RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset", "
 class TrainState:
     """Where training stands: ``epoch`` epochs done, ``step`` steps into the next (a mid-epoch
     save) over permutation ``perm``, ``loss_sum`` of those steps, the best validation bound and
-    the epochs since it improved, the metric rows so far, and ``saved_at`` = (epoch, step) of
-    the checkpoint on disk."""
+    the epochs since it improved, the metric rows so far, ``saved_at`` = (epoch, step) of
+    the checkpoint on disk, and the record of ``best.pt`` (``best_epoch``, ``best_digest``:
+    :mod:`ppl_vae.training.best`)."""
 
     epoch: int = 0
     step: int = 0
@@ -194,6 +205,8 @@ class TrainState:
     bad_epochs: int = 0
     rows: list | None = field(default_factory=list)
     saved_at: tuple[int, int] | None = None
+    best_epoch: int | None = None
+    best_digest: str | None = None
 
     def fields(self) -> dict:
         """This state as checkpoint fields (``best`` is stored as ``best_valid_elbo``)."""
@@ -205,6 +218,8 @@ class TrainState:
             "best_valid_elbo": self.best,
             "bad_epochs": self.bad_epochs,
             "metrics": list(self.rows),
+            "best_epoch": self.best_epoch,
+            "best_digest": self.best_digest,
         }
 
     @classmethod
@@ -221,21 +236,30 @@ class TrainState:
             ckpt["bad_epochs"],
             None if rows is None else list(rows),
             (ckpt["epoch"], ckpt["step"]),
+            ckpt.get("best_epoch"),
+            ckpt.get("best_digest"),
         )
 
 
-def write(state: dict, out: Path, best: bool = False, rng_ranks=None, temps_since=None) -> None:
+def write(state: dict, out: Path, best: bool = False, rng_ranks=None) -> dict:
     """Write a trainer's ``state`` (:meth:`~ppl_vae.training.train.Trainer.state_dict`) with the
-    format fields as ``out/checkpoint.pt`` (and ``out/best.pt``). ``rng_ranks``: every rank's
-    RNG state under torchrun. After a successful save, temp files of writers dead since
-    ``temps_since`` (the run lock's time) are removed."""
+    format fields as ``out/checkpoint.pt`` and, for a new ``best``, as ``out/best.pt`` too, with
+    the record of the new best (:func:`ppl_vae.training.best.record`), in that order: the record
+    in ``checkpoint.pt`` always names the newest best, and a failed save of ``best.pt`` is found
+    on resume. ``rng_ranks``: every rank's RNG state under torchrun. After a successful save,
+    temp files of dead writers are removed. Returns the record ``best.pt`` now holds."""
+    from .best import record
+
     ckpt = {"format_version": FORMAT_VERSION, "package_version": __version__, **state}
+    if best:
+        ckpt.update(record(ckpt))
     if rng_ranks is not None:
         ckpt["rng_ranks"] = rng_ranks
     atomic_save(ckpt, out / "checkpoint.pt")
     if best:
         atomic_save(ckpt, out / "best.pt")
-    files.remove_stale_temps(out, older_than=temps_since)
+    files.remove_stale_temps(out)
+    return {k: ckpt.get(k) for k in ("best_epoch", "best_digest")}
 
 
 def check_resumable(ckpt: dict, requested: dict, batch_size: int, n: int) -> None:

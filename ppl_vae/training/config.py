@@ -127,6 +127,7 @@ class FitConfig:
     )
     # filled in by fit()
     image_shape: list[int] | None = None
+    data_fingerprint: dict | None = None  # the data's identity: checked by --resume and evaluate
 
     def validate(self, source: str | None = None) -> None:
         """Raise a one-line :class:`UserError` for a value of the wrong type or out of range.
@@ -242,6 +243,7 @@ _TYPE_CHECKS = {
     str: (lambda v: isinstance(v, str), "a string"),
     bool: (lambda v: isinstance(v, bool), "true or false"),
     list[int]: _INT_LIST,
+    dict: (lambda v: isinstance(v, dict), "a JSON object"),
 }
 _TYPE_CHECKS.update({t | None: _optional(c) for t, c in list(_TYPE_CHECKS.items())})
 _TYPES = typing.get_type_hints(FitConfig)  # field name → type, e.g. "epochs" → int | None

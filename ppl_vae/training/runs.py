@@ -36,6 +36,7 @@ from ..programs.conditional import make_vae
 from ..programs.likelihoods import make_likelihood
 from ..programs.model import VAE
 from . import checkpoint
+from .best import load_verified
 from .config import MODEL_KEYS, FitConfig
 
 if TYPE_CHECKING:
@@ -135,21 +136,23 @@ def prepare(out: Path, resume: bool, overwrite: bool, clear: bool = True) -> Non
             (out / f).unlink()
     except OSError as e:
         raise UserError(
-            f"cannot prepare run directory {out} ({e.strerror or e}); choose another --out"
+            f"could not remove the earlier run's {e.filename or 'files'} in {out}: {files.reason(e)}; "
+            f"choose another --out"
         ) from None
 
 
 def lock(out: Path) -> files.RunLock:
     """Create ``out`` if needed and take its one-writer lock (held until the process ends or
-    :meth:`~ppl_vae.core.files.RunLock.release`); then remove temp files of writers that died."""
+    :meth:`~ppl_vae.core.files.RunLock.release`); then remove the temporary files of writers that
+    died (a live reader's stay: :func:`~ppl_vae.core.files.remove_stale_temps`)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(
-            f"cannot create run directory {out} ({e.strerror or e}); choose another --out"
+            f"could not create the run directory {out}: {files.reason(e)}; choose another --out"
         ) from None
     held = files.RunLock(out).acquire()
-    files.remove_stale_temps(out, older_than=held.acquired_at)
+    files.remove_stale_temps(out)
     return held
 
 
@@ -229,16 +232,18 @@ def resume_metrics(out: Path, rows: list[dict] | None, epoch: int) -> list[dict]
 
 
 def load_run(run_dir: str | Path, which: str = "best", device="cpu") -> tuple[VAE, FitConfig]:
-    """The trained model of a run directory (``best.pt``, else ``checkpoint.pt``) in eval mode,
-    and its config."""
+    """The trained model of a run directory in eval mode, and its config: ``which`` = ``best``:
+    ``best.pt`` checked against the record in ``checkpoint.pt`` (a stale or missing one is
+    refused in one line; :func:`ppl_vae.training.best.load_verified`), ``checkpoint``: the latest."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise UserError(f"{run_dir} is not a ppl_vae run directory (no config.json); pass the --out of a fit")
     cfg = FitConfig.load(run_dir / "config.json")
-    path = run_dir / f"{which}.pt"
-    if not path.exists() and which == "best":
-        path = run_dir / "checkpoint.pt"
-    ckpt = checkpoint.load(path, map_location=device)
+    if which == "best":
+        path, ckpt = load_verified(run_dir, device)
+    else:
+        path = run_dir / f"{which}.pt"
+        ckpt = checkpoint.load(path, map_location=device)
     checkpoint.check_config_matches(ckpt["config"], cfg.to_dict(), MODEL_KEYS)
     vae = build_model(cfg)
     try:
@@ -250,11 +255,14 @@ def load_run(run_dir: str | Path, which: str = "best", device="cpu") -> tuple[VA
     return vae.to(device).eval(), cfg
 
 
-def remove_if_empty(out: Path) -> None:
-    """Remove a run directory that holds nothing but its lock file (a start-up that failed)."""
+def remove_if_empty(out: Path, parents=()) -> None:
+    """Remove a run directory that holds nothing but its lock file (a start-up that failed), and
+    then the empty ``parents`` (innermost first) that the same start-up created for it."""
     try:
         if {p.name for p in out.iterdir()} <= {files.LOCK_NAME}:
             (out / files.LOCK_NAME).unlink(missing_ok=True)
             out.rmdir()
+        for folder in parents:
+            folder.rmdir()  # (fails, and stops, at the first that is not empty)
     except OSError:
         pass

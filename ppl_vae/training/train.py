@@ -32,12 +32,13 @@ from tqdm.auto import tqdm
 from ..core import distributed
 from ..core.errors import CheckpointError, UserError
 from ..data.datasets import Dataset, load_dataset, prepare
+from ..data.fingerprint import changes, fingerprint
 from ..inference.objectives import make_objective
 from ..programs.likelihoods import make_likelihood
 from ..programs.model import VAE
 from ..reports.collapse import PosteriorCollapse
 from ..reports.tensorboard_log import TensorBoardLog
-from . import checkpoint, runs
+from . import best, checkpoint, runs
 from .averaging import ParameterAverage
 from .config import FitConfig
 from .cuda_graph import GraphedStep
@@ -78,7 +79,9 @@ class Trainer:
 
     ``dataset`` replaces loading ``cfg.dataset``; ``model`` replaces ``runs.build_model(cfg)``
     (e.g. another model/guide pair with the parameters ``cfg`` describes). The run directory is
-    locked from construction to the end of :meth:`run` (rank 0 only under torchrun)."""
+    locked from construction to the end of :meth:`run` (rank 0 only under torchrun); a
+    construction that fails leaves nothing behind (the lock file and the directory, when it made
+    them). ``accept_changed_data``: resume on data whose fingerprint differs from the run's."""
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class Trainer:
         quiet: bool = False,
         dataset: Dataset | None = None,
         model: VAE | None = None,
+        accept_changed_data: bool = False,
     ):
         cfg.validate()
         self.out, self.quiet, self.lock = Path(out), quiet, None
@@ -97,20 +101,22 @@ class Trainer:
         )  # (not installed: refused here)
         # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
         self.ctx, self.device = distributed.setup(runs.resolve_device(cfg.device))
-        created = not self.out.exists()
-        if self.ctx.is_main:
-            if self.out.exists() and not self.out.is_dir():
-                raise UserError(f"--out {self.out} is a file, not a run directory; choose another --out")
-            self.lock = runs.lock(self.out)  # one writer: refused here while another fit holds it
+        made = [d for d in (self.out, *self.out.parents) if not d.exists()]  # what this start creates
         try:
-            self._setup(cfg, resume, overwrite, dataset, model)
+            if self.ctx.is_main:
+                if self.out.exists() and not self.out.is_dir():
+                    raise UserError(f"--out {self.out} is a file, not a run directory; choose another --out")
+                self.lock = runs.lock(self.out)  # one writer: refused here while another fit holds it
+            self._setup(cfg, resume, overwrite, dataset, model, accept_changed_data)
         except BaseException:  # bad input or a signal during start-up: leave no half-made run behind
-            self.close()
-            if self.ctx.is_main and created:
-                runs.remove_if_empty(self.out)
+            if self.lock is not None:
+                self.lock.discard()  # (its file too, when this start made it)
+                self.lock = None
+            if self.ctx.is_main and made:
+                runs.remove_if_empty(self.out, made[1:])
             raise
 
-    def _setup(self, cfg, resume, overwrite, dataset, model):
+    def _setup(self, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
         runs.prepare(self.out, resume, overwrite, clear=False)  # cleared below, once the input is valid
         if resume:
             saved = FitConfig.load(self.out / "config.json")
@@ -137,6 +143,19 @@ class Trainer:
                 f"the data have image shape {list(ds.image_shape)} but the run was trained on "
                 f"{cfg.image_shape}"
             )
+        notes = []  # said once every refusal is past: a refused start prints one line
+        cfg.data_fingerprint = fingerprint(ds, cfg.dataset if dataset is None else None)
+        changed = changes(saved.data_fingerprint, cfg.data_fingerprint) if resume else None
+        if changed and not accept_changed_data:
+            raise UserError(
+                f"--resume: the data ({ds.name}) changed since the run started ({changed}); restore "
+                f"them, or pass --accept-changed-data to continue on these data knowingly"
+            )
+        if changed:
+            notes.append(
+                f"the data ({ds.name}) changed since the run started ({changed}); continuing on them "
+                f"(--accept-changed-data), and config.json records their fingerprint"
+            )
         cfg = cfg.with_data_defaults(ds.train.shape[0])  # e.g. epochs: enough steps on a small dataset
         cfg.image_shape = list(ds.image_shape)
         cfg.dataset = ds.name if cfg.dataset == "auto" else cfg.dataset
@@ -162,14 +181,32 @@ class Trainer:
             pyro.set_rng_seed(distributed.rank_seed(cfg.seed, self.ctx.rank))
         if resume:
             self.load_state_dict(ckpt)
-            if (
-                self.ctx.is_main
-            ):  # metrics.jsonl made to agree with the checkpoint (a warning says what changed)
+            if self.state.epoch > cfg.epochs:  # config.json would say fewer epochs than were run
+                raise UserError(
+                    f"--epochs {cfg.epochs} is fewer than the {self.state.epoch} epochs this run has "
+                    f"done; a run is not shortened (its checkpoint, metrics and summary are of epoch "
+                    f"{self.state.epoch}): give --epochs {self.state.epoch} or more, or start a new --out"
+                )
+            if self.ctx.is_main:
+                for note in notes:
+                    warnings.warn(note)
+                # metrics.jsonl made to agree with the checkpoint (a warning says what changed)
                 self.state.rows = runs.resume_metrics(self.out, self.state.rows, self.state.epoch)
+                self._check_best(ckpt)
         distributed.barrier(self.ctx)  # every rank has checked the run directory before rank 0 writes
         if self.ctx.is_main:
             runs.prepare(self.out, resume, overwrite)
             cfg.save(self.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
+
+    def _check_best(self, ckpt: dict) -> None:
+        """On resume: is ``best.pt`` what the checkpoint records? If not, rewrite it when the
+        checkpoint holds those parameters, else say it cannot (one warning line either way).
+        A checkpoint of an earlier version records nothing: what best.pt holds becomes the record."""
+        found = best.check(self.out, ckpt)
+        if "best_digest" not in ckpt and found.digest is not None:
+            self.state.best_epoch, self.state.best_digest = found.holds, found.digest
+        if found.problem:
+            warnings.warn(best.repair(self.out, ckpt, found))
 
     @property
     def evaluated(self) -> VAE:
@@ -223,8 +260,8 @@ class Trainer:
         Distributed: called by every rank (their RNG states are gathered), written by rank 0."""
         rngs = distributed.all_gather_objects(checkpoint.rng_state(), self.ctx) if self.ctx.enabled else None
         if self.ctx.is_main:
-            since = self.lock.acquired_at if self.lock else None
-            checkpoint.write(self.state_dict(), self.out, best, rngs, since)
+            held = checkpoint.write(self.state_dict(), self.out, best, rngs)  # (raises when a write fails)
+            self.state.best_epoch, self.state.best_digest = held["best_epoch"], held["best_digest"]
         self.state.saved_at = (self.state.epoch, self.state.step)
 
     def _log(self, msg: str | None) -> None:
@@ -422,6 +459,8 @@ class Trainer:
             "stopped_by": self.stopped_by,
             f"best_valid_{bound}": self.state.best,
             "best_epoch": runs.best_epoch(self.state.rows),
+            # what best.pt really holds, checked against the record (it may lag: ppl_vae.training.best)
+            "best_pt": best.check(self.out, self.state.fields()).summary() if self.ctx.is_main else None,
             **({"iwae_k": self.cfg.num_particles} if bound == "iwae_k" else {}),
             "final": self.state.rows[-1] if self.state.rows else None,
         }

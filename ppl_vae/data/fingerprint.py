@@ -1,0 +1,80 @@
+"""The identity of a data set, recorded in ``config.json``: so that data replaced under a run
+(``fit --resume``, ``evaluate``) are noticed instead of silently trained or evaluated on.
+
+* a ``.npy``/``.npz`` file: its absolute path, size in bytes and a content digest, plus the
+  split sizes. The digest is BLAKE2b over the whole file up to :data:`WHOLE` bytes; over larger
+  files, of the first and last MiB and :data:`BLOCKS` blocks of 64 KiB spread evenly between
+  (fast on any size; a change that misses every sampled block, with the size unchanged, goes
+  unnoticed);
+* a named data set (``mnist``, ``digits``, ...): its name and split sizes;
+* a :class:`~ppl_vae.data.datasets.Dataset` made in Python: its name, split sizes and a digest
+  of its tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+WHOLE = 64 << 20  # files up to this size are hashed whole
+BLOCKS, BLOCK, ENDS = 64, 64 << 10, 1 << 20
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """BLAKE2b of a file: the whole of it up to :data:`WHOLE` bytes, else sampled blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= WHOLE:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        step = (size - 2 * ENDS - BLOCK) // BLOCKS
+        starts = [0, *(ENDS + i * step for i in range(BLOCKS)), size - ENDS]
+        for start in starts:
+            f.seek(start)
+            h.update(f.read(ENDS if start in (0, size - ENDS) else BLOCK))
+    return h.hexdigest()
+
+
+def _tensor_digest(tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{t.dtype}|{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def fingerprint(ds, source: str | None = None) -> dict:
+    """The identity of the loaded data set ``ds``: ``source`` is the ``--dataset`` it came from
+    (a name or a ``.npy``/``.npz`` path; None for a data set made in Python)."""
+    fp = {"name": ds.name, "splits": [int(ds.split(s).shape[0]) for s in ("train", "valid", "test")]}
+    if source is not None and source.endswith((".npy", ".npz")) and Path(source).is_file():
+        path = Path(source).resolve()
+        fp.update(path=str(path), size=path.stat().st_size, digest=file_digest(path))
+    elif source is None:
+        fp["digest"] = _tensor_digest(ds.split(s) for s in ("train", "valid", "test"))
+    return fp
+
+
+def changes(saved: dict | None, now: dict) -> str | None:
+    """What differs between the recorded fingerprint ``saved`` and ``now``, in a few words; None
+    when nothing does, or when nothing was recorded (runs of earlier versions). The path alone
+    does not count: the same bytes moved elsewhere are the same data."""
+    if not isinstance(saved, dict):
+        return None
+    said = []
+    if saved.get("size") != now.get("size") and "size" in saved:
+        said.append(f"{saved.get('size')} bytes then, {now.get('size')} now")
+    if saved.get("splits") != now.get("splits"):
+        tr_va_te = lambda s: "/".join(map(str, s)) if isinstance(s, list) else str(s)  # noqa: E731
+        said.append(
+            f"train/valid/test {tr_va_te(saved.get('splits'))} then, {tr_va_te(now.get('splits'))} now"
+        )
+    if "digest" in saved and saved.get("digest") != now.get("digest") and not said:
+        said.append("the same size, other content")
+    return "; ".join(said) or None
