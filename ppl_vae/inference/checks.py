@@ -326,6 +326,7 @@ def _probe(model, guide, args, kwargs):
     guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
     model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
     check_plates(model_tr, guide_tr, args[0].shape[0])
+    constructs.refuse_broadcast_data(model_tr, args[0].shape[0])
     nesting = plate_nesting(model_tr, guide_tr)
     log_w = weigh(prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr), nesting).log_w  # (1, n)
     return args, model_tr, guide_tr, nesting, log_w

@@ -9,6 +9,9 @@ Checked once per call, on the probe's traces (:func:`ppl_vae.inference.checks.in
 * **Scales.** A site under ``poutine.scale`` (a tempered likelihood, a β on the KL) is weighed
   with its scale, as ``Trace_ELBO`` weighs it; the estimates are then those of the scaled joint,
   not of log p(x), and a :class:`ScaledProgram` warning says so (:func:`warn_scaled`).
+* **Broadcast data.** An observed site whose value does not vary along the data plate (a 1-D
+  ``x`` of one image, ``(784,)``, read as 784 datapoints and broadcast against a ``(784, 784)``
+  likelihood) would weigh every "datapoint" on the same data: refused (:func:`refuse_broadcast_data`).
 * **Enumeration.** Discrete sites marked ``infer={"enumerate": "parallel"}`` in the model
   only are summed out inside each weight, as ``TraceEnum_ELBO`` sums them
   (:mod:`ppl_vae.inference.replay`); :func:`enumerated_sites` finds them and refuses what that
@@ -51,6 +54,29 @@ def refuse_point_masses(guide_tr) -> None:
                 f"density, so log p(x, z*) is no bound on log p(x) and no ELBO or IWAE exists; estimate "
                 f"log p(x) with a guide that has one (e.g. AutoNormal, or AutoLaplaceApproximation's "
                 f"laplace_approximation())"
+            )
+
+
+def refuse_broadcast_data(model_tr, n: int) -> None:
+    """One line for an observed site whose value lacks the data plate's n rows at its dim."""
+    for name, site in model_tr.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        frame = next((f for f in site["cond_indep_stack"] if f.name == DATA_PLATE), None)
+        if frame is None or frame.dim is None:
+            continue
+        dim = frame.dim - site["fn"].event_dim  # the data dim of the value, from the right
+        value, shape = site["value"], tuple(site["fn"].shape())
+        try:
+            broadcast = torch.broadcast_shapes(value.shape, shape) == shape
+        except RuntimeError:  # not broadcastable at all: the program's log_prob says so itself
+            continue
+        if broadcast and (value.dim() < -dim or value.shape[dim] != n):
+            raise UserError(
+                f"observed site {name!r} does not vary along pyro.plate('data', {n}): its value has shape "
+                f"{tuple(value.shape)} but its distribution {shape}, so the data were "
+                f"broadcast across the datapoints; pass x with the datapoints along dim 0 (one datapoint: "
+                f"x[None], shape (1, ...))"
             )
 
 

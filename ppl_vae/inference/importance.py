@@ -57,8 +57,8 @@ from .replay import (  # noqa: F401
 )
 
 # Particles × datapoints per decoder pass (``chunk_size=None``): bounds memory, not K. On a CPU a
-# pass that stays near the caches is fastest (benchmarks/eval_speed.py: 2k–4k rows 5.0 s, 8k
-# 7.5 s, 20k 8.8 s for K = 1000 on 1000 images); a GPU wants large passes.
+# pass that stays near the caches is fastest (benchmarks/eval_speed.py, docs/benchmarks.md); a GPU
+# wants large passes.
 DEFAULT_CHUNK = {"cpu": 4096, "cuda": 2_000_000}
 SAMPLE_UNIT = 100  # particles per seeded draw; a pass holds whole units (memory ≥ SAMPLE_UNIT rows)
 
@@ -75,7 +75,9 @@ def log_importance_weights(
 ) -> torch.Tensor:
     """log w_k = log p(x, z_k) − log q(z_k | x) for z_k ~ q(z|x): shape ``(num_samples, N)``,
     nats. ``x``: a tensor ``(N, ...)`` or a tuple ``(x, y, ...)`` of per-datapoint arguments
-    (:mod:`ppl_vae.inference.checks`). Differentiable, so it also serves the IWAE training objective."""
+    (:mod:`ppl_vae.inference.checks`). Differentiable, so it also serves the IWAE training objective.
+    ``nesting`` given: the program's plate nesting, trusted (no probe, no checks, no slicing: each
+    pass weighs all N datapoints), the training step's fast path."""
     return torch.cat(
         [
             d.log_w
@@ -109,7 +111,7 @@ def iter_log_weights(
     check_num_samples(num_samples)
     if program is None:
         program = (
-            Program(nesting)
+            Program(nesting, slice_safe=False)  # trusted: no probe, so no slicing (all N rows per pass)
             if nesting is not None and not analytic_kl
             else inspect_program(model, guide, x, kwargs, analytic_kl)
         )
