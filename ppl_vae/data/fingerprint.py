@@ -64,17 +64,20 @@ def fingerprint(ds, source: str | None = None) -> dict:
 def changes(saved: dict | None, now: dict) -> str | None:
     """What differs between the recorded fingerprint ``saved`` and ``now``, in a few words; None
     when nothing does, or when nothing was recorded (runs of earlier versions). The path alone
-    does not count: the same bytes moved elsewhere are the same data."""
+    does not count: the same bytes moved elsewhere are the same data. Sizes and digests are
+    compared where both have them (a data set passed from Python, resumed by its name, has its
+    split sizes compared)."""
     if not isinstance(saved, dict):
         return None
     said = []
-    if saved.get("size") != now.get("size") and "size" in saved:
+    both = lambda key: key in saved and key in now  # noqa: E731
+    if both("size") and saved["size"] != now["size"]:
         said.append(f"{saved.get('size')} bytes then, {now.get('size')} now")
     if saved.get("splits") != now.get("splits"):
         tr_va_te = lambda s: "/".join(map(str, s)) if isinstance(s, list) else str(s)  # noqa: E731
         said.append(
             f"train/valid/test {tr_va_te(saved.get('splits'))} then, {tr_va_te(now.get('splits'))} now"
         )
-    if "digest" in saved and saved.get("digest") != now.get("digest") and not said:
+    if both("digest") and saved["digest"] != now["digest"] and not said:
         said.append("the same size, other content")
     return "; ".join(said) or None
