@@ -115,7 +115,10 @@ def build_parser() -> ArgumentParser:
         metavar="C",
         help=f"particles × datapoints per vectorized pass: "
         f"bounds memory, halved on CUDA out-of-memory; does not change results (default: "
-        f"{importance.DEFAULT_CHUNK['cpu']} on CPU, {importance.DEFAULT_CHUNK['cuda']} on CUDA)",
+        f"{importance.DEFAULT_CHUNK['cpu']} on CPU, {importance.DEFAULT_CHUNK['cuda']} on CUDA). "
+        f"Not for flow guides or programs that are not slice-safe: they are weighed on all of a "
+        f"block's datapoints at once (100 particles × --batch-size rows per pass), because a flow "
+        f"scores a replayed z only through its inverse; lower --batch-size to bound their memory",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every draw (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

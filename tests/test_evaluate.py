@@ -127,11 +127,12 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
         assert s[key] == pytest.approx(np.mean(per["khat"] > t), abs=1e-12), key
     assert s["log_px_reliable"] is bool(np.mean(per["khat"] > s["khat_threshold"]) <= 0.1)
     assert s["khat_mean"] == pytest.approx(per["khat"][np.isfinite(per["khat"])].mean(), rel=1e-12)
-    pct = 100 * s["khat_frac_above_threshold"]
+    above, n = int((per["khat"] > s["khat_threshold"]).sum()), len(per["khat"])
+    assert (s["khat_n_above_threshold"], s["khat_n"]) == (above, n)
     verdict = (
-        f"lower bound; SE unreliable: k̂ > 0.60 on {pct:.0f} % of datapoints"
+        f"lower bound; SE unreliable: k̂ > 0.60 on {above:,} of {n:,} datapoints"
         if not s["log_px_reliable"]
-        else f"k̂ <= 0.60 on {100 - pct:.0f} % of datapoints"
+        else f"k̂ <= 0.60 on {n - above:,} of {n:,} datapoints"
     )
     assert [line for line in r.stdout.splitlines() if line.startswith("log p(x) (IWAE K=300)")][0].endswith(
         verdict
@@ -472,9 +473,9 @@ def test_k_dependent_verdict_and_no_bits_per_dim_for_a_density(guide_scale, reli
     table = report.table()
     if reliable:  # measured: k̂ < 0.2 on every datapoint; log p(x) right within 4 MC standard errors
         assert report["log_px"] == pytest.approx(log_px, abs=4 * report["log_px_stderr"])
-        assert "k̂ <= 0.67 on 100 % of datapoints" in table
+        assert "k̂ <= 0.67 on 40 of 40 datapoints" in table
     else:
-        assert f"lower bound; SE unreliable: k̂ > 0.67 on {100 * above:.0f} % of datapoints" in table
+        assert f"lower bound; SE unreliable: k̂ > 0.67 on {round(40 * above)} of 40 datapoints" in table
     # a density of continuous data: no bits/dim anywhere, and the table says why
     assert report["discrete"] is False and "bits_per_dim" not in report and "elbo_bits_per_dim" not in report
     assert report["bits_per_dim_omitted"] == report_module.NO_BITS
@@ -489,6 +490,25 @@ def test_discreteness_is_read_from_the_observed_sites(small_vae, device):
     assert evaluation.observed_is_discrete(vae.model, vae.guide, x * 0.5 + 0.25) is False
     gauss = VAE((1, 4, 4), z_dim=3, hidden=[16], likelihood="gaussian").eval().to(device)
     assert evaluation.observed_is_discrete(gauss.model, gauss.guide, x) is False
+
+
+def test_counts_are_exact_tied_weights_are_n_a_and_skipped_active_units_say_so():
+    """One datapoint of 40 above the threshold is "39 of 40", never a rounded "100 %"; the exact
+    posterior as guide gives tied weights, whose k̂ is n/a (ArviZ says inf: it used to read as
+    unreliable) and whose estimate is exact; with mean_samples=0 the active units say skipped."""
+    x = torch.linspace(-2.0, 2.0, 40, dtype=torch.float64)
+    model, exact_guide = linear_gaussian(math.sqrt(0.5))
+    report = evaluate(model, exact_guide, x, num_samples=100, seed=0, mean_samples=0)
+    assert report["khat_n_tied"] == 40 and report["log_px_reliable"] is True
+    assert np.isneginf(report.per_datapoint["khat"]).all()
+    table = report.table()
+    assert "k̂ <= 0.50 on 40 of 40 datapoints" in table
+    assert "mean n/a (n/a on 40 datapoints with tied weights: their estimates are exact)" in table
+    assert "active units (Cov_x E_q[z_u|x] > 0.01): skipped (mean_samples=0" in table
+    res = dict(report.per_datapoint)
+    res["khat"] = np.where(np.arange(40) == 7, 5.0, 0.1)  # one datapoint of 40 above
+    s = report_module.summarize(res, [], 100, 1, False, 0)
+    assert "k̂ <= 0.50 on 39 of 40 datapoints" in report_module.verdict(s)
 
 
 def test_no_closed_form_kl_reports_the_analytic_elbo_as_na(device):

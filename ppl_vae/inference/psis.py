@@ -54,8 +54,10 @@ def psis_from_log_weights(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     ``(K, N)``. ESS = 1 / Σ_k w̃_k² with w̃ the normalized Pareto-smoothed weights.
 
     k̂ needs K ≥ :data:`PSIS_MIN_SAMPLES` (a tail of at least 5 weights): below that it is NaN
-    and the ESS uses the raw weights. k̂ = inf where ArviZ could not fit the tail (e.g. tied
-    weights)."""
+    and the ESS uses the raw weights. Tied weights (all K equal to within 64 float eps of the
+    input's dtype, relative: e.g. the exact posterior as guide) have no tail to fit; ArviZ
+    returns k̂ = inf or a meaningless negative value for them, so their k̂ is −inf ("n/a: tied",
+    an exact estimate) and their ESS is K. k̂ = inf where ArviZ could not fit a real tail."""
     if log_w.shape[0] < PSIS_MIN_SAMPLES:
         w = torch.softmax(log_w.detach().double(), 0)  # (K, N) normalized raw weights
         return torch.full((log_w.shape[1],), math.nan, dtype=torch.float64), (1.0 / w.pow(2).sum(0)).cpu()
@@ -67,4 +69,9 @@ def psis_from_log_weights(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         smoothed, khat = arviz.psislw(arr, reff=1.0)  # reff = 1: the draws are independent
     w = np.exp(smoothed)  # normalized: rows sum to 1
     ess = 1.0 / (w**2).sum(-1)
-    return torch.as_tensor(np.asarray(khat, dtype=np.float64)), torch.as_tensor(ess, dtype=torch.float64)
+    khat = np.array(khat, dtype=np.float64).reshape(-1)  # (N,)
+    lw = log_w.detach()
+    spread = lw.max(0).values - lw.min(0).values  # (N,)
+    tied = (spread <= 64 * torch.finfo(lw.dtype).eps * lw.abs().max(0).values.clamp_min(1)).cpu().numpy()
+    khat[tied], ess[tied] = -math.inf, log_w.shape[0]
+    return torch.as_tensor(khat), torch.as_tensor(ess, dtype=torch.float64)

@@ -93,9 +93,12 @@ def summarize(
         s["bits_per_dim_omitted"] = NO_BITS
     s["iwae_by_k"] = {str(k): est("iwae_by_k", i).mean() for i, k in enumerate(ks)}
     s["iwae_by_k_stderr"] = {str(k): est("iwae_by_k", i).mean_stderr() for i, k in enumerate(ks)}
-    khat = res["khat"][~np.isnan(res["khat"])]  # NaN: K too small to fit a tail; inf counts as above
+    # NaN: K too small to fit a tail; −inf: tied weights (n/a, exact); inf: no fit, counts as above
+    khat = res["khat"][~np.isnan(res["khat"])]
     finite = khat[np.isfinite(khat)]
     s["khat_threshold"] = psis.khat_threshold(num_samples)
+    s["khat_n"], s["khat_n_tied"] = len(khat), int(np.isneginf(khat).sum())
+    s["khat_n_above_threshold"] = int((khat > s["khat_threshold"]).sum())
     frac = {
         key: float(np.mean(khat > t)) if len(khat) else None
         for key, t in (
@@ -115,7 +118,8 @@ def summarize(
         means[name] = latents.PosteriorMean(
             torch.from_numpy(res[MEAN + name].T), mc_var, exact, 1 if exact else mean_samples
         )
-    s["active_units"] = latents.active_units(means) if s["n"] > 1 else None
+    s["active_units_skipped"] = mean_samples == 0
+    s["active_units"] = latents.active_units(means) if s["n"] > 1 and mean_samples else None
     s["kl_per_site"] = {
         k[len(KL) :]: float(np.mean(v)) for k, v in res.items() if k.startswith(KL) and len(v)
     }
@@ -140,10 +144,10 @@ def verdict(s: dict) -> str:
     """What log p(x) is worth, from the k̂ fraction above ``khat_threshold(K)``."""
     if s["log_px_reliable"] is None:
         return f"reliability unknown: k̂ needs K >= {psis.PSIS_MIN_SAMPLES}"
-    pct, t = 100 * s["khat_frac_above_threshold"], s["khat_threshold"]
+    n, above, t = s["khat_n"], s["khat_n_above_threshold"], s["khat_threshold"]
     if s["log_px_reliable"]:
-        return f"k̂ <= {t:.2f} on {100 - pct:.0f} % of datapoints"
-    return f"lower bound; SE unreliable: k̂ > {t:.2f} on {pct:.0f} % of datapoints"
+        return f"k̂ <= {t:.2f} on {n - above:,} of {n:,} datapoints"
+    return f"lower bound; SE unreliable: k̂ > {t:.2f} on {above:,} of {n:,} datapoints"
 
 
 def format_table(s: dict, header: str | None = None) -> str:
@@ -177,13 +181,22 @@ def format_table(s: dict, header: str | None = None) -> str:
         )
     else:
         mean = "n/a" if s["khat_mean"] is None else f"{s['khat_mean']:.3f}"
+        tied = s["khat_n_tied"]
+        if tied:
+            mean += f" (n/a on {tied:,} datapoints with tied weights: their estimates are exact)"
         lines.append(
             f"Pareto k̂: mean {mean}; above {s['khat_threshold']:.2f}, the threshold for K = {s['num_samples']}, "
-            f"on {100 * s['khat_frac_above_threshold']:.1f} % of datapoints; median PSIS ESS {s['ess_median']:.1f} of K"
+            f"on {s['khat_n_above_threshold']:,} of {s['khat_n']:,} datapoints; "
+            f"median PSIS ESS {s['ess_median']:.1f} of K"
         )
     if not bits:
         lines.append(f"bits/dim: {s['bits_per_dim_omitted']}")
-    units = "n/a (needs 2 datapoints)" if s["active_units"] is None else latents.describe(s["active_units"])
+    if s.get("active_units_skipped"):
+        units = "skipped (mean_samples=0: no posterior means were drawn)"
+    elif s["active_units"] is None:
+        units = "n/a (needs 2 datapoints)"
+    else:
+        units = latents.describe(s["active_units"])
     lines.append(f"active units (Cov_x E_q[z_u|x] > {latents.ACTIVE_THRESHOLD:g}): {units}")
     if s.get("kl_per_site"):
         lines.append(
