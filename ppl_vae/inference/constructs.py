@@ -2,8 +2,8 @@
 
 Checked once per call, on the probe's traces (:func:`ppl_vae.inference.checks.inspect_program`):
 
-* **Point masses.** A guide site drawn from a ``Delta`` (``AutoDelta``, a MAP guide) has no
-  density: log q(z*|x) = 0 is not a log-density of the draw, so log p(x, z*) − 0 is neither a
+* **Point masses.** A guide site drawn from a ``Delta`` (``AutoDelta``, a MAP guide) with no
+  auxiliary site behind it (``AutoNormal``'s ``Delta`` passes on a draw from one) has no density: log q(z*|x) = 0 is not a log-density of the draw, so log p(x, z*) − 0 is neither a
   lower bound on log p(x) nor an importance weight, and no ELBO or IWAE_K exists. Refused in
   one line (:func:`refuse_point_masses`).
 * **Scales.** A site under ``poutine.scale`` (a tempered likelihood, a β on the KL) is weighed
@@ -46,7 +46,12 @@ def _latent(site) -> bool:
 
 
 def refuse_point_masses(guide_tr) -> None:
-    """One line for the first guide site drawn from a ``Delta`` (under any wrappers)."""
+    """One line for the first guide site drawn from a ``Delta`` (under any wrappers) in a guide
+    with no auxiliary sites. Pyro's ``AutoNormal`` and the other ``AutoContinuous`` guides draw
+    from a density at an auxiliary site (``infer={"is_auxiliary": True}``) and pass the value on
+    through a ``Delta`` carrying the Jacobian (``log_density``): a density, weighed exactly."""
+    if any(_latent(s) and s["infer"].get("is_auxiliary") for s in guide_tr.nodes.values()):
+        return
     for name, site in guide_tr.nodes.items():
         if _latent(site) and isinstance(_base(site["fn"]), Delta):
             raise UserError(
