@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                 f"{cfg.image_shape}"
             )
         used = fingerprint(ds, cfg.dataset)  # recorded in the JSON; other data than the run's: a warning
-        changed = changes(cfg.data_fingerprint, used)
+        changed = changes(cfg.data_fingerprint, used, args.split)  # (the split evaluated)
         if changed and ctx.is_main:
             warnings.warn(
                 f"the data ({ds.name}) are not those the run was trained on ({changed}); the numbers "

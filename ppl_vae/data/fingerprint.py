@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+SPLITS = ("train", "valid", "test")
 WHOLE = 64 << 20  # files up to this size are hashed whole
 BLOCKS, BLOCK, ENDS = 64, 64 << 10, 1 << 20
 
@@ -52,32 +53,34 @@ def _tensor_digest(tensors) -> str:
 def fingerprint(ds, source: str | None = None) -> dict:
     """The identity of the loaded data set ``ds``: ``source`` is the ``--dataset`` it came from
     (a name or a ``.npy``/``.npz`` path; None for a data set made in Python)."""
-    fp = {"name": ds.name, "splits": [int(ds.split(s).shape[0]) for s in ("train", "valid", "test")]}
+    fp = {"name": ds.name, "splits": [int(ds.split(s).shape[0]) for s in SPLITS]}
     if source is not None and source.endswith((".npy", ".npz")) and Path(source).is_file():
         path = Path(source).resolve()
         fp.update(path=str(path), size=path.stat().st_size, digest=file_digest(path))
     elif source is None:
-        fp["digest"] = _tensor_digest(ds.split(s) for s in ("train", "valid", "test"))
+        fp["digest"] = _tensor_digest(ds.split(s) for s in SPLITS)
     return fp
 
 
-def changes(saved: dict | None, now: dict) -> str | None:
+def changes(saved: dict | None, now: dict, split: str | None = None) -> str | None:
     """What differs between the recorded fingerprint ``saved`` and ``now``, in a few words; None
     when nothing does, or when nothing was recorded (runs of earlier versions). The path alone
     does not count: the same bytes moved elsewhere are the same data. Sizes and digests are
     compared where both have them (a data set passed from Python, resumed by its name, has its
-    split sizes compared)."""
+    split sizes compared). ``split``: only that split's size counts (``evaluate``: a run trained
+    on part of a named data set is evaluated on its whole test split)."""
     if not isinstance(saved, dict):
         return None
     said = []
     both = lambda key: key in saved and key in now  # noqa: E731
     if both("size") and saved["size"] != now["size"]:
         said.append(f"{saved.get('size')} bytes then, {now.get('size')} now")
-    if saved.get("splits") != now.get("splits"):
-        tr_va_te = lambda s: "/".join(map(str, s)) if isinstance(s, list) else str(s)  # noqa: E731
-        said.append(
-            f"train/valid/test {tr_va_te(saved.get('splits'))} then, {tr_va_te(now.get('splits'))} now"
-        )
+    then, now_ = saved.get("splits"), now.get("splits")
+    if split is not None and isinstance(then, list) and len(then) == len(SPLITS):
+        then, now_ = then[SPLITS.index(split)], now_[SPLITS.index(split)]
+    if then != now_:
+        show = lambda v: "/".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+        said.append(f"{'train/valid/test' if split is None else split} {show(then)} then, {show(now_)} now")
     if both("digest") and saved["digest"] != now["digest"] and not said:
         said.append("the same size, other content")
     return "; ".join(said) or None
