@@ -333,3 +333,18 @@ def test_a_failed_start_leaves_no_lock_and_no_directory(tmp_path, capsys):
         r = in_process(["--dataset", tmp_path / "missing.npy", *TINY, "--out", out], capsys)
         assert "does not exist" in assert_one_line(r, 2)
     assert list(mine.iterdir()) == [] and not (tmp_path / "new").exists()
+
+
+def test_an_os_error_the_code_did_not_word_still_names_its_file(tmp_path, capsys):
+    """The last resort of ``user_errors``: a raw OSError (here opening a file inside a missing
+    folder) is "could not read or write F: no such file or directory", not "[Errno 2] ..."."""
+    from ppl_vae.core.cli import user_errors
+
+    with pytest.raises(SystemExit) as e, user_errors("prog"):
+        open(tmp_path / "missing" / "f", "w")
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 1
+        and err
+        == f"prog: error: could not read or write {tmp_path / 'missing' / 'f'}: no such file or directory\n"
+    )

@@ -11,7 +11,8 @@ import types
 import warnings
 from contextlib import contextmanager
 
-from .errors import UserError
+from .errors import UserError, WriteError
+from .files import reason
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,7 +42,8 @@ def user_errors(prog: str):
     """Report, on one line of stderr and without a traceback:
 
     * :class:`UserError` (bad input) → exit 2;
-    * ``OSError`` (a full disk, a permission denied while writing) → exit 1;
+    * ``OSError`` (a full disk, a permission denied while writing) → exit 1; one the code did
+      not word itself (not a :class:`WriteError`) still names its file and the reason;
     * Ctrl-C / SIGTERM arriving outside a training loop (which saves a checkpoint itself) →
       exit 130 / 143. SIGTERM is turned into :class:`Terminated` while the block runs
       (main thread only), so a killed job unwinds like an interrupted one.
@@ -57,7 +59,10 @@ def user_errors(prog: str):
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        said = str(e)
+        if not isinstance(e, WriteError) and getattr(e, "filename", None):
+            said = f"could not read or write {e.filename}: {reason(e)}"  # not "[Errno 13] ..."
+        print(f"{prog}: error: {said}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
         _exit_interrupted(prog, e)
