@@ -15,6 +15,7 @@ Examples::
 
     python -m ppl_vae.evaluate runs/bmnist --split test --num-samples 5000 --json test.json
     python -m ppl_vae.evaluate runs/bmnist --subset 500 --num-samples 1000 --ks 1,10,100,1000
+    python -m ppl_vae.evaluate runs/bmnist --subset 100 --ais 1000 --bdmc 50   # AIS, BDMC's bracket
 
 Work is split into fixed blocks of ``--batch-size`` datapoints; block b draws from seeds
 derived from (``--seed``, b), so a datapoint's numbers do not depend on which process or in
@@ -40,6 +41,7 @@ with startup(PROG):  # torch loads here: a signal meanwhile is one line, not a t
 
     from .core import distributed, files
     from .inference import importance
+    from .reports import annealing
 
     # evaluate and evaluate_blocks stay importable from here (docs/estimators.md, examples/)
     from .reports.evaluation import DEFAULT_BLOCK, PER_DATAPOINT, curve_ks, evaluate, evaluate_blocks  # noqa: F401
@@ -121,7 +123,33 @@ def build_parser() -> ArgumentParser:
         f"scores a replayed z only through its inverse; lower --batch-size to bound their memory",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the subset and every draw (default: 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--ais",
+        type=int,
+        default=None,
+        metavar="T",
+        help="also estimate log p(x) by annealed importance sampling with T steps (HMC transitions, "
+        "from the guide; docs/estimators.md) (default: off)",
+    )
+    p.add_argument(
+        "--ais-chains", type=int, default=16, metavar="C", help="AIS chains per datapoint (default: 16)"
+    )
+    p.add_argument(
+        "--ais-leapfrog",
+        type=int,
+        default=10,
+        metavar="L",
+        help="leapfrog steps per transition (default: 10)",
+    )
+    p.add_argument(
+        "--bdmc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ais: bidirectional Monte Carlo on N datapoints simulated from the model, a bracket "
+        "lower <= log p(x) <= upper whose width bounds AIS's error (default: off)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -140,9 +168,15 @@ def check_args(args) -> list[int]:
         ("--batch-size", args.batch_size),
         ("--chunk-size", args.chunk_size),
         ("--subset", args.subset),
+        ("--ais", args.ais),
+        ("--ais-chains", args.ais_chains),
+        ("--ais-leapfrog", args.ais_leapfrog),
+        ("--bdmc", args.bdmc),
     ):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.bdmc is not None and args.ais is None:
+        raise UserError("--bdmc N needs --ais T: the bracket runs AIS forward and in reverse with T steps")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if not (args.device in ("auto", "cpu", "cuda") or args.device.startswith("cuda:")):
@@ -219,6 +253,10 @@ def main(argv=None) -> int:
             device=device,
             progress=not args.quiet and ctx.is_main,
             ctx=ctx,
+            ais_steps=args.ais or 0,
+            ais_chains=args.ais_chains,
+            ais_leapfrog=args.ais_leapfrog,
+            bdmc=args.bdmc or 0,
         )
         if not ctx.is_main:
             return 0
@@ -262,6 +300,7 @@ def main(argv=None) -> int:
         if args.per_datapoint:
             res = report.per_datapoint
             latent = {k.replace(":", "_"): res[k].T for k in res if k.startswith(MEAN)}  # (M, d) per site
+            keys = (*PER_DATAPOINT, "iwae_by_k", "iwae_by_k_stderr", *annealing.ARRAYS)  # AIS (M,), BDMC (N,)
             files.atomic_write(
                 args.per_datapoint,
                 lambda f: np.savez(
@@ -269,7 +308,7 @@ def main(argv=None) -> int:
                     index=index.numpy(),
                     ks=np.asarray(ks),
                     **latent,
-                    **{k: res[k] for k in (*PER_DATAPOINT, "iwae_by_k", "iwae_by_k_stderr")},
+                    **{k: res[k] for k in keys if k in res},
                 ),
             )
     return 0

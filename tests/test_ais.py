@@ -9,6 +9,7 @@ p(x) = b^a Γ(a + Σx) / (Γ(a) (b + D)^(a + Σx) Π_j x_j!).
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -512,3 +513,100 @@ def test_the_guard_catches_a_host_sync(monkeypatch):
     _guard_the_loop(monkeypatch, torch.device("cpu"))
     with pytest.raises(HostSync, match="__bool__"):
         E.ais(syncing_model, lin.poor_guide, lin.x, num_steps=3, num_chains=2, leapfrog=1, seed=0)
+
+
+# --------------------------------------------------------------------------- python -m ppl_vae.evaluate --ais T --bdmc N
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from ppl_vae import fit, load_dataset
+
+    out = tmp_path_factory.mktemp("ais_run") / "run"
+    fit(dataset=load_dataset("digits"), out=out, epochs=1, z_dim=2, hidden=[16], final_iwae_k=0, device="cpu")
+    return out
+
+
+def test_evaluate_with_ais_and_bdmc_end_to_end(digits_run, tmp_path, capsys):
+    """In process, float32: the AIS row, the bracket and the headline in the table; the JSON keys;
+    the per-datapoint arrays; the same numbers from evaluate(...) in Python with any block split."""
+    import json
+
+    import numpy as np
+
+    from ppl_vae.evaluate import main
+
+    js, npz = tmp_path / "e.json", tmp_path / "e.npz"
+    torch.set_default_dtype(torch.float32)
+    argv = [digits_run, "--subset", 12, "-K", 30, "--batch-size", 6, "--ais", 6, "--ais-chains", 3]
+    argv += ["--ais-leapfrog", 2, "--bdmc", 5, "--json", js, "--per-datapoint", npz, "--quiet"]
+    assert main([str(a) for a in argv]) == 0
+    table = capsys.readouterr().out
+    assert "log p(x) (AIS, 6 steps × 3 chains)" in table and "acceptance" in table
+    assert "BDMC on 5 datapoints simulated from the model" in table and "headline: " in table
+    s = json.loads(js.read_text())
+    assert (s["ais_steps"], s["ais_chains"], s["ais_leapfrog"], s["bdmc_n"]) == (6, 3, 2, 5)
+    assert s["headline"] in ("ais", "iwae") and s["headline_why"]
+    assert 0 < s["ais_accept"] <= 1 and s["ais_stderr"] > 0 and math.isfinite(s["ais"])
+    assert s["bdmc_gap"] == pytest.approx(s["bdmc_upper"] - s["bdmc_lower"], abs=1e-9)
+    assert abs(s["ais"] - s["log_px"]) < 10  # the same quantity, nats per datapoint
+    per = np.load(npz)
+    assert per["ais"].shape == (12,) and per["bdmc_gap"].shape == (5,)
+    assert s["ais"] == pytest.approx(float(np.mean(per["ais"])), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bdmc", "5"], "--bdmc N needs --ais T"),
+        (["--ais", "0"], "--ais must be >= 1, got 0"),
+        (["--ais", "5", "--ais-chains", "0"], "--ais-chains must be >= 1, got 0"),
+        (["--ais", "5", "--ais-leapfrog", "-1"], "--ais-leapfrog must be >= 1, got -1"),
+        (["--ais", "5", "--bdmc", "0"], "--bdmc must be >= 1, got 0"),
+    ],
+)
+def test_bad_ais_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    from ppl_vae.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), *flags])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_ais_and_bdmc_in_evaluate_give_the_same_numbers_however_blocks_are_split_over_ranks(monkeypatch):
+    """evaluate(ctx=rank r of 2 or 3): each rank computes its blocks' AIS and BDMC, the gathered
+    report is the single process's, array for array (the process group replaced by the ranks' results)."""
+    from ppl_vae.core import distributed
+    from ppl_vae.programs.model import VAE
+    from ppl_vae.reports import annealing, evaluation
+
+    torch.set_default_dtype(torch.float32)
+    vae = VAE((1, 4, 4), z_dim=2, hidden=[8])
+    x = (torch.rand(13, 16) < 0.5).float()
+    ais = dict(num_steps=4, num_chains=2, leapfrog=1)
+    kw = dict(num_samples=10, seed=3, batch_size=5, mean_samples=0, ais_steps=4, ais_chains=2, ais_leapfrog=1)
+    single = evaluation.evaluate(vae.model, vae.guide, x, bdmc=7, **kw)
+    for world in (2, 3):
+        ranks = [distributed.Context(rank=r, world_size=world) for r in range(world)]
+        shares = [
+            evaluation.evaluate_blocks(
+                vae.model, vae.guide, x, distributed.strided(range(3), c), block_size=5, num_samples=10,
+                ks=[1, 10], seed=3, mean_samples=0, ais=ais,
+            )
+            for c in ranks
+        ]  # fmt: skip
+        sims = []
+        for c in ranks:  # each rank's BDMC blocks, before the gather
+            monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, ctx: sims.append(obj) or [obj])
+            annealing.bdmc_blocks(vae.model, vae.guide, x, 7, 5, 3, ais, None, c)
+        monkeypatch.setattr(
+            distributed, "all_gather_objects", lambda obj, ctx: shares if isinstance(obj, dict) else sims
+        )
+        gathered = evaluation.evaluate(vae.model, vae.guide, x, ctx=ranks[1], bdmc=7, **kw)
+        for key, v in single.per_datapoint.items():
+            if isinstance(v, np.ndarray):
+                np.testing.assert_allclose(gathered.per_datapoint[key], v, rtol=1e-6, err_msg=key)
+        assert {k: gathered[k] for k in single if "ais" in k or "bdmc" in k} == pytest.approx(
+            {k: single[k] for k in single if "ais" in k or "bdmc" in k}, rel=1e-6
+        )

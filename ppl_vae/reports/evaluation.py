@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from ..core import distributed
 from ..core.errors import UserError
 from ..inference import checks, estimators, importance
-from . import collapse, latents
-from .report import KL, MC_VAR, MEAN, Report, summarize
+from . import annealing, collapse, latents
+from .report import KL, MC_VAR, MEAN, Report, headline, summarize
 
 DEFAULT_KS = (1, 10, 100, 1000, 5000)
 DEFAULT_BLOCK = 100
@@ -63,9 +63,10 @@ def curve_ks(num_samples: int, ks=None) -> list[int]:
 META = ("chunk_size", "elbo_analytic_na")  # per-call entries of a block result, not per datapoint
 
 
-def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples, program) -> dict:
+def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples, program, ais=None) -> dict:
     """One block ``xb (B, ...)`` drawn from ``seed``: the arrays of :func:`evaluate_blocks`, as
-    NumPy on the CPU whatever the device of ``xb``. ``program``: the evaluation's one probe."""
+    NumPy on the CPU whatever the device of ``xb``. ``program``: the evaluation's one probe; ``ais``:
+    AIS's arguments, to add its arrays (:func:`ppl_vae.reports.annealing.ais_block`)."""
     est = estimators.estimate_all(
         model, guide, xb, num_samples, ks=ks, seed=seed, chunk_size=chunk_size, program=program
     )
@@ -91,6 +92,8 @@ def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples, pr
             )  # (d, B)
         for name, kl in collapse.kl_terms(model, guide, xb, seed=seed, nesting=program.nesting).items():
             out[KL + name] = kl.double().cpu().numpy()  # (B,)
+    if ais:
+        out.update(annealing.ais_block(model, guide, xb, seed, ais))
     return out
 
 
@@ -110,6 +113,7 @@ def evaluate_blocks(
     progress=None,
     log=None,
     program: checks.Program | None = None,
+    ais: dict | None = None,
 ) -> dict:
     """Per-datapoint estimates for blocks ``block_ids`` of ``x (N, D)``.
 
@@ -126,7 +130,8 @@ def evaluate_blocks(
     and ``kl:s`` ``(M,)`` (the layer's KL term, :func:`ppl_vae.reports.collapse.kl_terms`; with the means),
     ``chunk_size`` (the one finally used) and ``elbo_analytic_na`` (``None``, or why n/a).
     ``program``: the probe of model and guide (:func:`~ppl_vae.inference.checks.inspect_program`
-    with ``analytic_kl="auto"``), made once here on the first block when not given.
+    with ``analytic_kl="auto"``), made once here on the first block when not given. ``ais``: the
+    arguments of :func:`~ppl_vae.inference.ais.ais`, to add AIS's arrays (:mod:`ppl_vae.reports.annealing`).
     """
     ks = sorted(ks)
     if program is None:
@@ -152,6 +157,7 @@ def evaluate_blocks(
                     chunk_size,
                     mean_samples,
                     program,
+                    ais,
                 )
                 break
             except torch.cuda.OutOfMemoryError:
@@ -229,6 +235,10 @@ def evaluate(
     device=None,
     progress: bool = False,
     ctx: distributed.Context | None = None,
+    ais_steps: int = 0,
+    ais_chains: int = 16,
+    ais_leapfrog: int = 10,
+    bdmc: int = 0,
 ) -> Report:
     """Evaluate any Pyro ``model(x)`` / ``guide(x)`` pair on ``data (N, ...)`` (datapoints along
     dim 0, every per-datapoint site in ``pyro.plate("data", ...)``): the report ``python -m
@@ -251,6 +261,9 @@ def evaluate(
     :param progress: show a progress bar on stderr.
     :param ctx: a :class:`~ppl_vae.core.distributed.Context`: this rank computes blocks r, r+P, ... and
         every rank returns the gathered report.
+    :param ais_steps: T > 0 adds log p(x) by AIS with T steps, ``ais_chains`` chains of ``ais_leapfrog``
+        leapfrog steps per datapoint; ``bdmc`` > 0 (with ``ais_steps``) adds BDMC's bracket on that many
+        datapoints simulated from the model (:mod:`ppl_vae.reports.annealing`).
     """
     ks = curve_ks(num_samples, ks)
     n = checks.num_datapoints(checks.check_data(data))  # bad data: one line, the datapoint named
@@ -268,6 +281,8 @@ def evaluate(
     t0 = time.perf_counter()
     rows = sum(min((b + 1) * batch_size, n) - b * batch_size for b in blocks)
     bar = tqdm(total=rows, unit="datapoint", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    sims = len(distributed.strided(range(bdmc), ctx)) if ais_steps else 0  # this rank's share, about
+    ais, steps = annealing.options(ais_steps, ais_chains, ais_leapfrog, rows + 2 * sims, progress)
     try:
         res = evaluate_blocks(
             model,
@@ -284,13 +299,20 @@ def evaluate(
             progress=bar,
             log=lambda msg: tqdm.write(msg, file=sys.stderr),
             program=program,
+            ais=ais,
         )
+        res = gather_blocks(res, ctx)
+        if ais and bdmc:
+            res.update(annealing.bdmc_blocks(model, guide, data, bdmc, batch_size, seed, ais, device, ctx))
     finally:
         bar.close()
-    res = gather_blocks(res, ctx)
+        steps.close()
     s = summarize(
         res, ks, num_samples, int(checks.as_args(data)[0][0].numel()), discrete, mean_samples, likelihood
     )
+    s.update(annealing.summarize(res, ais, bdmc))
+    if ais:  # which of IWAE_K and AIS to quote, and why
+        s["headline"], s["headline_why"] = headline(s)
     s.update(
         ks=ks,
         seed=seed,

@@ -150,21 +150,46 @@ def verdict(s: dict) -> str:
     return f"lower bound; SE unreliable: k̂ > {t:.2f} on {above:,} of {n:,} datapoints"
 
 
+def headline(s: dict) -> tuple[str, str] | None:
+    """Which estimate of log p(x) to quote, ``"ais"`` or ``"iwae"``, and why (``None`` without AIS).
+    Both are stochastic lower bounds, so the higher is the tighter when they differ by more than
+    2 standard errors; when they agree, the one whose diagnostics hold."""
+    if s.get("ais") is None:
+        return None
+    d, se = s["ais"] - s["log_px"], math.hypot(s["ais_stderr"], s["log_px_stderr"])
+    iwae = f"IWAE_{s['num_samples']}"
+    if d > 2 * se:
+        why = f"AIS is {d:.3f} nats above {iwae}; both are lower bounds in expectation, so the higher is the tighter"
+        pick = "ais"
+    elif d < -2 * se:
+        why = f"AIS is {-d:.3f} nats below {iwae}: too few steps for this model (raise --ais)"
+        pick = "iwae"
+    else:
+        pick = "iwae" if s["log_px_reliable"] else "ais"
+        trust = "k̂ says its SE holds" if pick == "iwae" else "IWAE's k̂ says its SE does not hold"
+        why = f"AIS and {iwae} agree within 2 SE ({d:+.3f} nats); {trust}"
+    if pick == "ais" and s.get("ais_untrusted_frac", 0) > UNRELIABLE_FRACTION:
+        why += f"; AIS's SE is unreliable on {100 * s['ais_untrusted_frac']:.0f} % of datapoints (chains' ESS < C/2)"
+    if s.get("bdmc_n"):
+        why += f"; on {s['bdmc_n']} simulated datapoints AIS's bracket is {s['bdmc_gap']:.3f} nats wide"
+    return pick, why
+
+
 def format_table(s: dict, header: str | None = None) -> str:
     """The report as the table ``evaluate`` prints (a bits/dim column only for discrete data)."""
-    bits = "bits_per_dim" in s
+    bits, w = "bits_per_dim" in s, 40 if "ais" in s else 28  # first column: wider for the AIS row
 
     def row(label, value, se, sign=1):
         if value is None or not math.isfinite(value):
-            return f"{label:<28}{'n/a':>12}  (no closed-form KL)"
-        return f"{label:<28}{value:>12.3f}{se:>10.3f}" + (
+            return f"{label:<{w}}{'n/a':>12}  (no closed-form KL)"
+        return f"{label:<{w}}{value:>12.3f}{se:>10.3f}" + (
             f"{sign * bits_per_dim(value, s['dim']):>12.4f}" if bits else ""
         )
 
     header = header or f"n = {s['n']}, K = {s['num_samples']}, D = {s['dim']}; nats per datapoint"
     lines = [
         header,
-        f"{'':<28}{'nats':>12}{'± MC SE':>10}" + (f"{'bits/dim':>12}" if bits else ""),
+        f"{'':<{w}}{'nats':>12}{'± MC SE':>10}" + (f"{'bits/dim':>12}" if bits else ""),
         row("ELBO (analytic KL)", s["elbo_analytic"], s["elbo_analytic_stderr"]),
         row("ELBO (Monte Carlo)", s["elbo_mc"], s["elbo_mc_stderr"]),
     ]
@@ -174,6 +199,20 @@ def format_table(s: dict, header: str | None = None) -> str:
     lines.append(
         row(f"log p(x) (IWAE K={s['num_samples']})", s["log_px"], s["log_px_stderr"]) + "  " + verdict(s)
     )
+    if "ais" in s:
+        accept = "n/a (T = 1)" if s["ais_accept"] is None else f"{s['ais_accept']:.2f}"
+        label = f"log p(x) (AIS, {s['ais_steps']} steps × {s['ais_chains']} chains)"
+        lines.append(row(label, s["ais"], s["ais_stderr"]) + f"  acceptance {accept}")
+    if s.get("bdmc_n"):
+        lines.append(
+            f"BDMC on {s['bdmc_n']} datapoints simulated from the model: {s['bdmc_lower']:.3f} ≤ log p(x) ≤ "
+            f"{s['bdmc_upper']:.3f} (means), mean width {s['bdmc_gap']:.3f} nats"
+        )
+    if headline(s):
+        pick, why = headline(s)
+        lines.append(
+            f"headline: {'AIS' if pick == 'ais' else 'IWAE'} ({s['ais' if pick == 'ais' else 'log_px']:.3f}): {why}"
+        )
     lines.append(row("gap log p(x) − ELBO", s["gap"], s["gap_stderr"], sign=-1))
     if s["khat_frac_above_threshold"] is None:
         lines.append(

@@ -1,0 +1,108 @@
+r"""AIS and BDMC in an evaluation (:func:`ppl_vae.reports.evaluation.evaluate` with ``ais_steps``,
+``bdmc``): per block, in the protocol of the rest of the evaluation.
+
+* AIS (:func:`ppl_vae.inference.ais.ais`) on each block of the evaluated data, block b seeded by
+  ``derive_seed(derive_seed(seed, b), AIS_STREAM)``: the arrays ``ais``, ``ais_stderr``,
+  ``ais_accept``, ``ais_trusted`` ``(M,)`` beside the IWAE ones.
+* BDMC (:func:`ppl_vae.inference.bdmc.bdmc`) on ``bdmc`` datapoints simulated from the model,
+  shaped like the first rows of the data (their labels kept, for a conditional program), in
+  blocks of the same size, block b seeded by ``derive_seed(seed, BDMC_STREAM, b)``: ``bdmc_lower``,
+  ``bdmc_upper``, ``bdmc_gap`` and the two stderrs ``(n_sim,)``.
+
+Either way a block's numbers depend on ``seed`` and the block size only, so any split of the
+blocks over ``torchrun`` processes gives the same numbers (:func:`bdmc_blocks` gathers them).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..core import distributed
+from ..core.seeding import derive_seed
+from ..inference import checks, estimators
+
+AIS_STREAM, BDMC_STREAM = 0xA15, 0xBD3C  # keys of the AIS and BDMC seeds, apart from the IWAE draws'
+PER_DATAPOINT = ("ais", "ais_stderr", "ais_accept", "ais_trusted")
+BDMC_PER_DATAPOINT = ("bdmc_lower", "bdmc_lower_stderr", "bdmc_upper", "bdmc_upper_stderr", "bdmc_gap")
+ARRAYS = PER_DATAPOINT + BDMC_PER_DATAPOINT  # what --per-datapoint saves
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def ais_block(model, guide, xb, seed: int, opts: dict) -> dict[str, np.ndarray]:
+    """AIS on one block ``xb (B, ...)`` (``opts``: :func:`~ppl_vae.inference.ais.ais`'s keyword
+    arguments, ``num_steps`` and ``num_chains`` included): the arrays of :data:`PER_DATAPOINT` ``(B,)``."""
+    est = estimators.ais(model, guide, xb, seed=derive_seed(seed, AIS_STREAM), **opts)
+    return {
+        "ais": _np(est.value),
+        "ais_stderr": _np(est.stderr),
+        "ais_accept": _np(est.accept),
+        "ais_trusted": est.trusted.cpu().numpy(),
+    }
+
+
+def options(steps: int, chains: int, leapfrog: int, work: int, progress: bool):
+    """AIS's arguments (``None`` for ``steps`` = 0) and a progress bar over ``work`` datapoints ×
+    ``steps`` on stderr (off without ``progress``), whose ``update`` AIS calls after every step."""
+    bar = tqdm(total=steps * work, desc="AIS", unit="step", disable=not (progress and steps), file=sys.stderr)
+    return (
+        dict(num_steps=steps, num_chains=chains, leapfrog=leapfrog, progress=bar.update) if steps else None
+    ), bar
+
+
+def bdmc_blocks(
+    model, guide, data, n_sim: int, block_size: int, seed: int, opts: dict, device=None, ctx=None
+):
+    """BDMC on ``n_sim`` datapoints simulated like rows ``i mod N`` of ``data`` (a tensor or a tuple
+    of per-datapoint arguments), in blocks of ``block_size``, this rank's blocks computed and every
+    rank's gathered: the arrays of :data:`BDMC_PER_DATAPOINT` ``(n_sim,)`` in row order."""
+    ctx = ctx or distributed.Context()
+    like = checks.select(data, torch.arange(n_sim) % checks.num_datapoints(data), device)
+    mine = []
+    for b in distributed.strided(range(math.ceil(n_sim / block_size)), ctx):
+        xb = checks.select(like, slice(b * block_size, (b + 1) * block_size))
+        br = estimators.bdmc(model, guide, xb, seed=derive_seed(seed, BDMC_STREAM, b), **opts)
+        lo, up = br.lower, br.upper
+        mine.append((b, [_np(lo.value), _np(lo.stderr), _np(up.value), _np(up.stderr), _np(br.gap)]))
+    parts = sorted(p for rank in distributed.all_gather_objects(mine, ctx) for p in rank)  # by block
+    return {
+        k: np.concatenate([np.zeros(0)] + [p[1][i] for p in parts]) for i, k in enumerate(BDMC_PER_DATAPOINT)
+    }
+
+
+def summarize(res: dict, opts: dict | None, n_sim: int) -> dict:
+    """The JSON entries of AIS and BDMC (none without ``opts``): means over datapoints in nats with
+    their Monte Carlo standard errors (√(Σ se²)/n), the mean acceptance rate and the fraction of
+    datapoints whose chains' weights are too unequal for their stderr (ESS < C/2)."""
+    if not opts:
+        return {}
+    n_sim = n_sim or 0
+    s = {"ais_steps": opts["num_steps"], "ais_chains": opts["num_chains"], "ais_leapfrog": opts["leapfrog"]}
+    if "ais" in res:
+        e = estimators.Estimate(torch.from_numpy(res["ais"]), torch.from_numpy(res["ais_stderr"]))
+        s.update(
+            ais=e.mean(),
+            ais_stderr=e.mean_stderr(),
+            ais_stderr_across_datapoints=e.across_datapoints_stderr(),
+        )
+        s["ais_accept"] = float(np.nanmean(res["ais_accept"])) if opts["num_steps"] > 1 else None
+        s["ais_untrusted_frac"] = float(1 - np.mean(res["ais_trusted"]))
+    if n_sim:
+        lo = estimators.Estimate(
+            torch.from_numpy(res["bdmc_lower"]), torch.from_numpy(res["bdmc_lower_stderr"])
+        )
+        up = estimators.Estimate(
+            torch.from_numpy(res["bdmc_upper"]), torch.from_numpy(res["bdmc_upper_stderr"])
+        )
+        s.update(bdmc_n=n_sim, bdmc_lower=lo.mean(), bdmc_lower_stderr=lo.mean_stderr())
+        s.update(
+            bdmc_upper=up.mean(), bdmc_upper_stderr=up.mean_stderr(), bdmc_gap=float(np.mean(res["bdmc_gap"]))
+        )
+    return s
