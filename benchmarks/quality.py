@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_name  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 from ppl_vae.training.runs import best_epoch, read_metrics, selection_bound  # noqa: E402
 
@@ -190,6 +194,55 @@ def evaluate_command(
     ]
 
 
+CHECKED = ("train_objective", "valid_elbo", "valid_recon", "valid_kl", "valid_iwae_k", "beta", "lr")
+
+
+def check(recipe: str, epochs: int, out: Path, quick: bool, data_dir: str | None, device: str) -> int:
+    """Rerun the first ``epochs`` epochs of a recorded run, its recorded fit command under its
+    recorded thread count, and compare the metrics with the recorded curve epoch by epoch. The same
+    commit on the same machine with the same threads gives bit-identical rows; another thread
+    count, CPU or library version gives float drift (relative differences of 1e-5 and below);
+    above 1e-3 relative is reported as a mismatch (exit 1)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if quick:  # the run being checked is --out's own quick run
+        recorded, curve = json.loads((out / f"quality-{recipe}-quick.json").read_text()), read_metrics(out)
+    else:
+        recorded = json.loads((RESULTS / f"quality-{recipe}-{kind}.json").read_text())
+        lines = (RESULTS / f"quality-{recipe}-{kind}-metrics.jsonl").read_text().splitlines()
+        curve = [json.loads(line) for line in lines]
+    if epochs > len(curve):
+        sys.exit(f"quality.py: error: --check {epochs}: the recorded curve has {len(curve)} epochs")
+    args = merged(shlex.split(recorded["fit_command"])[3:])  # after "python -m ppl_vae.fit"
+    check_out = Path(tempfile.mkdtemp(prefix=f"quality-{recipe}-check-", dir=out.parent))
+    args.update({"--epochs": str(epochs), "--final-iwae-k": "0", "--out": str(check_out)})
+    args.pop("--time-limit", None)
+    if data_dir and "--data-dir" in args:
+        args["--data-dir"] = data_dir
+    env, threads = dict(os.environ), recorded.get("environment", {}).get("threads")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        print(
+            "quality.py: warning: the result records no thread count (older run); using this machine's default"
+        )
+    cmd = [sys.executable, "-m", "ppl_vae.fit", *(a for kv in args.items() for a in kv), "--quiet"]
+    print("$", shlex.join(cmd), f"(OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'default')})", flush=True)
+    if subprocess.call(cmd, cwd=REPO, env=env) != 0:
+        return 1
+    rows, worst = read_metrics(check_out), 0.0
+    print(f"{'epoch':>5}  {'key':<16}{'recorded':>16}{'rerun':>16}{'|Δ|':>12}")
+    for old, new in zip(curve[:epochs], rows):
+        for key in (k for k in CHECKED if k in old):
+            d = abs(new[key] - old[key])
+            worst = max(worst, d / max(abs(old[key]), 1e-12))
+            print(f"{old['epoch']:>5}  {key:<16}{old[key]:>16.7f}{new[key]:>16.7f}{d:>12.2e}")
+    env_then, env_now = recorded.get("environment", {}), {**environment(), "threads": threads}
+    same = [k for k in ("commit", "threads", "torch", "pyro", "cpu") if env_then.get(k) == env_now.get(k)]
+    verdict = "bit-identical" if worst == 0 else f"largest relative difference {worst:.1e}"
+    print(f"--check {epochs}: {verdict} (same {', '.join(same) or 'nothing'} as the recorded run)")
+    return 0 if worst <= 1e-3 else 1
+
+
 def quick_data(data_dir: str | None, out: Path) -> Path:
     """2,000 random training images of static binarized MNIST as an ``.npz`` for ``--quick``."""
     from ppl_vae.data.datasets import load_dataset
@@ -209,6 +262,51 @@ def run(cmd: list[str]) -> float:
     if rc != 0:
         sys.exit(rc)
     return time.perf_counter() - t0
+
+
+def relative(cmd: list[str]) -> list[str]:
+    """``cmd`` with ``python`` for the interpreter and absolute paths relative to the repository."""
+    return [
+        "python",
+        *(os.path.relpath(a, REPO) if os.path.isabs(a) and os.path.exists(a) else a for a in cmd[1:]),
+    ]
+
+
+def environment() -> dict:
+    """What decides a curve's last digits: the commit (``dirty`` when ppl_vae/ or benchmarks/
+    differ from it), torch's thread count (``OMP_NUM_THREADS``; the fit subprocess inherits this
+    environment), the versions of torch, Pyro and Python, and the CPU."""
+    import platform
+
+    import pyro
+    import torch
+
+    def git(*args):
+        r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    cpu = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor() or platform.machine(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor() or platform.machine()
+    )
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--", "ppl_vae", "benchmarks/quality.py")),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+    }
 
 
 def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick) -> dict:
@@ -243,9 +341,10 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
         "quick": quick,
         "test_nll": -test["log_px"],
         "test_nll_stderr": test["log_px_stderr"],
-        # recorded with "python", not this machine's interpreter path (reproducible elsewhere)
-        "fit_command": shlex.join(["python", *fit_cmd[1:]]),
-        "evaluate_command": shlex.join(["python", *eval_cmd[1:]]),
+        # recorded with "python" and paths relative to the repository (reproducible elsewhere)
+        "fit_command": shlex.join(relative(fit_cmd)),
+        "evaluate_command": shlex.join(relative(eval_cmd)),
+        "environment": environment(),
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "epochs": fit_summary["epochs"],
@@ -339,6 +438,14 @@ def main(argv=None) -> int:
     p.add_argument("--evaluate-only", action="store_true", help="evaluate an already trained --out")
     p.add_argument("--quick", action="store_true", help="a few hundred steps on a subset: checks the wiring")
     p.add_argument(
+        "--check",
+        type=int,
+        metavar="N",
+        default=None,
+        help="rerun the first N epochs of the recorded run (its command and thread count) and compare "
+        "them with the recorded curve; exit 1 on a relative difference above 1e-3",
+    )
+    p.add_argument(
         "--figure",
         type=Path,
         nargs="?",
@@ -354,6 +461,8 @@ def main(argv=None) -> int:
         p.error("name a recipe, or pass --figure")
     out = a.out or Path("runs") / f"quality-{a.recipe}{'-quick' if a.quick else ''}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.check is not None:
+        return check(a.recipe, a.check, out, a.quick, a.data_dir, a.device)
     if a.quick:
         data = ["--dataset", str(quick_data(a.data_dir, out)), "--binarize", "none"]
         a.time_limit, a.num_samples = None, min(a.num_samples, 100)

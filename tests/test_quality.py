@@ -146,3 +146,39 @@ def test_figure_draws_every_committed_result(tmp_path):
         res = json.loads(path.read_text())
         minutes, log_px = markers[f"{res['recipe']} ({res['device']})"]
         assert log_px == -res["test_nll"] and 0 < minutes <= res["train_seconds"] / 60 + 1e-9
+
+
+@pytest.mark.slow
+def test_check_reruns_the_first_epochs_bit_identically_and_flags_a_changed_curve(
+    quick_runs, data_dir, tmp_path
+):
+    """``--check 2`` reruns the recorded fit command under the recorded thread count (1 here) and
+    finds the first two epochs bit-identical; against a curve changed by one nat it exits 1."""
+    import shutil
+
+    _, out = quick_runs["vae"]
+    result = json.loads((out / "quality-vae-quick.json").read_text())
+    assert result["environment"]["threads"] == 1 and result["environment"]["commit"]
+    assert not result["fit_command"].startswith("/") and " /" not in result["fit_command"]  # relative paths
+
+    def check(run_dir):
+        return subprocess.run(
+            [sys.executable, "benchmarks/quality.py", "vae", "--quick", "--check", "2", "--out", str(run_dir)]
+            + ["--data-dir", str(data_dir), "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},  # the recorded 1 is used
+            timeout=600,
+        )
+
+    r = check(out)
+    assert r.returncode == 0 and "--check 2: bit-identical" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    shutil.copy(out / "quality-vae-quick.json", changed)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows[1]["valid_elbo"] += 1.0
+    (changed / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    r = check(changed)
+    assert r.returncode == 1 and "largest relative difference" in r.stdout, r.stdout[-2000:]
