@@ -171,3 +171,90 @@ def test_meanfield_elbo_is_reconstruction_plus_closed_form_kl_on_the_models_site
     logits = vae.decoder(guide_tr.nodes["z"]["value"])  # (6, 16)
     log_lik = (x * logits - F.softplus(logits)).sum(-1)  # (6,)
     _close(loss, size / x.shape[0] * (-log_lik + kl).sum())
+
+
+# --------------------------------------------------------------------------- discretized logistic
+
+LEVELS = torch.arange(256, dtype=torch.float64) / 255  # (256,) the 8-bit levels k/255
+# (μ, log s): near the data, far outside [0, 1], very narrow (the clamp at −7), very wide
+LOGISTIC_PARAMS = [(0.5, -3.0), (0.0, -7.0), (1.0, -7.0), (0.37, -9.0), (-10.0, 5.0), (3.0, -1.0), (0.5, 8.0)]
+
+
+def _pixels(mu, log_s, dtype, n=256):
+    from ppl_vae.programs.likelihoods import DiscretizedLogisticPixels
+
+    return DiscretizedLogisticPixels(torch.full((n,), mu, dtype=dtype), torch.full((n,), log_s, dtype=dtype))
+
+
+def _reference_log_prob(x: float, mu: float, log_s: float) -> float:
+    """log P(bin of x) at 1000 digits (mpmath: e^−1100 still resolved): σ(b) − σ(a) with bin k = ⌊256 x⌋ (255 at x = 1),
+    a = (k/256 − μ)/s, b = ((k+1)/256 − μ)/s, and σ(a) := 0 for k = 0, σ(b) := 1 for k = 255."""
+    import mpmath
+
+    mpmath.mp.dps = 1000
+    k = min(math.floor(x * 256), 255)
+    s = mpmath.exp(max(log_s, -7.0))
+    sig = lambda t: 1 / (1 + mpmath.exp(-t))  # noqa: E731
+    upper = mpmath.mpf(1) if k == 255 else sig((mpmath.mpf(k + 1) / 256 - mu) / s)
+    lower = mpmath.mpf(0) if k == 0 else sig((mpmath.mpf(k) / 256 - mu) / s)
+    return float(mpmath.log(upper - lower))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mu,log_s", LOGISTIC_PARAMS)
+def test_discretized_logistic_256_bins_sum_to_one(mu, log_s, dtype):
+    lp = _pixels(mu, log_s, dtype).log_prob(LEVELS.to(dtype))  # (256,) one per bin
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    _close(lp.logsumexp(0), torch.zeros((), dtype=dtype), rtol=0, atol=tol)
+    # the levels k/255 and the bin centres (k + 0.5)/256 fall in the same bins
+    centres = ((torch.arange(256, dtype=torch.float64) + 0.5) / 256).to(dtype)
+    _close(_pixels(mu, log_s, dtype).log_prob(centres), lp, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mu,log_s", LOGISTIC_PARAMS)
+def test_discretized_logistic_matches_a_high_precision_reference(mu, log_s):
+    """float64 to 1e-10 and float32 to 1e-5 relative (tails included: bins far from the mean,
+    where σ(b) − σ(a) in float32 would be 0 or lose every digit)."""
+    ks = [0, 1, 2, 50, 93, 94, 95, 127, 128, 200, 254, 255]
+    x = torch.tensor([k / 255 for k in ks], dtype=torch.float64)
+    ref = torch.tensor([_reference_log_prob(k / 255, mu, log_s) for k in ks], dtype=torch.float64)
+    _close(_pixels(mu, log_s, torch.float64, len(ks)).log_prob(x), ref, rtol=1e-10, atol=1e-12)
+    f32 = _pixels(mu, log_s, torch.float32, len(ks)).log_prob(x.float()).double()
+    _close(f32, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_discretized_logistic_gradients_match_finite_differences():
+    from ppl_vae.programs.likelihoods import DiscretizedLogisticPixels
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.tensor([0, 1, 17, 128, 200, 254, 255], dtype=torch.float64) / 255  # edges included
+    loc = (torch.rand(7, generator=g, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
+    log_s = (torch.rand(7, generator=g, dtype=torch.float64) * 5 - 6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m, s: DiscretizedLogisticPixels(m, s).log_prob(x), (loc, log_s))
+    assert torch.autograd.gradgradcheck(
+        lambda m, s: DiscretizedLogisticPixels(m, s).log_prob(x), (loc, log_s)
+    )
+
+
+def test_discretized_logistic_mean_and_samples_follow_the_bin_probabilities():
+    lik = make_likelihood("discretized-logistic")
+    out = torch.tensor(
+        [[0.3, 0.9, -0.2, -3.0, -2.0, 0.5]], dtype=torch.float64
+    )  # (1, 2D): μ then log s, D = 3
+    d = lik.dist(out)
+    assert d.batch_shape == (1,) and d.event_shape == (3,)
+    mu, log_s = out[0, :3], out[0, 3:]
+    probs = torch.stack(
+        [_pixels(m.item(), s.item(), torch.float64).log_prob(LEVELS).exp() for m, s in zip(mu, log_s)]
+    )
+    _close(lik.mean(out)[0], (probs * LEVELS).sum(-1))  # E[x] = Σ_k (k/255) P(k)
+    torch.manual_seed(0)
+    draws = d.sample((20000,))[:, 0]  # (20000, 3) levels k/255
+    assert torch.equal(draws * 255, (draws * 255).round())
+    freq = (
+        torch.stack([torch.bincount((draws[:, i] * 255).round().long(), minlength=256) for i in range(3)])
+        / 20000
+    )
+    assert (freq - probs).abs().max() < 0.015  # binomial s.d. ≤ 0.0036 per bin
+    assert bool(d.support.check(draws).all()) and d.support.is_discrete
