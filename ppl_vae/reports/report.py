@@ -166,8 +166,10 @@ def headline(s: dict) -> tuple[str, str] | None:
         pick = "iwae"
     else:
         pick = "iwae" if s["log_px_reliable"] else "ais"
-        trust = "k̂ says its SE holds" if pick == "iwae" else "IWAE's k̂ says its SE does not hold"
-        why = f"AIS and {iwae} agree within 2 SE ({d:+.3f} nats); {trust}"
+        trust = {True: "its k̂ says its SE holds", False: "its k̂ says its SE does not hold"}.get(
+            s["log_px_reliable"], f"its k̂ is not computed (K < {psis.PSIS_MIN_SAMPLES})"
+        )
+        why = f"AIS and {iwae} agree within 2 SE ({d:+.3f} nats), and {trust}"
     if pick == "ais" and s.get("ais_untrusted_frac", 0) > UNRELIABLE_FRACTION:
         why += f"; AIS's SE is unreliable on {100 * s['ais_untrusted_frac']:.0f} % of datapoints (chains' ESS < C/2)"
     if s.get("bdmc_n"):
