@@ -610,3 +610,27 @@ def test_ais_and_bdmc_in_evaluate_give_the_same_numbers_however_blocks_are_split
         assert {k: gathered[k] for k in single if "ais" in k or "bdmc" in k} == pytest.approx(
             {k: single[k] for k in single if "ais" in k or "bdmc" in k}, rel=1e-6
         )
+
+
+@pytest.mark.parametrize(
+    "ais,reliable,pick,says",
+    [
+        (-90.0, False, "ais", "AIS is 2.000 nats above IWAE_1000"),
+        (-94.0, True, "iwae", "AIS is 2.000 nats below IWAE_1000: too few steps"),
+        (-92.05, True, "iwae", "agree within 2 SE (-0.050 nats), and its k̂ says its SE holds"),
+        (-92.05, False, "ais", "its k̂ says its SE does not hold"),
+        (-92.05, None, "ais", "its k̂ is not computed (K < 21)"),
+    ],
+)
+def test_the_headline_is_the_tighter_bound_or_the_one_whose_diagnostics_hold(ais, reliable, pick, says):
+    from ppl_vae.reports.report import headline
+
+    s = dict(
+        log_px=-92.0, log_px_stderr=0.05, ais=ais, ais_stderr=0.05, num_samples=1000, log_px_reliable=reliable
+    )
+    assert headline({**s, "ais": None}) is None
+    got, why = headline(s)
+    assert got == pick and says in why, why
+    flagged = headline({**s, "ais_untrusted_frac": 0.5, "bdmc_n": 50, "bdmc_gap": 0.123})[1]
+    assert "on 50 simulated datapoints AIS's bracket is 0.123 nats wide" in flagged
+    assert ("AIS's SE is unreliable on 50 %" in flagged) == (pick == "ais")

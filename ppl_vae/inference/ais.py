@@ -1,5 +1,4 @@
-r"""Annealed importance sampling (AIS) and bidirectional Monte Carlo (BDMC) for log p(x) of any
-Pyro program, per datapoint, in nats.
+r"""Annealed importance sampling (AIS) for log p(x) of any Pyro program, per datapoint, in nats.
 
 **AIS** (Neal 2001): from z_0 ~ f_0 = r(z), the base density (the guide q(z|x), or the prior
 p(z) as Wu et al. 2017 do), along the geometric path
@@ -23,10 +22,10 @@ each estimating chain is plain AIS with fixed kernels, so E[w] = p(x) holds exac
 adapted from the chains' own acceptances would make each kernel depend on the chain's past,
 and the telescoping proof of unbiasedness no longer applies). ``pilot_chains=0``: a fixed ε.
 
-**Reverse AIS and BDMC** (Grosse et al. 2015): for x simulated with its latents z* (:func:`simulate`,
-``poutine.uncondition``), chains started at z* ~ p(z | x) exactly and annealed from β = 1 to 0
-give E[1 / w_rev] = 1 / p(x): −log of the mean of 1 / w_rev is a stochastic *upper* bound.
-:func:`bdmc` returns both bounds and their gap, which bounds AIS's own error on data like these.
+**Reverse AIS** (Grosse et al. 2015; :mod:`ppl_vae.inference.bdmc`): for x simulated with its
+latents z*, chains started at z* ~ p(z | x) exactly and annealed from β = 1 to 0 accumulate
+log w_rev = Σ_t (β_{t−1} − β_t) ℓ(z) along the reversed schedule, with E[w_rev] = 1 / p(x):
+−log of the mean of the C chains' w_rev is a stochastic *upper* bound (``_run`` with ``latents``).
 
 Memory is O(batch × chains × latent size), never O(T); the loop over t makes no host
 synchronisation. Randomness: datapoint i (its row in ``x``) draws from ``derive_seed(seed, i)``

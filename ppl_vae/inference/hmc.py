@@ -37,7 +37,7 @@ from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from ..core.errors import UserError
-from .replay import guide_trace, per_datapoint, weigh
+from .replay import guide_trace, log_density, weigh
 
 
 class Latent(NamedTuple):
@@ -119,7 +119,7 @@ class Target:
         ell = weigh(model_tr, guide_tr, self.nesting).log_w  # (K, N)
         base = guide_tr if self.init == "guide" else model_tr
         log_r = sum(
-            per_datapoint(s, s["fn"].log_prob(s["value"]), self.nesting)
+            log_density(s, self.nesting)  # scaled and masked as weigh's terms
             for s in base.nodes.values()
             if s["type"] == "sample" and not s["is_observed"]
         )  # (K, N)

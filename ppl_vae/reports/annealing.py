@@ -50,8 +50,10 @@ def ais_block(model, guide, xb, seed: int, opts: dict) -> dict[str, np.ndarray]:
 
 def options(steps: int, chains: int, leapfrog: int, work: int, progress: bool):
     """AIS's arguments (``None`` for ``steps`` = 0) and a progress bar over ``work`` datapoints ×
-    ``steps`` on stderr (off without ``progress``), whose ``update`` AIS calls after every step."""
-    bar = tqdm(total=steps * work, desc="AIS", unit="step", disable=not (progress and steps), file=sys.stderr)
+    ``steps`` on stderr, whose ``update`` AIS calls after every step: shown with ``progress`` on a
+    terminal only (a log would get a line per refresh of a long run)."""
+    show = progress and steps and sys.stderr.isatty()
+    bar = tqdm(total=steps * work, desc="AIS", unit="step", disable=not show, file=sys.stderr)
     return (
         dict(num_steps=steps, num_chains=chains, leapfrog=leapfrog, progress=bar.update) if steps else None
     ), bar
