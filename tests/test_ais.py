@@ -7,6 +7,7 @@ for z ~ Gamma(a, b) and x_j | z ~ Poisson(z), j = 1..D, z | x ~ Gamma(a + Σx, b
 p(x) = b^a Γ(a + Σx) / (Γ(a) (b + D)^(a + Σx) Π_j x_j!).
 """
 
+import io
 import math
 
 import numpy as np
@@ -328,6 +329,11 @@ def test_progress_is_called_after_every_step_with_the_datapoints_of_the_pass():
     E.ais(lin.model, lin.poor_guide, lin.x, num_steps=4, num_chains=2, pilot_chains=1, leapfrog=1, seed=0,
           chunk_size=9, progress=calls.append)  # fmt: skip
     assert calls == [3] * 4 + [2] * 4  # passes of 3 and 2 datapoints (9 // 3 chains)
+    from tqdm import tqdm
+
+    with tqdm(total=5 * 4, file=io.StringIO()) as bar:  # a bar takes the same counts
+        E.ais(lin.model, lin.poor_guide, lin.x, num_steps=4, num_chains=2, leapfrog=1, seed=0, progress=bar)
+        assert bar.n == 5 * 4
 
 
 # --------------------------------------------------------------------------- refusals

@@ -247,6 +247,7 @@ def _run(model, guide, x, kwargs, num_steps, num_chains, leapfrog, init, sched, 
     args = check_data(x, kwargs)
     program = inspect_program(model, guide, x, kwargs)
     seed = int(torch.randint(2**62, ())) if seed is None else seed
+    progress = getattr(progress, "update", progress)  # a tqdm bar, or any callable
     n, k, device = args[0].shape[0], num_chains + pilots, args[0].device
     betas = schedule(num_steps, sched)[:: -1 if latents is not None else 1]
     if latents is not None:
@@ -293,7 +294,7 @@ def ais(model, guide, x, *, num_steps: int, num_chains: int = 16, leapfrog: int 
     (f_0 = p(z)); ``schedule``: ``"sigmoid"`` or ``"linear"``; ``step_size``: the initial ε,
     adapted per datapoint by ``pilot_chains`` extra chains (0: fixed); ``chunk_size``: chains ×
     datapoints per pass (memory only); ``progress``: called with the number of datapoints of the
-    pass after every step (e.g. a tqdm bar's ``update``). Refused in one line: a discrete latent
+    pass after every step, or a tqdm bar (its ``update``). Refused in one line: a discrete latent
     site, one whose log-density has no gradient, and with ``init="guide"`` a latent site of model
     or guide alone."""
     return _run(model, guide, x, kwargs, num_steps, num_chains, leapfrog, init, schedule, seed, chunk_size,
