@@ -604,6 +604,17 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def commit() -> str | None:
+    """The commit measured: ``$PPL_VAE_COMMIT`` (a run from an exported tree), else git's HEAD."""
+    import os
+    import subprocess
+
+    if os.environ.get("PPL_VAE_COMMIT"):
+        return os.environ["PPL_VAE_COMMIT"]
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=20, help="kill -9 trials (default: 20)")
@@ -717,6 +728,7 @@ def main(argv=None) -> int:
     path = save_result(
         "fault_trials",
         {
+            "commit": commit(),
             "epochs": EPOCHS,
             "seed": args.seed,
             "kill_trials": kills,
