@@ -52,9 +52,27 @@ def build_parser() -> ArgumentParser:
     g.add_argument(
         "--dataset",
         default=S,
-        help=f"one of {', '.join(DATASETS)}, or a .npy/.npz file of images in "
-        f"[0, 1] shaped (N, H, W) or (N, D) (default: auto = MNIST if present or downloadable, else "
+        help=f"one of {', '.join(DATASETS)}; or a folder of PNG/JPEG images (class subfolders give "
+        f"labels); or a .npy/.npz file of images in [0, 1] shaped (N, H, W), (N, D), (N, C, H, W) or "
+        f"(N, H, W, C) with C = 1 or 3 (a .npz's 'labels' array gives labels); your data are split "
+        f"80/10/10 by a seeded permutation (default: auto = MNIST if present or downloadable, else "
         f"binarized MNIST if present, else scikit-learn's 8x8 digits)",
+    )
+    g.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=S,
+        help="your own images: convert them to 1 (grey) or 3 (RGB) channels (default: as they are; a "
+        "folder with any colour image is read as RGB)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int_list,
+        default=S,
+        metavar="H,W",
+        help="a folder of images: resize every image to H×W pixels, needed when their sizes differ "
+        "(default: off)",
     )
     g.add_argument(
         "--data-dir",
@@ -89,8 +107,8 @@ def build_parser() -> ArgumentParser:
         "--arch",
         choices=ARCHS,
         default=S,
-        help=f"networks (default: {d.arch}; conv needs H and W "
-        f"divisible by 4, e.g. 28x28; broadcast: MLP encoder, spatial broadcast decoder)",
+        help=f"networks (default: {d.arch}; conv: two stride-2 convolutions, any H and W >= 4, "
+        f"e.g. 28x28 or Frey Faces' 28x20; broadcast: MLP encoder, spatial broadcast decoder)",
     )
     g.add_argument(
         "--hidden",
@@ -163,7 +181,8 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         default=S,
         help="class-conditional p(x|z,y) and q(z|x,y) "
-        "(datasets with labels: digits, mnist, mnist-t10k, fashion-mnist, kmnist)",
+        "(datasets with labels: digits, mnist, mnist-t10k, fashion-mnist, kmnist, a folder with class "
+        "subfolders, a .npz with a labels array)",
     )
     g = p.add_argument_group("objective")
     g.add_argument(

@@ -84,7 +84,7 @@ def files(tmp_path_factory) -> dict:
         "bytes": (rng.random((20, 8, 8)) * 255).astype(np.float32),
         "negative": binary - 0.5,
         "flat50": (rng.random((20, 50)) < 0.5).astype(np.float32),
-        "ten": (rng.random((20, 10, 10)) < 0.5).astype(np.float32),
+        "three": (rng.random((20, 3, 3)) < 0.5).astype(np.float32),
         "empty": np.zeros((0, 8, 8), np.float32),
         "no_pixels": np.zeros((20, 0), np.float32),
         "two": binary[:2],
@@ -178,11 +178,15 @@ def test_cli_existing_run_is_never_overwritten_silently(tmp_path):
         ("bytes", [], "must lie in [0.0, 1.0], found [0"),
         ("bytes", ["--likelihood", "continuous-bernoulli"], "(images in 0..255? divide by 255)"),
         ("negative", [], "must lie in [0.0, 1.0], found [-0.5, 0.5]"),
-        ("ten", ["--arch", "conv"], "(1, 10, 10); use --arch mlp"),
+        ("three", ["--arch", "conv"], "(1, 3, 3); use --arch mlp"),
         ("empty", [], "the dataset is empty (shape (0, 8, 8))"),
         ("no_pixels", [], "the dataset is empty (shape (20, 0))"),
         ("two", [], "need at least 3 images"),
-        ("vector", [], "images must have shape (N, H, W) or (N, D), got (20,)"),
+        (
+            "vector",
+            [],
+            "images must have shape (N, H, W), (N, D), or (N, C, H, W) / (N, H, W, C) with C = 1 or 3 channels, got (20,)",
+        ),
         ("strings", [], "images must be numeric, got dtype <U1"),
         ("pickled", [], "pickled Python objects, which ppl_vae never loads"),
         ("junk", [], "cannot read"),
@@ -224,7 +228,7 @@ def test_missing_mnist_test_files_name_both_folders(files, tmp_path, capsys):
         (["--sigma-floor", "-1"], "--sigma-floor must be >= 0"),
         (["--lr-decay", "0"], "--lr-decay must be in (0, 1], got 0.0"),
         (["--device", "cuda:x"], "--device must be auto, cpu or cuda (or cuda:N), got 'cuda:x'"),
-        (["--dataset", " "], "--dataset must be a dataset name or a .npy/.npz path"),
+        (["--dataset", " "], "--dataset must be a dataset name, a folder of images or a .npy/.npz path"),
         (["--num-particles", "0"], "--num-particles K must be >= 1, got 0"),
         (["--beta", "0"], "--beta must be > 0, got 0.0"),
         (["--beta", "-2"], "--beta must be > 0, got -2.0"),
@@ -347,7 +351,7 @@ def _random_array(rng: np.random.Generator) -> np.ndarray:
     ndim = int(rng.choice([0, 1, 2, 2, 3, 3, 4, 5]))
     shape = [int(rng.choice([0, 1, 2, 3, 5, 8, 9] if i else [0, 2, 3, 5, 9, 17])) for i in range(ndim)]
     if ndim == 4 and rng.random() < 0.7:
-        shape[1] = 1  # (N, 1, H, W)
+        shape[1 if rng.random() < 0.5 else 3] = int(rng.choice([1, 3]))  # (N, C, H, W) or (N, H, W, C)
     kind = rng.choice(["unit", "unit", "binary", "binary", "bytes", "signed", "wide"])
     x = {
         "unit": lambda s: rng.random(s),
@@ -370,7 +374,11 @@ def _should_accept(arr: np.ndarray) -> bool:
     """The documented contract, written independently of the implementation."""
     if arr.dtype.kind not in "fiub":
         return False
-    a = arr[:, 0] if arr.ndim == 4 and arr.shape[1] == 1 else arr
+    a = arr
+    if arr.ndim == 4:  # C = 1 or 3 channels, first (preferred) or last
+        if not (arr.shape[1] in (1, 3) or arr.shape[3] in (1, 3)):
+            return False
+        a = arr.reshape(arr.shape[0], math.prod(arr.shape[1:]))
     if a.ndim not in (2, 3) or a.shape[0] < 3 or math.prod(a.shape[1:]) == 0:
         return False
     x = a.astype(np.float32)
@@ -392,12 +400,16 @@ def test_random_malformed_arrays_are_accepted_correctly_or_refused_clearly():
             continue
         ds = dataset_from_array(arr, name=name)
         n = arr.shape[0]
-        img = arr.reshape(n, -1).astype(np.float32)  # (N, D): values preserved in float32
+        channels_last = arr.ndim == 4 and arr.shape[1] not in (1, 3)
+        chw = arr.transpose(0, 3, 1, 2) if channels_last else arr  # (N, C, H, W) for 4-D
+        img = chw.reshape(n, -1).astype(np.float32)  # (N, D): values preserved in float32
         d = img.shape[1]
         side = math.isqrt(d)
         expected_shape = (
-            (1, arr.shape[-2], arr.shape[-1])
-            if arr.ndim >= 3
+            tuple(chw.shape[1:])
+            if arr.ndim == 4
+            else (1, arr.shape[-2], arr.shape[-1])
+            if arr.ndim == 3
             else (1, side, side)
             if side * side == d
             else (1, 1, d)

@@ -267,7 +267,7 @@ def test_load_array_files(tmp_path, shape, image_shape, ext):
     "arr,match",
     [
         (np.random.default_rng(0).random(30), "shape"),
-        (np.random.default_rng(0).random((3, 3, 4, 4)), "shape"),
+        (np.random.default_rng(0).random((3, 2, 4, 4)), "shape"),  # 2 channels: neither grey nor RGB
         (np.zeros((0, 4, 4)), "empty"),
         (np.full((10, 4, 4), 255.0), "divide by 255"),
         (np.full((10, 4, 4), -0.5), r"\[0.0, 1.0\]"),

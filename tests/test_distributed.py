@@ -99,7 +99,7 @@ def fixed_noise_setup(x: np.ndarray):
     """The float64 dataset and FixedNoiseVAE of the exact tests (the same on every rank)."""
     from ppl_vae.data.datasets import dataset_from_array
 
-    ds = dataset_from_array(x, "bits")
+    ds = dataset_from_array(x, name="bits")
     ds = replace(ds, train=ds.train.double(), valid=ds.valid.double(), test=ds.test.double())
     torch.manual_seed(0)
     return ds, FixedNoiseVAE(ds.image_shape, 2, [16]).double()

@@ -11,11 +11,13 @@ before anything is allocated). Every malformed file is one :class:`~ppl_vae.core
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.client
 import math
 import os
 import socket
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +35,29 @@ BINARIZED_MNIST_MD5 = {
     "valid": "bf37822a04e94123630de6a7dfd9c9ef",
     "test": "14e41ae11040adba6ab8cb291eda0dd8",
 }
+
+
+# MNIST (torchvision's MNIST/raw/ layout): MD5 of each *decompressed* IDX file, the content to check
+# (a .gz made elsewhere differs in its bytes, not in what it holds); ../shared/data/README.md
+MNIST_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+# Frey Faces: S. Roweis' frey_rawface.mat (variable ff, 560 × 1965, one column per frame); the MD5
+# is of the decoded array, (1965, 560) uint8 in C order: one row per frame of 28 × 20 pixels
+FREY_FACES_URL = "https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
+FREY_FACES_MD5 = "687b39ec28b56c183474c235686975cf"
+FREY_FACES_SHAPE = (1965, 28, 20)
+#: image files a folder may hold (what Pillow reads); anything else but hidden files is refused
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -61,18 +86,24 @@ class DownloadFailed(OSError):
     """A download that did not complete, or whose MD5 did not match; the message says why."""
 
 
-def download(url: str, dest: Path, md5: str, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``dest`` with torchvision's ``download_url``, checked against ``md5``.
-    The download lands in ``dest.part`` and is renamed only once its MD5 matches, so a cut or
+def download(url: str, dest: Path, md5: str | None, timeout: float = 30.0, check=None) -> None:
+    """Fetch ``url`` into ``dest`` with torchvision's ``download_url``, checked against ``md5``
+    (of the file) or by ``check(path)`` (of its content: raises :class:`DataError` when wrong).
+    The download lands in ``dest.part`` and is renamed only once it passes, so a cut or
     corrupt download never looks like a local copy.
 
-    :raises DownloadFailed: no connection, a cut transfer, or a wrong MD5."""
+    :raises DownloadFailed: no connection, a cut transfer, or a wrong MD5 or content."""
     from torchvision.datasets.utils import download_url
 
     part = dest.with_name(dest.name + ".part")
     try:
         with _socket_timeout(timeout):
             download_url(url, str(dest.parent), filename=part.name, md5=md5)
+        if check is not None:
+            check(part)
+    except DataError as e:
+        part.unlink(missing_ok=True)
+        raise DownloadFailed(f"its content is not the expected one: {e}") from e
     except (OSError, RuntimeError, http.client.HTTPException) as e:
         part.unlink(missing_ok=True)
         # torchvision reports a wrong checksum as RuntimeError("File not found or corrupted.")
@@ -104,11 +135,22 @@ def read_amat(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format), optionally gzip-compressed, as a NumPy array."""
+def read_idx(path: Path, md5: str | None = None) -> np.ndarray:
+    """An IDX file (MNIST's format), optionally gzip-compressed, as a NumPy array; ``md5``: the
+    expected MD5 of the decompressed bytes (a mismatch is one :class:`DataError` line)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a cut or corrupt .gz
+        raise DataError(
+            f"cannot read {path} ({e.__class__.__name__}); the file is truncated or damaged"
+        ) from None
+    if md5 is not None and hashlib.md5(raw).hexdigest() != md5:
+        raise DataError(
+            f"{path}: its content's MD5 is {hashlib.md5(raw).hexdigest()}, not the original's {md5}; the file is "
+            f"damaged or another data set: delete it (it is downloaded again when online) or replace it"
+        )
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (MNIST's format)")
     ndim = raw[3]
@@ -134,11 +176,18 @@ def find(root: Path, names: list[str]) -> Path | None:
 
 
 def read_array_file(path: Path) -> np.ndarray:
-    """The image array of a user's ``.npy`` / ``.npz`` (checked by the caller: values in [0, 1],
-    shape ``(N, H, W)``, ``(N, 1, H, W)`` or ``(N, D)``). From a ``.npz``: the array named ``x``,
-    ``images``, ``data`` or ``arr_0``, else its only numeric array with ≥ 2 dimensions. Pickled
-    objects are never loaded (``allow_pickle=False``); headers are checked against the file size
-    first (:func:`check_array_headers`). Anything unreadable is one :class:`DataError` line."""
+    """The image array of :func:`read_arrays` (without its labels)."""
+    return read_arrays(path)[0]
+
+
+def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image array of a user's ``.npy`` / ``.npz`` and its labels (checked by the caller: values
+    in [0, 1], shape ``(N, H, W)``, ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, D)``). From a
+    ``.npz``: the array named ``x``, ``images``, ``data`` or ``arr_0``, else its only numeric array
+    with ≥ 2 dimensions; labels: its array named ``labels`` or ``y`` (None without one, and for a
+    ``.npy``). Pickled objects are never loaded (``allow_pickle=False``); headers are checked
+    against the file size first (:func:`check_array_headers`). Anything unreadable is one
+    :class:`DataError` line."""
     unreadable = (ValueError, OSError, EOFError, zipfile.BadZipFile)
     try:
         check_array_headers(path)
@@ -158,7 +207,7 @@ def read_array_file(path: Path) -> np.ndarray:
             f"with numpy.save / numpy.savez"
         ) from None
     if not isinstance(obj, np.lib.npyio.NpzFile):
-        return obj
+        return obj, None
     with obj:
         arrays = {}
         for k in obj.files:
@@ -168,10 +217,11 @@ def read_array_file(path: Path) -> np.ndarray:
                 pass
             except MemoryError:
                 raise DataError(f"{path}: array {k!r} is too large to load into memory") from None
+    labels = next((arrays[k] for k in ("labels", "y") if k in arrays), None)
     usable = [k for k, a in arrays.items() if a.ndim >= 2 and a.dtype.kind in "fiub"]
     pref = [k for k in ("x", "images", "data", "arr_0") if k in usable]
     if pref or len(usable) == 1:
-        return arrays[(pref or usable)[0]]
+        return arrays[(pref or usable)[0]], labels
     found = (
         f"several candidates ({', '.join(usable)}) and none named x or images"
         if usable
@@ -217,3 +267,139 @@ def check_array_headers(path: Path) -> None:
             if info.filename.endswith(".npy"):
                 with z.open(info) as f:
                     _header_bytes(f, info.file_size, f"{path} (array {info.filename[:-4]!r})")
+
+
+# --------------------------------------------------------------------------- Frey Faces
+
+
+def check_frey_faces(arr: np.ndarray, path: Path) -> np.ndarray:
+    """``arr`` as the frames ``(1965, 28, 20)`` uint8, checked against :data:`FREY_FACES_MD5` (of
+    the ``(1965, 560)`` C-order bytes); anything else is one :class:`DataError` line."""
+    if arr.dtype != np.uint8 or arr.size != math.prod(FREY_FACES_SHAPE):
+        raise DataError(
+            f"{path} holds an array of shape {arr.shape} and dtype {arr.dtype}, not the Frey Faces "
+            f"({FREY_FACES_SHAPE[0]} frames of {FREY_FACES_SHAPE[1]} × {FREY_FACES_SHAPE[2]} uint8)"
+        )
+    frames = np.ascontiguousarray(arr.reshape(FREY_FACES_SHAPE[0], -1))  # (1965, 560)
+    digest = hashlib.md5(frames.tobytes()).hexdigest()
+    if digest != FREY_FACES_MD5:
+        raise DataError(
+            f"{path}: the frames' MD5 is {digest}, not the original's {FREY_FACES_MD5}; the file is "
+            f"damaged or other data: delete it (it is downloaded again when online) or replace it"
+        )
+    return frames.reshape(FREY_FACES_SHAPE)
+
+
+def read_frey_faces(path: Path) -> np.ndarray:
+    """The Frey Faces ``(1965, 28, 20)`` uint8 from ``frey_faces.npy`` (one frame per row) or the
+    original ``frey_rawface.mat`` (variable ``ff``, 560 × 1965: one frame per column, read with
+    ``scipy.io.loadmat``), checked by :func:`check_frey_faces`."""
+    if ".mat" in path.suffixes:  # (also frey_rawface.mat.part, a download being checked)
+        import scipy.io
+
+        try:
+            ff = scipy.io.loadmat(str(path))["ff"]  # (560, 1965)
+        except (ValueError, OSError, KeyError, TypeError, NotImplementedError) as e:
+            raise DataError(
+                f"cannot read {path} as MATLAB's frey_rawface.mat with a variable ff ({e.__class__.__name__})"
+            ) from None
+        return check_frey_faces(np.ascontiguousarray(ff.T), path)  # (1965, 560)
+    try:
+        check_array_headers(path)
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"cannot read {path} as a NumPy .npy file ({e.__class__.__name__})") from None
+    return check_frey_faces(arr, path)
+
+
+# --------------------------------------------------------------------------- folders of images
+
+
+def image_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    """The image files of ``folder`` as torchvision's ``ImageFolder`` sees them: with class
+    subfolders, every image of subfolder c (sorted by name) is labelled c, else the images in
+    ``folder`` itself are unlabelled. Returns ``(files, labels or None, class names)``, sorted.
+    Hidden files (``.name``) are skipped; an empty folder, a file that is not an image
+    (:data:`IMAGE_EXTENSIONS`), or images beside class subfolders is one :class:`DataError` line."""
+    visible = lambda d: sorted(p for p in d.iterdir() if not p.name.startswith("."))  # noqa: E731
+    entries = visible(folder)
+    classes = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if not p.is_dir()]
+    if classes and loose:
+        raise DataError(
+            f"{folder} holds class subfolders and also files beside them ({loose[0].name}); put every "
+            f"image in a class subfolder, or none"
+        )
+    groups = [(i, visible(c)) for i, c in enumerate(classes)] if classes else [(None, loose)]
+    files, labels = [], []
+    for label, members in groups:
+        for f in members:
+            if f.is_dir():
+                raise DataError(f"{f} is a folder inside a class folder; class folders hold image files only")
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DataError(
+                    f"{f} is not an image file (expected {', '.join(IMAGE_EXTENSIONS)}); remove it "
+                    f"from the data folder"
+                )
+            files.append(f)
+            labels.append(label)
+    if not files:
+        raise DataError(
+            f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), directly or in class subfolders"
+        )
+    return files, (labels if classes else None), [c.name for c in classes]
+
+
+def read_image(path: Path, channels: int | None, size: tuple[int, int] | None):
+    """One image file as a PIL image in mode ``L`` (``channels`` 1) or ``RGB`` (3), resized to
+    ``size = (H, W)`` (bilinear) when given; ``channels`` None keeps greyscale images ``L`` and
+    makes any other ``RGB`` (alpha dropped). Unreadable or truncated: one :class:`DataError` line."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later
+            mode = {1: "L", 3: "RGB"}.get(channels) or (
+                "L" if im.mode in ("1", "L", "LA", "I;16", "I") else "RGB"
+            )
+            if im.mode in ("I;16", "I") and mode == "L":  # 16-bit greyscale: scale to 8 bits
+                im = Image.fromarray(
+                    (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+                )
+            out = im.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        why = str(e).splitlines()[0][:100] if str(e) else e.__class__.__name__
+        raise DataError(
+            f"cannot read the image {path} ({why}); the file is damaged or not an image"
+        ) from None
+    if size is not None and (out.height, out.width) != tuple(size):
+        out = out.resize((size[1], size[0]), Image.BILINEAR)
+    return out
+
+
+def read_image_folder(
+    folder: Path, channels: int | None = None, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Every image of ``folder`` (:func:`image_files`) as one uint8 array ``(N, C, H, W)``, its
+    labels ``(N,)`` (None without class subfolders) and the class names. ``channels``: 1 or 3
+    (default: 1 when every image is greyscale, else 3); ``size``: ``(H, W)`` to resize every image
+    to, needed when their sizes differ (without it, a second size is one :class:`DataError` line
+    naming both files)."""
+    files, labels, classes = image_files(folder)
+    images = [read_image(f, channels, size) for f in files]
+    if channels is None and any(im.mode == "RGB" for im in images):  # one colour image: all in RGB
+        images = [im.convert("RGB") for im in images]
+    first = images[0]
+    for f, im in zip(files, images):
+        if im.size != first.size:
+            raise DataError(
+                f"{f} is {im.height}×{im.width} pixels but {files[0]} is {first.height}×{first.width}: "
+                f"pass --image-size H,W to resize every image to one size"
+            )
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # (N, H, W) or (N, H, W, 3)
+    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)  # (N, C, H, W)
+    return (
+        np.ascontiguousarray(arr),
+        (None if labels is None else np.asarray(labels, dtype=np.int64)),
+        classes,
+    )

@@ -13,8 +13,8 @@ Leading sample dimensions are allowed in the decoder so that vectorized particle
 Three architectures:
 
 * ``mlp``: ``D → hidden → … → 2·z_dim`` and back (the classic 784-400-20 VAE).
-* ``conv``: a small convolutional pair for single-channel 28x28 images
-  (two stride-2 convolutions 28→14→7 and their transposes).
+* ``conv``: a small convolutional pair for (C, H, W) images, grey or colour, square or not
+  (two stride-2 convolutions, 28→14→7 on MNIST, and their transposes; H, W ≥ 4).
 * ``broadcast``: the MLP encoder with a spatial broadcast decoder (Watters et al. 2019): z is
   copied to every pixel next to the pixel's coordinates, and a small network shared by all
   pixels (1×1 convolutions) maps (z, i, j) to that pixel's parameters. It suits images made of
@@ -168,12 +168,15 @@ class _ConvEncoderBody(nn.Module):
 
 
 class _ConvDecoderBody(nn.Module):
+    """An MLP from z to ``2ch`` maps of ⌈H/4⌉ × ⌈W/4⌉, two stride-2 transposed convolutions to
+    4⌈H/4⌉ × 4⌈W/4⌉, cropped to H × W (a no-op when 4 divides H and W)."""
+
     def __init__(
         self, image_shape: Sequence[int], z_dim: int, out_channels: int, channels: int = 32, hidden: int = 256
     ):
         super().__init__()
         c, h, w = image_shape
-        self.hw = (h // 4, w // 4)
+        self.hw = (-(-h // 4), -(-w // 4))  # ⌈H/4⌉, ⌈W/4⌉
         self.channels = channels
         self.out_shape = (out_channels, h, w)
         self.fc = nn.Sequential(
@@ -192,7 +195,7 @@ class _ConvDecoderBody(nn.Module):
         batch = z.shape[:-1]
         h = self.fc(z.reshape(-1, z.shape[-1]))  # (B, 2ch·7·7) with B = prod(batch)
         h = h.reshape(-1, 2 * self.channels, *self.hw)  # (B, 2ch, 7, 7)
-        out = self.deconv(h)  # (B, C_out, H, W)
+        out = self.deconv(h)[..., : self.out_shape[1], : self.out_shape[2]]  # (B, C_out, H, W)
         return out.reshape(*batch, math.prod(self.out_shape))  # (..., C_out·H·W)
 
 
@@ -236,10 +239,10 @@ class _BroadcastDecoderBody(nn.Module):
 
 
 def check_conv_shape(image_shape: Sequence[int]) -> None:
-    """The conv pair needs ``(C, H, W)`` images with H and W divisible by 4 (28x28 MNIST)."""
-    if len(image_shape) != 3 or image_shape[1] % 4 or image_shape[2] % 4 or image_shape[1] < 8:
+    """The conv pair needs ``(C, H, W)`` images with H, W ≥ 4 (two stride-2 convolutions)."""
+    if len(image_shape) != 3 or image_shape[1] < 4 or image_shape[2] < 4:
         raise UserError(  # a ValueError: bad input, reported on one line by the CLI
-            f"--arch conv needs images of shape (C, H, W) with H and W divisible by 4 (e.g. 1x28x28), "
+            f"--arch conv needs images of shape (C, H, W) with H and W at least 4 (e.g. 1x28x28), "
             f"but this dataset has shape {tuple(image_shape)}; use --arch mlp"
         )
 

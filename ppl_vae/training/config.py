@@ -71,9 +71,11 @@ def default_kl_warmup(latent_layers: int, epochs: int) -> float:
 @dataclass
 class FitConfig:
     # data
-    dataset: str = "auto"  # a name from ppl_vae.data.datasets.DATASETS or a .npy/.npz path
+    dataset: str = "auto"  # a name from data.datasets.DATASETS, a folder of images, a .npy/.npz path
     data_dir: str | None = None  # else $PPL_VAE_DATA, else ~/.cache/ppl_vae
     binarize: str = "auto"  # auto | none | dynamic | static
+    channels: int | None = None  # (users' images) 1 or 3: convert to; None: as the data are
+    image_size: list[int] | None = None  # (a folder of images) [H, W] to resize every image to
     # model
     likelihood: str = "bernoulli"
     sigma: float = 0.1  # fixed σ of the `gaussian` likelihood, for data in [0, 1] (σ = 1 collapses)
@@ -128,6 +130,8 @@ class FitConfig:
     # filled in by fit()
     image_shape: list[int] | None = None
     data_fingerprint: dict | None = None  # the data's identity: checked by --resume and evaluate
+    binarize_seed: int | None = None  # seed of the fixed binarization of valid/test (dynamic) or all (static)
+    data_split: str | None = None  # how the train/valid/test splits were made
 
     def validate(self, source: str | None = None) -> None:
         """Raise a one-line :class:`UserError` for a value of the wrong type or out of range.
@@ -260,7 +264,9 @@ _RANGES = (
     ("arch", *_one_of(ARCHS)),
     ("activation", *_one_of(tuple(ACTIVATIONS))),
     ("elbo", *_one_of(ELBO_CHOICES)),
-    ("dataset", lambda v: v.strip() != "", "a dataset name or a .npy/.npz path"),
+    ("dataset", lambda v: v.strip() != "", "a dataset name, a folder of images or a .npy/.npz path"),
+    ("channels", lambda v: v in (1, 3), "1 or 3"),
+    ("image_size", lambda v: len(v) == 2 and all(s >= 1 for s in v), "two sizes >= 1 (H,W)"),
     ("epochs", lambda v: v >= 1, ">= 1"),
     ("batch_size", lambda v: v >= 1, ">= 1"),
     ("lr", lambda v: v > 0, "> 0"),
@@ -302,6 +308,7 @@ _FLAG_NAMES = {
     "num_particles": "--num-particles K",
     "hidden": "--hidden sizes",
     "image_shape": "the image shape",
+    "image_size": "--image-size H,W",
 }
 
 

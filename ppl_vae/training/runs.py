@@ -98,9 +98,12 @@ def class_labels(data: "Dataset", cfg: FitConfig) -> dict | None:
     if not all(s in data.labels for s in ("train", "valid")):
         raise UserError(
             f"--conditional needs class labels, and {data.name} has none; use a labelled dataset "
-            f"(digits, mnist, mnist-t10k, fashion-mnist, kmnist) or drop --conditional"
+            f"(digits, mnist, mnist-t10k, fashion-mnist, kmnist, a folder with class subfolders, a .npz "
+            f"with a labels array) or drop --conditional"
         )
-    c = int(max(int(data.labels[s].max()) for s in ("train", "valid"))) + 1
+    c = max(len(data.classes), *(int(y.max()) + 1 for y in data.labels.values() if y.numel()))
+    if c < 2:
+        raise UserError(f"--conditional needs at least 2 classes, and {data.name} has {c}")
     if cfg.num_classes is not None and c > cfg.num_classes:
         raise CheckpointError(f"the data have {c} classes but the run was trained on {cfg.num_classes}")
     cfg.num_classes = cfg.num_classes or c

@@ -133,7 +133,14 @@ class Trainer:
         pyro.set_rng_seed(cfg.seed)
         likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
         if dataset is None:
-            ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize, likelihood)
+            ds = load_dataset(
+                cfg.dataset,
+                cfg.data_dir,
+                cfg.binarize,
+                likelihood,
+                channels=cfg.channels,
+                image_size=cfg.image_size,
+            )
         elif dataset.binarize == "none":  # a Dataset made elsewhere: binarized and checked as a loaded one
             ds = prepare(dataclasses.replace(dataset), cfg.binarize, likelihood)
         else:
@@ -159,7 +166,11 @@ class Trainer:
         cfg = cfg.with_data_defaults(ds.train.shape[0])  # e.g. epochs: enough steps on a small dataset
         cfg.image_shape = list(ds.image_shape)
         cfg.dataset = ds.name if cfg.dataset == "auto" else cfg.dataset
-        cfg.binarize = ds.binarize
+        cfg.binarize, cfg.binarize_seed, cfg.data_split = (
+            ds.binarize,
+            ds.binarize_seed,
+            ds.split_protocol or None,
+        )
         self.cfg, self.data = cfg, ds.to(self.device)
         self.labels = runs.class_labels(self.data, cfg)  # one-hot (N, C) per split for a conditional program
         self.model = (runs.build_model(cfg) if model is None else model).to(self.device)
@@ -195,6 +206,7 @@ class Trainer:
                 self._check_best(ckpt)
         distributed.barrier(self.ctx)  # every rank has checked the run directory before rank 0 writes
         if self.ctx.is_main:
+            self._log(f"data: {ds.describe()}")
             runs.prepare(self.out, resume, overwrite)
             cfg.save(self.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
 
