@@ -217,7 +217,14 @@ def main(argv=None) -> int:
         # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
         ctx, device = distributed.setup(resolve_device(args.device))
         vae, cfg = load_run(run_dir, which=args.checkpoint, device=device)
-        ds = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.binarize, vae.likelihood)
+        ds = load_dataset(
+            cfg.dataset,
+            args.data_dir or cfg.data_dir,
+            cfg.binarize,
+            vae.likelihood,
+            channels=cfg.channels,
+            image_size=cfg.image_size,
+        )
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
             raise UserError(
                 f"the data have image shape {list(ds.image_shape)} but the run was trained on "
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
-            discrete=vae.likelihood.binary_data,
+            discrete=vae.likelihood.discrete,  # a probability: Bernoulli on 0/1, discretized logistic
             likelihood=vae.likelihood.name,
             device=device,
             progress=not args.quiet and ctx.is_main,
@@ -266,6 +273,7 @@ def main(argv=None) -> int:
                 "dataset": ds.name,
                 "split": args.split,
                 "binarization": binarization,
+                "binarize_seed": ds.binarize_seed,  # the fixed draw of the split evaluated (dynamic, static)
                 "likelihood": vae.likelihood.name,
                 **report,
                 "subset": args.subset,
@@ -280,6 +288,8 @@ def main(argv=None) -> int:
             report.per_datapoint,
         )
         said = "not binarized" if binarization == "none" else f"{binarization} binarization"
+        if ds.binarize_seed is not None:  # the fixed draw of valid/test images this run is scored on
+            said += f", {args.split} images drawn once with seed {ds.binarize_seed}"
         header = (
             f"{ds.name} ({said}), {args.split} split, n = {s['n']}"
             f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "

@@ -38,11 +38,13 @@ from torch.distributions import constraints
 
 class Likelihood:
     """Base class. ``params_per_pixel`` decoder outputs per pixel; ``binary_data`` means the
-    density is only valid for 0/1 data; ``support`` is the closed interval data must lie in."""
+    density is only valid for 0/1 data; ``discrete`` that log p(x|z) is a probability of discrete
+    data (so bits/dim mean something); ``support`` is the closed interval data must lie in."""
 
     name = "base"
     params_per_pixel = 1
     binary_data = False
+    discrete = False
     support = (-math.inf, math.inf)
 
     def dist(self, out: torch.Tensor) -> dist.TorchDistribution:
@@ -106,6 +108,7 @@ class Bernoulli(Likelihood):
 
     name = "bernoulli"
     binary_data = True
+    discrete = True
     support = (0.0, 1.0)
 
     def dist(self, out):
@@ -257,6 +260,7 @@ class DiscretizedLogistic(Likelihood):
 
     name = "discretized-logistic"
     params_per_pixel = 2
+    discrete = True
     support = (0.0, 1.0)
 
     def split(self, out):

@@ -48,8 +48,10 @@ def grid_tensor(x: torch.Tensor, image_shape, nrow: int) -> torch.Tensor:
 
 
 def grid_image(x: torch.Tensor, image_shape, nrow: int) -> np.ndarray:
-    """The first channel of :func:`grid_tensor`, ``(H', W')``, for ``imshow``."""
-    return grid_tensor(x, image_shape, nrow)[0].numpy()
+    """:func:`grid_tensor` for ``imshow``: ``(H', W')`` for grey images (its first channel; ``imshow``
+    applies the colour map), ``(H', W', 3)`` for RGB images (``imshow`` ignores the colour map)."""
+    grid = grid_tensor(x, image_shape, nrow)  # (3, H', W')
+    return grid[0].numpy() if image_shape[0] == 1 else grid.permute(1, 2, 0).numpy()
 
 
 def image_grid(x: torch.Tensor, image_shape, nrow: int = 10, title: str = "", path=None):
