@@ -382,3 +382,21 @@ def test_other_plate_dims_are_summed_per_datapoint():
 
     est = E.iwae(model, guide, x, 20, seed=0)
     torch.testing.assert_close(est.value, lg.log_px(x), atol=1e-4, rtol=0)
+
+
+def test_iwae_delta_method_stderr_is_the_weights_sample_variance_over_k_mean_squared():
+    """One group of K draws: stderr² = v̂ / (K m̂²), m̂ the mean and v̂ the sample variance (÷ K − 1)
+    of the weights w_k (delta method, docs/estimators.md), computed here from the materialized
+    log-weights of the same seeded draws. For K = 2 that is |w₁ − w₂| / (w₁ + w₂) =
+    |tanh((log w₁ − log w₂) / 2)| exactly; a variance over K instead of K − 1 would be √(1/2) of it."""
+    lg, x = make_problem()
+    guide = lg.meanfield_guide(shift=0.4, scale_factor=1.3)  # spread-out weights: stderr ≫ rounding
+    for k, chunk in ((2, 10**9), (5, N * 3), (50, N * 7)):  # chunk < k: groups closed across chunks too
+        est = E.iwae(lg.model, guide, x, k, seed=3, chunk_size=chunk)
+        lw = I.log_importance_weights(lg.model, guide, x, k, seed=3)  # (k, N), the same draws
+        w = torch.exp(lw - lw.max(0).values)  # (k, N), rescaled per datapoint: the ratio is unchanged
+        want = (w.var(0, correction=1) / (k * w.mean(0).pow(2))).sqrt()  # (N,)
+        assert (want > 0.05).all(), want
+        torch.testing.assert_close(est.stderr, want, rtol=1e-9, atol=0)
+        if k == 2:
+            torch.testing.assert_close(est.stderr, torch.tanh((lw[0] - lw[1]) / 2).abs(), rtol=1e-9, atol=0)
