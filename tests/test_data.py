@@ -456,3 +456,225 @@ def test_mnist_t10k_real(data_dir):
         warnings.simplefilter("error")
         bin_ds = load_dataset("mnist-t10k", data_dir=data_dir, likelihood=BERNOULLI)
     assert bin_ds.binarize == "dynamic" and _is_binary(bin_ds.test)
+
+
+# --------------------------------------------------------------------------- MNIST's IDX files (issue 26)
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` (uint8) in IDX: magic 0x0000 08 ndim, then big-endian sizes, then the bytes."""
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    return head + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+
+
+def _write_mnist(
+    folder: Path, n_train: int = 10003, n_test: int = 5, gz=("train-labels", "t10k-images")
+) -> dict:
+    """Random MNIST-shaped IDX files in ``folder`` (some ``.gz``, some not); returns the arrays
+    and the MD5 of each file's content."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    md5 = {}
+    for stem, arr in arrays.items():
+        raw = _idx_bytes(arr)
+        md5[stem] = hashlib.md5(raw).hexdigest()
+        if stem.rsplit("-", 2)[0] in gz:
+            with gzip.open(folder / f"{stem}.gz", "wb", compresslevel=1) as f:
+                f.write(raw)
+        else:
+            (folder / stem).write_bytes(raw)
+    return {"arrays": arrays, "md5": md5}
+
+
+def test_mnist_reads_the_idx_files_gz_or_not_and_splits_first_and_last(tmp_path, monkeypatch):
+    made = _write_mnist(tmp_path / "MNIST" / "raw")
+    monkeypatch.setattr(data_files, "MNIST_MD5", made["md5"])
+    ds = load_dataset("mnist", data_dir=tmp_path, binarize="none", download=False)
+    images, labels = made["arrays"]["train-images-idx3-ubyte"], made["arrays"]["train-labels-idx1-ubyte"]
+    as_x = lambda a: torch.from_numpy(a.reshape(len(a), -1) / 255.0).float()  # noqa: E731
+    assert torch.equal(ds.train, as_x(images[:3])) and torch.equal(
+        ds.valid, as_x(images[3:])
+    )  # first / last 10,000
+    assert torch.equal(ds.test, as_x(made["arrays"]["t10k-images-idx3-ubyte"]))
+    assert torch.equal(ds.labels["valid"], torch.from_numpy(labels[3:].astype(np.int64)))
+    assert ds.image_shape == (1, 28, 28) and "the last 10,000 validate" in ds.describe()
+    # the content is checked, not the bytes of the .gz: a changed label is refused in one line
+    raw = bytearray((tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes())
+    raw[-1] = (raw[-1] + 1) % 10
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").write_bytes(bytes(raw))
+    with pytest.raises(
+        DataError, match=r"t10k-labels-idx1-ubyte: its content's MD5 is [0-9a-f]{32}, not the original's"
+    ) as e:
+        load_dataset("mnist", data_dir=tmp_path, binarize="none", download=False)
+    assert "\n" not in str(e.value)
+
+
+def test_mnist_downloads_through_torchvision_only_when_files_are_missing(tmp_path, monkeypatch):
+    import torchvision
+
+    made = {}
+    calls = []
+
+    class FakeMNIST:  # stands in for torchvision.datasets.MNIST: writes the raw files as it would
+        def __init__(self, root, train=True, download=False):
+            calls.append((root, train, download))
+            made.update(
+                _write_mnist(
+                    Path(root) / "MNIST" / "raw",
+                    gz=("train-images", "train-labels", "t10k-images", "t10k-labels"),
+                )
+            )
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    monkeypatch.setattr(
+        data_files, "MNIST_MD5", _write_mnist(tmp_path / "probe")["md5"]
+    )  # the same seed: same content
+    monkeypatch.setenv("PPL_VAE_OFFLINE", "1")
+    with pytest.raises(DataError, match="no download offline"):
+        load_dataset("mnist", data_dir=tmp_path / "cache", binarize="none")
+    assert calls == []
+    monkeypatch.delenv("PPL_VAE_OFFLINE")
+    ds = load_dataset("mnist", data_dir=tmp_path / "cache", binarize="none")
+    assert calls == [(str(tmp_path / "cache"), True, True)] and len(ds.test) == 5
+    load_dataset("mnist", data_dir=tmp_path / "cache", binarize="none")  # present now: no second download
+    assert len(calls) == 1
+
+
+def _need(path: Path) -> None:
+    if not path.exists():
+        msg = f"real data missing: {path}"
+        if (
+            data_files.os.environ.get("CI", "").lower() == "true"
+            or data_files.os.environ.get("PPL_VAE_REQUIRE_DATA") == "1"
+        ):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def test_mnist_real_is_the_usual_50k_10k_10k(data_dir):
+    raw = data_dir / "MNIST" / "raw"
+    _need(raw / "train-images-idx3-ubyte.gz")
+    ds = load_dataset("mnist", data_dir=data_dir, binarize="none", download=False)  # MD5 of each file checked
+    assert (len(ds.train), len(ds.valid), len(ds.test)) == (50000, 10000, 10000)
+    images = data_files.read_idx(raw / "train-images-idx3-ubyte.gz")
+    assert torch.equal(ds.valid[0], torch.from_numpy(images[50000].reshape(-1) / 255.0).float())
+    assert ds.labels["train"][:5].tolist() == [5, 0, 4, 1, 9]  # MNIST's first five digits
+    assert abs(torch.cat([ds.train, ds.valid]).mean().item() - 0.1307) < 1e-3
+
+
+# --------------------------------------------------------------------------- Frey Faces (issue 26)
+
+
+def test_frey_faces_real_npy_and_mat(data_dir, tmp_path, monkeypatch):
+    import scipy.io
+    import torchvision.datasets.utils
+
+    _need(data_dir / "frey_faces" / "frey_faces.npy")
+    ds = load_dataset("frey-faces", data_dir=data_dir, download=False)
+    assert ds.image_shape == (1, 28, 20) and (len(ds.train), len(ds.valid), len(ds.test)) == (1565, 200, 200)
+    frames = np.load(data_dir / "frey_faces" / "frey_faces.npy")  # (1965, 28, 20) uint8
+    every = torch.cat([ds.train, ds.valid, ds.test])
+    assert torch.equal(
+        every.sort(0).values, torch.from_numpy(frames.reshape(1965, -1) / 255.0).float().sort(0).values
+    )
+    assert torch.equal(load_dataset("frey-faces", data_dir=data_dir, download=False).test, ds.test)  # seeded
+    # the original .mat (ff: 560 x 1965, one frame per column) reads to the same frames
+    mat = tmp_path / "frey_rawface.mat"
+    scipy.io.savemat(mat, {"ff": frames.reshape(1965, 560).T})
+    assert np.array_equal(data_files.read_frey_faces(mat), frames)
+    # online: downloaded from Roweis' page and checked by the decoded frames' MD5
+    calls = []
+
+    def fake_download_url(url, root, filename=None, md5=None, source=mat):
+        calls.append(url)
+        (Path(root) / filename).write_bytes(Path(source).read_bytes())
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download_url)
+    got = load_dataset("frey-faces", data_dir=tmp_path / "cache")
+    assert calls == [data_files.FREY_FACES_URL] and torch.equal(got.test, ds.test)
+    # a download that decodes to other frames is refused and leaves nothing that looks local
+    wrong = tmp_path / "wrong.mat"
+    scipy.io.savemat(wrong, {"ff": (frames.reshape(1965, 560).T // 2)})
+    monkeypatch.setattr(
+        torchvision.datasets.utils, "download_url", lambda *a, **k: fake_download_url(*a, **k, source=wrong)
+    )
+    with pytest.raises(DataError, match="the frames' MD5 is") as e:
+        load_dataset("frey-faces", data_dir=tmp_path / "other")
+    assert (
+        "could not be downloaded" in str(e.value)
+        and list((tmp_path / "other" / "frey_faces").iterdir()) == []
+    )
+    # a damaged local copy: one line naming it
+    bad = tmp_path / "bad" / "frey_faces"
+    bad.mkdir(parents=True)
+    np.save(bad / "frey_faces.npy", frames[::-1])
+    with pytest.raises(DataError, match=r"frey_faces.npy: the frames' MD5 is"):
+        load_dataset("frey-faces", data_dir=tmp_path / "bad", download=False)
+    with pytest.raises(DataError, match="no download offline"):
+        load_dataset("frey-faces", data_dir=tmp_path / "none", download=False)
+
+
+# --------------------------------------------------------------------------- dynamic binarization (issue 26)
+
+
+def test_dynamic_binarization_protocol():
+    """Training batches: a fresh x ~ Bernoulli(grey) per draw, from torch's seeded generator;
+    valid/test: one draw each, the test split from its own generator seeded BINARIZE_SEED (so it
+    depends on nothing but the test images and the seed), valid from BINARIZE_SEED + 1."""
+    grey = load_dataset("digits", binarize="none")
+    ds = load_dataset("digits", binarize="dynamic")
+    assert ds.binarize == "dynamic" and ds.binarize_seed == data.BINARIZE_SEED == 1234
+    assert torch.equal(ds.test, torch.bernoulli(grey.test, generator=torch.Generator().manual_seed(1234)))
+    assert torch.equal(ds.valid, torch.bernoulli(grey.valid, generator=torch.Generator().manual_seed(1235)))
+    assert torch.equal(ds.train, grey.train)  # the training images stay grey: drawn per batch
+    idx = torch.arange(64)
+    torch.manual_seed(7)
+    a = ds.train_batch(idx)
+    torch.manual_seed(7)
+    assert torch.equal(ds.train_batch(idx), a)  # the run's generator decides
+    b = ds.train_batch(idx)
+    assert _is_binary(a) and not torch.equal(a, b)  # a new draw every time
+    many = torch.stack([ds.train_batch(idx) for _ in range(400)]).mean(0)
+    assert (many - grey.train[idx]).abs().max() < 0.12  # E[x] = the grey level (400 draws: s.d. ≤ 0.025)
+    static = load_dataset("digits", binarize="static")
+    assert static.binarize_seed == 1234 and torch.equal(static.test, ds.test)
+    assert load_dataset("digits", binarize="none").binarize_seed is None
+
+
+def test_dynamic_binarization_resumes_exactly(tmp_path):
+    """A run on greyscale data under a Bernoulli (auto: dynamic) continued from its state after
+    one epoch is the uninterrupted two-epoch run, bit for bit: the training draws come from the
+    torch generator the checkpoint restores."""
+    from ppl_vae.training.config import FitConfig
+    from ppl_vae.training.train import Trainer
+
+    path = tmp_path / "grey.npy"
+    np.save(path, np.random.default_rng(3).random((60, 4, 4)).astype(np.float32))
+
+    def cfg(epochs, seed=0):
+        return FitConfig(
+            dataset=str(path), hidden=[8], z_dim=2, batch_size=16, final_iwae_k=0, epochs=epochs, seed=seed
+        )
+
+    whole = Trainer(cfg(2), tmp_path / "whole", quiet=True)
+    assert whole.data.binarize == "dynamic" and whole.cfg.binarize_seed == 1234
+    whole.run()
+    Trainer(cfg(1), tmp_path / "resumed", quiet=True).run()
+    second = Trainer(cfg(2), tmp_path / "resumed", resume=True, quiet=True)  # fit --resume: checkpoint.pt
+    second.run()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
+    assert strip(whole.state.rows) == strip(second.state.rows)
+    sa, sb = whole.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # and another seed draws other binarizations: other numbers
+    other = Trainer(cfg(1, seed=1), tmp_path / "other", quiet=True)
+    other.run()
+    assert other.state.rows[0]["train_objective"] != whole.state.rows[0]["train_objective"]

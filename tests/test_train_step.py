@@ -130,3 +130,43 @@ def test_a_step_that_cannot_be_captured_is_one_line_naming_no_cuda_graph(device)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 1 and lines[0].startswith("REFUSED"), (r.stdout, r.stderr)
     assert "rerun with --no-cuda-graph" in lines[0]
+
+
+def test_dynamic_binarization_in_the_step_makes_no_host_sync(device, monkeypatch):
+    """``--binarize dynamic``: the batch is gathered and drawn (``torch.bernoulli``) on the device
+    inside the step, from the global generator, with no value read back to Python (issue 26)."""
+    from ppl_vae.data.datasets import dataset_from_array, prepare
+
+    pyro.enable_validation(False)
+    grey = torch.rand(40, 4, 4) * 0.98 + 0.01  # strictly between 0 and 1
+    ds = prepare(dataset_from_array(grey, name="grey"), "dynamic").to(device)
+    vae = VAE((1, 4, 4), z_dim=3, hidden=[8]).to(device)
+    vae.register_params = False
+    optim = make_optimizer(vae.parameters(), FitConfig(lr=1e-2), device)
+    objective = make_objective("trace", 1)
+
+    def step(idx):
+        x = ds.train_batch(idx)  # (B, 16) fresh 0/1 draws
+        return train_step(
+            lambda b, size, beta: objective(vae.model, vae.guide, *b, size=size, beta=beta),
+            optim,
+            vae.parameters(),
+            (x,),
+            ds.train.shape[0],
+            1.0,
+        )
+
+    idx = torch.arange(8, device=device)
+    step(idx)  # first call: one-time checks
+    _forbid_host_syncs(monkeypatch)
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step(idx)
+        a, b = ds.train_batch(idx), ds.train_batch(idx)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
+    assert torch.isfinite(loss) and a.device.type == device.type
+    assert bool(((a == 0) | (a == 1)).all()) and not torch.equal(a, b)
