@@ -217,14 +217,8 @@ def main(argv=None) -> int:
         # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
         ctx, device = distributed.setup(resolve_device(args.device))
         vae, cfg = load_run(run_dir, which=args.checkpoint, device=device)
-        ds = load_dataset(
-            cfg.dataset,
-            args.data_dir or cfg.data_dir,
-            cfg.binarize,
-            vae.likelihood,
-            channels=cfg.channels,
-            image_size=cfg.image_size,
-        )
+        own = {"channels": cfg.channels, "image_size": cfg.image_size}  # a user's images, as fitted
+        ds = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.binarize, vae.likelihood, **own)
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
             raise UserError(
                 f"the data have image shape {list(ds.image_shape)} but the run was trained on "

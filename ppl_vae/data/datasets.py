@@ -35,6 +35,7 @@ import torch
 from ..core.errors import DataError
 from . import readers as data_files
 from .circles import make_circles
+from .images import read_image_folder
 from .readers import find, read_amat, read_arrays, read_idx, resolve_data_dir
 
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
@@ -324,11 +325,11 @@ def load_array_file(path: Path, channels: int | None = None, image_size=None) ->
 
 
 def load_image_folder(path: Path, channels: int | None = None, image_size=None) -> Dataset:
-    """A folder of image files (:func:`ppl_vae.data.readers.read_image_folder`: class subfolders
+    """A folder of image files (:func:`ppl_vae.data.images.read_image_folder`: class subfolders
     give labels, as torchvision's ``ImageFolder``), 8-bit levels k/255, split 80/10/10 by a seeded
     permutation."""
     size = None if image_size is None else tuple(int(v) for v in image_size)
-    arr, labels, classes = data_files.read_image_folder(path, channels, size)  # (N, C, H, W) uint8
+    arr, labels, classes = read_image_folder(path, channels, size)  # (N, C, H, W) uint8
     ds = dataset_from_array(arr.astype(np.float32) / 255.0, labels, name=str(path))
     ds.classes = tuple(classes)
     return ds
