@@ -236,7 +236,8 @@ class Trainer:
         :data:`ppl_vae.training.checkpoint.FIELDS` but the format's own): the config, the judged
         parameters as ``model`` (θ̄ under ``--ema``, with the trained θ as ``train_model``), the
         optimizer and scheduler, where training stands (:class:`~.checkpoint.TrainState`), and
-        this process's RNG states."""
+        this process's RNG states (torch, CUDA, NumPy, Python are global: take the state right
+        after :meth:`run`, as the checkpoint does, before another Trainer draws from them)."""
         state = {
             "config": self.cfg.to_dict(),
             "model": self.evaluated.state_dict(),
