@@ -194,17 +194,19 @@ def save_json(obj: dict, path: Path) -> None:
 
 
 @torch.no_grad()
-def held_out(vae, x: torch.Tensor, k: int, seed: int = 0, guide=None) -> dict:
+def held_out(vae, x: torch.Tensor, k: int, seed: int = 0, guide=None, model=None) -> dict:
     """Analytic-KL ELBO and IWAE_k of ``x``: means over the N datapoints (nats per datapoint), each
     with its standard error over datapoints (std / √N: how much another test sample would move
-    it). ``guide`` replaces ``vae.guide`` as the IWAE proposal (then no ELBO is reported)."""
+    it). ``guide`` replaces ``vae.guide`` as the IWAE proposal (then no ELBO is reported), ``model``
+    replaces ``vae.model``."""
+    model = model or vae.model
     n = x.shape[0]
     se = lambda est: (est.value.std() / math.sqrt(n)).item()  # noqa: E731
     out = {"n": int(n), "k": k}
     if guide is None:
-        e = estimators.elbo(vae.model, vae.guide, x, num_samples=1, analytic_kl=True, seed=seed)
+        e = estimators.elbo(model, vae.guide, x, num_samples=1, analytic_kl=True, seed=seed)
         out["elbo"], out["elbo_se"] = e.mean(), se(e)
-    w = estimators.iwae(vae.model, guide or vae.guide, x, k, seed=seed + 1)
+    w = estimators.iwae(model, guide or vae.guide, x, k, seed=seed + 1)
     out["iwae"], out["iwae_se"] = w.mean(), se(w)
     return out
 

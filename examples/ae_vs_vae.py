@@ -4,9 +4,10 @@ Both are Pyro programs with the same networks and the same Bernoulli decoder p_�
 
 * VAE: prior N(0, I), guide q_φ(z|x) = N(μ_φ(x), σ_φ(x)²); objective the ELBO
   E_q[log p(x|z)] − KL(q(z|x) ‖ p(z)).
-* Autoencoder (AE): guide δ(z − μ_φ(x)), a point mass at the code (``dist.Delta``), and the
-  prior's term masked out of the objective (``poutine.mask(mask=False)``), so SVI's loss
-  is the reconstruction error −log p(x | z = μ_φ(x)) alone. Nothing ties the codes to N(0, I).
+* Autoencoder (AE): the code z = μ_φ(x), drawn as N(μ_φ(x), (10⁻³)² I) (a point mass
+  ``dist.Delta`` has no density, and the estimators refuse it: docs/estimators.md), and the
+  prior's term masked out of the objective (``poutine.mask(mask=False)``), so SVI's loss is the
+  reconstruction error −log p(x | z ≈ μ_φ(x)) up to a constant. Nothing ties the codes to N(0, I).
 
 Then we treat both as generative models p(z) p_θ(x|z) with z ~ N(0, I) and measure:
 
@@ -49,13 +50,19 @@ from ppl_vae.training.config import FitConfig
 # The AE's IWAE proposal N(c·μ(x), s² I): under the N(0, I) prior its posterior sits between the
 # code and the origin, so shrinking the centre (c < 1) can help.
 PROPOSAL_SHRINK = (0.25, 0.5, 0.75, 1.0)
+CODE_SCALE = 1e-3  # the AE's "point mass": a Normal this narrow has a density (a Delta has none)
 PROPOSAL_SCALES = (0.1, 0.3, 1.0)
 
 
 class Autoencoder(VAE):
     """A deterministic autoencoder as a Pyro program (same networks and likelihood as :class:`VAE`;
-    the encoder's log-variance head is unused). ``model`` is still p(z) p_θ(x|z), so the
-    estimators (which ignore masks) evaluate the AE's decoder as a generative model."""
+    the encoder's log-variance head is unused). Its ``model`` masks log p(z) out, as the AE's
+    objective does; :meth:`generative` is the unmasked p(z) p_θ(x|z) that log p(x) is
+    measured under (the estimators honour masks, as Trace_ELBO does)."""
+
+    def generative(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
+        """p(z) p_θ(x|z) with z ~ N(0, I): the AE's decoder as a generative model (the VAE's program)."""
+        return VAE.model(self, x, size, beta)
 
     def model(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
         """p_θ(x|z) with log p(z) masked out of the objective: z is a free code. ``beta`` is unused."""
@@ -68,13 +75,14 @@ class Autoencoder(VAE):
             return pyro.sample("x", self.likelihood.dist(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, size: int | None = None, beta: float = 1.0) -> torch.Tensor:
-        """q(z|x) = δ(z − μ_φ(x)): log q = 0 at its draw, so the loss is −log p(x | z = μ_φ(x))."""
+        """q(z|x) = N(μ_φ(x), CODE_SCALE² I), the code up to 10⁻³: the loss is −log p(x | z ≈ μ_φ(x))
+        plus the constant entropy of q."""
         if self.register_params:  # as in VAE: the Trainer's torch optimizer owns the parameters
             pyro.module("encoder", self.encoder)
         n = x.shape[0]
         z_loc, _ = self.encoder(x)  # (N, z_dim); the log-variance head is ignored
         with pyro.plate("data", size or n, subsample=self._subsample(n, x.device), dim=-1):
-            return pyro.sample("z", dist.Delta(z_loc).to_event(1))
+            return pyro.sample("z", dist.Normal(z_loc, CODE_SCALE).to_event(1))
 
 
 def gaussian_proposal(vae: VAE, c: float, s: float):
@@ -92,15 +100,16 @@ def gaussian_proposal(vae: VAE, c: float, s: float):
 def best_proposal_bound(vae: VAE, valid: torch.Tensor, test: torch.Tensor, k: int, seed: int) -> tuple:
     """The (c, s) of :func:`gaussian_proposal` with the best IWAE bound on ``valid`` (K = k/10), and
     the IWAE_k bound it gives on ``test`` (the dict of ``_common.held_out``)."""
+    model = getattr(vae, "generative", vae.model)  # the AE: its decoder under the prior, unmasked
     by = {
-        (c, s): _common.held_out(vae, valid, max(10, k // 10), seed, guide=gaussian_proposal(vae, c, s))[
-            "iwae"
-        ]
+        (c, s): _common.held_out(
+            vae, valid, max(10, k // 10), seed, guide=gaussian_proposal(vae, c, s), model=model
+        )["iwae"]
         for c in PROPOSAL_SHRINK
         for s in PROPOSAL_SCALES
     }
     best = max(by, key=by.get)
-    return best, _common.held_out(vae, test, k, seed=seed, guide=gaussian_proposal(vae, *best))
+    return best, _common.held_out(vae, test, k, seed=seed, guide=gaussian_proposal(vae, *best), model=model)
 
 
 def digit_classifier(x: torch.Tensor, y: torch.Tensor) -> LogisticRegression:
@@ -154,8 +163,8 @@ def main(argv=None) -> int:
     ae = Autoencoder(data.image_shape, cfg.z_dim, cfg.hidden, cfg.likelihood, cfg.arch, cfg.activation)
     models = {
         "VAE": _common.fit(data, out / "vae", **common)[0],
-        # The AE's logged "valid ELBO" is log p(x|μ) + log p(μ), the joint at the code (a point-mass
-        # guide has no entropy): not a bound, only a progress signal.
+        # The AE's logged "valid ELBO" is that of its masked program, log p(x|z ≈ μ) plus q's constant
+        # entropy (log p(z) masked out): not a bound on log p(x), only a progress signal.
         "autoencoder": _common.fit(data, out / "ae", model=ae, **common)[0],
     }
 
