@@ -640,3 +640,29 @@ def test_the_headline_is_the_tighter_bound_or_the_one_whose_diagnostics_hold(ais
     flagged = headline({**s, "ais_untrusted_frac": 0.5, "bdmc_n": 50, "bdmc_gap": 0.123})[1]
     assert "on 50 simulated datapoints AIS's bracket is 0.123 nats wide" in flagged
     assert ("AIS's SE is unreliable on 50 %" in flagged) == (pick == "ais")
+
+
+@pytest.mark.parametrize(
+    "lower, upper, says",
+    [
+        (-97.50, -97.40, "-97.500 ≤ log p(x) ≤ -97.400 (means), mean width 0.100 nats"),
+        (
+            -97.459,
+            -97.460,
+            "they cross by 0.001 nats, within their Monte Carlo error (SE 0.018): the width is 0",
+        ),
+        (
+            -97.0,
+            -97.5,
+            "they cross by 0.500 nats, beyond their Monte Carlo error (SE 0.018): not a valid bracket",
+        ),
+    ],
+)
+def test_the_bdmc_bracket_never_prints_a_negative_width(lower, upper, says):
+    """The two ends are stochastic: means that cross within their error read as width 0 (a real
+    run at T = 1000 crossed by 0.0003 nats and printed "-97.459 ≤ log p(x) ≤ -97.460")."""
+    from ppl_vae.reports.report import bracket
+
+    s = dict(bdmc_lower=lower, bdmc_upper=upper, bdmc_gap=upper - lower, bdmc_lower_stderr=0.0125)
+    s["bdmc_upper_stderr"] = 0.0125
+    assert says in bracket(s)

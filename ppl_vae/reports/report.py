@@ -173,8 +173,29 @@ def headline(s: dict) -> tuple[str, str] | None:
     if pick == "ais" and s.get("ais_untrusted_frac", 0) > UNRELIABLE_FRACTION:
         why += f"; AIS's SE is unreliable on {100 * s['ais_untrusted_frac']:.0f} % of datapoints (chains' ESS < C/2)"
     if s.get("bdmc_n"):
-        why += f"; on {s['bdmc_n']} simulated datapoints AIS's bracket is {s['bdmc_gap']:.3f} nats wide"
+        why += (
+            f"; on {s['bdmc_n']} simulated datapoints AIS's bracket is {max(s['bdmc_gap'], 0):.3f} nats wide"
+        )
     return pick, why
+
+
+def bracket(s: dict) -> str:
+    """BDMC's bracket, lower ≤ log p(x) ≤ upper (means). Both ends are stochastic, so when AIS's
+    error is below their Monte Carlo error the means can cross; that reads as a width of zero
+    within the error, not as a negative width."""
+    lo, up, gap = s["bdmc_lower"], s["bdmc_upper"], s["bdmc_gap"]
+    se = math.hypot(s.get("bdmc_lower_stderr") or 0.0, s.get("bdmc_upper_stderr") or 0.0)
+    if gap >= 0:
+        return f"{lo:.3f} ≤ log p(x) ≤ {up:.3f} (means), mean width {gap:.3f} nats"
+    if -gap <= 2 * se:
+        return (
+            f"lower {lo:.3f}, upper {up:.3f} (means): they cross by {-gap:.3f} nats, within their Monte Carlo "
+            f"error (SE {se:.3f}): the width is 0 to that precision"
+        )
+    return (
+        f"lower {lo:.3f}, upper {up:.3f} (means): they cross by {-gap:.3f} nats, beyond their Monte Carlo error "
+        f"(SE {se:.3f}): not a valid bracket; check the program and the simulated data"
+    )
 
 
 def format_table(s: dict, header: str | None = None) -> str:
@@ -206,10 +227,7 @@ def format_table(s: dict, header: str | None = None) -> str:
         label = f"log p(x) (AIS, {s['ais_steps']} steps × {s['ais_chains']} chains)"
         lines.append(row(label, s["ais"], s["ais_stderr"]) + f"  acceptance {accept}")
     if s.get("bdmc_n"):
-        lines.append(
-            f"BDMC on {s['bdmc_n']} datapoints simulated from the model: {s['bdmc_lower']:.3f} ≤ log p(x) ≤ "
-            f"{s['bdmc_upper']:.3f} (means), mean width {s['bdmc_gap']:.3f} nats"
-        )
+        lines.append(f"BDMC on {s['bdmc_n']} datapoints simulated from the model: " + bracket(s))
     if headline(s):
         pick, why = headline(s)
         lines.append(
