@@ -82,6 +82,7 @@ def generated(tmp_path_factory, data_dir):
     return out, run_example("generate", out, data_dir)
 
 
+@pytest.mark.slow
 def test_generate(generated):
     out, res = generated
     assert_figure(out / "samples.png")
@@ -93,6 +94,7 @@ def test_generate(generated):
     assert abs(res["mean_pixel_samples"] - res["mean_pixel_test_data"]) < 0.08
 
 
+@pytest.mark.slow
 def test_generate_from_an_existing_run(generated, tmp_path, data_dir):
     """``--run`` reuses a trained run: nothing is trained, the grid comes from ``ppl_vae.sample``."""
     first_out, first = generated

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # trains for a few epochs: with the examples, outside the fast subset
 def test_the_readme_python_block_runs_as_written(tmp_path):
     block = re.search(r"### Python API\n\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(
         1
