@@ -107,8 +107,10 @@ def load_data(
     likelihood: str = "bernoulli",
     announce: bool = True,
     default: str = "auto",
+    dequantize: str = "auto",
 ) -> Dataset:
-    """``name`` loaded for ``likelihood`` (greyscale data are binarized dynamically for a Bernoulli).
+    """``name`` loaded for ``likelihood`` (greyscale data are binarized dynamically for a Bernoulli,
+    8-bit images dequantized uniformly for a density unless ``dequantize`` is ``none``).
     ``auto`` walks :data:`AUTO_CHAIN`, as ``fit`` falls back (offline and without MNIST: the
     digits), and prints one line: which data it used, from where, and why when it fell back.
     ``name=None`` (no ``--dataset`` given): the example's ``default``, else ``auto``."""
@@ -116,16 +118,16 @@ def load_data(
     why = ""
     if name is None and default != "auto":
         try:
-            return load_data(default, data_dir, likelihood, announce)
+            return load_data(default, data_dir, likelihood, announce, dequantize=dequantize)
         except DataError:
             why = f"; {default}, this example's default, is not in {resolve_data_dir(data_dir)}"
             name = "auto"
     if (name or "auto") != "auto":
-        ds = load_dataset(name, data_dir, "auto", lik)
+        ds = load_dataset(name, data_dir, "auto", lik, dequantize=dequantize)
     else:
         for cand, download in AUTO_CHAIN:
             try:
-                ds = load_dataset(cand, data_dir, "auto", lik, download=download)
+                ds = load_dataset(cand, data_dir, "auto", lik, download=download, dequantize=dequantize)
                 break
             except DataError:
                 continue

@@ -1,26 +1,30 @@
-"""Swap the likelihood: the same VAE with four decoders p_θ(x|z) on MNIST.
+"""Swap the likelihood: the same VAE with five decoders p_θ(x|z) on MNIST.
 
 * ``bernoulli``: x ∈ {0, 1}; greyscale images are binarized (dynamically) first;
 * ``gaussian`` with a fixed σ (0.1, the default for data in [0, 1]; σ = 1, the MSE loss, lets the
   latents collapse): log p(x|z) = −‖x − μ‖²/(2σ²) − (D/2) log 2πσ²;
 * ``gaussian-learned``: a per-pixel σ_θ(z) from the decoder, bounded below by a floor;
 * ``continuous-bernoulli``: the Bernoulli made a proper density on [0, 1] (Loaiza-Ganem &
-  Cunningham 2019).
+  Cunningham 2019);
+* ``discretized-logistic``: a probability of the 256 levels of each pixel (IAF, PixelCNN++).
 
 Same networks, same data, same seed: only the likelihood changes (``likelihood=`` in
 :class:`~ppl_vae.training.config.FitConfig`, ``--likelihood`` on the command line).
 
-Held-out log p(x) (IWAE) is comparable between the three models of greyscale x (all are
-densities on the same space), not with the Bernoulli (a probability of binarized images).
-Two more runs explain two warnings:
+One scale: bits per dimension of the 8-bit images. The discretized logistic gives it directly;
+the three densities are fitted to uniformly dequantized images y = (x + u)/256 (``--dequantize``,
+on by default for them), and E_u log p(y) − D log 256 ≤ log P(x) makes their number a bound on
+the same quantity (docs/likelihoods.md). The Bernoulli's bits/dim are of the *binarized* images:
+other data, printed apart. Two more runs explain two warnings:
 
 * the Bernoulli formula at greyscale x is not a density: ∫₀¹ λˣ(1 − λ)¹⁻ˣ dx = 1/C(λ) < 1, so
   the "likelihood" of BCE-on-greyscale VAEs misses Σ_d log C(λ_d) nats of normalization
   (printed below for the trained decoder); the continuous Bernoulli adds exactly that term;
-* a learned σ without a floor collapses on pixels that are exactly 0 (MNIST's background):
-  the density at x = μ grows like 1/σ without bound, so the ELBO climbs by shrinking σ.
+* a learned σ without a floor, fitted to the levels themselves (``--dequantize none``), collapses
+  on pixels that are exactly 0 (MNIST's background): the density at x = μ grows like 1/σ without
+  bound, so the ELBO climbs by shrinking σ.
 
-    python examples/likelihoods.py            # 30 epochs for each of 5 models, ~7 minutes on 2 CPU cores
+    python examples/likelihoods.py            # 30 epochs for each of 6 models, ~9 minutes on 2 CPU cores
     python examples/likelihoods.py --quick    # seconds
 
 Writes to ``--out``: ``likelihoods.png`` (data, reconstructions and samples per likelihood),
@@ -38,10 +42,11 @@ from torch.distributions import ContinuousBernoulli
 
 from ppl_vae.inference import estimators
 from ppl_vae.reports import plots
+from ppl_vae.reports.bits import BitsScale, scale_for
 from ppl_vae.training.runs import read_metrics
 from ppl_vae.training.train import NonFiniteLoss
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli", "discretized-logistic")
 
 
 @torch.no_grad()
@@ -91,14 +96,21 @@ def main(argv=None) -> int:
             panels["samples"][name] = vae.decode(
                 plots.prior_draws(16, vae.z_dim, args.seed)
             )  # E[x | z], z ~ N(0, I)
+        scale = scale_for(data, vae.likelihood)  # which bits/dim: of which data, through which bound
         r = {
             "data": data.name,
             "binarize": data.binarize,
+            "dequantize": data.dequantize,
             "test": _common.held_out(vae, x, k, seed=args.seed),
             # Burda et al. 2016: latent j is active when Var_x(E_q[z_j | x]) > 0.01
             "active_units": int((codes.var(0) > 0.01).sum()),
             "z_dim": vae.z_dim,
         }
+        if isinstance(scale, BitsScale):  # from IWAE_k: an upper bound in expectation
+            r["bits_per_dim"], r["bits_per_dim_label"] = (
+                scale.bits(r["test"]["iwae"], x.shape[1]),
+                scale.label,
+            )
         if name == "gaussian-learned":
             r.update(sigma_stats(vae, x))
         if name == "bernoulli":
@@ -113,16 +125,13 @@ def main(argv=None) -> int:
         print(
             f"{name:>20}: test log p(x) ≥ {t['iwae']:8.2f} ± {t['iwae_se']:.2f} nats (IWAE_{k}), ELBO "
             f"{t['elbo']:8.2f}; {r['active_units']}/{r['z_dim']} active latents"
-            + (
-                " [binarized images: a probability, not comparable with the densities below]"
-                if name == "bernoulli"
-                else ""
-            )
+            + (f"; {r['bits_per_dim_label']}: {r['bits_per_dim']:.4f}" if "bits_per_dim" in r else "")
         )
 
-    # The learned σ without a floor, trained the same way.
+    # The learned σ without a floor, fitted to the levels themselves (dequantization bounds the density).
     data = _common.subset(
-        _common.load_data(args.dataset, args.data_dir, "gaussian-learned", announce=False), *sizes
+        _common.load_data(args.dataset, args.data_dir, "gaussian-learned", announce=False, dequantize="none"),
+        *sizes,
     )
     try:
         vae, summary, _ = _common.fit(
@@ -130,6 +139,7 @@ def main(argv=None) -> int:
             out / "gaussian-learned-nofloor",
             likelihood="gaussian-learned",
             sigma_floor=0.0,
+            dequantize="none",
             epochs=epochs,
             seed=args.seed,
             final_iwae_k=0,
@@ -138,24 +148,29 @@ def main(argv=None) -> int:
         nofloor = {"finished": True, "test_elbo": test_elbo, **sigma_stats(vae, data.test)}
     except NonFiniteLoss as e:
         nofloor = {"finished": False, "error": str(e)}
+    floored, bare = "σ ≥ 0.01, dequantized", "σ ≥ 0, on the levels"
     curves = {
-        f"σ ≥ {floor}": read_metrics(out / run)
-        for floor, run in (("0.01", "gaussian-learned"), ("0", "gaussian-learned-nofloor"))
+        label: read_metrics(out / run)
+        for label, run in ((floored, "gaussian-learned"), (bare, "gaussian-learned-nofloor"))
     }
-    nofloor["valid_elbo_by_epoch"] = [m["valid_elbo"] for m in curves["σ ≥ 0"]]
+    nofloor["valid_elbo_by_epoch"] = [m["valid_elbo"] for m in curves[bare]]
     results["gaussian_learned_without_floor"] = nofloor
-    results["gaussian_learned_valid_elbo_by_epoch"] = [m["valid_elbo"] for m in curves["σ ≥ 0.01"]]
+    results["gaussian_learned_valid_elbo_by_epoch"] = [m["valid_elbo"] for m in curves[floored]]
     plots.training_curve(curves, title="Learned σ with and without a floor", path=out / "sigma_floor.png")
     print(
         "gaussian-learned without a σ floor: "
         + (
-            f"test ELBO {nofloor['test_elbo']:.1f} nats (with the floor: "
+            f"test ELBO {nofloor['test_elbo']:.1f} nats on the levels (with the floor, of the dequantized images: "
             f"{results['models']['gaussian-learned']['test']['elbo']:.1f}), smallest σ {nofloor['sigma_min']:.2g}, "
             f"{100 * nofloor['share_of_pixels_sigma_below_0.02']:.0f}% of pixels with σ < 0.02"
             if nofloor["finished"]
             else f"training failed: {nofloor['error']}"
         )
     )
+    print("bits/dim of the test images (binarized and 8-bit images are different data: never compared):")
+    for name, r in results["models"].items():
+        if "bits_per_dim" in r:
+            print(f"  {name:>20}: {r['bits_per_dim']:.4f} {r['bits_per_dim_label']}")
     mass = results["models"]["bernoulli"]["bernoulli_log_mass_on_greyscale"]
     print(f"Bernoulli formula at greyscale x integrates to exp({mass:.1f}) over [0, 1]^D: not a density")
 
@@ -163,7 +178,7 @@ def main(argv=None) -> int:
         panels,
         data.image_shape,
         nrow=8,
-        title=f"One VAE, four likelihoods ({data.name}, {epochs} epochs): test images, "
+        title=f"One VAE, five likelihoods ({data.name}, {epochs} epochs): test images, "
         f"reconstructions E[x | z = μ(x)], samples E[x | z] with z ~ N(0, I)",
         path=out / "likelihoods.png",
     )

@@ -41,7 +41,7 @@ with startup(PROG):  # torch loads here: a signal meanwhile is one line, not a t
 
     from .core import distributed, files
     from .inference import importance
-    from .reports import annealing
+    from .reports import annealing, bits
 
     # evaluate and evaluate_blocks stay importable from here (docs/estimators.md, examples/)
     from .reports.evaluation import DEFAULT_BLOCK, PER_DATAPOINT, curve_ks, evaluate, evaluate_blocks  # noqa: F401
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
         ctx, device = distributed.setup(resolve_device(args.device))
         vae, cfg = load_run(run_dir, which=args.checkpoint, device=device)
-        own = {"channels": cfg.channels, "image_size": cfg.image_size}  # a user's images, as fitted
+        own = dict(channels=cfg.channels, image_size=cfg.image_size, dequantize=cfg.dequantize)  # as fitted
         ds = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.binarize, vae.likelihood, **own)
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
             raise UserError(
@@ -250,6 +250,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
             discrete=vae.likelihood.discrete,  # a probability: Bernoulli on 0/1, discretized logistic
+            bits=bits.scale_for(ds, vae.likelihood),  # of which data, through which bound (or why none)
             likelihood=vae.likelihood.name,
             device=device,
             progress=not args.quiet and ctx.is_main,
@@ -268,6 +269,8 @@ def main(argv=None) -> int:
                 "split": args.split,
                 "binarization": binarization,
                 "binarize_seed": ds.binarize_seed,  # the fixed draw of the split evaluated (dynamic, static)
+                "dequantize": ds.dequantize,  # uniform: the split is scored at y = (x + u)/256
+                "dequantize_seed": ds.dequantize_seed,  # its one draw of u (uniform)
                 "likelihood": vae.likelihood.name,
                 **report,
                 "subset": args.subset,
@@ -284,6 +287,8 @@ def main(argv=None) -> int:
         said = "not binarized" if binarization == "none" else f"{binarization} binarization"
         if ds.binarize_seed is not None:  # the fixed draw of valid/test images this run is scored on
             said += f", {args.split} images drawn once with seed {ds.binarize_seed}"
+        if ds.dequantize == "uniform":  # y = (x + u)/256: the nats are of this density, on these y
+            said += f"; uniform dequantization, (x + u)/256 with u drawn once with seed {ds.dequantize_seed}"
         header = (
             f"{ds.name} ({said}), {args.split} split, n = {s['n']}"
             f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "

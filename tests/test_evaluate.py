@@ -152,7 +152,13 @@ def test_evaluate_end_to_end_writes_sane_json(bmnist_run, tmp_path, data_dir):
     assert [float(v) for v in lines[6].split()[4:7]] == pytest.approx(
         [s["log_px"], s["log_px_stderr"], s["bits_per_dim"]], abs=5e-4
     )
-    assert lines[8].startswith("Pareto k̂: mean") and lines[9].startswith(
+    # what the bits/dim are: of the binarized images (issue 26: binarized and 8-bit images are other data)
+    assert lines[9] == (
+        f"bits/dim of the binarized images: {s['bits_per_dim']:.4f} (log p(x), IWAE K=300; the column: "
+        "log P(x), a probability of the data; bits/dim = -nats / (D ln 2))"
+    )
+    assert s["bits_per_dim_label"] == "bits/dim of the binarized images" and s["bits_per_dim_shift"] == 0
+    assert lines[8].startswith("Pareto k̂: mean") and lines[10].startswith(
         "active units (Cov_x E_q[z_u|x] > 0.01): z "
     )
     # per-datapoint arrays agree with the summary; the subset is random, not the first 60

@@ -171,8 +171,26 @@ def test_likelihoods(tmp_path, data_dir):
     assert_figure(tmp_path / "likelihoods.png")
     assert_figure(tmp_path / "sigma_floor.png")
     m = res["models"]
-    assert set(m) == {"bernoulli", "gaussian", "gaussian-learned", "continuous-bernoulli"}
+    assert set(m) == {
+        "bernoulli",
+        "gaussian",
+        "gaussian-learned",
+        "continuous-bernoulli",
+        "discretized-logistic",
+    }
     assert m["bernoulli"]["binarize"] == "dynamic" and m["gaussian"]["binarize"] == "none"
+    # one scale (issue 26, point 5): every model of the 8-bit images in bits/dim of those images, the
+    # densities through uniform dequantization; the Bernoulli's of the binarized images, apart
+    deq = "bits/dim of the 8-bit images, a bound through uniform dequantization"
+    for name in ("gaussian", "gaussian-learned", "continuous-bernoulli"):
+        assert m[name]["dequantize"] == "uniform" and m[name]["bits_per_dim_label"] == deq
+        bound = -(m[name]["test"]["iwae"] - D * math.log(256)) / (D * math.log(2))  # E_u log p − D log 256
+        assert m[name]["bits_per_dim"] == pytest.approx(bound, rel=1e-12)
+    assert m["discretized-logistic"]["bits_per_dim_label"] == "bits/dim of the 8-bit images"
+    assert (
+        0 < m["discretized-logistic"]["bits_per_dim"] < 8
+    )  # a probability, better than uniform on 256 levels
+    assert m["bernoulli"]["bits_per_dim_label"] == "bits/dim of the binarized images"
     # Bernoulli: a probability of binary images, so log p(x) ≤ 0.
     assert m["bernoulli"]["test"]["iwae"] < 0
     # Gaussian with the fixed σ = 0.1 (the default for data in [0, 1]): log p(x|z) ≤ −(D/2) log 2πσ²

@@ -170,3 +170,45 @@ def test_dynamic_binarization_in_the_step_makes_no_host_sync(device, monkeypatch
         monkeypatch.undo()
     assert torch.isfinite(loss) and a.device.type == device.type
     assert bool(((a == 0) | (a == 1)).all()) and not torch.equal(a, b)
+
+
+def test_uniform_dequantization_in_the_step_makes_no_host_sync(device, monkeypatch):
+    """``--dequantize uniform``: 8-bit training images become (255 x + u)/256 with u ~ U[0, 1)
+    drawn inside the step, on the device, from the global generator, with no value read back."""
+    from ppl_vae.data.datasets import dataset_from_array, prepare
+    from ppl_vae.programs.likelihoods import make_likelihood
+
+    pyro.enable_validation(False)
+    k = torch.randint(0, 256, (40, 4, 4), generator=torch.Generator().manual_seed(0))
+    ds = prepare(dataset_from_array(k / 255.0, name="levels"), "auto", make_likelihood("gaussian")).to(device)
+    assert ds.dequantize == "uniform"
+    vae = VAE((1, 4, 4), z_dim=3, hidden=[8], likelihood="gaussian").to(device)
+    vae.register_params = False
+    optim = make_optimizer(vae.parameters(), FitConfig(lr=1e-2), device)
+    objective = make_objective("trace", 1)
+
+    def step(idx):
+        return train_step(
+            lambda b, size, beta: objective(vae.model, vae.guide, *b, size=size, beta=beta),
+            optim,
+            vae.parameters(),
+            (ds.train_batch(idx),),  # (B, 16) fresh u
+            ds.train.shape[0],
+            1.0,
+        )
+
+    idx = torch.arange(8, device=device)
+    step(idx)  # first call: one-time checks
+    _forbid_host_syncs(monkeypatch)
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step(idx)
+        a, b = ds.train_batch(idx), ds.train_batch(idx)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
+    assert torch.isfinite(loss) and a.device.type == device.type and not torch.equal(a, b)
+    level = k.reshape(40, 16)[:8].to(device).float()
+    assert torch.equal(torch.floor(a * 256), level) and torch.equal(torch.floor(b * 256), level)

@@ -15,6 +15,12 @@ one would have) and once, with the fixed seed :data:`BINARIZE_SEED` recorded in 
 valid/test; ``static`` draws once, with that seed, for every split; ``auto`` is ``dynamic`` for
 greyscale data under a likelihood that needs 0/1 data (``bernoulli``) and ``none`` otherwise.
 
+Dequantization (``--dequantize``, :mod:`ppl_vae.data.dequantize`): ``uniform`` trains a density
+of continuous data on y = (x + u)/256, u ~ U[0, 1)^D drawn afresh for every training batch as
+dynamic binarization draws, and scores validation and test images at one fixed draw (seed
+:data:`~ppl_vae.data.dequantize.DEQUANTIZE_SEED`, recorded); ``auto`` is ``uniform`` for 8-bit images under
+a continuous likelihood, ``none`` otherwise.
+
 Splits: MNIST, the first 50,000 training images train and the last 10,000 validate (the usual
 protocol), its 10,000 test images test; Frey Faces and users' data, a permutation seeded with
 :data:`SPLIT_SEED` (Frey Faces 1,565 / 200 / 200 as in the VampPrior paper; users' 80 / 10 / 10 %).
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
+from . import dequantize as dq
 from . import readers as data_files
 from .circles import make_circles
 from .images import read_image_folder
@@ -54,8 +61,9 @@ class Dataset:
     ``labels[split]`` holds class labels ``(N,)`` when known; ``factors[split]`` holds the
     true generative factors ``(N, F)`` (e.g. x, y, radius of the circles dataset).
     ``binarize`` is the resolved mode (``none``, ``dynamic`` or ``static``) and ``binarize_seed``
-    the seed of its fixed draws (None when nothing was drawn); ``split`` says how the splits
-    were made, ``classes`` names the labels (a folder's class subfolders).
+    the seed of its fixed draws (None when nothing was drawn); ``dequantize`` (``none`` or
+    ``uniform``) and ``dequantize_seed`` likewise; ``split`` says how the splits were made,
+    ``classes`` names the labels (a folder's class subfolders).
     """
 
     name: str
@@ -70,6 +78,8 @@ class Dataset:
     binarize_seed: int | None = None
     split_protocol: str = ""
     classes: tuple = ()
+    dequantize: str = "none"
+    dequantize_seed: int | None = None
 
     def describe(self) -> str:
         """One line: the split sizes, the image shape and how the splits were made."""
@@ -97,11 +107,14 @@ class Dataset:
         )
 
     def train_batch(self, idx: torch.Tensor) -> torch.Tensor:
-        """Training batch ``(B, D)`` at indices ``idx``; under ``dynamic``, x ~ Bernoulli(grey level)
-        drawn afresh on the batch's device from torch's global generator (seeded by the run, saved
-        in its checkpoint), with no host synchronization."""
+        """Training batch ``(B, D)`` at indices ``idx``; under ``dynamic``, x ~ Bernoulli(grey level),
+        under ``uniform`` dequantization y = (255 x + u)/256 with u ~ U[0, 1)^D, drawn afresh on
+        the batch's device from torch's global generator (seeded by the run, saved in its
+        checkpoint), with no host synchronization."""
         x = self.train[idx]  # (B, D)
-        return torch.bernoulli(x) if self.binarize == "dynamic" else x
+        if self.binarize == "dynamic":
+            return torch.bernoulli(x)
+        return dq.uniform(x, torch.rand_like(x)) if self.dequantize == "uniform" else x
 
 
 # --------------------------------------------------------------------------- splitting
@@ -459,11 +472,12 @@ def load_dataset(
     download: bool = True,
     channels: int | None = None,
     image_size=None,
+    dequantize: str = "auto",
 ) -> Dataset:
     """Load dataset ``name`` (one of :data:`DATASETS`, a ``.npy``/``.npz`` file or a folder of
     image files), binarize it as asked, and check it suits ``likelihood`` (when given).
     ``channels`` (1 or 3) and ``image_size`` ``(H, W)``: users' data only (a folder's images are
-    converted and resized to them; an array's channels converted).
+    converted and resized to them; an array's channels converted). ``dequantize``: as :func:`prepare`.
 
     ``auto`` is MNIST when it is present or downloadable, else static binarized MNIST when its
     files are present, else scikit-learn's digits, with a warning saying what happened.
@@ -504,13 +518,16 @@ def load_dataset(
             f"image files or a .npy/.npz file of images in [0, 1]"
             + (" (no such folder or file)" if any(c in name for c in "/\\.") else "")
         )
-    return prepare(ds, binarize, likelihood)
+    return prepare(ds, binarize, likelihood, dequantize)
 
 
-def prepare(ds: Dataset, binarize: str = "auto", likelihood=None) -> Dataset:
+def prepare(ds: Dataset, binarize: str = "auto", likelihood=None, dequantize: str = "auto") -> Dataset:
     """Binarize ``ds`` as asked (``auto``: dynamically for a likelihood of binary data when the
-    images are greyscale, else not) and check it suits ``likelihood``: what :func:`load_dataset`
-    does last, also for a :class:`Dataset` made elsewhere (``fit(dataset=...)``). Changes ``ds``."""
+    images are greyscale, else not), dequantize it as asked (``auto``: :func:`dequantize_mode`),
+    and check it suits ``likelihood``: what :func:`load_dataset` does last, also for a
+    :class:`Dataset` made elsewhere (``fit(dataset=...)``). Changes ``ds``."""
+    if dequantize not in dq.DEQUANTIZE:
+        raise DataError(f"unknown --dequantize {dequantize!r}; choose one of {', '.join(dq.DEQUANTIZE)}")
     binary = _is_binary(ds.train)
     if binarize == "auto":
         binarize = "dynamic" if (likelihood is not None and likelihood.binary_data and not binary) else "none"
@@ -518,9 +535,43 @@ def prepare(ds: Dataset, binarize: str = "auto", likelihood=None) -> Dataset:
         if binary:
             binarize = "none"  # already 0/1: nothing to draw
         _binarize(ds, binarize)
+    if ds.dequantize == "none" and dequantize_mode(ds, dequantize, likelihood) == "uniform":
+        ds.dequantize, ds.dequantize_seed = "uniform", dq.DEQUANTIZE_SEED
+        ds.test, ds.valid = dq.fixed(ds.test, dq.DEQUANTIZE_SEED), dq.fixed(ds.valid, dq.DEQUANTIZE_SEED + 1)
     if likelihood is not None:
         check_for_likelihood(ds, likelihood)
     return ds
+
+
+def dequantize_mode(ds: Dataset, asked: str, likelihood=None) -> str:
+    """``uniform`` or ``none`` for ``ds`` (binarized already, or not) under ``likelihood``: ``auto``
+    is ``uniform`` for 8-bit images under a density of continuous data; ``uniform`` asked where
+    it has no meaning (binarized or non-8-bit data, a likelihood that is a probability) is one line."""
+    if asked == "none":
+        return "none"
+    continuous = likelihood is not None and not likelihood.discrete and not likelihood.binary_data
+
+    def eight_bit() -> bool:  # (checked only where it matters: it reads every pixel)
+        return ds.binarize == "none" and all(dq.is_8bit(ds.split(s)) for s in ("train", "valid", "test"))
+
+    if asked == "auto":
+        return "uniform" if continuous and eight_bit() else "none"
+    if ds.binarize != "none":
+        raise DataError(
+            f"--dequantize uniform is for 8-bit greyscale images, but {ds.name} is binarized "
+            f"({ds.binarize}); pass --binarize none with a continuous likelihood, or drop --dequantize"
+        )
+    if likelihood is not None and likelihood.discrete:
+        raise DataError(
+            f"--likelihood {likelihood.name} is already a probability of discrete data: it needs no "
+            f"dequantization; drop --dequantize uniform"
+        )
+    if not eight_bit():
+        raise DataError(
+            f"{ds.name}: --dequantize uniform needs 8-bit images (every value a level k/255, not all 0 "
+            f"or 1), and these are not; pass --dequantize none"
+        )
+    return "uniform"
 
 
 def _load_auto(root: Path, download: bool) -> Dataset:

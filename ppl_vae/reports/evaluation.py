@@ -230,6 +230,7 @@ def evaluate(
     batch_size: int = DEFAULT_BLOCK,
     chunk_size: int | None = None,
     discrete: bool | None = None,
+    bits=None,
     mean_samples: int = latents.MEAN_SAMPLES,
     likelihood: str | None = None,
     device=None,
@@ -254,6 +255,8 @@ def evaluate(
     :param chunk_size: particles × datapoints per vectorized pass (memory only; default per device).
     :param discrete: whether p(x|z) is a probability of discrete data (bits/dim reported) or a density
         (no bits/dim); default: what the probe of the program finds (:func:`observed_is_discrete`).
+    :param bits: what bits/dim are here, a :class:`~ppl_vae.reports.bits.BitsScale` (e.g. of 8-bit images
+        through uniform dequantization: :func:`~ppl_vae.reports.bits.scale_for`), or why there are none.
     :param mean_samples: guide draws for E_q[z|x] of the active units where it is not exact (0: skip
         them and each layer's KL).
     :param likelihood: the likelihood's name, for the remedies of a collapse line (e.g. σ of a Gaussian).
@@ -307,9 +310,8 @@ def evaluate(
     finally:
         bar.close()
         steps.close()
-    s = summarize(
-        res, ks, num_samples, int(checks.as_args(data)[0][0].numel()), discrete, mean_samples, likelihood
-    )
+    dim = int(checks.as_args(data)[0][0].numel())
+    s = summarize(res, ks, num_samples, dim, discrete, mean_samples, likelihood, bits)
     s.update(annealing.summarize(res, ais, bdmc))
     if ais:  # which of IWAE_K and AIS to quote, and why
         s["headline"], s["headline_why"] = headline(s)

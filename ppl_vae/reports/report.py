@@ -15,9 +15,11 @@ Honesty rules (``docs/estimators.md``):
   on more than :data:`UNRELIABLE_FRACTION` of the datapoints (``log_px_reliable = False``).
   Measured at k̂ ≈ 1.5, the delta-method SE then understates the spread of repeated
   estimates 2–3×.
-* bits/dim = −log p(x) / (D ln 2) is reported only for discrete data, where p(x) is a
-  probability; for a density of continuous data it is omitted with the reason
-  (``bits_per_dim_omitted``).
+* bits/dim = −log p(x) / (D ln 2) is reported only where it bounds a code length, each with
+  what it is (``bits_per_dim_label``: of which data, and through which bound;
+  :mod:`ppl_vae.reports.bits`): for discrete data, where p(x) is a probability, and for a density of
+  uniformly dequantized 8-bit images, as a bound on the 8-bit images' bits/dim; for any other
+  density it is omitted with the reason (``bits_per_dim_omitted``).
 """
 
 from __future__ import annotations
@@ -30,12 +32,9 @@ import torch
 
 from ..inference import estimators, psis
 from . import collapse, latents
+from .bits import NO_BITS, BitsScale
 
 UNRELIABLE_FRACTION = 0.1  # log p(x) is flagged when k̂ > khat_threshold(K) on more than this fraction
-NO_BITS = (
-    "not shown: p(x|z) is a density of continuous data, not a probability; bits/dim would be "
-    "meaningless without dequantization"
-)
 MEAN, MC_VAR = "posterior_mean:", "posterior_mc_var:"  # per-site keys of the block results, (d, M)
 KL = "kl:"  # per-site key of each layer's KL term, (M,)
 
@@ -53,13 +52,15 @@ def summarize(
     discrete: bool,
     mean_samples: int = 0,
     likelihood: str | None = None,
+    bits: BitsScale | str | None = None,
 ) -> dict:
     """Dataset means of :func:`~ppl_vae.reports.evaluation.evaluate_blocks`' arrays with their Monte Carlo standard errors
     (``*_stderr``: :meth:`~ppl_vae.inference.estimators.Estimate.mean_stderr`) and, under
     ``*_stderr_across_datapoints``, the spread of the datapoints themselves
     (:meth:`~ppl_vae.inference.estimators.Estimate.across_datapoints_stderr`); k̂ against
     ``khat_threshold(K)`` with the verdict ``log_px_reliable`` (``None`` when k̂ needs a larger K);
-    bits per dimension only when ``discrete``; the active units of each latent site (``None`` for
+    bits per dimension on the :class:`~ppl_vae.reports.bits.BitsScale` ``bits``, or, a string, the
+    reason there are none (None: ``"discrete data"`` when ``discrete``, else none); the active units of each latent site (``None`` for
     a single datapoint; ``mean_samples``: the guide draws behind a mean that was not exact), each
     layer's KL ``kl_per_site`` and the ``collapse`` lines of :func:`ppl_vae.reports.collapse.warnings_for`
     (``likelihood``: the program's, for its remedies)."""
@@ -70,11 +71,14 @@ def summarize(
         )
         return estimators.Estimate(torch.from_numpy(np.asarray(value)), torch.from_numpy(np.asarray(se)))
 
+    if bits is None:
+        bits = BitsScale("discrete data") if discrete else NO_BITS
+    scale = bits if isinstance(bits, BitsScale) else None
     s = {
         "n": len(res["log_px"]),
         "num_samples": num_samples,
         "dim": dim,
-        "units": "nats per datapoint" + (" (bits_per_dim = -nats / (D ln 2))" if discrete else ""),
+        "units": "nats per datapoint" + (f" ({scale.bound.split('; ')[-1]})" if scale else ""),
     }
     for name in ("elbo_analytic", "elbo_mc", "log_px"):
         e = est(name)
@@ -85,12 +89,14 @@ def summarize(
     s["gap_elbo"] = "elbo_analytic" if math.isfinite(s["elbo_analytic"]) else "elbo_mc"
     s["gap"] = s["log_px"] - s[s["gap_elbo"]]
     s["gap_stderr"] = math.hypot(s["log_px_stderr"], s[s["gap_elbo"] + "_stderr"])
-    if discrete:
-        s["bits_per_dim"] = bits_per_dim(s["log_px"], dim)
-        s["elbo_bits_per_dim"] = bits_per_dim(s[s["gap_elbo"]], dim)
-        s["gap_bits_per_dim"] = -bits_per_dim(s["gap"], dim)
+    if scale:
+        s["bits_per_dim"] = scale.bits(s["log_px"], dim)
+        s["elbo_bits_per_dim"] = scale.bits(s[s["gap_elbo"]], dim)
+        s["gap_bits_per_dim"] = -bits_per_dim(s["gap"], dim)  # a difference: no shift
+        s["bits_per_dim_label"], s["bits_per_dim_of"] = scale.label, scale.data
+        s["bits_per_dim_bound"], s["bits_per_dim_shift"] = scale.bound, dim * scale.shift
     else:
-        s["bits_per_dim_omitted"] = NO_BITS
+        s["bits_per_dim_omitted"] = bits
     s["iwae_by_k"] = {str(k): est("iwae_by_k", i).mean() for i, k in enumerate(ks)}
     s["iwae_by_k_stderr"] = {str(k): est("iwae_by_k", i).mean_stderr() for i, k in enumerate(ks)}
     # NaN: K too small to fit a tail; −inf: tied weights (n/a, exact); inf: no fit, counts as above
@@ -199,15 +205,17 @@ def bracket(s: dict) -> str:
 
 
 def format_table(s: dict, header: str | None = None) -> str:
-    """The report as the table ``evaluate`` prints (a bits/dim column only for discrete data)."""
+    """The report as the table ``evaluate`` prints (a bits/dim column where there are bits/dim, and
+    a line saying what they are: of which data, through which bound)."""
     bits, w = "bits_per_dim" in s, 40 if "ais" in s else 28  # first column: wider for the AIS row
 
-    def row(label, value, se, sign=1):
+    shift = s.get("bits_per_dim_shift", 0.0)  # −D log 256 nats under dequantization
+
+    def row(label, value, se, gap=False):
         if value is None or not math.isfinite(value):
             return f"{label:<{w}}{'n/a':>12}  (no closed-form KL)"
-        return f"{label:<{w}}{value:>12.3f}{se:>10.3f}" + (
-            f"{sign * bits_per_dim(value, s['dim']):>12.4f}" if bits else ""
-        )
+        b = -bits_per_dim(value, s["dim"]) if gap else bits_per_dim(value + shift, s["dim"])
+        return f"{label:<{w}}{value:>12.3f}{se:>10.3f}" + (f"{b:>12.4f}" if bits else "")
 
     header = header or f"n = {s['n']}, K = {s['num_samples']}, D = {s['dim']}; nats per datapoint"
     lines = [
@@ -233,7 +241,7 @@ def format_table(s: dict, header: str | None = None) -> str:
         lines.append(
             f"headline: {'AIS' if pick == 'ais' else 'IWAE'} ({s['ais' if pick == 'ais' else 'log_px']:.3f}): {why}"
         )
-    lines.append(row("gap log p(x) − ELBO", s["gap"], s["gap_stderr"], sign=-1))
+    lines.append(row("gap log p(x) − ELBO", s["gap"], s["gap_stderr"], gap=True))
     if s["khat_frac_above_threshold"] is None:
         lines.append(
             f"Pareto k̂: not computed (needs K >= {psis.PSIS_MIN_SAMPLES}); median ESS {s['ess_median']:.1f} of K"
@@ -248,7 +256,12 @@ def format_table(s: dict, header: str | None = None) -> str:
             f"on {s['khat_n_above_threshold']:,} of {s['khat_n']:,} datapoints; "
             f"median PSIS ESS {s['ess_median']:.1f} of K"
         )
-    if not bits:
+    if bits:  # which data, which bound: binarized and 8-bit images are different data
+        lines.append(
+            f"{s.get('bits_per_dim_label', 'bits/dim')}: {s['bits_per_dim']:.4f} (log p(x), IWAE "
+            f"K={s['num_samples']}; the column: {s.get('bits_per_dim_bound', '-nats / (D ln 2)')})"
+        )
+    else:
         lines.append(f"bits/dim: {s['bits_per_dim_omitted']}")
     if s.get("active_units_skipped"):
         units = "skipped (mean_samples=0: no posterior means were drawn)"

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..core import files
 from ..core.errors import UserError
 from ..data.datasets import BINARIZE
+from ..data.dequantize import DEQUANTIZE
 from ..programs.guides import POSTERIORS
 from ..programs.likelihoods import LIKELIHOODS
 from ..programs.model import DEFAULT_DIMS, HIERARCHIES, hierarchy_error
@@ -74,6 +75,7 @@ class FitConfig:
     dataset: str = "auto"  # a name from data.datasets.DATASETS, a folder of images, a .npy/.npz path
     data_dir: str | None = None  # else $PPL_VAE_DATA, else ~/.cache/ppl_vae
     binarize: str = "auto"  # auto | none | dynamic | static
+    dequantize: str = "auto"  # auto | uniform | none: 8-bit images as (x + u)/256 under a density
     channels: int | None = None  # (users' images) 1 or 3: convert to; None: as the data are
     image_size: list[int] | None = None  # (a folder of images) [H, W] to resize every image to
     # model
@@ -132,6 +134,7 @@ class FitConfig:
     data_fingerprint: dict | None = None  # the data's identity: checked by --resume and evaluate
     binarize_seed: int | None = None  # seed of the fixed binarization of valid/test (dynamic) or all (static)
     data_split: str | None = None  # how the train/valid/test splits were made
+    dequantize_seed: int | None = None  # seed of the one draw of u for valid/test (uniform dequantization)
 
     def validate(self, source: str | None = None) -> None:
         """Raise a one-line :class:`UserError` for a value of the wrong type or out of range.
@@ -196,6 +199,8 @@ class FitConfig:
             k: float(v) if _TYPES[k] in (float, float | None) and _is_int(v) and _is_number(v) else v
             for k, v in d.items()
         }
+        if "dequantize" not in d and d.get("image_shape") is not None:
+            d["dequantize"] = "none"  # a run of an earlier version: trained on the levels themselves
         cfg = cls(**d)
         cfg.validate(source)
         return cfg
@@ -260,6 +265,7 @@ def _one_of(choices):
 # (field, test, what the value must be); a None value (where the type allows it) is not tested
 _RANGES = (
     ("binarize", *_one_of(BINARIZE)),
+    ("dequantize", *_one_of(DEQUANTIZE)),
     ("likelihood", *_one_of(tuple(LIKELIHOODS))),
     ("arch", *_one_of(ARCHS)),
     ("activation", *_one_of(tuple(ACTIVATIONS))),

@@ -140,9 +140,10 @@ class Trainer:
                 likelihood,
                 channels=cfg.channels,
                 image_size=cfg.image_size,
+                dequantize=cfg.dequantize,
             )
-        elif dataset.binarize == "none":  # a Dataset made elsewhere: binarized and checked as a loaded one
-            ds = prepare(dataclasses.replace(dataset), cfg.binarize, likelihood)
+        elif dataset.binarize == "none":  # a Dataset made elsewhere: prepared and checked as a loaded one
+            ds = prepare(dataclasses.replace(dataset), cfg.binarize, likelihood, cfg.dequantize)
         else:
             ds = dataset
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
@@ -171,6 +172,7 @@ class Trainer:
             ds.binarize_seed,
             ds.split_protocol or None,
         )
+        cfg.dequantize, cfg.dequantize_seed = ds.dequantize, ds.dequantize_seed
         self.cfg, self.data = cfg, ds.to(self.device)
         self.labels = runs.class_labels(self.data, cfg)  # one-hot (N, C) per split for a conditional program
         self.model = (runs.build_model(cfg) if model is None else model).to(self.device)
