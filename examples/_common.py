@@ -141,6 +141,7 @@ def load_data(
             if ds.binarize == "none"
             else f"{ds.binarize} binarization"
         )
+        binarized += "; uniform dequantization, (x + u)/256" if ds.dequantize == "uniform" else ""
         print(f"data: {DESCRIBE.get(ds.name, ds.name)}, {where}; {binarized}{why}")
     return ds
 

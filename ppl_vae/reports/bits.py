@@ -64,14 +64,19 @@ class BitsScale:
         )
 
     @property
+    def formula(self) -> str:
+        """bits/dim from nats per datapoint, in words."""
+        return f"-(nats - D log {LEVELS}) / (D ln 2)" if self.dequantized else "-nats / (D ln 2)"
+
+    @property
     def bound(self) -> str:
         """The inequality behind the number (the JSON's ``bits_per_dim_bound``)."""
         if self.dequantized:
             return (
                 f"log P(x) >= E_u log p((x + u)/{LEVELS}) - D log {LEVELS} (Jensen), u ~ U[0, 1)^D drawn "
-                f"once per image with seed {self.seed}; bits/dim = -(nats - D log {LEVELS}) / (D ln 2)"
+                f"once per image with seed {self.seed}; bits/dim = {self.formula}"
             )
-        return "log P(x), a probability of the data; bits/dim = -nats / (D ln 2)"
+        return f"log P(x), a probability of the data; bits/dim = {self.formula}"
 
 
 def scale_for(ds, likelihood) -> BitsScale | str:

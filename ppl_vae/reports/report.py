@@ -60,8 +60,8 @@ def summarize(
     (:meth:`~ppl_vae.inference.estimators.Estimate.across_datapoints_stderr`); k̂ against
     ``khat_threshold(K)`` with the verdict ``log_px_reliable`` (``None`` when k̂ needs a larger K);
     bits per dimension on the :class:`~ppl_vae.reports.bits.BitsScale` ``bits``, or, a string, the
-    reason there are none (None: ``"discrete data"`` when ``discrete``, else none); the active units of each latent site (``None`` for
-    a single datapoint; ``mean_samples``: the guide draws behind a mean that was not exact), each
+    reason there are none (None: ``"discrete data"`` when ``discrete``, else none); the active
+    units of each latent site (``None`` for a single datapoint; ``mean_samples``: the guide draws behind a mean that was not exact), each
     layer's KL ``kl_per_site`` and the ``collapse`` lines of :func:`ppl_vae.reports.collapse.warnings_for`
     (``likelihood``: the program's, for its remedies)."""
 
@@ -78,7 +78,7 @@ def summarize(
         "n": len(res["log_px"]),
         "num_samples": num_samples,
         "dim": dim,
-        "units": "nats per datapoint" + (f" ({scale.bound.split('; ')[-1]})" if scale else ""),
+        "units": "nats per datapoint" + (f" (bits_per_dim = {scale.formula})" if scale else ""),
     }
     for name in ("elbo_analytic", "elbo_mc", "log_px"):
         e = est(name)
