@@ -436,8 +436,8 @@ def main(argv=None) -> int:
 def kept_in_best(summary: dict) -> str:
     """What the final line says of best.pt: what it really holds (``summary.json``'s ``best_pt``)."""
     held = summary.get("best_pt") or {}
-    if held.get("verified", True) and held.get("epoch", summary["best_epoch"]) == summary["best_epoch"]:
-        return ", kept in best.pt"
+    if held.get("verified", True) and held.get("epoch") in (None, summary["best_epoch"]):
+        return ", kept in best.pt"  # (epoch None: a run of an earlier version, nothing recorded to compare)
     problem = held.get("problem") or f"holds epoch {held.get('epoch')}"
     return f"; but best.pt {problem}"
 

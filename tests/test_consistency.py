@@ -348,3 +348,20 @@ def test_an_os_error_the_code_did_not_word_still_names_its_file(tmp_path, capsys
         and err
         == f"prog: error: could not read or write {tmp_path / 'missing' / 'f'}: no such file or directory\n"
     )
+
+
+def test_a_run_of_an_earlier_version_with_a_damaged_best_pt_resumes_with_one_warning(run2, tmp_path, capsys):
+    """A checkpoint written before best.pt's epoch was recorded (no best_epoch / best_digest) and a
+    truncated best.pt: --resume says in one warning that best.pt cannot be rewritten (it was a
+    KeyError traceback), and the final line does not claim a best.pt it cannot vouch for."""
+    run = copy_run(run2, tmp_path / "run")
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for key in ("best_epoch", "best_digest"):
+        ckpt.pop(key, None)
+    torch.save(ckpt, run / "checkpoint.pt")
+    data = (run / "best.pt").read_bytes()
+    (run / "best.pt").write_bytes(data[: len(data) // 2])
+    r = in_process(["--out", run, "--resume", "--epochs", 2], capsys)
+    assert r.returncode == 0, r.stderr
+    assert len(warnings_of(r)) == 1 and "predates the record of best.pt's epoch" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -99,7 +99,13 @@ def repair(out: str | Path, ckpt: dict, found: Found) -> str:
     """After :func:`check` found a problem on ``--resume``: rewrite ``best.pt`` from the
     checkpoint ``ckpt`` when it holds the recorded parameters (the run stopped right after its
     best epoch, e.g. when the save of best.pt failed), else leave it. Returns the one-line note."""
-    path, epoch = Path(out) / NAME, ckpt["best_epoch"]
+    path, epoch = Path(out) / NAME, ckpt.get("best_epoch")
+    if "best_digest" not in ckpt:  # a run of an earlier version: nothing says which epoch best.pt held
+        return (
+            f"{path} {found.problem}; this run's checkpoint predates the record of best.pt's epoch, so it "
+            f"cannot be rewritten; it is replaced at the next better epoch (--checkpoint checkpoint takes "
+            f"the latest meanwhile)"
+        )
     if digest(ckpt["model"]) == ckpt["best_digest"]:
         checkpoint.atomic_save(ckpt, path)
         return f"{path} {found.problem}; rewritten from checkpoint.pt, which holds epoch {epoch}"
