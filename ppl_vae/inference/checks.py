@@ -214,6 +214,21 @@ def describe(fn) -> str:
     return type(fn).__name__ + (f"({describe(base)})" if base is not None else "")
 
 
+def _same_weighting(model_site, guide_site) -> bool:
+    """Whether model and guide weigh a site alike (the same mask and scale), so that the closed-form
+    KL, which the guide's mask and scale weigh (as TraceMeanField_ELBO does), equals E_q of their
+    weighted log-densities; else the site is left to Monte Carlo, which weighs each side by its own."""
+    a, b = model_site["mask"], guide_site["mask"]
+    same_mask = a is b or (
+        torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool((a == b).all())
+    )
+    sa, sb = model_site["scale"], guide_site["scale"]
+    same_scale = (
+        bool(torch.as_tensor(sa == sb).all()) if torch.is_tensor(sa) or torch.is_tensor(sb) else sa == sb
+    )
+    return same_mask and same_scale
+
+
 def closed_form_sites(model_tr, guide_tr, analytic_kl) -> tuple[frozenset, str | None]:
     """The latent sites whose KL term is taken in closed form, and why one that passes the order
     rule has none (``None`` if all have one). ``analytic_kl=True`` raises :class:`NoClosedFormKL`
@@ -227,6 +242,8 @@ def closed_form_sites(model_tr, guide_tr, analytic_kl) -> tuple[frozenset, str |
         if not set(shared[:i]) <= set(guide_order[: guide_order.index(s)]):
             continue  # p(z_s | ·) may read a latent the guide draws after z_s: Monte Carlo
         q, p = guide_tr.nodes[s]["fn"], model_tr.nodes[s]["fn"]
+        if not _same_weighting(model_tr.nodes[s], guide_tr.nodes[s]):
+            continue  # a mask or scale on one side only: KL(q ‖ p) would weigh log p as log q is weighed
         try:
             kl_divergence(q, p)
             closed.add(s)
