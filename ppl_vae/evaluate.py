@@ -250,7 +250,9 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
             discrete=vae.likelihood.discrete,  # a probability: Bernoulli on 0/1, discretized logistic
-            bits=bits.scale_for(ds, vae.likelihood),  # of which data, through which bound (or why none)
+            bits=bits.scale_for(
+                ds, vae.likelihood, args.split
+            ),  # of which data, through which bound (or why none)
             likelihood=vae.likelihood.name,
             device=device,
             progress=not args.quiet and ctx.is_main,
@@ -268,9 +270,9 @@ def main(argv=None) -> int:
                 "dataset": ds.name,
                 "split": args.split,
                 "binarization": binarization,
-                "binarize_seed": ds.binarize_seed,  # the fixed draw of the split evaluated (dynamic, static)
+                "binarize_seed": ds.fixed_seed("binarize", args.split),  # the split's fixed draw (None: none)
                 "dequantize": ds.dequantize,  # uniform: the split is scored at y = (x + u)/256
-                "dequantize_seed": ds.dequantize_seed,  # its one draw of u (uniform)
+                "dequantize_seed": ds.fixed_seed("dequantize", args.split),  # its one draw of u (uniform)
                 "likelihood": vae.likelihood.name,
                 **report,
                 "subset": args.subset,
@@ -285,10 +287,11 @@ def main(argv=None) -> int:
             report.per_datapoint,
         )
         said = "not binarized" if binarization == "none" else f"{binarization} binarization"
-        if ds.binarize_seed is not None:  # the fixed draw of valid/test images this run is scored on
-            said += f", {args.split} images drawn once with seed {ds.binarize_seed}"
+        if ds.fixed_seed("binarize", args.split) is not None:  # the fixed draw this run is scored on
+            said += f", {args.split} images drawn once with seed {ds.fixed_seed('binarize', args.split)}"
         if ds.dequantize == "uniform":  # y = (x + u)/256: the nats are of this density, on these y
-            said += f"; uniform dequantization, (x + u)/256 with u drawn once with seed {ds.dequantize_seed}"
+            u_seed = ds.fixed_seed("dequantize", args.split)
+            said += f"; uniform dequantization, (x + u)/256 with u drawn once with seed {u_seed}"
         header = (
             f"{ds.name} ({said}), {args.split} split, n = {s['n']}"
             f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "

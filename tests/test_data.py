@@ -678,3 +678,22 @@ def test_dynamic_binarization_resumes_exactly(tmp_path):
     other = Trainer(cfg(1, seed=1), tmp_path / "other", quiet=True)
     other.run()
     assert other.state.rows[0]["train_objective"] != whole.state.rows[0]["train_objective"]
+
+
+def test_each_split_names_the_seed_of_its_own_fixed_draw():
+    """evaluate --split valid used to record and print the test split's seed (1234) although the
+    validation images are drawn with 1235: Dataset.fixed_seed gives each split's seed, and
+    redrawing with it gives exactly the images held; the training split of a dynamic binarization
+    and of dequantization has no fixed draw."""
+    import dataclasses
+
+    grey = torch.rand(60, 16, generator=torch.Generator().manual_seed(0))
+    ds = data.dataset_from_array(grey.reshape(60, 4, 4).numpy())
+    before = dataclasses.replace(ds)
+    data.prepare(ds, "dynamic")
+    for split in ("test", "valid"):
+        seed = ds.fixed_seed("binarize", split)
+        assert seed == data.BINARIZE_SEED + (split == "valid")
+        again = torch.bernoulli(before.split(split), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(ds.split(split), again), split
+    assert ds.fixed_seed("binarize", "train") is None and ds.fixed_seed("dequantize", "valid") is None

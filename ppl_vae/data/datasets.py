@@ -95,6 +95,18 @@ class Dataset:
             raise DataError(f"unknown split {name!r}; choose train, valid or test")
         return getattr(self, name)
 
+    def fixed_seed(self, kind: str, split: str) -> int | None:
+        """The seed of ``split``'s fixed draw for ``kind`` (``"binarize"`` or ``"dequantize"``): the
+        recorded seed for test, + 1 for valid, + 2 for train under static binarization (:func:`_binarize`,
+        :func:`ppl_vae.data.dequantize.fixed`); None where the split has no fixed draw (dynamic
+        binarization and dequantization draw the training images afresh per batch)."""
+        base = self.binarize_seed if kind == "binarize" else self.dequantize_seed
+        if base is None:
+            return None
+        if split == "train":
+            return base + 2 if kind == "binarize" and self.binarize == "static" else None
+        return base + (split == "valid")
+
     def to(self, device) -> "Dataset":
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return dataclasses.replace(

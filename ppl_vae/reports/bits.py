@@ -79,11 +79,11 @@ class BitsScale:
         return f"log P(x), a probability of the data; bits/dim = {self.formula}"
 
 
-def scale_for(ds, likelihood) -> BitsScale | str:
-    """The :class:`BitsScale` of a run with ``likelihood`` on the prepared data set ``ds`` (a
-    :class:`~ppl_vae.data.datasets.Dataset`), or why there is none (a sentence)."""
+def scale_for(ds, likelihood, split: str = "test") -> BitsScale | str:
+    """The :class:`BitsScale` of a run with ``likelihood`` on ``split`` of the prepared data set
+    ``ds`` (a :class:`~ppl_vae.data.datasets.Dataset`), or why there is none (a sentence)."""
     if getattr(ds, "dequantize", "none") == "uniform":
-        return BitsScale("8-bit images", dequantized=True, seed=ds.dequantize_seed)
+        return BitsScale("8-bit images", dequantized=True, seed=ds.fixed_seed("dequantize", split))
     if not likelihood.discrete:
         grid = ds.binarize == "none" and all(is_8bit(ds.split(s)) for s in ("valid", "test"))
         return UNDEQUANTIZED if grid else NO_BITS
