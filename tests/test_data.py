@@ -697,3 +697,15 @@ def test_each_split_names_the_seed_of_its_own_fixed_draw():
         again = torch.bernoulli(before.split(split), generator=torch.Generator().manual_seed(seed))
         assert torch.equal(ds.split(split), again), split
     assert ds.fixed_seed("binarize", "train") is None and ds.fixed_seed("dequantize", "valid") is None
+
+
+def test_an_npz_whose_y_is_not_class_labels_still_loads(tmp_path):
+    """A float regression target (or a one-hot array) named ``y`` is not taken for class labels: the
+    file loads as before, without labels; integer ``y`` and ``labels`` arrays give labels."""
+    x = (np.random.default_rng(0).random((30, 4, 4)) < 0.5).astype(np.float32)
+    np.savez(tmp_path / "target.npz", x=x, y=np.linspace(0, 1, 30))
+    np.savez(tmp_path / "onehot.npz", x=x, y=np.eye(3)[np.arange(30) % 3])
+    np.savez(tmp_path / "classes.npz", x=x, y=np.arange(30) % 3)
+    for name in ("target", "onehot"):
+        assert not data.load_dataset(str(tmp_path / f"{name}.npz")).labels
+    assert data.load_dataset(str(tmp_path / "classes.npz")).labels["train"].dtype == torch.int64

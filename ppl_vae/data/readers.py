@@ -215,7 +215,10 @@ def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 pass
             except MemoryError:
                 raise DataError(f"{path}: array {k!r} is too large to load into memory") from None
-    labels = next((arrays[k] for k in ("labels", "y") if k in arrays), None)
+    labels = arrays.get("labels")  # class labels; a "y" only when it is one integer per image (else a
+    if labels is None and "y" in arrays:  # regression target or one-hot array, ignored as before)
+        y = arrays["y"]
+        labels = y if y.ndim == 1 and y.dtype.kind in "iu" else None
     usable = [k for k, a in arrays.items() if a.ndim >= 2 and a.dtype.kind in "fiub"]
     pref = [k for k in ("x", "images", "data", "arr_0") if k in usable]
     if pref or len(usable) == 1:
