@@ -157,19 +157,24 @@ def test_dynamic_binarization_in_the_step_makes_no_host_sync(device, monkeypatch
         )
 
     idx = torch.arange(8, device=device)
-    step(idx)  # first call: one-time checks
+    loss, a, b = _step_and_two_batches_without_sync(step, ds, idx, device, monkeypatch)
+    assert torch.isfinite(loss) and a.device.type == device.type
+    assert bool(((a == 0) | (a == 1)).all()) and not torch.equal(a, b)
+
+
+def _step_and_two_batches_without_sync(step, ds, idx, device, monkeypatch):
+    """``step(idx)`` once (one-time checks), then again and two draws of the batch with every host
+    sync forbidden (and CUDA's sync debug mode set to error): the loss and the two batches."""
+    step(idx)
     _forbid_host_syncs(monkeypatch)
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = step(idx)
-        a, b = ds.train_batch(idx), ds.train_batch(idx)
+        return step(idx), ds.train_batch(idx), ds.train_batch(idx)
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
         monkeypatch.undo()
-    assert torch.isfinite(loss) and a.device.type == device.type
-    assert bool(((a == 0) | (a == 1)).all()) and not torch.equal(a, b)
 
 
 def test_uniform_dequantization_in_the_step_makes_no_host_sync(device, monkeypatch):
@@ -198,17 +203,7 @@ def test_uniform_dequantization_in_the_step_makes_no_host_sync(device, monkeypat
         )
 
     idx = torch.arange(8, device=device)
-    step(idx)  # first call: one-time checks
-    _forbid_host_syncs(monkeypatch)
-    if device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = step(idx)
-        a, b = ds.train_batch(idx), ds.train_batch(idx)
-    finally:
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
-        monkeypatch.undo()
+    loss, a, b = _step_and_two_batches_without_sync(step, ds, idx, device, monkeypatch)
     assert torch.isfinite(loss) and a.device.type == device.type and not torch.equal(a, b)
     level = torch.round(ds.train[idx] * 255)  # (8, 16) the images' levels k
     assert torch.equal(torch.floor(a * 256), level) and torch.equal(torch.floor(b * 256), level)
