@@ -250,9 +250,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
             discrete=vae.likelihood.discrete,  # a probability: Bernoulli on 0/1, discretized logistic
-            bits=bits.scale_for(
-                ds, vae.likelihood, args.split
-            ),  # of which data, through which bound (or why none)
+            bits=bits.scale_for(ds, vae.likelihood, args.split),  # which data, which bound (or why none)
             likelihood=vae.likelihood.name,
             device=device,
             progress=not args.quiet and ctx.is_main,
@@ -290,8 +288,7 @@ def main(argv=None) -> int:
         if ds.fixed_seed("binarize", args.split) is not None:  # the fixed draw this run is scored on
             said += f", {args.split} images drawn once with seed {ds.fixed_seed('binarize', args.split)}"
         if ds.dequantize == "uniform":  # y = (x + u)/256: the nats are of this density, on these y
-            u_seed = ds.fixed_seed("dequantize", args.split)
-            said += f"; uniform dequantization, (x + u)/256 with u drawn once with seed {u_seed}"
+            said += f"; uniform dequantization, (x + u)/256, u drawn once with seed {s['dequantize_seed']}"
         header = (
             f"{ds.name} ({said}), {args.split} split, n = {s['n']}"
             f"{' (random subset, seed ' + str(args.seed) + ')' if args.subset else ''}, K = {args.num_samples}, "

@@ -216,7 +216,7 @@ def test_evaluate_prints_and_records_what_each_bits_per_dim_is(tmp_path, capsys,
     if "binarized" in label:
         assert "8-bit" not in printed and report["binarize_seed"] == 1234
     header = printed.splitlines()[0]
-    assert ("uniform dequantization, (x + u)/256 with u drawn once with seed 1234" in header) is deq
+    assert ("uniform dequantization, (x + u)/256, u drawn once with seed 1234" in header) is deq
 
 
 def test_dequantized_training_resumes_exactly(tmp_path):
