@@ -25,20 +25,13 @@ import warnings
 
 import torch
 from pyro.distributions import Delta
-from pyro.distributions.torch_distribution import MaskedDistribution
 
 from ..core.errors import UserError
-from .replay import DATA_PLATE
+from .replay import DATA_PLATE, site_scale, unwrap
 
 
 class ScaledProgram(UserWarning):
     """Estimates of a program with ``poutine.scale`` sites: those of the scaled joint."""
-
-
-def _base(fn):
-    while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
-        fn = fn.base_dist
-    return fn
 
 
 def _latent(site) -> bool:
@@ -53,7 +46,7 @@ def refuse_point_masses(guide_tr) -> None:
     if any(_latent(s) and s["infer"].get("is_auxiliary") for s in guide_tr.nodes.values()):
         return
     for name, site in guide_tr.nodes.items():
-        if _latent(site) and isinstance(_base(site["fn"]), Delta):
+        if _latent(site) and isinstance(unwrap(site["fn"]), Delta):
             raise UserError(
                 f"guide site {name!r} is a point mass (Delta, e.g. AutoDelta or a MAP guide): it has no "
                 f"density, so log p(x, z*) is no bound on log p(x) and no ELBO or IWAE exists; estimate "
@@ -87,10 +80,7 @@ def refuse_broadcast_data(model_tr, n: int) -> None:
 
 def _scale_of(site) -> float | None:
     """The site's ``poutine.scale`` factor, without the data plate's minibatch factor; None if 1."""
-    scale = site["scale"]
-    frame = next((f for f in site["cond_indep_stack"] if f.name == DATA_PLATE), None)
-    if frame is not None and frame.full_size not in (None, frame.size):
-        scale = scale / (frame.full_size / frame.size)
+    scale = site_scale(site)
     if torch.is_tensor(scale):
         return None if bool((scale == 1).all()) else float(scale.float().mean())
     return None if abs(scale - 1) < 1e-12 else float(scale)

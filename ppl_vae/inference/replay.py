@@ -134,12 +134,16 @@ def flow_guide(guide_tr) -> bool:
     needs the flow's inverse, for an autoregressive flow one network pass per dimension."""
     for site in guide_tr.nodes.values():
         if site["type"] == "sample" and not site["is_observed"]:
-            fn = site["fn"]
-            while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
-                fn = fn.base_dist
-            if isinstance(fn, torch.distributions.TransformedDistribution):
+            if isinstance(unwrap(site["fn"]), torch.distributions.TransformedDistribution):
                 return True
     return False
+
+
+def unwrap(fn):
+    """The distribution under any ``Independent`` / mask wrappers."""
+    while isinstance(fn, (torch.distributions.Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
 
 
 def replay(model, guide, values, args, k, nesting, kwargs, guide_tr=None, enumerate=False):
@@ -174,7 +178,9 @@ def weigh(model_tr, guide_tr, nesting, closed_form: frozenset | None = None) -> 
                 continue
             if name in closed_form:  # KL(q ‖ p) in closed form, masked and scaled as the guide site
                 kl = kl_divergence(g["fn"], site["fn"])  # as TraceMeanField_ELBO does
-                latent_an = latent_an - per_datapoint(g, scale_and_mask(kl, _scale(g), g["mask"]), nesting)
+                latent_an = latent_an - per_datapoint(
+                    g, scale_and_mask(kl, site_scale(g), g["mask"]), nesting
+                )
             else:
                 latent_an = latent_an + log_p - log_q
     aux = 0.0
@@ -222,12 +228,12 @@ def weigh_enumerated(model_tr, guide_tr, nesting, enumerated) -> Draws:
 
 def log_density(site, nesting: int, enum_dims: int = 0) -> torch.Tensor:
     """A sample site's log-density of its value, scaled and masked as ``Trace_ELBO`` does
-    (:func:`_scale`), reduced to ``(K, N)`` (``(E.., K, N)``) by :func:`per_datapoint`."""
+    (:func:`site_scale`), reduced to ``(K, N)`` (``(E.., K, N)``) by :func:`per_datapoint`."""
     log_prob = site["fn"].log_prob(site["value"])  # (E?.., K?, ..., N, ...) batch shape
-    return per_datapoint(site, scale_and_mask(log_prob, _scale(site), site["mask"]), nesting, enum_dims)
+    return per_datapoint(site, scale_and_mask(log_prob, site_scale(site), site["mask"]), nesting, enum_dims)
 
 
-def _scale(site):
+def site_scale(site):
     """The site's scale (``poutine.scale`` factors × plates' minibatch factors) without the data
     plate's ``size / subsample_size``: per-datapoint terms, not an estimate of the full-data sum."""
     frame = next((f for f in site["cond_indep_stack"] if f.name == DATA_PLATE), None)
