@@ -39,7 +39,7 @@ def test_read_amat(tmp_path, suffix):
     arr = np.random.default_rng(0).integers(0, 2, size=(3, 784))
     path = tmp_path / f"tiny{suffix}"
     _write_amat(path, arr)
-    x = data.read_amat(path)
+    x = data_files.read_amat(path)
     assert x.dtype == torch.float32 and x.shape == (3, 784)
     assert torch.equal(x, torch.tensor(arr, dtype=torch.float32))
 
@@ -48,7 +48,7 @@ def test_read_amat_irregular_whitespace_uses_the_slow_path(tmp_path):
     arr = np.random.default_rng(1).integers(0, 2, size=(2, 784))
     path = tmp_path / "crlf.amat"
     path.write_text("".join("  ".join(str(v) for v in row) + " \r\n" for row in arr))
-    assert torch.equal(data.read_amat(path), torch.tensor(arr, dtype=torch.float32))
+    assert torch.equal(data_files.read_amat(path), torch.tensor(arr, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("bad", ["short", "greyscale", "empty"])
@@ -61,7 +61,7 @@ def test_read_amat_refuses_malformed_files(tmp_path, bad):
     else:
         path.write_text("")
     with pytest.raises(DataError, match="binarized-MNIST"):
-        data.read_amat(path)
+        data_files.read_amat(path)
 
 
 def test_load_binarized_mnist_from_a_folder_of_amat_files(tmp_path):
@@ -167,7 +167,7 @@ def test_read_idx(tmp_path, suffix):
     arr = np.random.default_rng(3).integers(0, 256, size=(4, 3, 5))
     path = tmp_path / f"images-idx3-ubyte{suffix}"
     _write_idx(path, arr)
-    out = data.read_idx(path)
+    out = data_files.read_idx(path)
     assert out.shape == (4, 3, 5) and np.array_equal(out, arr)
 
 
@@ -178,10 +178,10 @@ def test_read_idx_refuses_truncated_and_foreign_files(tmp_path):
     with pytest.raises(
         DataError, match=r"header declares shape \(4, 3, 5\) \(60 bytes\) but 53 bytes follow it"
     ):
-        data.read_idx(path)
+        data_files.read_idx(path)
     path.write_bytes(b"PK\x03\x04 not idx")
     with pytest.raises(DataError, match="is not an IDX file"):
-        data.read_idx(path)
+        data_files.read_idx(path)
 
 
 def test_mnist_t10k_from_idx_files(tmp_path):
@@ -333,13 +333,13 @@ def test_a_header_that_declares_more_than_the_file_holds_is_refused(tmp_path, ex
 def test_data_dir_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv("PPL_VAE_DATA", str(tmp_path / "env"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert data.resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
-    assert data.resolve_data_dir(None) == tmp_path / "env"
+    assert data_files.resolve_data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert data_files.resolve_data_dir(None) == tmp_path / "env"
     monkeypatch.delenv("PPL_VAE_DATA")
-    assert data.resolve_data_dir(None) == tmp_path / "cache" / "ppl_vae"
+    assert data_files.resolve_data_dir(None) == tmp_path / "cache" / "ppl_vae"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.resolve_data_dir(None) == tmp_path / "home" / ".cache" / "ppl_vae"
+    assert data_files.resolve_data_dir(None) == tmp_path / "home" / ".cache" / "ppl_vae"
 
 
 def test_data_dir_env_is_used_by_load_dataset(tmp_path, monkeypatch):

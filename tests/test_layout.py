@@ -14,7 +14,6 @@ LONG = {
     "training/train.py": "Trainer: the epoch loop, saving, validation and the end of a run; train_step is one screen",
     "fit.py": "the command's ~45 flags, one argparse call each, and fit() from Python",
     "programs/model.py": "the VAE program: model and guide for one or two layers, chain or skip",
-    "data/datasets.py": "every named data set's loader beside load_dataset",
     "training/config.py": "FitConfig: one field per setting of the command (~50), each with its type and range check",
     "inference/checks.py": "the checks of a user's program, each with its one-line message",
     "inference/estimators.py": "every estimator over one streaming pass, and the public names of 0.1",

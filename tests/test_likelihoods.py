@@ -45,7 +45,7 @@ def test_bernoulli_is_minus_summed_bce_with_logits():
     _close(lp, (x * logits - F.softplus(logits)).sum(-1))
     _close(make_likelihood("bernoulli").mean(logits), torch.sigmoid(logits))
     # greyscale x gets the same formula, with Pyro's validation on (conftest): the densities are
-    # built with validate_args=False, and the data are checked once, at load (ppl_vae.data.datasets)
+    # built with validate_args=False, and the data are checked once, at load (ppl_vae.data.prepare)
     grey = torch.rand(N, D, dtype=torch.float64)
     _close(
         make_likelihood("bernoulli").dist(logits).log_prob(grey), (grey * logits - F.softplus(logits)).sum(-1)

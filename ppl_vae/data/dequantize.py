@@ -5,7 +5,7 @@ y = (x + u)/256 bounds the probability of the discrete images (Theis, van den Oo
 8-bit images are loaded as the levels x = k/255, k ∈ {0, ..., 255}. Under ``uniform``:
 
 * training: every batch is y = (k + u)/256 with u ~ U[0, 1)^D drawn afresh (:func:`uniform` in
-  :meth:`~ppl_vae.data.datasets.Dataset.train_batch`, inside the training step, on the training
+  :meth:`~ppl_vae.data.splits.Dataset.train_batch`, inside the training step, on the training
   device, from torch's global generator, which the run seeds and its checkpoint saves): no host
   synchronization, and a resumed run draws what the uninterrupted one would have, as under
   dynamic binarization;

@@ -7,7 +7,7 @@
   (fast on any size; a change that misses every sampled block, with the size unchanged, goes
   unnoticed);
 * a named data set (``mnist``, ``digits``, ...): its name and split sizes;
-* a :class:`~ppl_vae.data.datasets.Dataset` made in Python: its name, split sizes and a digest
+* a :class:`~ppl_vae.data.splits.Dataset` made in Python: its name, split sizes and a digest
   of its tensors.
 """
 

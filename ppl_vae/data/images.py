@@ -2,7 +2,7 @@
 subfolders give labels; every image is decoded by Pillow, converted to grey or RGB and, when asked,
 resized to one size. Every bad input (an empty folder, a file that is not an image, a truncated
 or unreadable image, mixed sizes) is one :class:`~ppl_vae.core.errors.DataError` line naming the
-file. :mod:`ppl_vae.data.datasets` turns the array into a data set.
+file. :mod:`ppl_vae.data.own_data` turns the array into a data set.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Data directory: ``--data-dir``, else ``$PPL_VAE_DATA``, else ``$XDG_CACHE_HOME/p
 is given its name. Readers: binarized MNIST's ``.amat`` text, MNIST's IDX, Frey Faces' ``.mat``, and a user's
 ``.npy``/``.npz`` (never unpickled; a header that declares more than the file holds is refused
 before anything is allocated). Every malformed file is one :class:`~ppl_vae.core.errors.DataError` line.
-:mod:`ppl_vae.data.datasets` turns what these return into datasets.
+The loaders (:mod:`.mnist`, :mod:`.small`, :mod:`.own_data`) turn what these return into datasets.
 """
 
 from __future__ import annotations

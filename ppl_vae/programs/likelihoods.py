@@ -97,7 +97,7 @@ class FastBernoulli(dist.Bernoulli):
     gradients to float32 rounding; tested against binary cross-entropy).
 
     ``log_prob`` never validates ``value``: like every density here it is built with
-    ``validate_args=False`` (the data are checked once, when loaded, by :mod:`ppl_vae.data.datasets`)."""
+    ``validate_args=False`` (the data are checked once, when loaded, by :mod:`ppl_vae.data.prepare`)."""
 
     def log_prob(self, value):
         return _BernoulliLogProb.apply(self.logits, value)

@@ -81,7 +81,7 @@ class BitsScale:
 
 def scale_for(ds, likelihood, split: str = "test") -> BitsScale | str:
     """The :class:`BitsScale` of a run with ``likelihood`` on ``split`` of the prepared data set
-    ``ds`` (a :class:`~ppl_vae.data.datasets.Dataset`), or why there is none (a sentence)."""
+    ``ds`` (a :class:`~ppl_vae.data.splits.Dataset`), or why there is none (a sentence)."""
     if getattr(ds, "dequantize", "none") == "uniform":
         return BitsScale("8-bit images", dequantized=True, seed=ds.fixed_seed("dequantize", split))
     if not likelihood.discrete:

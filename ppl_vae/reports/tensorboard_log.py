@@ -46,7 +46,7 @@ class TensorBoardLog:
 
     def log_epoch(self, row: dict, model, data, labels: dict | None = None) -> None:
         """Write ``row``'s numbers and the two image grids at step ``row["epoch"]``; ``data`` is the
-        run's :class:`~ppl_vae.data.datasets.Dataset`, ``labels`` the one-hot ``{split: (N, C)}`` of a
+        run's :class:`~ppl_vae.data.splits.Dataset`, ``labels`` the one-hot ``{split: (N, C)}`` of a
         conditional program (None otherwise)."""
         step = int(row["epoch"])
         if self.writer is None:

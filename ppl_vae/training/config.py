@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ..core import files
 from ..core.errors import UserError
-from ..data.datasets import BINARIZE
 from ..data.dequantize import DEQUANTIZE
+from ..data.prepare import BINARIZE
 from ..programs.guides import POSTERIORS
 from ..programs.likelihoods import LIKELIHOODS
 from ..programs.model import DEFAULT_DIMS, HIERARCHIES, hierarchy_error

@@ -40,7 +40,7 @@ from .best import load_verified
 from .config import MODEL_KEYS, FitConfig
 
 if TYPE_CHECKING:
-    from ..data.datasets import Dataset
+    from ..data.splits import Dataset
 
 RUN_FILES = (
     "config.json",
