@@ -1,18 +1,23 @@
-"""Record numbers on static binarized MNIST: fit a named recipe, then evaluate it on the test set.
+"""Record numbers per data set: fit a named recipe, then evaluate it on the test set.
 
     python benchmarks/quality.py vampprior --data-dir ../shared/data [--time-limit 110]
+    python benchmarks/quality.py frey-vae --data-dir ../shared/data --seed 1   # a repeat, another seed
     python benchmarks/quality.py vae --quick --data-dir ../shared/data      # a wiring check in minutes
 
-Each recipe is a ``python -m ppl_vae.fit`` command on the 50k training images. Model selection
-uses the validation split only: ``best.pt`` keeps the parameters of the best validation bound
-(ELBO; IWAE_K for an IWAE run), early stopping watches the same bound, and ``--time-limit``
-ends training after the epoch that passes the budget. Then ``python -m ppl_vae.evaluate RUN
---split test --num-samples 5000`` estimates log p(x) ≈ IWAE_5000 on all 10,000 test images,
-with its standard error, the Pareto k̂ diagnostics and the active units.
+Each recipe (``benchmarks/recipes.py``) is a ``python -m ppl_vae.fit`` command on one data set's
+training split: static binarized MNIST (50k), dynamically binarized MNIST (50k; validation and
+test binarized once with recorded seeds) or Frey Faces (1,565 frames, discretized logistic).
+Model selection uses the validation split only: ``best.pt`` keeps the parameters of the best
+validation bound (ELBO; IWAE_K for an IWAE run), early stopping watches the same bound, and
+``--time-limit`` ends training after the epoch that passes the budget. Then ``python -m
+ppl_vae.evaluate RUN --split test --num-samples 5000`` estimates log p(x) ≈ IWAE_5000 on the
+whole test split, with its standard error (and bits/dim on 8-bit data), the Pareto k̂
+diagnostics and the active units.
 
-The result, ``benchmarks/results/quality-<recipe>-<device>.json``, holds both commands, the
-config, training and evaluation seconds, the test ELBO, log p(x) ± SE, the k̂ summary, the
-active units and the device; the metrics curve goes beside it as ``...-metrics.jsonl``.
+The result, ``benchmarks/results/quality-<recipe>[-seed<S>]-<device>.json``, holds the data set,
+both commands, the environment, the config, training and evaluation seconds, the test ELBO,
+log p(x) ± SE, the k̂ summary, the active units and the device; the metrics curve goes beside it
+as ``...-metrics.jsonl``. ``--figure`` draws one figure per data set.
 
 ``--quick`` runs the same recipe for 128 steps on 2,000 training images (and 50 pseudo-inputs,
 100 importance samples on 200 images): it checks the wiring, not the number,
@@ -36,92 +41,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_name  # noqa: E402
+from recipes import DATASETS, RECIPES, dataset_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 from ppl_vae.training.runs import best_epoch, read_metrics, selection_bound  # noqa: E402
 
-# The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, Adam 5e-4, batch 100,
-# KL warm-up over 100 epochs, early stopping after 50 epochs without a better validation bound.
-PAPER_MLP = [
-    "--activation",
-    "gated",
-    "--hidden",
-    "300,300",
-    "--z-dim",
-    "40",
-    "--batch-size",
-    "100",
-    "--lr",
-    "5e-4",
-    "--epochs",
-    "2000",
-    "--patience",
-    "50",
-]
-WARMUP = ["--kl-warmup", "100"]
-# A VampPrior step also encodes all 500 pseudo-inputs: with batch 100 the encoder sees 600 rows per
-# step, 6x the plain VAE's. Batch 250 spends fewer steps on them per epoch; the learning rate is
-# doubled with it and the warm-up halved to fit a ~2 h CPU budget.
-VAMP_CPU = ["--batch-size", "250", "--lr", "1e-3", "--kl-warmup", "50"]
-# IWAE with KL warm-up (the tempered weights of docs/math.md): without it the first iwae5 run kept
-# 18 of 40 latents active and peaked on validation at epoch 97 (the warmed-up vae: 29, epoch 259).
-# 50 epochs, not 100, so that the peak comes inside the CPU budget at ~13 s per IWAE epoch.
-IWAE_WARMUP = ["--kl-warmup", "50"]
-TWO_LAYERS = ["--latent-layers", "2", "--z2-dim", "40", "--hidden2", "300,300"]
-
-RECIPES = {
-    "vae": ["--elbo", "meanfield", *PAPER_MLP, *WARMUP],
-    "iwae5": ["--elbo", "iwae", "--num-particles", "5", *PAPER_MLP, *IWAE_WARMUP],
-    "vampprior": ["--elbo", "trace", "--prior", "vampprior", "--pseudo-inputs", "500", *PAPER_MLP, *VAMP_CPU],
-    "hvae-vampprior": [
-        "--elbo",
-        "trace",
-        "--prior",
-        "vampprior",
-        "--pseudo-inputs",
-        "500",
-        *PAPER_MLP,
-        *TWO_LAYERS,
-        *VAMP_CPU,
-    ],
-    "best": [
-        "--elbo",
-        "trace",
-        "--prior",
-        "vampprior",
-        "--pseudo-inputs",
-        "500",
-        *PAPER_MLP,
-        *TWO_LAYERS,
-        *VAMP_CPU,
-        "--ema",
-        "0.999",
-    ],
-    # the one-layer recipes with parameter averaging (issue 27): the same runs judged at θ̄
-    "vae-ema": ["--elbo", "meanfield", *PAPER_MLP, *WARMUP, "--ema", "0.999"],
-    "iwae5-ema": ["--elbo", "iwae", "--num-particles", "5", *PAPER_MLP, *IWAE_WARMUP, "--ema", "0.999"],
-    "vampprior-ema": [
-        "--elbo",
-        "trace",
-        "--prior",
-        "vampprior",
-        "--pseudo-inputs",
-        "500",
-        *PAPER_MLP,
-        *VAMP_CPU,
-        "--ema",
-        "0.999",
-    ],
-}
 # --quick: the same programs, small: flags appended after the recipe's (argparse keeps the last)
-# the published test NLLs drawn as reference lines (docs/benchmarks.md has the sources)
-LITERATURE = {
-    "VAE, Tomczak & Welling 2018": 88.56,
-    "IWAE K = 5, Burda et al. 2016": 87.63,
-    "VampPrior, Tomczak & Welling 2018": 85.57,
-    "HVAE + VampPrior, Tomczak & Welling 2018": 83.19,
-}
 QUICK = {
     "--epochs": "8",
     "--final-iwae-k": "0",
@@ -141,9 +67,9 @@ def merged(args: list[str]) -> dict[str, str]:
 
 
 def fit_command(
-    recipe: str, out: Path, data: list[str], time_limit: float | None, device: str, quick: bool
+    recipe: str, out: Path, data: list[str], time_limit: float | None, device: str, quick: bool, seed: int = 0
 ) -> list[str]:
-    args = list(RECIPES[recipe])
+    args = list(RECIPES[recipe][1])
     if quick:
         args += [
             a
@@ -163,16 +89,16 @@ def fit_command(
         "--device",
         device,
         "--seed",
-        "0",
+        str(seed),
         "--out",
         str(out),
     ]
 
 
 def evaluate_command(
-    out: Path, data_dir: str | None, num_samples: int, device: str, quick: bool
+    out: Path, data_dir: str | None, num_samples: int, device: str, quick: bool, quick_n: int = 200
 ) -> list[str]:
-    subset = ["--subset", "200", "--ks", "10"] if quick else []
+    subset = ["--subset", str(min(200, quick_n)), "--ks", "10"] if quick else []
     data = ["--data-dir", data_dir] if data_dir else []
     return [
         sys.executable,
@@ -197,7 +123,9 @@ def evaluate_command(
 CHECKED = ("train_objective", "valid_elbo", "valid_recon", "valid_kl", "valid_iwae_k", "beta", "lr")
 
 
-def check(recipe: str, epochs: int, out: Path, quick: bool, data_dir: str | None, device: str) -> int:
+def check(
+    recipe: str, epochs: int, out: Path, quick: bool, data_dir: str | None, device: str, seed: int = 0
+) -> int:
     """Rerun the first ``epochs`` epochs of a recorded run, its recorded fit command under its
     recorded thread count, and compare the metrics with the recorded curve epoch by epoch. The same
     commit on the same machine with the same threads gives bit-identical rows; another thread
@@ -205,10 +133,13 @@ def check(recipe: str, epochs: int, out: Path, quick: bool, data_dir: str | None
     above 1e-3 relative is reported as a mismatch (exit 1)."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if quick:  # the run being checked is --out's own quick run
-        recorded, curve = json.loads((out / f"quality-{recipe}-quick.json").read_text()), read_metrics(out)
+        recorded, curve = (
+            json.loads((out / f"{result_stem(recipe, seed)}-quick.json").read_text()),
+            read_metrics(out),
+        )
     else:
-        recorded = json.loads((RESULTS / f"quality-{recipe}-{kind}.json").read_text())
-        lines = (RESULTS / f"quality-{recipe}-{kind}-metrics.jsonl").read_text().splitlines()
+        recorded = json.loads((RESULTS / f"{result_stem(recipe, seed)}-{kind}.json").read_text())
+        lines = (RESULTS / f"{result_stem(recipe, seed)}-{kind}-metrics.jsonl").read_text().splitlines()
         curve = [json.loads(line) for line in lines]
     if epochs > len(curve):
         sys.exit(f"quality.py: error: --check {epochs}: the recorded curve has {len(curve)} epochs")
@@ -243,15 +174,25 @@ def check(recipe: str, epochs: int, out: Path, quick: bool, data_dir: str | None
     return 0 if worst <= 1e-3 else 1
 
 
-def quick_data(data_dir: str | None, out: Path) -> Path:
-    """2,000 random training images of static binarized MNIST as an ``.npz`` for ``--quick``."""
-    from ppl_vae.data.datasets import load_dataset
+def data_flags(dataset: str, data_dir: str | None) -> list[str]:
+    """The fit flags of a recipe's data set (``--dataset NAME``, its own flags, ``--data-dir``)."""
+    return ["--dataset", dataset, *DATASETS[dataset]["flags"]] + (
+        ["--data-dir", data_dir] if data_dir else []
+    )
 
-    ds = load_dataset("binarized-mnist", data_dir)
+
+def quick_data(dataset: str, data_dir: str | None, out: Path) -> tuple[list[str], int]:
+    """The fit flags of ``--quick``: 2,000 random training images of the recipe's data set as an
+    ``.npz`` (static binarized MNIST's kept binary with ``--binarize none``; the others with their
+    data set's own flags, e.g. ``--binarize dynamic``), and the size of its test split."""
+    from ppl_vae import load_dataset
+
+    ds = load_dataset(dataset, data_dir)
     idx = np.random.default_rng(0).permutation(ds.train.shape[0])[:QUICK_TRAIN_IMAGES]
     path = out.parent / f"{out.name}-data.npz"
-    np.savez_compressed(path, images=ds.train[idx].numpy().reshape(-1, 28, 28))
-    return path
+    np.savez_compressed(path, images=ds.train[idx].numpy().reshape(-1, *ds.image_shape[1:]))  # [n, H, W]
+    flags = ["--binarize", "none"] if dataset == "binarized-mnist" else DATASETS[dataset]["flags"]
+    return ["--dataset", str(path), *flags], load_dataset(str(path)).test.shape[0]
 
 
 def run(cmd: list[str]) -> float:
@@ -334,6 +275,11 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
         "active_units",
         "iwae_by_k",
         "bits_per_dim",
+        "dim",
+        "dataset",
+        "binarization",
+        "binarize_seed",
+        "likelihood",
         "seconds",
     )
     return {
@@ -358,27 +304,37 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
     }
 
 
-def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]]:
-    """Every committed recipe on one time axis: the validation bound per epoch against cumulative
-    training minutes (lines) and the test log p(x) of best.pt at its epoch's time (markers, ±2 SE).
-    Returns each marker, ``{"recipe (device)": (minutes, test log p(x))}``."""
+def _label(res: dict) -> str:
+    seed = res.get("seed", 0)
+    return f"{res['recipe']}{f' seed {seed}' if seed else ''} ({res['device']})"
+
+
+def figure(
+    path: Path, results: Path = RESULTS, dataset: str = "binarized-mnist"
+) -> dict[str, tuple[float, float]]:
+    """Every committed recipe of ``dataset`` on one time axis: the validation bound per epoch
+    against cumulative training minutes (lines) and the test number of best.pt at its epoch's time
+    (markers, ±2 SE), in nats per datapoint (log p(x)) or, for a bits/dim data set, bits per
+    dimension (−log p(x) / (D ln 2)). Returns each marker, ``{"recipe (device)": (minutes, y)}``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    info = DATASETS[dataset]
+    bits = info["unit"] == "bits/dim"
     fig, ax = plt.subplots(figsize=(9, 5))
-    markers = {}
-    for i, res_path in enumerate(sorted(results.glob("quality-*-*.json"))):
+    markers, ys = {}, []
+    paths = sorted(results.glob("quality-*-*.json"))
+    for i, res_path in enumerate(p for p in paths if dataset_of(json.loads(p.read_text())) == dataset):
         res = json.loads(res_path.read_text())
-        curve = res_path.with_name(
-            res_path.stem + "-metrics.jsonl"
-        )  # the run's metrics.jsonl, committed beside it
+        curve = res_path.with_name(res_path.stem + "-metrics.jsonl")  # the run's metrics, committed beside it
         rows = [json.loads(line) for line in curve.read_text().splitlines()]
         minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
         scale = res["train_seconds"] / 60 / minutes[-1]  # stretch to the wall clock (validation, saves)
-        bound = [selection_bound(r) for r in rows]
-        label = f"{res['recipe']} ({res['device']})"
+        to_y = (lambda nats: -nats / (res["test"]["dim"] * np.log(2))) if bits else (lambda nats: nats)
+        bound = [to_y(selection_bound(r)) for r in rows]
+        label = _label(res)
         ax.plot(
             minutes * scale,
             bound,
@@ -388,37 +344,60 @@ def figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]
             label=f"{label}: validation {'IWAE_k' if 'valid_iwae_k' in rows[0] else 'ELBO'}",
         )
         best = res["best_epoch"] or len(rows)  # the parameters evaluated: best.pt, chosen on validation
-        markers[label] = (minutes[best - 1] * scale, -res["test_nll"])
+        markers[label] = (minutes[best - 1] * scale, to_y(-res["test_nll"]))
+        ys += [markers[label][1], bound[best - 1]]
         ax.errorbar(
             *([v] for v in markers[label]),
-            yerr=[2 * res["test_nll_stderr"]],
+            yerr=[abs(to_y(2 * res["test_nll_stderr"]))],
             fmt="o",
             color=f"C{i}",
             ms=6,
-            label=f"{label}: test log p(x) ≈ IWAE_{res['test']['num_samples']} of "
-            f"best.pt (epoch {best}), {-res['test_nll']:.2f}",
+            label=f"{label}: test {'bits/dim' if bits else 'log p(x)'} ≈ IWAE_{res['test']['num_samples']} "
+            f"of best.pt (epoch {best}), {markers[label][1]:.{3 if bits else 2}f}",
         )
-    for j, (name, nll) in enumerate(LITERATURE.items()):  # named on the line, left and right in turn
-        ax.axhline(-nll, color="0.4", ls="--", lw=0.8)
+    for j, (name, value) in enumerate(
+        info["literature"].items()
+    ):  # named on the line, left and right in turn
+        y = value if bits else -value
+        ax.axhline(y, color="0.4", ls="--", lw=0.8)
         ax.text(
             0.01 + 0.98 * (j % 2),
-            -nll + 0.25,
-            f"{name}: {-nll:.2f}",
+            y,
+            f"{name}: {y:.2f}",
             ha=("left", "right")[j % 2],
+            va="bottom",
             transform=ax.get_yaxis_transform(),
             fontsize=7,
             color="0.3",
         )
+        ys.append(y)
     ax.set_xlabel("training time (minutes, wall clock)")
-    ax.set_ylabel("nats per datapoint")
-    ax.set_ylim(-100, -82)
-    ax.set_title("Static binarized MNIST: validation bound while training, test log p(x)", fontsize=10)
+    ax.set_ylabel("bits per dimension (lower is better)" if bits else "nats per datapoint")
+    if dataset == "binarized-mnist":
+        ax.set_ylim(-100, -82)
+    elif ys:  # the markers, the curves at their best epochs and the published rows, with room
+        lo, hi = min(ys), max(ys)
+        pad = 0.5 * (hi - lo) + (0.05 if bits else 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    what = "test bits/dim" if bits else "test log p(x)"
+    ax.set_title(f"{info['title']}: validation bound while training, {what}", fontsize=10)
     ax.grid(alpha=0.3)
     # below the axis and its label, in two columns: the curves stay clear; savefig's tight box keeps it
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
     print(f"wrote {path}")
     return markers
+
+
+def figure_path(dataset: str, folder: Path = Path("docs/figures")) -> Path:
+    """docs/figures/quality.png for static binarized MNIST, quality-DATASET.png for the others."""
+    return folder / ("quality.png" if dataset == "binarized-mnist" else f"quality-{dataset}.png")
+
+
+def result_stem(recipe: str, seed: int) -> str:
+    """``quality-RECIPE`` (seed 0, the recipe's number) or ``quality-RECIPE-seedS`` (a repeat)."""
+    return f"quality-{recipe}" + (f"-seed{seed}" if seed else "")
 
 
 def main(argv=None) -> int:
@@ -426,13 +405,20 @@ def main(argv=None) -> int:
     p.add_argument(
         "recipe", nargs="?", choices=sorted(RECIPES), help="the recipe to run (omit with --figure)"
     )
-    p.add_argument("--data-dir", default=None, help="where binarized_mnist/ is (default: $PPL_VAE_DATA, ...)")
+    p.add_argument("--data-dir", default=None, help="where the data sets are (default: $PPL_VAE_DATA, ...)")
     p.add_argument(
         "--out", type=Path, default=None, help="run directory (default: runs/quality-RECIPE[-quick])"
     )
     p.add_argument("--time-limit", type=float, default=110.0, help="minutes of training (default: 110)")
     p.add_argument("--num-samples", type=int, default=5000, help="K of the test log p(x) (default: 5000)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the fit's seed (default 0, the recipe's number; another seed is a repeat, written as "
+        "quality-RECIPE-seedS-DEVICE.json, for the spread over seeds)",
+    )
     p.add_argument("--evaluate-only", action="store_true", help="evaluate an already trained --out")
     p.add_argument("--quick", action="store_true", help="a few hundred steps on a subset: checks the wiring")
     p.add_argument(
@@ -447,27 +433,34 @@ def main(argv=None) -> int:
         "--figure",
         type=Path,
         nargs="?",
-        const=Path("docs/figures/quality.png"),
+        const=Path("docs/figures"),
         default=None,
-        help="draw every committed result (default path: docs/figures/quality.png) and exit",
+        metavar="FOLDER",
+        help="draw the committed results of each data set (FOLDER/quality.png for static binarized MNIST, "
+        "FOLDER/quality-DATASET.png for the others; default folder: docs/figures) and exit",
     )
     a = p.parse_args(argv)
     if a.figure is not None:
-        figure(a.figure)
+        done = {dataset_of(json.loads(r.read_text())) for r in RESULTS.glob("quality-*-*.json")}
+        for dataset in sorted(done):
+            figure(figure_path(dataset, a.figure), dataset=dataset)
         return 0
     if a.recipe is None:
         p.error("name a recipe, or pass --figure")
-    out = a.out or Path("runs") / f"quality-{a.recipe}{'-quick' if a.quick else ''}"
+    out = a.out or Path("runs") / f"{result_stem(a.recipe, a.seed)}{'-quick' if a.quick else ''}"
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.check is not None:
-        return check(a.recipe, a.check, out, a.quick, a.data_dir, a.device)
+        return check(a.recipe, a.check, out, a.quick, a.data_dir, a.device, a.seed)
+    dataset = RECIPES[a.recipe][0]
     if a.quick:
-        data = ["--dataset", str(quick_data(a.data_dir, out)), "--binarize", "none"]
+        data, n_test = quick_data(dataset, a.data_dir, out)
         a.time_limit, a.num_samples = None, min(a.num_samples, 100)
     else:
-        data = ["--dataset", "binarized-mnist"] + (["--data-dir", a.data_dir] if a.data_dir else [])
-    fit_cmd = fit_command(a.recipe, out, data, a.time_limit, a.device, a.quick)
-    eval_cmd = evaluate_command(out, None if a.quick else a.data_dir, a.num_samples, a.device, a.quick)
+        data = data_flags(dataset, a.data_dir)
+    fit_cmd = fit_command(a.recipe, out, data, a.time_limit, a.device, a.quick, a.seed)
+    eval_cmd = evaluate_command(
+        out, None if a.quick else a.data_dir, a.num_samples, a.device, a.quick, n_test if a.quick else 200
+    )
     train_seconds = None
     if a.evaluate_only:
         fit_cmd = json.loads((out / "quality-fit.json").read_text())["fit_command_argv"]
@@ -479,14 +472,16 @@ def main(argv=None) -> int:
         )
     eval_seconds = run(eval_cmd)
     result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick)
-    kind = result["device"].split(":")[0]
-    path = out / f"quality-{a.recipe}-quick.json" if a.quick else RESULTS / f"quality-{a.recipe}-{kind}.json"
+    result.update(dataset=dataset, seed=a.seed)
+    kind, stem = result["device"].split(":")[0], result_stem(a.recipe, a.seed)
+    path = out / f"{stem}-quick.json" if a.quick else RESULTS / f"{stem}-{kind}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     if not a.quick:
-        shutil.copyfile(out / "metrics.jsonl", RESULTS / f"quality-{a.recipe}-{kind}-metrics.jsonl")
+        shutil.copyfile(out / "metrics.jsonl", RESULTS / f"{stem}-{kind}-metrics.jsonl")
     t = result["test"]
+    bits = f" = {t['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in t else ""
     print(
-        f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.3f} nats (Monte Carlo SE) "
+        f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.3f} nats (Monte Carlo SE){bits} "
         f"(log p(x) ≈ IWAE_{t['num_samples']} on {t['n']} test images; "
         f"{'reliable' if t.get('log_px_reliable') else 'a lower bound; k̂ says the SE is unreliable'}), "
         f"test ELBO {t['elbo_mc']:.2f}, k̂ mean {t['khat_mean']:.2f}, trained {train_seconds / 60:.0f} min, "

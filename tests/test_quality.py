@@ -5,7 +5,9 @@ evaluation's. The record numbers themselves are in benchmarks/results/ (docs/ben
 """
 
 import json
+import math
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -138,14 +140,62 @@ def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_pat
     assert (tmp_path / "q.png").stat().st_size > 10_000
 
 
-def test_figure_draws_every_committed_result(tmp_path):
-    committed = sorted((REPO / "benchmarks" / "results").glob("quality-*-*.json"))
-    markers = _quality_module().figure(tmp_path / "q.png")
-    assert len(markers) == len(committed) >= 2  # vampprior and vae were run (docs/benchmarks.md)
-    for path in committed:
-        res = json.loads(path.read_text())
-        minutes, log_px = markers[f"{res['recipe']} ({res['device']})"]
-        assert log_px == -res["test_nll"] and 0 < minutes <= res["train_seconds"] / 60 + 1e-9
+def test_figure_draws_every_committed_result_on_its_data_sets_figure(tmp_path):
+    """One figure per data set; every committed result is a marker on its own data set's figure
+    (log p(x) in nats, or bits/dim = −log p(x) / (D ln 2) for a bits/dim data set)."""
+    quality = _quality_module()
+    committed = [
+        json.loads(p.read_text()) for p in sorted((REPO / "benchmarks" / "results").glob("quality-*-*.json"))
+    ]
+    by_dataset = {}
+    for res in committed:
+        by_dataset.setdefault(quality.dataset_of(res), []).append(res)
+    assert len(by_dataset["binarized-mnist"]) >= 2  # vampprior and vae were run (docs/benchmarks.md)
+    for dataset, results in by_dataset.items():
+        markers = quality.figure(tmp_path / f"{dataset}.png", dataset=dataset)
+        assert len(markers) == len(results)
+        bits = quality.DATASETS[dataset]["unit"] == "bits/dim"
+        for res in results:
+            minutes, y = markers[quality._label(res)]
+            want = res["test_nll"] / (res["test"]["dim"] * math.log(2)) if bits else -res["test_nll"]
+            assert y == pytest.approx(want, rel=1e-12) and 0 < minutes <= res["train_seconds"] / 60 + 1e-9
+
+
+def test_recipes_choose_their_data_set_and_a_seed_names_a_repeat():
+    quality = _quality_module()
+    cmd = quality.fit_command(
+        "frey-vae", Path("runs/x"), quality.data_flags("frey-faces", "d"), 5, "cpu", False, seed=2
+    )
+    args = quality.merged(cmd[3:])
+    assert args["--dataset"] == "frey-faces" and args["--likelihood"] == "discretized-logistic"
+    assert args["--seed"] == "2" and args["--data-dir"] == "d"
+    dyn = quality.merged(
+        quality.fit_command("dynamic-vae", Path("o"), quality.data_flags("mnist", None), 5, "cpu", False)[3:]
+    )
+    assert dyn["--dataset"] == "mnist" and dyn["--binarize"] == "dynamic" and dyn["--seed"] == "0"
+    assert quality.result_stem("frey-vae", 0) == "quality-frey-vae"
+    assert quality.result_stem("frey-vae", 2) == "quality-frey-vae-seed2"
+    # every recipe names a data set the table knows; the static ones keep their recorded commands
+    assert all(ds in quality.DATASETS for ds, _ in quality.RECIPES.values())
+    static = quality.merged(
+        quality.fit_command(
+            "best", Path("o"), quality.data_flags("binarized-mnist", None), 50, "auto", False
+        )[3:]
+    )
+    recorded = json.loads((REPO / "benchmarks" / "results" / "quality-best-cpu.json").read_text())[
+        "fit_command"
+    ]
+    recorded_args = quality.merged(shlex.split(recorded)[3:])
+    for flag in (
+        "--prior",
+        "--latent-layers",
+        "--ema",
+        "--batch-size",
+        "--lr",
+        "--kl-warmup",
+        "--pseudo-inputs",
+    ):
+        assert static[flag] == recorded_args[flag], flag
 
 
 @pytest.mark.slow
