@@ -264,9 +264,9 @@ def inject(fault: dict):
     elif kind == "enospc":
         patch(os, "fsync", fsync)
     else:
-        from ppl_vae.training import train
+        from ppl_vae.training import start
 
-        patch(train, "load_dataset", paused(train.load_dataset))
+        patch(start, "load_dataset", paused(start.load_dataset))
     try:
         yield
     finally:

@@ -128,12 +128,12 @@ def test_fit_writes_valid_recon_and_kl_and_active_units(tmp_path, digits, settin
 def test_a_failing_active_units_diagnostic_still_writes_the_summary(tmp_path, digits, monkeypatch):
     """The active units are a diagnostic: if they fail (e.g. on a user's program), the run still
     ends with its summary, which records why, and a warning says so."""
-    import ppl_vae.training.train
+    import ppl_vae.training.finish
 
     def broken(*args, **kwargs):
         raise ValueError("this guide has no .mean")
 
-    monkeypatch.setattr(ppl_vae.training.train, "latent_use_on", broken)
+    monkeypatch.setattr(ppl_vae.training.finish, "latent_use_on", broken)
     cfg = FitConfig(dataset="digits", hidden=[16], z_dim=2, epochs=1, final_iwae_k=0, device="cpu")
     with pytest.warns(RuntimeWarning, match="active units not computed: ValueError: this guide has no .mean"):
         Trainer(cfg, tmp_path / "run", quiet=True, dataset=digits).run()

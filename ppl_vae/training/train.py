@@ -7,21 +7,19 @@ size=N, beta=β)`` (the data plate scales it to the full dataset). The host read
 loss back only every ``log_every`` steps (progress bar, NaN check), so a GPU is never stalled
 per step. After each epoch: the validation bound, early stopping, a checkpoint, a metrics row.
 
-Where things live: the run directory, its lock and metrics in :mod:`ppl_vae.training.runs`; what a
-checkpoint holds in :meth:`Trainer.state_dict`, how it is written and checked in
-:mod:`ppl_vae.training.checkpoint`; the validation bound in
-:mod:`ppl_vae.training.validation`; data-parallel training under ``torchrun`` in
+Where things live: a Trainer's construction (lock, data, model, optimizer, resume) in
+:mod:`ppl_vae.training.start`, the end of a run (summary, figures) in :mod:`ppl_vae.training.finish`;
+the run directory, its lock and metrics in :mod:`ppl_vae.training.runs`; what a checkpoint holds in
+:meth:`Trainer.state_dict`, how it is written and checked in :mod:`ppl_vae.training.checkpoint`; the
+validation bound in :mod:`ppl_vae.training.validation`; data-parallel training under ``torchrun`` in
 :mod:`ppl_vae.core.distributed`; CUDA-graph replay (``--cuda-graph``) in :mod:`ppl_vae.training.cuda_graph`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pyro
@@ -30,21 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import distributed
-from ..core.errors import CheckpointError, UserError
-from ..data.datasets import Dataset, load_dataset, prepare
-from ..data.fingerprint import changes, fingerprint
-from ..inference.objectives import make_objective
-from ..programs.likelihoods import make_likelihood
+from ..core.errors import CheckpointError
+from ..data.splits import Dataset
 from ..programs.model import VAE
-from ..reports.collapse import PosteriorCollapse
-from ..reports.tensorboard_log import TensorBoardLog
-from . import best, checkpoint, runs
-from .averaging import ParameterAverage
+from . import checkpoint, finish, runs, start
 from .config import FitConfig
-from .cuda_graph import GraphedStep
 from .interrupts import Interrupted, NonFiniteLoss, signals_to_flag
-from .optim import apply_settings, beta_at, make_optimizer
-from .validation import bound_on, elbo_terms_on, latent_use_on, objective_name
+from .optim import apply_settings, beta_at
+from .validation import bound_on, elbo_terms_on, objective_name
 
 
 def train_step(
@@ -94,133 +85,7 @@ class Trainer:
         model: VAE | None = None,
         accept_changed_data: bool = False,
     ):
-        cfg.validate()
-        self.out, self.quiet, self.lock = Path(out), quiet, None
-        self.board = (
-            TensorBoardLog(cfg.tensorboard) if cfg.tensorboard else None
-        )  # (not installed: refused here)
-        # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
-        self.ctx, self.device = distributed.setup(runs.resolve_device(cfg.device))
-        made = [d for d in (self.out, *self.out.parents) if not d.exists()]  # what this start creates
-        try:
-            if self.ctx.is_main:
-                if self.out.exists() and not self.out.is_dir():
-                    raise UserError(f"--out {self.out} is a file, not a run directory; choose another --out")
-                self.lock = runs.lock(self.out)  # one writer: refused here while another fit holds it
-            self._setup(cfg, resume, overwrite, dataset, model, accept_changed_data)
-        except BaseException:  # bad input or a signal during start-up: leave no half-made run behind
-            if self.lock is not None:
-                self.lock.discard()  # (its file too, when this start made it)
-                self.lock = None
-            if self.ctx.is_main and made:
-                runs.remove_if_empty(self.out, made[1:])
-            raise
-
-    def _setup(self, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
-        runs.prepare(self.out, resume, overwrite, clear=False)  # cleared below, once the input is valid
-        if resume:
-            saved = FitConfig.load(self.out / "config.json")
-            checkpoint.check_config_matches(
-                saved.to_dict(), {**cfg.to_dict(), "image_shape": saved.image_shape}, checkpoint.RESUME_KEYS
-            )
-            cfg.image_shape = saved.image_shape
-        if cfg.batch_size < self.ctx.world_size:
-            raise UserError(
-                f"--batch-size {cfg.batch_size} is the global batch, split over {self.ctx.world_size} "
-                f"processes: give at least {self.ctx.world_size}"
-            )
-        ckpt = checkpoint.load(self.out / "checkpoint.pt", map_location=self.device) if resume else None
-        pyro.set_rng_seed(cfg.seed)
-        likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
-        if dataset is None:
-            ds = load_dataset(
-                cfg.dataset,
-                cfg.data_dir,
-                cfg.binarize,
-                likelihood,
-                channels=cfg.channels,
-                image_size=cfg.image_size,
-                dequantize=cfg.dequantize,
-            )
-        elif dataset.binarize == "none":  # a Dataset made elsewhere: prepared and checked as a loaded one
-            ds = prepare(dataclasses.replace(dataset), cfg.binarize, likelihood, cfg.dequantize)
-        else:
-            ds = dataset
-        if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
-            raise CheckpointError(
-                f"the data have image shape {list(ds.image_shape)} but the run was trained on "
-                f"{cfg.image_shape}"
-            )
-        notes = []  # said once every refusal is past: a refused start prints one line
-        cfg.data_fingerprint = fingerprint(ds, cfg.dataset if dataset is None else None)
-        changed = changes(saved.data_fingerprint, cfg.data_fingerprint) if resume else None
-        if changed and not accept_changed_data:
-            raise UserError(
-                f"--resume: the data ({ds.name}) changed since the run started ({changed}); restore "
-                f"them, or pass --accept-changed-data to continue on these data knowingly"
-            )
-        if changed:
-            notes.append(
-                f"the data ({ds.name}) changed since the run started ({changed}); continuing on them "
-                f"(--accept-changed-data), and config.json records their fingerprint"
-            )
-        cfg = cfg.with_data_defaults(ds.train.shape[0])  # e.g. epochs: enough steps on a small dataset
-        cfg.image_shape = list(ds.image_shape)
-        cfg.dataset = ds.name if cfg.dataset == "auto" else cfg.dataset
-        cfg.binarize, cfg.binarize_seed, cfg.data_split = (
-            ds.binarize,
-            ds.binarize_seed,
-            ds.split_protocol or None,
-        )
-        cfg.dequantize, cfg.dequantize_seed = ds.dequantize, ds.dequantize_seed
-        self.cfg, self.data = cfg, ds.to(self.device)
-        self.labels = runs.class_labels(self.data, cfg)  # one-hot (N, C) per split for a conditional program
-        self.model = (runs.build_model(cfg) if model is None else model).to(self.device)
-        self.model.register_params = False  # one torch optimizer owns the parameters (see VAE)
-        # (distributed: eager steps; DDP's all-reduce inside a captured graph is not supported here)
-        use_graph = self.device.type == "cuda" and cfg.cuda_graph and not self.ctx.enabled
-        self.optim = make_optimizer(self.model.parameters(), cfg, self.device, capturable=use_graph)
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optim, gamma=cfg.lr_decay)
-        self.objective = make_objective(cfg.elbo, cfg.num_particles)
-        self.loss_fn = distributed.wrap(
-            self.model, self._objective, self.ctx, self.device
-        )  # DDP when distributed
-        self.average = (
-            ParameterAverage(self.model, cfg.ema) if cfg.ema else None
-        )  # θ̄ (--ema), judged and kept
-        self.step_fn = GraphedStep(self._step, self.device) if use_graph else self._step
-        self.state = checkpoint.TrainState()
-        if self.ctx.rank:  # rank 0 keeps the single-process stream; the others draw their own ε
-            pyro.set_rng_seed(distributed.rank_seed(cfg.seed, self.ctx.rank))
-        if resume:
-            self.load_state_dict(ckpt)
-            if self.state.epoch > cfg.epochs:  # config.json would say fewer epochs than were run
-                raise UserError(
-                    f"--epochs {cfg.epochs} is fewer than the {self.state.epoch} epochs this run has "
-                    f"done; a run is not shortened (its checkpoint, metrics and summary are of epoch "
-                    f"{self.state.epoch}): give --epochs {self.state.epoch} or more, or start a new --out"
-                )
-            if self.ctx.is_main:
-                for note in notes:
-                    warnings.warn(note)
-                # metrics.jsonl made to agree with the checkpoint (a warning says what changed)
-                self.state.rows = runs.resume_metrics(self.out, self.state.rows, self.state.epoch)
-                self._check_best(ckpt)
-        distributed.barrier(self.ctx)  # every rank has checked the run directory before rank 0 writes
-        if self.ctx.is_main:
-            self._log(f"data: {ds.describe()}")
-            runs.prepare(self.out, resume, overwrite)
-            cfg.save(self.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
-
-    def _check_best(self, ckpt: dict) -> None:
-        """On resume: is ``best.pt`` what the checkpoint records? If not, rewrite it when the
-        checkpoint holds those parameters, else say it cannot (one warning line either way).
-        A checkpoint of an earlier version records nothing: what best.pt holds becomes the record."""
-        found = best.check(self.out, ckpt)
-        if "best_digest" not in ckpt and found.digest is not None:
-            self.state.best_epoch, self.state.best_digest = found.holds, found.digest
-        if found.problem:
-            warnings.warn(best.repair(self.out, ckpt, found))
+        start.start(self, cfg, out, resume, overwrite, quiet, dataset, model, accept_changed_data)
 
     @property
     def evaluated(self) -> VAE:
@@ -337,7 +202,7 @@ class Trainer:
                             f"stopping after epoch {s.epoch}: --time-limit {cfg.time_limit:g} minutes reached"
                         )
                         break
-            return self._finish()
+            return finish.finish(self)
         finally:
             bar.close()
             pyro.enable_validation(validation)
@@ -463,53 +328,3 @@ class Trainer:
     def _label(self, key: str) -> str:
         """A metric's name on the epoch line, with its K where it has one: ``valid IWAE_5``."""
         return f"valid IWAE_{self.cfg.num_particles}" if key == "valid_iwae_k" else key.replace("_", " ")
-
-    def _finish(self) -> dict:
-        from ..core import files
-        from ..reports import plots  # (matplotlib: imported only when a run ends)
-
-        bound = "iwae_k" if self.cfg.elbo == "iwae" else "elbo"
-        summary = {
-            "epochs": self.state.epoch,
-            "stopped_by": self.stopped_by,
-            f"best_valid_{bound}": self.state.best,
-            "best_epoch": runs.best_epoch(self.state.rows),
-            # what best.pt really holds, checked against the record (it may lag: ppl_vae.training.best)
-            "best_pt": best.check(self.out, self.state.fields()).summary() if self.ctx.is_main else None,
-            **({"iwae_k": self.cfg.num_particles} if bound == "iwae_k" else {}),
-            "final": self.state.rows[-1] if self.state.rows else None,
-        }
-        judged = self.evaluated.eval()
-        if self.cfg.final_iwae_k and self.state.epoch > 0:
-            x = self._valid_args()
-            summary["final_valid_iwae"] = bound_on(judged, x, "iwae", self.cfg.final_iwae_k, ctx=self.ctx)
-            summary["final_iwae_k"] = self.cfg.final_iwae_k
-            self._log(
-                f"validation IWAE bound (K={self.cfg.final_iwae_k}): {summary['final_valid_iwae']:.3f} "
-                f"nats/datapoint"
-            )
-        if self.ctx.is_main:
-            try:  # a diagnostic: a program it cannot handle must not cost the run its summary
-                summary.update(latent_use_on(judged, self._valid_args()))  # a fixed subset, see validation
-            except Exception as e:  # noqa: BLE001
-                summary["active_units_error"] = f"{type(e).__name__}: {e}"
-                warnings.warn(f"active units not computed: {summary['active_units_error']}", RuntimeWarning)
-            if summary.get("active_units"):
-                self._log(
-                    f"active units on {summary['active_units_n']} validation images: "
-                    + ", ".join(
-                        f"{s} {a} of {summary['active_units_of'][s]}"
-                        for s, a in summary["active_units"].items()
-                    )
-                )
-            for line in summary.get("collapse", []):  # said with --quiet too
-                warnings.warn(PosteriorCollapse(line), stacklevel=2)
-            files.write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-            plots.run_figures(
-                judged,
-                self.data,
-                self.state.rows,
-                self.out,
-                valid_labels=None if self.labels is None else self.labels["valid"],
-            )
-        return summary
