@@ -11,7 +11,6 @@ PKG = REPO / "ppl_vae"
 # 6000 to 7154 lines without a change of content (a call's arguments one per line); before it
 # no module was over 327 lines.
 LONG = {
-    "fit.py": "the command's ~45 flags, one argparse call each, and fit() from Python",
     "programs/model.py": "the VAE program: model and guide for one or two layers, chain or skip",
     "training/config.py": "FitConfig: one field per setting of the command (~50), each with its type and range check",
     "inference/checks.py": "the checks of a user's program, each with its one-line message",
