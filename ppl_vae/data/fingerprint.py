@@ -17,7 +17,7 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
+from ..core.digests import digest
 
 SPLITS = ("train", "valid", "test")
 WHOLE = 64 << 20  # files up to this size are hashed whole
@@ -41,13 +41,10 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _tensor_digest(tensors) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{t.dtype}|{t.numel()};".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
+def tensor_digest(tensors) -> str:
+    """:func:`ppl_vae.core.digests.digest` of ``tensors`` in order, each after its dtype and number
+    of elements (``"torch.float32|784;"``)."""
+    return digest(part for t in tensors for part in (f"{t.dtype}|{t.numel()};", t))
 
 
 def fingerprint(ds, source: str | None = None) -> dict:
@@ -58,7 +55,7 @@ def fingerprint(ds, source: str | None = None) -> dict:
         path = Path(source).resolve()
         fp.update(path=str(path), size=path.stat().st_size, digest=file_digest(path))
     elif source is None:
-        fp["digest"] = _tensor_digest(ds.split(s) for s in SPLITS)
+        fp["digest"] = tensor_digest(ds.split(s) for s in SPLITS)
     return fp
 
 

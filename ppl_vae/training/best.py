@@ -17,13 +17,13 @@ taken as it is (and a resume records what it holds).
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..core import digests
 from ..core.errors import CheckpointError
 from . import checkpoint
 
@@ -31,18 +31,20 @@ NAME = "best.pt"
 
 
 def digest(model_state: dict) -> str:
-    """A digest of a model's ``state_dict``: every entry's name, dtype, shape and bytes, in name
-    order (CPU copies; the same numbers give the same digest on any device)."""
-    h = hashlib.blake2b(digest_size=16)
+    """A digest of a model's ``state_dict`` (:func:`ppl_vae.core.digests.digest`): every entry's
+    name, dtype, shape and values, in name order (a non-tensor entry: its name and ``repr``);
+    the same numbers give the same digest on any device."""
+    return digests.digest(_parts(model_state))
+
+
+def _parts(model_state: dict):
     for name in sorted(model_state):
         t = model_state[name]
-        if not isinstance(t, torch.Tensor):
-            h.update(f"{name}={t!r};".encode())
-            continue
-        t = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(model_state[name].shape)};".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
+        if isinstance(t, torch.Tensor):
+            yield f"{name}|{t.dtype}|{tuple(t.shape)};"
+            yield t
+        else:
+            yield f"{name}={t!r};"
 
 
 def record(ckpt: dict) -> dict:
