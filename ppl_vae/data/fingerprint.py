@@ -6,9 +6,14 @@
   files, of the first and last MiB and :data:`BLOCKS` blocks of 64 KiB spread evenly between
   (fast on any size; a change that misses every sampled block, with the size unchanged, goes
   unnoticed);
+* a folder of images: its split sizes and the digest its loader made of the decoded images
+  and labels (``Dataset.content_digest``, :func:`ppl_vae.data.own_data.content_digest`): one
+  image replaced by another of the same size is noticed, a re-encoded file of the same pixels
+  is not; the digest is of the data as read, so it holds whatever the binarization;
 * a named data set (``mnist``, ``digits``, ...): its name and split sizes;
-* a :class:`~ppl_vae.data.splits.Dataset` made in Python: its name, split sizes and a digest
-  of its tensors.
+* a :class:`~ppl_vae.data.splits.Dataset` passed from Python: its name, split sizes and a
+  digest of its tensors as prepared (whatever its loader recorded: the caller may have changed
+  them since).
 """
 
 from __future__ import annotations
@@ -49,11 +54,13 @@ def tensor_digest(tensors) -> str:
 
 def fingerprint(ds, source: str | None = None) -> dict:
     """The identity of the loaded data set ``ds``: ``source`` is the ``--dataset`` it came from
-    (a name or a ``.npy``/``.npz`` path; None for a data set made in Python)."""
+    (a name, a ``.npy``/``.npz`` path or a folder; None for a data set passed from Python)."""
     fp = {"name": ds.name, "splits": [int(ds.split(s).shape[0]) for s in SPLITS]}
     if source is not None and source.endswith((".npy", ".npz")) and Path(source).is_file():
         path = Path(source).resolve()
         fp.update(path=str(path), size=path.stat().st_size, digest=file_digest(path))
+    elif source is not None and getattr(ds, "content_digest", None) is not None:  # a folder, as read
+        fp["digest"] = ds.content_digest
     elif source is None:
         fp["digest"] = tensor_digest(ds.split(s) for s in SPLITS)
     return fp

@@ -31,7 +31,9 @@ class Dataset:
     ``binarize`` is the resolved mode (``none``, ``dynamic`` or ``static``) and ``binarize_seed``
     the seed of its fixed draws (None when nothing was drawn); ``dequantize`` (``none`` or
     ``uniform``) and ``dequantize_seed`` likewise; ``split`` says how the splits were made,
-    ``classes`` names the labels (a folder's class subfolders).
+    ``classes`` names the labels (a folder's class subfolders); ``content_digest``, where the
+    loader made one, is a digest of the data as read (a folder's decoded images and labels),
+    before any split or preparation: the data's fingerprint (:mod:`ppl_vae.data.fingerprint`).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Dataset:
     classes: tuple = ()
     dequantize: str = "none"
     dequantize_seed: int | None = None
+    content_digest: str | None = None
 
     def describe(self) -> str:
         """One line: the split sizes, the image shape and how the splits were made."""
