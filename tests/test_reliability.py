@@ -626,6 +626,59 @@ def test_resume_with_another_model_is_refused(run2, tmp_path, capsys):
     assert snapshot(run) == before
 
 
+def test_resume_with_another_seed_is_refused_and_older_runs_resume(run2, tmp_path, capsys):
+    """A resumed run draws from the RNG states of its checkpoint, so ``--seed`` changes nothing
+    there; before, another one passed and config.json then claimed it for the whole run. Now it is
+    refused in one line, the run untouched. A config.json of an earlier version, without the data
+    preparation's keys (binarize, dequantize and their seeds), still resumes."""
+    run = copy_run(run2, tmp_path / "seed")
+    before = snapshot(run)
+    line = assert_one_line(in_process(["--out", run, "--resume", "--epochs", 3, "--seed", 4], capsys), 2)
+    assert "seed: checkpoint has 3, requested 4" in line and "start a new --out" in line, line
+    assert snapshot(run) == before
+
+    saved = json.loads((run / "config.json").read_text())
+    for key in ("binarize", "binarize_seed", "dequantize", "dequantize_seed"):
+        del saved[key]
+    (run / "config.json").write_text(json.dumps(saved))
+    r = in_process(["--out", run, "--resume", "--epochs", 3], capsys)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())["binarize"] == "none"  # resolved, recorded
+
+
+@pytest.mark.parametrize(
+    "likelihood,flag,resolved,other",
+    [("bernoulli", "--binarize", "dynamic", "static"), ("gaussian", "--dequantize", "uniform", "none")],
+)
+def test_resume_with_another_data_preparation_is_refused(tmp_path, capsys, likelihood, flag, resolved, other):
+    """Greyscale 8-bit images: under a Bernoulli ``--binarize auto`` is dynamic, under a Gaussian
+    ``--dequantize auto`` is uniform, and config.json records that resolved value and the seed of
+    the fixed draws. Before, ``--resume`` with another value (or a run recording another seed)
+    went on training on data prepared otherwise. Now: one line naming the setting, the run's value
+    and the requested one, the run untouched; asking for ``auto``, which gives the run's value,
+    resumes."""
+    data, run, key = tmp_path / "grey.npy", tmp_path / "run", flag[2:]
+    np.save(data, (np.random.default_rng(1).integers(0, 256, (300, 8, 8)) / 255).astype(np.float32))
+    argv = ["--dataset", data, "--likelihood", likelihood, *TINY, "--epochs", 1, "--out", run]
+    assert in_process(argv, capsys).returncode == 0
+    text = (run / "config.json").read_text()
+    assert (json.loads(text)[key], json.loads(text)[f"{key}_seed"]) == (resolved, 1234)
+    before = snapshot(run)
+    line = assert_one_line(in_process(["--out", run, "--resume", "--epochs", 2, flag, other], capsys), 2)
+    assert f"--resume: the data would be prepared otherwise than the run's ({key}: the run has " in line
+    assert f"{resolved!r}, requested {other!r}); " in line and "start a new --out" in line, line
+    assert snapshot(run) == before
+
+    (run / "config.json").write_text(text.replace(f'"{key}_seed": 1234', f'"{key}_seed": 99'))
+    line = assert_one_line(in_process(["--out", run, "--resume", "--epochs", 2], capsys), 2)
+    assert f"({key}_seed: the run has 99, these data 1234)" in line, line
+    (run / "config.json").write_text(text)
+
+    r = in_process(["--out", run, "--resume", "--epochs", 2, flag, "auto"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "config.json").read_text())[key] == resolved
+
+
 if (
     __name__ == "__main__"
 ):  # python tests/test_reliability.py FAULT_JSON MODULE ARGS...: ppl_vae.MODULE with FAULT

@@ -185,8 +185,41 @@ def check_config_matches(saved: dict, requested: dict, keys) -> None:
 
 # --------------------------------------------------------------------------- training state
 
-# fixed for a run's life (ema: which parameters are judged; a switch would compare θ with θ̄'s best)
-RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset", "ema")
+# Fixed for a run's life, compared before the data are loaded (ema: which parameters are judged;
+# a switch would compare θ with θ̄'s best). seed: a resumed run draws from the RNG states its
+# checkpoint holds (restore_rng), not from --seed, so another seed would change no draw and only
+# make config.json claim a seed the run did not start from: refused, as any other change.
+RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset", "ema", "seed")
+# How the data are prepared, fixed for a run's life too: its later epochs train on data made as
+# its first epochs' were, and select the best epoch on the same fixed draws of the validation
+# images (--binarize, --dequantize and the seeds of those draws). Compared once the data are
+# loaded, as resolved (binarize auto → dynamic or none, dequantize auto → uniform or none),
+# because config.json records resolved values: a resume asking for auto passes where auto gives
+# the run's value. A value config.json lacks (a run of an earlier version) is not compared.
+PREPARATION_MODES = {"binarize": "binarize_seed", "dequantize": "dequantize_seed"}  # mode: its seed
+
+
+def check_preparation_matches(saved: dict, resolved: dict, requested: dict) -> None:
+    """Refuse to resume on data prepared otherwise than the run's, in one line naming each
+    setting, the run's value and the requested one: ``saved``, the run's ``config.json``
+    (binarize/dequantize resolved; ``auto`` and a missing seed are runs of earlier versions, not
+    compared); ``resolved``, the values of the data loaded now (``Dataset.binarize``, ...);
+    ``requested``, the settings asked for (``auto`` included). A seed is compared where its mode
+    matches (else the mode's difference says it all)."""
+    diffs = []
+    for mode, seed in PREPARATION_MODES.items():
+        then, now, asked = saved.get(mode), resolved.get(mode), requested.get(mode)
+        if then not in (None, "auto") and then != now:
+            here = "" if asked == now else f" (for these data: {now!r})"
+            diffs.append(f"{mode}: the run has {then!r}, requested {asked!r}{here}")
+        elif saved.get(seed) is not None and saved.get(seed) != resolved.get(seed):
+            diffs.append(f"{seed}: the run has {saved.get(seed)!r}, these data {resolved.get(seed)!r}")
+    if diffs:
+        raise CheckpointError(
+            "--resume: the data would be prepared otherwise than the run's ("
+            + "; ".join(diffs)
+            + "); resume with the run's own settings (drop the flag) or start a new --out"
+        )
 
 
 @dataclass

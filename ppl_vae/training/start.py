@@ -94,6 +94,9 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
         raise CheckpointError(
             f"the data have image shape {list(ds.image_shape)} but the run was trained on {cfg.image_shape}"
         )
+    if resume:  # prepared as the run's data were (before the fingerprint: a digest may be of prepared data)
+        resolved = {k: getattr(ds, k) for k in ("binarize", "binarize_seed", "dequantize", "dequantize_seed")}
+        checkpoint.check_preparation_matches(saved.to_dict(), resolved, cfg.to_dict())
     notes = []  # said once every refusal is past: a refused start prints one line
     cfg.data_fingerprint = fingerprint(ds, cfg.dataset if dataset is None else None)
     changed = changes(saved.data_fingerprint, cfg.data_fingerprint) if resume else None
