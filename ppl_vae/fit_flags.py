@@ -278,8 +278,9 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
     g.add_argument(
         "--accept-changed-data",
         action="store_true",
-        help="with --resume: continue although the data's fingerprint (path, size, content digest, "
-        "split sizes; recorded in config.json) differs from the run's (default: refuse)",
+        help="with --resume: continue although the data's fingerprint (split sizes, and a content "
+        "digest of a file or a folder of images; recorded in config.json) differs from the run's "
+        "(default: refuse)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
     g.add_argument(
