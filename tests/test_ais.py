@@ -666,3 +666,97 @@ def test_the_bdmc_bracket_never_prints_a_negative_width(lower, upper, says):
     s = dict(bdmc_lower=lower, bdmc_upper=upper, bdmc_gap=upper - lower, bdmc_lower_stderr=0.0125)
     s["bdmc_upper_stderr"] = 0.0125
     assert says in bracket(s)
+
+
+# --------------------------------------------------------------------------- evaluate: one probe, the chunk size, out-of-memory
+
+
+def _small_vae(n=13):
+    """A float64 VAE and n binary datapoints (float64: AIS's numbers at two pass sizes agree to 1e-9)."""
+    from ppl_vae.programs.model import VAE
+
+    torch.manual_seed(0)
+    return VAE((1, 4, 4), z_dim=2, hidden=[8]), (torch.rand(n, 16) < 0.5).double()
+
+
+AIS_KW = dict(num_samples=10, ks=[1, 10], seed=3, mean_samples=0)
+
+
+def test_an_evaluation_with_ais_and_bdmc_probes_the_program_once(monkeypatch):
+    """evaluate() probes model and guide once and passes the probe to the AIS of each of its three
+    blocks and to both directions of each of its two BDMC blocks (each of which would probe again)."""
+    from ppl_vae.inference import checks
+    from ppl_vae.reports import evaluation
+
+    vae, x = _small_vae()
+    calls, probe = [], checks._probe
+    monkeypatch.setattr(checks, "_probe", lambda *a: calls.append(1) or probe(*a))
+    rep = evaluation.evaluate(
+        vae.model, vae.guide, x, batch_size=5, ais_steps=3, ais_chains=2, ais_leapfrog=1, bdmc=7,
+        **{k: v for k, v in AIS_KW.items() if k != "ks"},
+    )  # fmt: skip
+    assert len(calls) == 1, len(calls)
+    assert rep.per_datapoint["ais"].shape == (13,) and rep.per_datapoint["bdmc_gap"].shape == (7,)
+
+
+def test_the_evaluations_chunk_size_reaches_ais_and_bdmc_and_does_not_change_their_numbers(monkeypatch):
+    """evaluate(chunk_size=C) passes C (chains × datapoints per pass) and its probe to every AIS and
+    BDMC call; at C = 12 (2 datapoints per pass of 2 + 4 pilot chains) the numbers are those of the
+    default chunk size (every block in one pass): datapoint i's chains are seeded by i alone."""
+    from ppl_vae.inference import checks
+    from ppl_vae.inference import estimators as est_module
+    from ppl_vae.reports import evaluation
+
+    vae, x = _small_vae()
+    kw = dict(batch_size=5, ais_steps=4, ais_chains=2, ais_leapfrog=2, bdmc=7, **AIS_KW)
+    kw.pop("ks")
+    seen = []
+    for name in ("ais", "bdmc"):
+        fn = getattr(est_module, name)
+        monkeypatch.setattr(
+            est_module, name, lambda *a, _fn=fn, _n=name, **k: seen.append((_n, k)) or _fn(*a, **k)
+        )
+    small = evaluation.evaluate(vae.model, vae.guide, x, chunk_size=12, **kw)
+    assert [n for n, _ in seen] == ["ais"] * 3 + ["bdmc"] * 2
+    assert all(k["chunk_size"] == 12 and isinstance(k["program"], checks.Program) for _, k in seen)
+    seen.clear()
+    whole = evaluation.evaluate(vae.model, vae.guide, x, **kw)
+    assert all(k["chunk_size"] == 4096 for _, k in seen)  # the CPU's default
+    for key in ("ais", "ais_stderr", "ais_accept", "bdmc_lower", "bdmc_upper"):
+        np.testing.assert_allclose(small.per_datapoint[key], whole.per_datapoint[key], rtol=1e-9, err_msg=key)
+
+
+def test_cuda_out_of_memory_in_ais_or_bdmc_halves_the_chunk_and_retries_with_the_same_numbers():
+    """A model that runs out of memory (simulated) on an AIS pass of more than 20 datapoints: the
+    block is retried with half the chunk size down to 100 (16 datapoints of 6 chains), and so is
+    each BDMC block; the numbers are those of a run that never ran out."""
+    from pyro.poutine.messenger import Messenger
+
+    from ppl_vae.reports import annealing, evaluation
+
+    vae, x = _small_vae(30)
+
+    class OutOfMemoryOnLargeAISPasses(Messenger):
+        def _pyro_post_sample(self, msg):
+            shape = msg["fn"].batch_shape if msg["name"] == "x" else ()
+            if len(shape) == 2 and shape[0] == 6 and shape[1] > 20:  # AIS: 2 + 4 pilot chains
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def fragile(x):
+        with OutOfMemoryOnLargeAISPasses():
+            vae.model(x)
+
+    ais = dict(num_steps=3, num_chains=2, leapfrog=1)
+    kw = dict(block_size=30, ais=ais, **AIS_KW)
+    logs = []
+    got = evaluation.evaluate_blocks(fragile, vae.guide, x, [0], chunk_size=1200, log=logs.append, **kw)
+    ref = evaluation.evaluate_blocks(vae.model, vae.guide, x, [0], chunk_size=1200, **kw)
+    assert got["chunk_size"] == 100 and logs[0].startswith("CUDA out of memory: retrying block 0"), logs
+    bd = annealing.bdmc_blocks(fragile, vae.guide, x, 30, 30, 3, ais, chunk_size=1200, log=logs.append)
+    bd_ref = annealing.bdmc_blocks(vae.model, vae.guide, x, 30, 30, 3, ais, chunk_size=1200)
+    assert bd["chunk_size"] == 100 and bd_ref["chunk_size"] == 1200
+    assert "CUDA out of memory: retrying BDMC block 0 with --chunk-size 600" in logs
+    for key in ("ais", "ais_stderr", "log_px"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-9, err_msg=key)
+    for key in annealing.BDMC_PER_DATAPOINT:
+        np.testing.assert_allclose(bd[key], bd_ref[key], rtol=1e-9, atol=1e-12, err_msg=key)

@@ -47,11 +47,11 @@ from pyro.poutine.util import site_is_subsample
 
 from ..core.errors import UserError
 from ..core.seeding import derive_seed
-from .checks import check_data, describe, inspect_program, take
-from .estimators import Estimate
+from .checks import Program, check_data, describe, inspect_program, take
+from .estimators import Estimate, delta_method
 from .hmc import CounterNoise, Latent, Point, Target, transition, unconstrained
 from .importance import SAMPLE_UNIT, default_chunk
-from .replay import data_dim, guide_trace, rng_fork
+from .replay import data_dim, draw_units, rng_fork, row_dim
 
 TARGET_ACCEPT, ADAPT_RATE = 0.65, 0.5  # ε ← ε · exp(ADAPT_RATE · (ā − TARGET_ACCEPT))
 MIN_ESS_FRACTION = 0.5  # a datapoint's stderr is flagged when its C weights' ESS < this × C
@@ -192,20 +192,6 @@ def _units(num_chains: int, pilots: int, seed: int) -> list[tuple[int, int]]:
     return units + ([(pilots, derive_seed(seed, PILOT_UNIT))] if pilots else [])
 
 
-def _draw(fn, args, units, nesting, kwargs) -> dict:
-    """The latents of one seeded run of ``fn`` (the guide; the model for the prior) per unit, joined
-    along the chains: {site: (value (K, ..., n, ...), its data dim counted from the left)}."""
-    traces = []
-    for size, s in units:
-        torch.manual_seed(s)
-        traces.append(guide_trace(fn, args, size, nesting, kwargs))
-    return {
-        name: (torch.cat([tr.nodes[name]["value"] for tr in traces], 0), nesting + 1 + data_dim(site))
-        for name, site in traces[0].nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-    }
-
-
 def _initial(model, guide, args, lo, hi, kwargs, nesting, slice_safe, init, units, seed, latents):
     """z_0 {site: (K, ..., hi − lo, ...)} of datapoints lo:hi: the exact ``latents`` (reverse),
     or draws from the base density, datapoint i's from ``derive_seed(seed, i)``."""
@@ -213,14 +199,17 @@ def _initial(model, guide, args, lo, hi, kwargs, nesting, slice_safe, init, unit
         k = sum(size for size, _ in units(0))
         rows = {name: v.narrow(d, lo, hi - lo) for name, (v, d) in latents.items()}  # (1, ..., hi − lo, ...)
         return {name: v.expand(k, *v.shape[1:]) for name, v in rows.items()}
-    fn = guide if init == "guide" else model
+    fn = guide if init == "guide" else model  # a seeded run of fn per unit, the units joined along the chains
     if not slice_safe:  # weighed on all of x: its draws too
-        return {name: v for name, (v, _) in _draw(fn, args, units(seed), nesting, kwargs).items()}
+        return {
+            name: s["value"]
+            for name, s in draw_units(fn, args, units(seed), nesting, kwargs)[0].nodes.items()
+        }
     draws = [
-        _draw(fn, take(args, i - lo, i - lo + 1), units(derive_seed(seed, i)), nesting, kwargs)
+        draw_units(fn, take(args, i - lo, i - lo + 1), units(derive_seed(seed, i)), nesting, kwargs)[0].nodes
         for i in range(lo, hi)
-    ]
-    return {name: torch.cat([d[name][0] for d in draws], d0) for name, (_, d0) in draws[0].items()}
+    ]  # per datapoint {site: value (K, ..., 1, ...)}
+    return {name: torch.cat([d[name]["value"] for d in draws], row_dim(s)) for name, s in draws[0].items()}
 
 
 def _plain_latents(model, args, kwargs, nesting, latents: dict) -> dict:
@@ -241,11 +230,12 @@ def _plain_latents(model, args, kwargs, nesting, latents: dict) -> dict:
 
 
 def _run(model, guide, x, kwargs, num_steps, num_chains, leapfrog, init, sched, seed, chunk_size,
-         step_size, pilots, progress, latents=None) -> AISEstimate:  # fmt: skip
-    """Forward AIS, or reverse AIS from ``latents``: the work of :func:`ais` and :func:`reverse_ais`."""
+         step_size, pilots, progress, latents=None, program=None) -> AISEstimate:  # fmt: skip
+    """Forward AIS, or reverse AIS from ``latents``: the work of :func:`ais` and :func:`reverse_ais`.
+    ``program``: the caller's probe of model and guide, else one is made here."""
     _check_settings(num_steps, num_chains, leapfrog, step_size, pilots, init, sched)
     args = check_data(x, kwargs)
-    program = inspect_program(model, guide, x, kwargs)
+    program = inspect_program(model, guide, x, kwargs) if program is None else program
     seed = int(torch.randint(2**62, ())) if seed is None else seed
     progress = getattr(progress, "update", progress)  # a tqdm bar, or any callable
     n, k, device = args[0].shape[0], num_chains + pilots, args[0].device
@@ -275,15 +265,14 @@ def _estimate(log_w, accept, eps, sign) -> AISEstimate:
     """sign · log (1/C) Σ_c w_c ``(N,)`` from log-weights ``(C, N)``, with the delta-method stderr
     sqrt((C Σw² / (Σw)² − 1) / (C − 1)) (as :func:`~ppl_vae.inference.estimators.iwae`'s) and the ESS."""
     c = log_w.shape[0]
-    lse, lse2 = torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0)  # (N,)
-    ratio = torch.exp(lse2 - 2 * lse + math.log(c))  # C Σw² / (Σw)² ∈ [1, C]
-    se = ((ratio - 1).clamp_min(0) / (c - 1)).sqrt() if c > 1 else torch.full_like(lse, math.nan)
-    return AISEstimate(sign * (lse - math.log(c)), se, accept, c / ratio, eps, log_w)
+    lse = torch.logsumexp(log_w, 0)  # (N,)
+    var, ratio = delta_method(lse, torch.logsumexp(2 * log_w, 0), c)  # ratio C Σw² / (Σw)² ∈ [1, C]
+    return AISEstimate(sign * (lse - math.log(c)), var.sqrt(), accept, c / ratio, eps, log_w)
 
 
 def ais(model, guide, x, *, num_steps: int, num_chains: int = 16, leapfrog: int = 10, init: str = "guide",
         schedule: str = "sigmoid", seed: int | None = None, chunk_size: int | None = None, step_size: float = 0.1,
-        pilot_chains: int = 4, progress=None, **kwargs) -> AISEstimate:  # fmt: skip
+        pilot_chains: int = 4, progress=None, program: Program | None = None, **kwargs) -> AISEstimate:  # fmt: skip
     r"""log p(x) per datapoint by annealed importance sampling (module docstring): an
     :class:`AISEstimate` ``(N,)`` in nats, log (1/C) Σ_c w_c of ``num_chains`` C chains, a
     stochastic lower bound, with its delta-method stderr, acceptance rate and ESS.
@@ -294,8 +283,9 @@ def ais(model, guide, x, *, num_steps: int, num_chains: int = 16, leapfrog: int 
     (f_0 = p(z)); ``schedule``: ``"sigmoid"`` or ``"linear"``; ``step_size``: the initial ε,
     adapted per datapoint by ``pilot_chains`` extra chains (0: fixed); ``chunk_size``: chains ×
     datapoints per pass (memory only); ``progress``: called with the number of datapoints of the
-    pass after every step, or a tqdm bar (its ``update``). Refused in one line: a discrete latent
-    site, one whose log-density has no gradient, and with ``init="guide"`` a latent site of model
-    or guide alone."""
+    pass after every step, or a tqdm bar (its ``update``); ``program``: the caller's probe of model
+    and guide (:func:`~ppl_vae.inference.checks.inspect_program`), else one is made. Refused in one
+    line: a discrete latent site, one whose log-density has no gradient, and with ``init="guide"``
+    a latent site of model or guide alone."""
     return _run(model, guide, x, kwargs, num_steps, num_chains, leapfrog, init, schedule, seed, chunk_size,
-                step_size, pilot_chains, progress)  # fmt: skip
+                step_size, pilot_chains, progress, program=program)  # fmt: skip

@@ -54,13 +54,13 @@ def simulate(model, x_like, seed: int = 0, **kwargs):
 def reverse_ais(model, guide, x, latents: dict, *, num_steps: int, num_chains: int = 16, leapfrog: int = 10,
                 init: str = "guide", schedule: str = "sigmoid", seed: int | None = None,
                 chunk_size: int | None = None, step_size: float = 0.1, pilot_chains: int = 4, progress=None,
-                **kwargs) -> AISEstimate:  # fmt: skip
+                program=None, **kwargs) -> AISEstimate:  # fmt: skip
     """A stochastic *upper* bound on log p(x) for x simulated with the exact ``latents`` {site: value
     as in a plain run of the model, (N, ...)} (:func:`simulate`): every chain starts at them
     (β = 1) and anneals to β = 0; the value is −log (1/C) Σ_c w_rev,c with E[w_rev] = 1/p(x).
     Arguments as :func:`ais`; ``log_weights`` holds log w_rev."""
     return _run(model, guide, x, kwargs, num_steps, num_chains, leapfrog, init, schedule, seed, chunk_size,
-                step_size, pilot_chains, progress, latents)  # fmt: skip
+                step_size, pilot_chains, progress, latents, program)  # fmt: skip
 
 
 class Bracket(NamedTuple):
@@ -77,7 +77,7 @@ def bdmc(model, guide, x_like, *, num_steps: int, num_chains: int = 16, seed: in
     """Bidirectional Monte Carlo (Grosse et al. 2015): x simulated from ``model`` like ``x_like``
     (:func:`simulate`, seed ``derive_seed(seed, 0)``), then :func:`ais` (seed 1) and
     :func:`reverse_ais` (seed 2) from its exact latents; ``kwargs`` as :func:`ais` (``leapfrog``,
-    ``init``, ...). The gap bounds the error of AIS on data like these."""
+    ``init``, ``chunk_size``, ``program``, ...). The gap bounds the error of AIS on data like these."""
     ais_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _AIS_ARGS}
     x, latents = simulate(model, x_like, derive_seed(seed, 0), **kwargs)
     lo = ais(
@@ -95,4 +95,4 @@ def bdmc(model, guide, x_like, *, num_steps: int, num_chains: int = 16, seed: in
     return Bracket(lo, up, up.value - lo.value, x)
 
 
-_AIS_ARGS = ("leapfrog", "init", "schedule", "chunk_size", "step_size", "pilot_chains", "progress")
+_AIS_ARGS = ("leapfrog", "init", "schedule", "chunk_size", "step_size", "pilot_chains", "progress", "program")

@@ -300,6 +300,15 @@ class _Moments:
         return Estimate(self.mean, (self.m2 / (self.count - 1) / self.count).sqrt())
 
 
+def delta_method(lse: torch.Tensor, lse2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta-method variance of log (1/k) Σ_j w_j from ``lse`` = log Σw and ``lse2`` = log Σw²
+    of k weights (any shape, e.g. ``(G, N)``): (k Σw² / (Σw)² − 1) / (k − 1) (NaN for k = 1, one
+    weight), and the ratio k Σw² / (Σw)² ∈ [1, k] itself (k / ESS). Used by :func:`iwae` and AIS."""
+    ratio = torch.exp(lse2 - 2 * lse + math.log(k))  # k Σw² / (Σw)²
+    var = (ratio - 1).clamp_min(0) / (k - 1) if k > 1 else torch.full_like(ratio, math.nan)
+    return var, ratio
+
+
 class _GroupedLSE:
     """IWAE_k over consecutive groups of ``k`` samples, streamed chunk by chunk: per finished
     group g, IWAE_k^(g) = logsumexp(log w in g) − log k and its delta-method variance (see
@@ -336,8 +345,7 @@ class _GroupedLSE:
 
     def _close(self, lse, lse2):  # (G, N) each: finished groups of k > 1 draws
         self.values.update(lse - math.log(self.k))
-        ratio = torch.exp(lse2 - 2 * lse + math.log(self.k))  # k Σw² / (Σw)² ∈ [1, k]
-        self.delta_var = self.delta_var + ((ratio - 1).clamp_min(0) / (self.k - 1)).sum(0)
+        self.delta_var = self.delta_var + delta_method(lse, lse2, self.k)[0].sum(0)
 
     def estimate(self) -> Estimate:
         """Mean of the groups' IWAE_k. stderr: std over groups / √groups with ≥ 2 groups; with

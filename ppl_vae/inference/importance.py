@@ -39,6 +39,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ..core.errors import UserError
 from ..core.seeding import derive_seed  # noqa: F401 (re-exported: importance.derive_seed)
 from . import checks
 
@@ -154,6 +155,27 @@ def iter_log_weights(
 def default_chunk(device) -> int:
     """The ``chunk_size`` used when none is given, for tensors on ``device``."""
     return DEFAULT_CHUNK.get(torch.device(device).type, DEFAULT_CHUNK["cpu"])
+
+
+def halving_on_oom(work, chunk_size: int, log=None, what: str = "the work"):
+    """``(work(chunk_size), the chunk size used)``: on CUDA out-of-memory the chunk size is halved
+    and ``work`` run again (the same draws, so the same results: they do not depend on
+    ``chunk_size``), down to one :data:`SAMPLE_UNIT` × 1 datapoint, then one line. ``log``: told
+    of each retry."""
+    while True:
+        try:
+            return work(chunk_size), chunk_size
+        except torch.cuda.OutOfMemoryError:
+            if chunk_size <= SAMPLE_UNIT:  # a pass holds at least one unit on one datapoint
+                raise UserError(
+                    f"out of GPU memory even with the smallest pass ({SAMPLE_UNIT} particles × 1 datapoint); "
+                    f"the model is too large for this GPU"
+                ) from None
+            chunk_size = max(SAMPLE_UNIT, chunk_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if log:
+                log(f"CUDA out of memory: retrying {what} with --chunk-size {chunk_size}")
 
 
 # --------------------------------------------------------------------------- the pass plan

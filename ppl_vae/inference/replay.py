@@ -112,18 +112,21 @@ def cat_units(traces, nesting) -> poutine.Trace:
     return out
 
 
+def row_dim(site) -> int:
+    """The data dim of a site's value in a :func:`cat_units` trace, counted from the left."""
+    return site["value"].dim() - site["event_dim"] + site["data_dim"]
+
+
 def take_rows(values: poutine.Trace, start: int, stop: int) -> poutine.Trace:
     """``values`` restricted to datapoints ``start:stop`` (along each site's data-plate dim)."""
     out = poutine.Trace()
     for name, site in values.nodes.items():
-        v = site["value"]
-        dim = v.dim() - site["event_dim"] + site["data_dim"]  # the data dim, counted from the left
         out.add_node(
             name,
             type="sample",
             is_observed=False,
             infer=site["infer"],
-            value=v.narrow(dim, start, stop - start),
+            value=site["value"].narrow(row_dim(site), start, stop - start),
         )
     return out
 

@@ -10,7 +10,9 @@ r"""AIS and BDMC in an evaluation (:func:`ppl_vae.reports.evaluation.evaluate` w
   ``bdmc_upper``, ``bdmc_gap`` and the two stderrs ``(n_sim,)``.
 
 Either way a block's numbers depend on ``seed`` and the block size only, so any split of the
-blocks over ``torchrun`` processes gives the same numbers (:func:`bdmc_blocks` gathers them).
+blocks over ``torchrun`` processes gives the same numbers (:func:`bdmc_blocks` gathers them),
+and not on the evaluation's ``chunk_size`` (chains × datapoints per pass), which both get, with
+its probe of the program: on CUDA out-of-memory a block is retried with half the chunk size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.seeding import derive_seed
-from ..inference import checks, estimators
+from ..inference import checks, estimators, importance
 
 AIS_STREAM, BDMC_STREAM = 0xA15, 0xBD3C  # keys of the AIS and BDMC seeds, apart from the IWAE draws'
 PER_DATAPOINT = ("ais", "ais_stderr", "ais_accept", "ais_trusted")
@@ -36,10 +38,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def ais_block(model, guide, xb, seed: int, opts: dict) -> dict[str, np.ndarray]:
+def ais_block(
+    model, guide, xb, seed: int, opts: dict, program=None, chunk_size=None
+) -> dict[str, np.ndarray]:
     """AIS on one block ``xb (B, ...)`` (``opts``: :func:`~ppl_vae.inference.ais.ais`'s keyword
-    arguments, ``num_steps`` and ``num_chains`` included): the arrays of :data:`PER_DATAPOINT` ``(B,)``."""
-    est = estimators.ais(model, guide, xb, seed=derive_seed(seed, AIS_STREAM), **opts)
+    arguments, ``num_steps`` and ``num_chains`` included; ``program``, ``chunk_size``: the
+    evaluation's): the arrays of :data:`PER_DATAPOINT` ``(B,)``."""
+    seed = derive_seed(seed, AIS_STREAM)
+    est = estimators.ais(model, guide, xb, seed=seed, program=program, chunk_size=chunk_size, **opts)
     return {
         "ais": _np(est.value),
         "ais_stderr": _np(est.stderr),
@@ -59,24 +65,35 @@ def options(steps: int, chains: int, leapfrog: int, work: int, progress: bool):
     ), bar
 
 
-def bdmc_blocks(
-    model, guide, data, n_sim: int, block_size: int, seed: int, opts: dict, device=None, ctx=None
-):
+def bdmc_blocks(model, guide, data, n_sim: int, block_size: int, seed: int, opts: dict, device=None, ctx=None,
+                program=None, chunk_size=None, log=None):  # fmt: skip
     """BDMC on ``n_sim`` datapoints simulated like rows ``i mod N`` of ``data`` (a tensor or a tuple
     of per-datapoint arguments), in blocks of ``block_size``, this rank's blocks computed and every
-    rank's gathered: the arrays of :data:`BDMC_PER_DATAPOINT` ``(n_sim,)`` in row order."""
+    rank's gathered: the arrays of :data:`BDMC_PER_DATAPOINT` ``(n_sim,)`` in row order, and
+    ``chunk_size``, the smallest any block ended with (``chunk_size`` given or the device's default,
+    halved on CUDA out-of-memory, ``log`` told; :func:`~ppl_vae.inference.importance.halving_on_oom`)."""
     ctx = ctx or distributed.Context()
     like = checks.select(data, torch.arange(n_sim) % checks.num_datapoints(data), device)
+    chunk_size = chunk_size or importance.default_chunk(checks.as_args(like)[0].device)
     mine = []
     for b in distributed.strided(range(math.ceil(n_sim / block_size)), ctx):
         xb = checks.select(like, slice(b * block_size, (b + 1) * block_size))
-        br = estimators.bdmc(model, guide, xb, seed=derive_seed(seed, BDMC_STREAM, b), **opts)
+        seed_b = derive_seed(seed, BDMC_STREAM, b)
+        br, chunk_size = importance.halving_on_oom(
+            lambda c: estimators.bdmc(model, guide, xb, seed=seed_b, program=program, chunk_size=c, **opts),
+            chunk_size,
+            log,
+            f"BDMC block {b}",
+        )
         lo, up = br.lower, br.upper
-        mine.append((b, [_np(lo.value), _np(lo.stderr), _np(up.value), _np(up.stderr), _np(br.gap)]))
+        mine.append(
+            (b, [_np(lo.value), _np(lo.stderr), _np(up.value), _np(up.stderr), _np(br.gap)], chunk_size)
+        )
     parts = sorted(p for rank in distributed.all_gather_objects(mine, ctx) for p in rank)  # by block
-    return {
+    out = {
         k: np.concatenate([np.zeros(0)] + [p[1][i] for p in parts]) for i, k in enumerate(BDMC_PER_DATAPOINT)
     }
+    return out | {"chunk_size": min([chunk_size] + [p[2] for p in parts])}
 
 
 def summarize(res: dict, opts: dict | None, n_sim: int) -> dict:

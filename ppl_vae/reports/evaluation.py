@@ -92,8 +92,8 @@ def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples, pr
             )  # (d, B)
         for name, kl in collapse.kl_terms(model, guide, xb, seed=seed, nesting=program.nesting).items():
             out[KL + name] = kl.double().cpu().numpy()  # (B,)
-    if ais:
-        out.update(annealing.ais_block(model, guide, xb, seed, ais))
+    if ais:  # inside the retry of evaluate_blocks: AIS too is retried with half the chunk size
+        out.update(annealing.ais_block(model, guide, xb, seed, ais, program, chunk_size))
     return out
 
 
@@ -122,7 +122,8 @@ def evaluate_blocks(
     ``mean_samples`` guide draws where not exact; 0: skip) seeded by ``derive_seed(seed, b)``:
     any split of the block ids over processes gives the same numbers. Where a latent site has
     no closed-form KL the analytic ELBO is NaN (n/a) and ``elbo_analytic_na`` says why. On CUDA out-of-memory the chunk size is
-    halved and the block retried (same draws, so the same results).
+    halved and the block retried, AIS included (same draws, so the same results:
+    :func:`~ppl_vae.inference.importance.halving_on_oom`).
 
     Returns arrays over the M datapoints of the blocks, in block order: ``position (M,)`` (row
     of ``x``), those of :data:`PER_DATAPOINT` ``(M,)``, ``iwae_by_k`` and ``iwae_by_k_stderr``
@@ -145,33 +146,13 @@ def evaluate_blocks(
     for b in block_ids:
         rows = torch.arange(b * block_size, min((b + 1) * block_size, checks.num_datapoints(x)))
         xb = checks.select(x, rows, device)  # x (B, ...), or the tuple (x, y, ...) of the block
-        while True:
-            try:
-                res = _block(
-                    model,
-                    guide,
-                    xb,
-                    num_samples,
-                    ks,
-                    importance.derive_seed(seed, b),
-                    chunk_size,
-                    mean_samples,
-                    program,
-                    ais,
-                )
-                break
-            except torch.cuda.OutOfMemoryError:
-                smallest = importance.SAMPLE_UNIT  # a pass holds at least one unit on one datapoint
-                if chunk_size <= smallest:
-                    raise UserError(
-                        f"out of GPU memory even with the smallest pass ({importance.SAMPLE_UNIT} "
-                        f"particles × 1 datapoint); the model is too large for this GPU"
-                    ) from None
-                chunk_size = max(smallest, chunk_size // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if log:
-                    log(f"CUDA out of memory: retrying block {b} with --chunk-size {chunk_size}")
+        sb = importance.derive_seed(seed, b)
+        res, chunk_size = importance.halving_on_oom(
+            lambda c: _block(model, guide, xb, num_samples, ks, sb, c, mean_samples, program, ais),
+            chunk_size,
+            log,
+            f"block {b}",
+        )
         res["position"] = rows.numpy()
         parts.append(res)
         if progress is not None:
@@ -286,6 +267,7 @@ def evaluate(
     bar = tqdm(total=rows, unit="datapoint", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     sims = len(distributed.strided(range(bdmc), ctx)) if ais_steps else 0  # this rank's share, about
     ais, steps = annealing.options(ais_steps, ais_chains, ais_leapfrog, rows + 2 * sims, progress)
+    log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
     try:
         res = evaluate_blocks(
             model,
@@ -300,13 +282,14 @@ def evaluate(
             mean_samples=mean_samples,
             device=device,
             progress=bar,
-            log=lambda msg: tqdm.write(msg, file=sys.stderr),
+            log=log,
             program=program,
             ais=ais,
         )
         res = gather_blocks(res, ctx)
-        if ais and bdmc:
-            res.update(annealing.bdmc_blocks(model, guide, data, bdmc, batch_size, seed, ais, device, ctx))
+        if ais and bdmc:  # from the chunk size the blocks ended with, halved again on out-of-memory
+            sim = (data, bdmc, batch_size, seed, ais, device, ctx, program, res["chunk_size"], log)
+            res.update(annealing.bdmc_blocks(model, guide, *sim))
     finally:
         bar.close()
         steps.close()
