@@ -71,7 +71,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--subset",
         type=int,
-        default=None,
         metavar="N",
         help="evaluate a random subset of N datapoints, drawn "
         "with --seed (the binarized-MNIST files are ordered by class: never take the first N) "
@@ -79,7 +78,6 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--json",
-        default=None,
         metavar="FILE",
         help="write the summary (and the run's config) to this JSON file",
     )
@@ -126,10 +124,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--ais",
         type=int,
-        default=None,
         metavar="T",
         help="also estimate log p(x) by annealed importance sampling with T steps (HMC transitions, "
-        "from the guide; docs/estimators.md) (default: off)",
+        "from the guide, or the prior with --ais-init prior; docs/estimators.md) (default: off)",
     )
     p.add_argument(
         "--ais-chains", type=int, default=16, metavar="C", help="AIS chains per datapoint (default: 16)"
@@ -142,9 +139,11 @@ def build_parser() -> ArgumentParser:
         help="leapfrog steps per transition (default: 10)",
     )
     p.add_argument(
+        "--ais-init", choices=("guide", "prior"), default="guide", help="from q(z|x) or p(z) (default: guide)"
+    )
+    p.add_argument(
         "--bdmc",
         type=int,
-        default=None,
         metavar="N",
         help="with --ais: bidirectional Monte Carlo on N datapoints simulated from the model, a bracket "
         "lower <= log p(x) <= upper whose width bounds AIS's error (default: off)",
@@ -258,6 +257,7 @@ def main(argv=None) -> int:
             ais_steps=args.ais or 0,
             ais_chains=args.ais_chains,
             ais_leapfrog=args.ais_leapfrog,
+            ais_init=args.ais_init,
             bdmc=args.bdmc or 0,
         )
         if not ctx.is_main:

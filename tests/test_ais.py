@@ -20,6 +20,7 @@ from ppl_vae.core.errors import UserError
 from ppl_vae.core.seeding import derive_seed
 from ppl_vae.inference import ais as ais_module
 from ppl_vae.inference import estimators as E
+from ppl_vae.inference.checks import inspect_program
 
 
 @pytest.fixture(autouse=True)
@@ -287,6 +288,112 @@ def test_a_hierarchy_and_a_mixture_prior_are_within_three_standard_errors_of_log
     assert 0.4 < est.accept.mean() < 0.9
 
 
+# --------------------------------------------------------------------------- flow guides: the chains move the base draw
+
+
+class FlowGuide:
+    """q(z|x) = F(N(E[z|x] + 0.5, 0.3² I)) for :class:`Linear`, F an inverse autoregressive flow
+    (Pyro's ``AffineAutoregressive``) with random weights: log q(z|x) at a z that F did not output
+    needs F's inverse, d network passes."""
+
+    def __init__(self, lin, seed=0):
+        from pyro.distributions.transforms import AffineAutoregressive
+        from pyro.nn import AutoRegressiveNN
+
+        torch.manual_seed(seed)
+        self.lin, self.flow = lin, AffineAutoregressive(AutoRegressiveNN(lin.d, [8]))
+
+    def base(self, x):
+        return dist.Normal(self.lin.post_mean(x) + 0.5, 0.3).to_event(1)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.TransformedDistribution(self.base(x), [self.flow]))
+
+
+def _count_inverses(monkeypatch) -> list:
+    from pyro.distributions.transforms import AffineAutoregressive
+
+    calls, inverse = [], AffineAutoregressive._inverse
+    monkeypatch.setattr(AffineAutoregressive, "_inverse", lambda self, y: calls.append(1) or inverse(self, y))
+    return calls
+
+
+def test_a_flow_guide_is_annealed_without_inverting_its_flow_at_every_step(monkeypatch):
+    """The chains move the flow's base draw (ppl_vae.inference.hmc): F is inverted once per pass, at
+    the chains' start, not at each of the (T − 1) · L leapfrog steps; forward AIS and reverse AIS
+    bracket log p(x) within 3 stderr (a wrong Jacobian would bias both), and T = 1 is IWAE_C on the
+    same draws (log q through F's cache equals log q through its inverse)."""
+    lin = Linear(n=10)
+    fg = FlowGuide(lin)
+    program = inspect_program(lin.model, fg.guide, lin.x, {})  # its slice check inverts F once
+    calls = _count_inverses(monkeypatch)
+    est = E.ais(lin.model, fg.guide, lin.x, num_steps=100, num_chains=16, leapfrog=3, seed=0, program=program)
+    assert len(calls) == 1, len(calls)  # one pass of 10 datapoints: one inverse
+    ok, why = _within_3_se(est, lin.log_px(lin.x))
+    assert ok and 0.4 < est.accept.mean() < 0.9, (why, est.accept.mean())
+    x, latents = E.simulate(lin.model, lin.x, seed=1)
+    up = E.reverse_ais(lin.model, fg.guide, x, latents, num_steps=100, num_chains=16, leapfrog=3, seed=0)
+    n = x.shape[0]
+    assert (up.value - lin.log_px(x)).mean() > -3 * up.stderr.pow(2).sum().sqrt() / n
+    one = E.ais(lin.model, fg.guide, lin.x, num_steps=1, num_chains=16, seed=7)
+    for i in range(3):
+        lw = E.log_importance_weights(lin.model, fg.guide, lin.x[i : i + 1], 16, seed=derive_seed(7, i))
+        torch.testing.assert_close(one.log_weights[:, i], lw[:, 0], rtol=1e-9, atol=1e-9)
+
+
+def test_at_a_flow_site_the_state_is_the_base_draw_with_its_change_of_variables():
+    """The first point of the chains against the change of variables done by hand, u the base draw
+    and z = F(u): log r(u) = log N(u; μ, σ²) (q(F(u)) |det F'(u)|), ℓ(u) = log p(x, F(u)) − log q(F(u))
+    with log |det F'(u)| the slogdet of F's Jacobian, and their gradients by autograd."""
+    lin = Linear(n=3)
+    fg = FlowGuide(lin, seed=1)
+    k, x = 2, lin.x
+    with torch.no_grad():
+        z0 = fg.flow(fg.base(x).sample((k,)))  # (K, N, d)
+    ch = ais_module._start(lin.model, fg.guide, (x,), {}, k, 1, "guide", {"z": z0}, torch.arange(3))
+    u = ch.u["z"].detach().requires_grad_()  # (K, N, d): the base draws
+    torch.testing.assert_close(fg.flow(u), z0)
+
+    def ell(v, i):  # v (d,), the base draw of one chain at datapoint i
+        z = fg.flow(v)
+        log_p = dist.Normal(0.0, 1.0).log_prob(z).sum()
+        log_p = log_p + dist.Normal(z @ lin.W.T + lin.b, lin.sigma).log_prob(x[i]).sum()
+        jac = torch.autograd.functional.jacobian(fg.flow, v, create_graph=True)  # (d, d)
+        return log_p - (fg.base(x[i]).log_prob(v) - torch.linalg.slogdet(jac)[1])  # − log q(F(v))
+
+    log_r = fg.base(x).log_prob(u)  # (K, N)
+    ells = torch.stack([torch.stack([ell(u[c, i], i) for i in range(3)]) for c in range(k)])  # (K, N)
+    grad_r, grad_ell = (torch.autograd.grad(t.sum(), u)[0] for t in (log_r, ells))
+    torch.testing.assert_close(ch.point.log_r, log_r.detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ch.point.ell, ells.detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ch.point.grad_r["z"], grad_r, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ch.point.grad_ell["z"], grad_ell, rtol=0, atol=1e-9)
+
+
+def test_a_flow_without_an_inverse_is_refused_in_one_line_with_init_guide():
+    """Pyro's Planar flow is inverted only from its cache: the chains' start (the base draw of z) is
+    refused in one line naming the site and the transform; init="prior" does not use the guide."""
+    from pyro.distributions.transforms import Planar
+
+    lin = Linear(n=4)
+    planar = Planar(lin.d)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample(
+                "z", dist.TransformedDistribution(dist.Normal(lin.post_mean(x), 0.3).to_event(1), [planar])
+            )
+
+    with pytest.raises(
+        UserError, match="guide site 'z'.*its Planar transform has none; use init='prior'"
+    ) as e:
+        E.ais(lin.model, guide, lin.x, num_steps=3, num_chains=2, leapfrog=1, seed=0)
+    assert "\n" not in str(e.value)
+    est = E.ais(lin.model, guide, lin.x, num_steps=3, num_chains=2, leapfrog=1, seed=0, init="prior")
+    assert bool(torch.isfinite(est.value).all())
+
+
 # --------------------------------------------------------------------------- reproducibility, schedule, progress
 
 
@@ -485,6 +592,7 @@ def _guard_the_loop(monkeypatch, device):
         {"prior": "mog"},
         {"latent_layers": 2, "z2_dim": 2},
         {"posterior": "iaf"},
+        {"posterior": "iaf", "latent_layers": 2, "z2_dim": 2},
         {"likelihood": "gaussian-learned"},
     ],
 )
@@ -552,6 +660,7 @@ def test_evaluate_with_ais_and_bdmc_end_to_end(digits_run, tmp_path, capsys):
     assert "BDMC on 5 datapoints simulated from the model" in table and "headline: " in table
     s = json.loads(js.read_text())
     assert (s["ais_steps"], s["ais_chains"], s["ais_leapfrog"], s["bdmc_n"]) == (6, 3, 2, 5)
+    assert s["ais_init"] == "guide" and "from the prior" not in table
     assert s["headline"] in ("ais", "iwae") and s["headline_why"]
     assert 0 < s["ais_accept"] <= 1 and s["ais_stderr"] > 0 and math.isfinite(s["ais"])
     assert s["bdmc_gap"] == pytest.approx(s["bdmc_upper"] - s["bdmc_lower"], abs=1e-9)
@@ -569,6 +678,7 @@ def test_evaluate_with_ais_and_bdmc_end_to_end(digits_run, tmp_path, capsys):
         (["--ais", "5", "--ais-chains", "0"], "--ais-chains must be >= 1, got 0"),
         (["--ais", "5", "--ais-leapfrog", "-1"], "--ais-leapfrog must be >= 1, got -1"),
         (["--ais", "5", "--bdmc", "0"], "--bdmc must be >= 1, got 0"),
+        (["--ais", "5", "--ais-init", "posterior"], "argument --ais-init: invalid choice: 'posterior'"),
     ],
 )
 def test_bad_ais_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
@@ -578,6 +688,22 @@ def test_bad_ais_flags_are_one_line_and_exit_2(flags, message, tmp_path, capsys)
         main([str(tmp_path), *flags])
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_ais_init_prior_anneals_from_the_prior_and_says_so(digits_run, tmp_path, capsys, monkeypatch):
+    import json
+
+    from ppl_vae.evaluate import main
+    from ppl_vae.inference import estimators as est_module
+
+    torch.set_default_dtype(torch.float32)
+    inits, ais = [], est_module.ais
+    monkeypatch.setattr(est_module, "ais", lambda *a, **k: inits.append(k["init"]) or ais(*a, **k))
+    js = tmp_path / "e.json"
+    argv = [digits_run, "--subset", 4, "-K", 10, "--ais", 3, "--ais-chains", 2, "--ais-init", "prior"]
+    assert main([str(a) for a in [*argv, "--ais-leapfrog", 1, "--json", js, "--quiet"]]) == 0
+    assert inits == ["prior"] and json.loads(js.read_text())["ais_init"] == "prior"
+    assert "acceptance" in (out := capsys.readouterr().out) and "; from the prior p(z)" in out
 
 
 def test_ais_and_bdmc_in_evaluate_give_the_same_numbers_however_blocks_are_split_over_ranks(monkeypatch):
@@ -613,9 +739,9 @@ def test_ais_and_bdmc_in_evaluate_give_the_same_numbers_however_blocks_are_split
         for key, v in single.per_datapoint.items():
             if isinstance(v, np.ndarray):
                 np.testing.assert_allclose(gathered.per_datapoint[key], v, rtol=1e-6, err_msg=key)
-        assert {k: gathered[k] for k in single if "ais" in k or "bdmc" in k} == pytest.approx(
-            {k: single[k] for k in single if "ais" in k or "bdmc" in k}, rel=1e-6
-        )
+        keys = [k for k in single if ("ais" in k or "bdmc" in k) and k != "ais_init"]
+        assert {k: gathered[k] for k in keys} == pytest.approx({k: single[k] for k in keys}, rel=1e-6)
+        assert gathered["ais_init"] == single["ais_init"] == "guide"
 
 
 @pytest.mark.parametrize(

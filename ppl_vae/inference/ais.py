@@ -44,6 +44,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import TransformedDistribution
 
 from ..core.errors import UserError
 from ..core.seeding import derive_seed
@@ -51,7 +52,7 @@ from .checks import Program, check_data, describe, inspect_program, take
 from .estimators import Estimate, delta_method
 from .hmc import CounterNoise, Latent, Point, Target, transition, unconstrained
 from .importance import SAMPLE_UNIT, default_chunk
-from .replay import data_dim, draw_units, rng_fork, row_dim
+from .replay import data_dim, draw_units, rng_fork, row_dim, unwrap
 
 TARGET_ACCEPT, ADAPT_RATE = 0.65, 0.5  # ε ← ε · exp(ADAPT_RATE · (ā − TARGET_ACCEPT))
 MIN_ESS_FRACTION = 0.5  # a datapoint's stderr is flagged when its C weights' ESS < this × C
@@ -148,19 +149,39 @@ def _start(model, guide, args, kwargs, k, nesting, init, z0: dict, keys) -> _Cha
         model_tr, guide_tr = target.traces(values)
     _refuse(model_tr, guide_tr, init)
     for name in z0:
-        s = model_tr.nodes.get(name)
+        s, g = model_tr.nodes.get(name), guide_tr.nodes.get(name)
         if s is None:
             raise UserError(f"latent site {name!r} is not a site of the model")
-        ev = s["fn"].event_dim
+        ev, flow = s["fn"].event_dim, g is not None and isinstance(unwrap(g["fn"]), TransformedDistribution)
+        on = unwrap(g["fn"]).base_dist if flow else s["fn"]  # a flow site moves its base draw (hmc)
         target.latents.append(
-            Latent(name, unconstrained(name, s["fn"]), ev, z0[name].dim() - ev + data_dim(s))
+            Latent(name, unconstrained(name, on), ev, z0[name].dim() - ev + data_dim(s), flow)
         )
-    u = {s.name: s.transform.inv(z0[s.name]) for s in target.latents}  # (K, ..., N, ...)
+    u = {
+        s.name: s.transform.inv(
+            _base_draw(s.name, guide_tr.nodes[s.name]["fn"], z0[s.name]) if s.flow else z0[s.name]
+        )
+        for s in target.latents
+    }  # (K, ..., N, ...)
     point = target.point(u, check=lambda m, g: _refuse(m, g, init, grads=True))
     rng = CounterNoise(keys)
     noise = {s.name: rng.stream(i + 1, u[s.name].shape, s.lead) for i, s in enumerate(target.latents)}
     noise["accept"] = rng.stream(0, point.ell.shape, 1)  # (K, N)
     return _Chains(target, u, point, noise)
+
+
+def _base_draw(name: str, fn, z: torch.Tensor) -> torch.Tensor:
+    """z₀ = F⁻¹(z) at a flow site of the guide ``fn`` (once per pass: the chains' start), or one
+    line where the flow has no inverse (Pyro's ``Planar``, ``Radial``, ``Sylvester``, ...)."""
+    for t in reversed(unwrap(fn).transforms):
+        try:
+            z = t.inv(z)
+        except (KeyError, NotImplementedError):
+            raise UserError(
+                f"AIS with init='guide' starts each chain at the base draw of guide site {name!r}'s flow, "
+                f"which needs the flow's inverse, and its {type(t).__name__} transform has none; use init='prior'"
+            ) from None
+    return z
 
 
 def _anneal(ch: _Chains, betas, eps, leapfrog, pilots, progress=None):
@@ -284,8 +305,9 @@ def ais(model, guide, x, *, num_steps: int, num_chains: int = 16, leapfrog: int 
     adapted per datapoint by ``pilot_chains`` extra chains (0: fixed); ``chunk_size``: chains ×
     datapoints per pass (memory only); ``progress``: called with the number of datapoints of the
     pass after every step, or a tqdm bar (its ``update``); ``program``: the caller's probe of model
-    and guide (:func:`~ppl_vae.inference.checks.inspect_program`), else one is made. Refused in one
-    line: a discrete latent site, one whose log-density has no gradient, and with ``init="guide"``
-    a latent site of model or guide alone."""
+    and guide (:func:`~ppl_vae.inference.checks.inspect_program`), else one is made. A flow guide
+    (an IAF) moves its base draws (:mod:`~ppl_vae.inference.hmc`). Refused in one line: a discrete
+    latent site, one whose log-density has no gradient, and with ``init="guide"`` a latent site of
+    model or guide alone, or a flow without an inverse."""
     return _run(model, guide, x, kwargs, num_steps, num_chains, leapfrog, init, schedule, seed, chunk_size,
                 step_size, pilot_chains, progress, program=program)  # fmt: skip

@@ -14,6 +14,15 @@ or p(z) (the model's latent sites); ℓ is :func:`~ppl_vae.inference.replay.weig
 of the replayed traces. A :class:`Point` keeps log r, ℓ and their gradients *separately*, so a
 change of β needs no new pass: ∇ log f_β = ∇ log r + β ∇ℓ.
 
+**Flow guides** (a guide site drawn from a ``TransformedDistribution``, e.g. an IAF): log q(z|x)
+at a z the flow did not output needs its inverse, for an autoregressive flow one network pass
+per dimension. With q as base, such a site's state is the flow's base draw instead, u = S⁻¹(z₀)
+(S = ``biject_to`` of the base's support), and z = F(S(u)) with F the site's flow in that guide
+run (context from x and earlier draws): u → z is triangular over the sites, log |det ∂z/∂u| sums
+each step's, and F caches its input, so log q(z|x) needs no inverse (HMC after a learned
+reparameterization, "NeuTra", Hoffman et al. 2019). ℓ is unchanged; only the kernels differ.
+The chains' start inverts the flow once (a flow with no inverse, e.g. ``Planar``, is refused).
+
 A transition (Neal 2011, "MCMC using Hamiltonian dynamics", §5.3.3): momentum ρ ~ N(0, I), L
 leapfrog steps of size ε (one per chain and datapoint, ``(K, N)``), accepted with probability
 min(1, exp(−ΔH)) per chain and datapoint (a proposal with a non-finite energy is rejected).
@@ -32,23 +41,26 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from ..core.errors import UserError
-from .replay import guide_trace, log_density, weigh
+from .replay import guide_trace, log_density, unwrap, weigh
 
 
 class Latent(NamedTuple):
     """A latent site as HMC sees it: ``transform`` maps unconstrained u to z (``biject_to`` of
     the model site's support), ``event_dim`` is z's, ``lead`` the data plate's dim of the value
-    counted from the left (dim 0 holds the chains)."""
+    counted from the left (dim 0 holds the chains). ``flow``: a flow site of the guide (module
+    docstring), whose ``transform`` maps u to the flow's base draw z₀ (``biject_to`` of its support)."""
 
     name: str
     transform: torch.distributions.Transform
     event_dim: int
     lead: int
+    flow: bool = False
 
 
 class Point(NamedTuple):
@@ -101,18 +113,33 @@ class Target:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.k, self.nesting, self.init, self.latents = k, nesting, init, list(latents)
 
+    @property
+    def flow(self) -> bool:
+        """Whether the guide, as base density, has a flow site (the chains move its base draw)."""
+        return self.init == "guide" and any(s.flow for s in self.latents)
+
     def traces(self, values: poutine.Trace, guide_values=None) -> tuple[poutine.Trace, poutine.Trace]:
         """The model's trace with ``values`` replayed and the guide's with ``guide_values`` (default:
         the same; an empty trace for ``init="prior"``)."""
-        with poutine.block(), pyro.plate("_particles", self.k, dim=-self.nesting - 1):
-            model_tr = poutine.trace(poutine.replay(self.model, trace=values)).get_trace(
-                *self.args, **self.kwargs
-            )
+        model_tr = self._model_trace(values)
         if self.init != "guide":
-            return prune_subsample_sites(model_tr), poutine.Trace()
+            return model_tr, poutine.Trace()
         guide = poutine.replay(self.guide, trace=values if guide_values is None else guide_values)
-        guide_tr = guide_trace(guide, self.args, self.k, self.nesting, self.kwargs)
-        return prune_subsample_sites(model_tr), prune_subsample_sites(guide_tr)
+        return model_tr, prune_subsample_sites(
+            guide_trace(guide, self.args, self.k, self.nesting, self.kwargs)
+        )
+
+    def _model_trace(self, values: poutine.Trace) -> poutine.Trace:
+        with poutine.block(), pyro.plate("_particles", self.k, dim=-self.nesting - 1):
+            tr = poutine.trace(poutine.replay(self.model, trace=values)).get_trace(*self.args, **self.kwargs)
+        return prune_subsample_sites(tr)
+
+    def _pushed(self, leaves: dict) -> tuple[poutine.Trace, poutine.Trace, list]:
+        """A flow guide first, every latent set from ``leaves`` (:class:`_Push`), then the model on
+        its draws: the two traces and the log |det ∂z/∂u| terms ``(K, N)``."""
+        push = _Push(self.latents, leaves)
+        guide_tr = guide_trace(push(self.guide), self.args, self.k, self.nesting, self.kwargs)
+        return self._model_trace(guide_tr), prune_subsample_sites(guide_tr), push.log_det
 
     def log_densities(self, model_tr, guide_tr) -> tuple[torch.Tensor, torch.Tensor]:
         """log r(z) and ℓ(z) = log p(x, z) − log r(z), each ``(K, N)``, of replayed traces."""
@@ -144,29 +171,33 @@ class Target:
 
         With the guide as base, one backward pass gives both gradients: model, guide and log-det
         read three copies u_p, u_q, u_d of u, and S = ℓ + 2 log q + log det has ∂S/∂u_p = ∇log p,
-        ∂S/∂u_q = ∇log q, ∂S/∂u_d = ∇log det."""
-        guide = self.init == "guide"
+        ∂S/∂u_q = ∇log q, ∂S/∂u_d = ∇log det. A flow guide's z are made in the guide run, which
+        the model then reads: one copy and two backward passes, as with the prior."""
+        split = self.init == "guide" and not self.flow
         with torch.enable_grad():
             copies = [
                 {s.name: u[s.name].detach().requires_grad_() for s in self.latents}
-                for _ in range(3 if guide else 1)
+                for _ in range(3 if split else 1)
             ]
-            values, _ = self._values(copies[0])  # the model's z (all of them without a guide)
-            log_det = self._values(copies[-1])[1]  # the log-det's
-            model_tr, guide_tr = self.traces(values, self._values(copies[1])[0] if guide else None)
+            if self.flow:
+                model_tr, guide_tr, log_det = self._pushed(copies[0])
+            else:
+                values, _ = self._values(copies[0])  # the model's z (all of them without a guide)
+                log_det = self._values(copies[-1])[1]  # the log-det's
+                model_tr, guide_tr = self.traces(values, self._values(copies[1])[0] if split else None)
             if check is not None:
                 check(model_tr, guide_tr)
             log_r, ell = self.log_densities(model_tr, guide_tr)  # (K, N) each
             log_det = sum(log_det) if log_det else torch.zeros_like(ell)
             xs = [x for c in copies for x in c.values()]
-            if guide:
+            if split:
                 g = torch.autograd.grad((ell + 2 * log_r + log_det).sum(), xs, allow_unused=True)
             else:
                 g = torch.autograd.grad((log_r + log_det).sum(), xs, retain_graph=True, allow_unused=True)
                 g = g + torch.autograd.grad(ell.sum(), xs, allow_unused=True)
         m = len(self.latents)
         g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, xs + xs)]  # unread: 0
-        if guide:  # ∇log r = ∇log q + ∇log det; ∇ℓ = ∇log p − ∇log q
+        if split:  # ∇log r = ∇log q + ∇log det; ∇ℓ = ∇log p − ∇log q
             grad_r = [g[m + i] + g[2 * m + i] for i in range(m)]
             grad_ell = [g[i] - g[m + i] for i in range(m)]
         else:
@@ -175,6 +206,28 @@ class Target:
         return Point(
             (log_r + log_det).detach(), ell.detach(), dict(zip(names, grad_r)), dict(zip(names, grad_ell))
         )
+
+
+class _Push(Messenger):
+    """Sets every latent site of a guide run from the chains' state ``leaves`` {site: u}: z = T(u),
+    and at a flow site z = F(T(u)) through that site's own transforms, which cache their input
+    (module docstring); ``log_det`` collects the log |det ∂z/∂u| terms ``(K, N)``."""
+
+    def __init__(self, latents, leaves: dict):
+        super().__init__()
+        self.latents, self.leaves, self.log_det = {s.name: s for s in latents}, leaves, []
+
+    def _pyro_sample(self, msg):
+        s = self.latents.get(msg["name"])
+        if s is None or msg["is_observed"]:
+            return
+        z = s.transform(self.leaves[s.name])
+        steps = [(s.transform, self.leaves[s.name], z)] if not is_identity(s.transform) else []
+        for t in unwrap(msg["fn"]).transforms if s.flow else ():
+            x, z = z, t(z)
+            steps.append((t, x, z))
+        self.log_det += [rows(t.log_abs_det_jacobian(x, y), s.lead) for t, x, y in steps]  # (K, N) each
+        msg["value"], msg["done"] = z, True
 
 
 # --------------------------------------------------------------------------- counter-based noise

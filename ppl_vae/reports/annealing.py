@@ -54,15 +54,15 @@ def ais_block(
     }
 
 
-def options(steps: int, chains: int, leapfrog: int, work: int, progress: bool):
-    """AIS's arguments (``None`` for ``steps`` = 0) and a progress bar over ``work`` datapoints ×
-    ``steps`` on stderr, whose ``update`` AIS calls after every step: shown with ``progress`` on a
-    terminal only (a log would get a line per refresh of a long run)."""
+def options(steps: int, chains: int, leapfrog: int, work: int, progress: bool, init: str = "guide"):
+    """AIS's arguments (``None`` for ``steps`` = 0; ``init``: its base density, ``"guide"`` or
+    ``"prior"``) and a progress bar over ``work`` datapoints × ``steps`` on stderr, whose ``update``
+    AIS calls after every step: shown with ``progress`` on a terminal only (a log would get a line
+    per refresh of a long run)."""
     show = progress and steps and sys.stderr.isatty()
     bar = tqdm(total=steps * work, desc="AIS", unit="step", disable=not show, file=sys.stderr)
-    return (
-        dict(num_steps=steps, num_chains=chains, leapfrog=leapfrog, progress=bar.update) if steps else None
-    ), bar
+    opts = dict(num_steps=steps, num_chains=chains, leapfrog=leapfrog, init=init, progress=bar.update)
+    return (opts if steps else None), bar
 
 
 def bdmc_blocks(model, guide, data, n_sim: int, block_size: int, seed: int, opts: dict, device=None, ctx=None,
@@ -104,6 +104,7 @@ def summarize(res: dict, opts: dict | None, n_sim: int) -> dict:
         return {}
     n_sim = n_sim or 0
     s = {"ais_steps": opts["num_steps"], "ais_chains": opts["num_chains"], "ais_leapfrog": opts["leapfrog"]}
+    s["ais_init"] = opts.get("init", "guide")
     if "ais" in res:
         e = estimators.Estimate(torch.from_numpy(res["ais"]), torch.from_numpy(res["ais_stderr"]))
         s.update(

@@ -220,6 +220,7 @@ def evaluate(
     ais_steps: int = 0,
     ais_chains: int = 16,
     ais_leapfrog: int = 10,
+    ais_init: str = "guide",
     bdmc: int = 0,
 ) -> Report:
     """Evaluate any Pyro ``model(x)`` / ``guide(x)`` pair on ``data (N, ...)`` (datapoints along
@@ -246,8 +247,9 @@ def evaluate(
     :param ctx: a :class:`~ppl_vae.core.distributed.Context`: this rank computes blocks r, r+P, ... and
         every rank returns the gathered report.
     :param ais_steps: T > 0 adds log p(x) by AIS with T steps, ``ais_chains`` chains of ``ais_leapfrog``
-        leapfrog steps per datapoint; ``bdmc`` > 0 (with ``ais_steps``) adds BDMC's bracket on that many
-        datapoints simulated from the model (:mod:`ppl_vae.reports.annealing`).
+        leapfrog steps per datapoint, from ``ais_init`` (``"guide"`` or ``"prior"``); ``bdmc`` > 0 (with
+        ``ais_steps``) adds BDMC's bracket on that many datapoints simulated from the model
+        (:mod:`ppl_vae.reports.annealing`).
     """
     ks = curve_ks(num_samples, ks)
     n = checks.num_datapoints(checks.check_data(data))  # bad data: one line, the datapoint named
@@ -266,7 +268,7 @@ def evaluate(
     rows = sum(min((b + 1) * batch_size, n) - b * batch_size for b in blocks)
     bar = tqdm(total=rows, unit="datapoint", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     sims = len(distributed.strided(range(bdmc), ctx)) if ais_steps else 0  # this rank's share, about
-    ais, steps = annealing.options(ais_steps, ais_chains, ais_leapfrog, rows + 2 * sims, progress)
+    ais, steps = annealing.options(ais_steps, ais_chains, ais_leapfrog, rows + 2 * sims, progress, ais_init)
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
     try:
         res = evaluate_blocks(

@@ -233,7 +233,8 @@ def format_table(s: dict, header: str | None = None) -> str:
     if "ais" in s:
         accept = "n/a (T = 1)" if s["ais_accept"] is None else f"{s['ais_accept']:.2f}"
         label = f"log p(x) (AIS, {s['ais_steps']} steps × {s['ais_chains']} chains)"
-        lines.append(row(label, s["ais"], s["ais_stderr"]) + f"  acceptance {accept}")
+        start = "; from the prior p(z)" if s.get("ais_init") == "prior" else ""  # else from the guide
+        lines.append(row(label, s["ais"], s["ais_stderr"]) + f"  acceptance {accept}{start}")
     if s.get("bdmc_n"):
         lines.append(f"BDMC on {s['bdmc_n']} datapoints simulated from the model: " + bracket(s))
     if headline(s):
