@@ -13,7 +13,13 @@ import torch
 from pyro import poutine
 from pyro.distributions.transforms import Householder, Planar, Radial, Spline, Sylvester, affine_coupling
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
-from pyro.infer.autoguide import AutoDelta, AutoNormal
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoDiagonalNormal,
+    AutoGuideList,
+    AutoLaplaceApproximation,
+    AutoNormal,
+)
 
 from ppl_vae import estimators
 from ppl_vae.inference.constructs import ScaledProgram
@@ -275,6 +281,68 @@ def test_a_point_mass_guide_is_refused_in_one_line_by_every_estimator():
     ):
         with pytest.raises(UserError, match=r"guide site 'z' is a point mass \(Delta"):
             call()
+
+
+def _two_sites(x):
+    """z ~ N(0, I), s ~ HalfNormal(1) (a constrained site: AutoNormal passes it through a bijection),
+    x | z, s ~ N(z, s² I)."""
+    with pyro.plate("data", x.shape[0], dim=-1):
+        z = pyro.sample("z", dist.Normal(torch.zeros(D, dtype=x.dtype), 1.0).to_event(1))
+        s = pyro.sample("s", dist.HalfNormal(torch.ones((), dtype=x.dtype)))
+        pyro.sample("x", dist.Normal(z, s.unsqueeze(-1)).to_event(1), obs=x)
+
+
+def _guide_list(*parts):
+    """An AutoGuideList of ``(AutoGuide class, site)`` parts, each on the model blocked to its site."""
+    guide = AutoGuideList(_two_sites)
+    for make, site in parts:
+        guide.append(make(poutine.block(_two_sites, expose=[site])))
+    return guide
+
+
+@pytest.mark.parametrize(
+    "parts,site",
+    [
+        ([(AutoDelta, "z"), (AutoNormal, "s")], "z"),
+        ([(AutoNormal, "z"), (AutoDelta, "s")], "s"),  # the point mass after the auxiliary draws
+        ([(AutoDelta, "z"), (AutoDiagonalNormal, "s")], "z"),  # (its auxiliary site is outside the plate)
+    ],
+    ids=["delta+normal", "normal+delta", "delta+diagonal"],
+)
+def test_a_point_mass_part_of_a_guide_list_is_refused_naming_its_site(parts, site):
+    """The rule is per site: before, any auxiliary site anywhere in the guide let every point
+    mass through, so an AutoGuideList of an AutoDelta part and an AutoNormal part was estimated
+    with log q = 0 at the AutoDelta's site. Now that site is refused in one line, by iwae and elbo."""
+    from ppl_vae.core.errors import UserError
+
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    guide = _guide_list(*parts)
+    for call in (
+        lambda: estimators.iwae(_two_sites, guide, x, num_samples=10, seed=0),
+        lambda: estimators.elbo(_two_sites, guide, x, seed=0),
+    ):
+        with pytest.raises(
+            UserError, match=rf"^guide site '{site}' is a point mass \(Delta.*no auxiliary draw"
+        ):
+            call()
+
+
+def test_point_masses_an_auxiliary_draw_decides_pass_and_a_point_mass_auxiliary_site_does_not():
+    """AutoNormal passes every site on through a Delta decided by its auxiliary draw (the
+    constrained s through exp, with its Jacobian): estimated, as an AutoGuideList of AutoNormal
+    parts is, equal to the single AutoNormal's weights. AutoLaplaceApproximation before
+    laplace_approximation() draws its auxiliary site from a Delta itself: refused, naming it."""
+    from ppl_vae.core.errors import UserError
+
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    single = estimators.iwae(_two_sites, AutoNormal(_two_sites), x, num_samples=10, seed=0).value
+    parts = estimators.iwae(
+        _two_sites, _guide_list((AutoNormal, "z"), (AutoNormal, "s")), x, num_samples=10, seed=0
+    ).value
+    assert single.shape == (N,) and torch.isfinite(single).all()
+    torch.testing.assert_close(parts, single)  # the same draws, the same Jacobians
+    with pytest.raises(UserError, match=r"^guide site '_AutoLaplaceApproximation_latent' is a point mass"):
+        estimators.iwae(_two_sites, AutoLaplaceApproximation(_two_sites), x, num_samples=10)
 
 
 def test_one_image_as_a_1_d_x_is_refused_in_one_line_and_scalar_datapoints_are_not():

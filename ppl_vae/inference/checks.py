@@ -308,7 +308,6 @@ def inspect_program(model, guide, x, kwargs: dict, analytic_kl=False) -> Program
             except Exception as e:  # noqa: BLE001 - any failure of the user's program: one line
                 raise program_failed(model, guide, args, e) from e
         probe_args, model_tr, guide_tr, nesting, log_w = probe
-        constructs.refuse_point_masses(guide_tr)
         constructs.warn_scaled(model_tr, guide_tr)
         enumerated = constructs.enumerated_sites(model_tr, guide_tr)
         if enumerated and analytic_kl:  # log Σ_y p(x, y, z) has no per-site KL terms
@@ -339,8 +338,12 @@ def observed_discrete(model_tr) -> bool:
 
 
 def _probe(model, guide, args, kwargs):
-    """``(args, model trace, guide trace, nesting, log w (1, n))`` of one plain run on ``args``."""
+    """``(args, model trace, guide trace, nesting, log w (1, n))`` of one plain run on ``args``,
+    once its point masses (:func:`~ppl_vae.inference.constructs.refuse_point_masses`, which may
+    run the guide once more), plates and observed sites have passed."""
     guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
+    rerun = lambda tr: poutine.trace(poutine.replay(guide, trace=tr)).get_trace(*args, **kwargs)  # noqa: E731
+    constructs.refuse_point_masses(guide_tr, rerun)  # (before the plates: the more basic refusal)
     model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
     check_plates(model_tr, guide_tr, args[0].shape[0])
     constructs.refuse_broadcast_data(model_tr, args[0].shape[0])

@@ -2,10 +2,12 @@
 
 Checked once per call, on the probe's traces (:func:`ppl_vae.inference.checks.inspect_program`):
 
-* **Point masses.** A guide site drawn from a ``Delta`` (``AutoDelta``, a MAP guide) with no
-  auxiliary site behind it (``AutoNormal``'s ``Delta`` passes on a draw from one) has no density: log q(z*|x) = 0 is not a log-density of the draw, so log p(x, z*) − 0 is neither a
-  lower bound on log p(x) nor an importance weight, and no ELBO or IWAE_K exists. Refused in
-  one line (:func:`refuse_point_masses`).
+* **Point masses.** A guide site drawn from a ``Delta`` (``AutoDelta``, a MAP guide) whose value
+  no auxiliary draw of a density decides (``AutoNormal``'s ``Delta`` passes on a draw from one)
+  has no density: log q(z*|x) = 0 is not a log-density of the draw, so log p(x, z*) − 0 is
+  neither a lower bound on log p(x) nor an importance weight, and no ELBO or IWAE_K exists.
+  Refused in one line naming the site, site by site: one ``AutoDelta`` part of an
+  ``AutoGuideList`` is refused beside an ``AutoNormal`` part (:func:`refuse_point_masses`).
 * **Scales.** A site under ``poutine.scale`` (a tempered likelihood, a β on the KL) is weighed
   with its scale, as ``Trace_ELBO`` weighs it; the estimates are then those of the scaled joint,
   not of log p(x), and a :class:`ScaledProgram` warning says so (:func:`warn_scaled`).
@@ -25,6 +27,8 @@ import warnings
 
 import torch
 from pyro.distributions import Delta
+from pyro.poutine import Trace
+from pyro.poutine.util import site_is_subsample
 
 from ..core.errors import UserError
 from .replay import DATA_PLATE, site_scale, unwrap
@@ -38,21 +42,62 @@ def _latent(site) -> bool:
     return site["type"] == "sample" and not site["is_observed"]
 
 
-def refuse_point_masses(guide_tr) -> None:
-    """One line for the first guide site drawn from a ``Delta`` (under any wrappers) in a guide
-    with no auxiliary sites. Pyro's ``AutoNormal`` and the other ``AutoContinuous`` guides draw
-    from a density at an auxiliary site (``infer={"is_auxiliary": True}``) and pass the value on
-    through a ``Delta`` carrying the Jacobian (``log_density``): a density, weighed exactly."""
-    if any(_latent(s) and s["infer"].get("is_auxiliary") for s in guide_tr.nodes.values()):
+def refuse_point_masses(guide_tr, rerun) -> None:
+    """One line for the first latent guide site drawn from a point mass (a ``Delta`` under any
+    ``Independent`` / mask wrappers) whose value no auxiliary draw of a density decides.
+
+    Pyro's ``AutoNormal`` and ``AutoContinuous`` guides draw from a density at an auxiliary site
+    (``infer={"is_auxiliary": True}``) and pass the value on, through a bijection, to a ``Delta``
+    carrying its Jacobian (``log_density``): that site has a density, weighed exactly.
+    ``AutoDelta``'s sites, and an auxiliary site that is itself a ``Delta``
+    (``AutoLaplaceApproximation`` before ``laplace_approximation()``), have none. The rule is
+    per site, not per guide: an ``AutoGuideList`` of an ``AutoDelta`` part and an ``AutoNormal``
+    part is refused at the ``AutoDelta``'s sites.
+
+    Which point masses an auxiliary draw decides is found by running the guide once more, only
+    when it has both point masses and auxiliary sites of a density: ``rerun(trace)`` runs it
+    replayed on the sample sites of ``trace``, which holds every auxiliary site of a density at
+    a fresh draw of its own distribution and every other sample site but the point masses at its
+    value (the same subsample, the same other latents). A point mass whose value moves passes;
+    one whose value stays is refused. A guide that cannot be run so (it raises, or a point mass
+    is missing from the second run) is taken as it is: each point mass passes, as the rule
+    before per-site checks had it. Not checked: two point masses decided by one draw (their
+    joint has no density either)."""
+    latent = {name: s for name, s in guide_tr.nodes.items() if _latent(s) and not site_is_subsample(s)}
+    points = [name for name, s in latent.items() if isinstance(unwrap(s["fn"]), Delta)]
+    if not points:
         return
-    for name, site in guide_tr.nodes.items():
-        if _latent(site) and isinstance(unwrap(site["fn"]), Delta):
+    aux = {name for name, s in latent.items() if s["infer"].get("is_auxiliary") and name not in points}
+    moved = _moved_by(aux, points, guide_tr, rerun) if aux else set()
+    for name in points:
+        if name not in moved:
             raise UserError(
-                f"guide site {name!r} is a point mass (Delta, e.g. AutoDelta or a MAP guide): it has no "
-                f"density, so log p(x, z*) is no bound on log p(x) and no ELBO or IWAE exists; estimate "
-                f"log p(x) with a guide that has one (e.g. AutoNormal, or AutoLaplaceApproximation's "
-                f"laplace_approximation())"
+                f"guide site {name!r} is a point mass (Delta, e.g. AutoDelta or a MAP guide) that no "
+                f"auxiliary draw of a density decides: it has no density, so log p(x, z*) is no bound on "
+                f"log p(x) and no ELBO or IWAE exists; estimate log p(x) with a guide that has a density "
+                f"at every site (e.g. AutoNormal, or AutoLaplaceApproximation's laplace_approximation())"
             )
+
+
+def _moved_by(aux: set, points: list, guide_tr, rerun) -> set:
+    """The point masses ``points`` whose values change when the auxiliary sites ``aux`` are drawn
+    afresh and every other sample site keeps its value (:func:`refuse_point_masses`)."""
+    replayed = Trace()
+    try:
+        for name, site in guide_tr.nodes.items():
+            if site["type"] == "sample" and name not in points:
+                value = site["fn"].sample() if name in aux else site["value"]
+                replayed.add_node(name, **{**site, "value": value})
+        again = rerun(replayed).nodes
+    except Exception:  # noqa: BLE001 - a guide that cannot be run again so: taken as it is
+        return set(points)
+    return {
+        name
+        for name in points
+        if name not in again
+        or again[name]["value"].shape != guide_tr.nodes[name]["value"].shape
+        or not torch.equal(again[name]["value"], guide_tr.nodes[name]["value"])
+    }
 
 
 def refuse_broadcast_data(model_tr, n: int) -> None:
