@@ -126,8 +126,8 @@ MUTATIONS = [
     Mutation(
         "delta-stderr-k-not-k-minus-1",
         "inference/estimators.py",
-        "((ratio - 1).clamp_min(0) / (self.k - 1)).sum(0)",
-        "((ratio - 1).clamp_min(0) / self.k).sum(0)",
+        "var = (ratio - 1).clamp_min(0) / (k - 1) if k > 1",
+        "var = (ratio - 1).clamp_min(0) / k if k > 1",
         "the delta-method variance divides by K, not K − 1 (the sample variance of the weights is biased)",
         ("test_estimators.py",),
     ),
@@ -199,6 +199,23 @@ MUTATIONS = [
         "the order rule tested the wrong way round: a closed-form KL where p(z_s | ·) reads a latent "
         "the guide draws after z_s (a wrong analytic ELBO), Monte Carlo where closed form is valid",
         ("test_generic_programs.py",),
+    ),
+    Mutation(
+        "ais-weight-takes-beta-not-its-increment",
+        "inference/ais.py",
+        "log_w = log_w + (betas[t] - betas[t - 1]) * pt.ell",
+        "log_w = log_w + betas[t] * pt.ell",
+        "the AIS weight adds β_t log r instead of (β_t − β_{t−1}) log r: no longer an estimate of p(x)",
+        ("test_ais.py",),
+    ),
+    Mutation(
+        "hmc-accepts-the-energy-rise",
+        "inference/hmc.py",
+        "log_a = h0 - energy(p1, mom)  # (K, N)",
+        "log_a = energy(p1, mom) - h0  # (K, N)",
+        "the Metropolis test inverted: proposals that lower the energy are rejected (a chain that no "
+        "longer leaves its f_β invariant)",
+        ("test_ais.py",),
     ),
 ]
 
