@@ -886,3 +886,39 @@ def test_cuda_out_of_memory_in_ais_or_bdmc_halves_the_chunk_and_retries_with_the
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-9, err_msg=key)
     for key in annealing.BDMC_PER_DATAPOINT:
         np.testing.assert_allclose(bd[key], bd_ref[key], rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.slow  # five one-epoch fits and their evaluations (~20 s)
+@pytest.mark.filterwarnings("ignore:posterior collapse")  # one epoch: the fits' warnings are expected
+@pytest.mark.parametrize(
+    "family",
+    [
+        {"prior": "vampprior", "pseudo_inputs": 5},
+        {"prior": "mog"},
+        {"latent_layers": 2, "z2_dim": 2, "hierarchy": "skip"},
+        {"guide": "iaf"},
+        {"conditional": True},
+    ],
+    ids=["vampprior", "mog", "two-layers-skip", "iaf-guide", "conditional"],
+)
+def test_evaluate_ais_and_bdmc_on_a_run_of_every_program_family(family, tmp_path):
+    """``python -m ppl_vae.evaluate RUN --ais T --bdmc N`` on a fitted run of each family of
+    programs the CLI trains (priors, guides, one and two layers, conditional): the AIS row, the
+    bracket and finite numbers in the JSON; the AIS estimate near IWAE's (the same quantity)."""
+    import json
+
+    from ppl_vae import fit, load_dataset
+    from ppl_vae.evaluate import main
+
+    torch.set_default_dtype(torch.float32)  # as the command line runs
+    out = tmp_path / "run"
+    fit(dataset=load_dataset("digits"), out=out, epochs=1, z_dim=2, hidden=[16], final_iwae_k=0,
+        device="cpu", quiet=True, **family)  # fmt: skip
+    js = tmp_path / "e.json"
+    argv = [out, "--subset", 6, "-K", 50, "--ais", 5, "--ais-chains", 4, "--ais-leapfrog", 2, "--bdmc", 3]
+    assert main([str(a) for a in [*argv, "--json", js, "--quiet"]]) == 0
+    s = json.loads(js.read_text())
+    assert (s["ais_steps"], s["ais_chains"], s["bdmc_n"]) == (5, 4, 3)
+    for key in ("ais", "ais_stderr", "ais_accept", "bdmc_lower", "bdmc_upper"):
+        assert math.isfinite(s[key]), key
+    assert abs(s["ais"] - s["log_px"]) < 5  # nats per datapoint: the same quantity, two estimators
