@@ -9,6 +9,7 @@ p(x) = b^a Γ(a + Σx) / (Γ(a) (b + D)^(a + Σx) Π_j x_j!).
 
 import io
 import math
+import sys
 
 import numpy as np
 import pyro
@@ -922,3 +923,19 @@ def test_evaluate_ais_and_bdmc_on_a_run_of_every_program_family(family, tmp_path
     for key in ("ais", "ais_stderr", "ais_accept", "bdmc_lower", "bdmc_upper"):
         assert math.isfinite(s[key]), key
     assert abs(s["ais"] - s["log_px"]) < 5  # nats per datapoint: the same quantity, two estimators
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_the_progress_bars_show_on_a_terminal_only(monkeypatch, capsys, tty):
+    """``progress=True`` draws the IWAE and AIS bars on stderr when it is a terminal; into a log
+    (stderr redirected to a file) they would write a line per refresh, so they stay off there."""
+    from ppl_vae.reports import evaluation
+
+    vae, x = _small_vae()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    evaluation.evaluate(
+        vae.model, vae.guide, x, batch_size=5, ais_steps=3, ais_chains=2, ais_leapfrog=1, progress=True,
+        **{k: v for k, v in AIS_KW.items() if k != "ks"},
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert ("datapoint" in err, "AIS:" in err) == (tty, tty), err
