@@ -7,9 +7,8 @@ curve k ∈ ``ks`` and log p(x) ≈ IWAE_K with K = ``num_samples``, each with i
 standard error, and the Pareto k̂ of the importance weights, all from the same K draws; and
 the active units of every latent site (:mod:`ppl_vae.reports.latents`). The report (a dict, also the
 ``--json``) gives dataset means in nats per datapoint and a table with a verdict on log p(x):
-a lower bound whose standard error cannot be trusted when k̂ exceeds min(1 − 1/log10 K, 0.7)
-(:func:`ppl_vae.inference.psis.khat_threshold`) on more than 10 % of the datapoints. Bits per dimension
-only for discrete data (a probability), never for a density of continuous data.
+a lower bound whose SE cannot be trusted when k̂ > min(1 − 1/log10 K, 0.7) on over 10 % of the
+datapoints (:func:`ppl_vae.inference.psis.khat_threshold`). Bits/dim only for discrete data.
 
 Examples::
 
@@ -28,6 +27,7 @@ process (``docs/scaling.md``).
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
             bits=bits.scale_for(ds, vae.likelihood, args.split),  # which data, which bound (or why none)
             likelihood=vae.likelihood.name,
             device=device,
-            progress=not args.quiet and ctx.is_main,
+            progress=not args.quiet and ctx.is_main and sys.stderr.isatty(),  # a log: no line per refresh
             ctx=ctx,
             ais_steps=args.ais or 0,
             ais_chains=args.ais_chains,

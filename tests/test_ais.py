@@ -926,16 +926,22 @@ def test_evaluate_ais_and_bdmc_on_a_run_of_every_program_family(family, tmp_path
 
 
 @pytest.mark.parametrize("tty", [False, True])
-def test_the_progress_bars_show_on_a_terminal_only(monkeypatch, capsys, tty):
-    """``progress=True`` draws the IWAE and AIS bars on stderr when it is a terminal; into a log
-    (stderr redirected to a file) they would write a line per refresh, so they stay off there."""
+def test_the_command_draws_progress_bars_on_a_terminal_only(digits_run, monkeypatch, capsys, tty):
+    """``python -m ppl_vae.evaluate`` draws the IWAE and AIS bars on stderr when it is a terminal;
+    into a log (stderr redirected to a file) they would write a line per refresh, so they stay off
+    there. From Python, ``evaluate(progress=True)`` draws them anywhere (a notebook's widget)."""
+    from ppl_vae.evaluate import main
     from ppl_vae.reports import evaluation
 
-    vae, x = _small_vae()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    vae, x = _small_vae()
     evaluation.evaluate(
         vae.model, vae.guide, x, batch_size=5, ais_steps=3, ais_chains=2, ais_leapfrog=1, progress=True,
         **{k: v for k, v in AIS_KW.items() if k != "ks"},
     )  # fmt: skip
+    err = capsys.readouterr().err
+    assert "datapoint" in err and "AIS:" in err, err
+    torch.set_default_dtype(torch.float32)  # as the command line runs
+    assert main([str(a) for a in [digits_run, "--subset", 6, "-K", 10, "--ais", 3, "--ais-chains", 2]]) == 0
     err = capsys.readouterr().err
     assert ("datapoint" in err, "AIS:" in err) == (tty, tty), err

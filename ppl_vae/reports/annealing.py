@@ -57,9 +57,8 @@ def ais_block(
 def options(steps: int, chains: int, leapfrog: int, work: int, progress: bool, init: str = "guide"):
     """AIS's arguments (``None`` for ``steps`` = 0; ``init``: its base density, ``"guide"`` or
     ``"prior"``) and a progress bar over ``work`` datapoints × ``steps`` on stderr, whose ``update``
-    AIS calls after every step: shown with ``progress`` on a terminal only (a log would get a line
-    per refresh of a long run)."""
-    show = progress and steps and sys.stderr.isatty()
+    AIS calls after every step: shown with ``progress`` (the command line asks on a terminal only)."""
+    show = progress and steps
     bar = tqdm(total=steps * work, desc="AIS", unit="step", disable=not show, file=sys.stderr)
     opts = dict(num_steps=steps, num_chains=chains, leapfrog=leapfrog, init=init, progress=bar.update)
     return (opts if steps else None), bar

@@ -243,7 +243,8 @@ def evaluate(
         them and each layer's KL).
     :param likelihood: the likelihood's name, for the remedies of a collapse line (e.g. σ of a Gaussian).
     :param device: where blocks are evaluated (default: ``data``'s device).
-    :param progress: show a progress bar on stderr when it is a terminal (a log file gets none).
+    :param progress: show progress bars (IWAE's datapoints, AIS's steps) on stderr; ``tqdm.auto``
+        draws a widget in a notebook. The command line asks for them on a terminal only.
     :param ctx: a :class:`~ppl_vae.core.distributed.Context`: this rank computes blocks r, r+P, ... and
         every rank returns the gathered report.
     :param ais_steps: T > 0 adds log p(x) by AIS with T steps, ``ais_chains`` chains of ``ais_leapfrog``
@@ -266,8 +267,7 @@ def evaluate(
         discrete = program.observed_discrete
     t0 = time.perf_counter()
     rows = sum(min((b + 1) * batch_size, n) - b * batch_size for b in blocks)
-    show = progress and sys.stderr.isatty()  # a log file would get a line per refresh, as AIS's bar
-    bar = tqdm(total=rows, unit="datapoint", disable=not show, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=rows, unit="datapoint", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     sims = len(distributed.strided(range(bdmc), ctx)) if ais_steps else 0  # this rank's share, about
     ais, steps = annealing.options(ais_steps, ais_chains, ais_leapfrog, rows + 2 * sims, progress, ais_init)
     log = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731
