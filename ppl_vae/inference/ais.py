@@ -44,7 +44,6 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import TransformedDistribution
 
 from ..core.errors import UserError
 from ..core.seeding import derive_seed
@@ -52,7 +51,7 @@ from .checks import Program, check_data, describe, inspect_program, take
 from .estimators import Estimate, delta_method
 from .hmc import CounterNoise, Latent, Point, Target, transition, unconstrained
 from .importance import SAMPLE_UNIT, default_chunk
-from .replay import data_dim, draw_units, rng_fork, row_dim, unwrap
+from .replay import data_dim, draw_units, is_flow, rng_fork, row_dim, unwrap
 
 TARGET_ACCEPT, ADAPT_RATE = 0.65, 0.5  # ε ← ε · exp(ADAPT_RATE · (ā − TARGET_ACCEPT))
 MIN_ESS_FRACTION = 0.5  # a datapoint's stderr is flagged when its C weights' ESS < this × C
@@ -152,7 +151,7 @@ def _start(model, guide, args, kwargs, k, nesting, init, z0: dict, keys) -> _Cha
         s, g = model_tr.nodes.get(name), guide_tr.nodes.get(name)
         if s is None:
             raise UserError(f"latent site {name!r} is not a site of the model")
-        ev, flow = s["fn"].event_dim, g is not None and isinstance(unwrap(g["fn"]), TransformedDistribution)
+        ev, flow = s["fn"].event_dim, g is not None and is_flow(g["fn"])
         on = unwrap(g["fn"]).base_dist if flow else s["fn"]  # a flow site moves its base draw (hmc)
         target.latents.append(
             Latent(name, unconstrained(name, on), ev, z0[name].dim() - ev + data_dim(s), flow)

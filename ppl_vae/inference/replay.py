@@ -132,14 +132,26 @@ def take_rows(values: poutine.Trace, start: int, stop: int) -> poutine.Trace:
 
 
 def flow_guide(guide_tr) -> bool:
-    """Whether a latent site of the guide trace draws from a ``TransformedDistribution`` (under
-    any ``Independent`` / mask wrappers): replaying such a guide on other values than it drew
-    needs the flow's inverse, for an autoregressive flow one network pass per dimension."""
-    for site in guide_tr.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"]:
-            if isinstance(unwrap(site["fn"]), torch.distributions.TransformedDistribution):
-                return True
-    return False
+    """Whether a latent site of the guide trace draws from a flow (:func:`is_flow`): replaying
+    such a guide on other values than it drew needs the flow's inverse, for an autoregressive
+    flow one network pass per dimension."""
+    return any(
+        is_flow(site["fn"])
+        for site in guide_tr.nodes.values()
+        if site["type"] == "sample" and not site["is_observed"]
+    )
+
+
+def is_flow(fn) -> bool:
+    """Whether ``fn`` (under any ``Independent`` / mask wrappers) is a flow, z = F(z₀) with z₀ its
+    base draw and F bijective: a ``TransformedDistribution`` whose every transform says it is
+    (torch's ``Transform.bijective``: Pyro's flows, ``ExpTransform``, ``AffineTransform``, ...).
+    ``HalfNormal``, ``HalfCauchy`` and Pyro's ``FoldedDistribution`` are built on |·|
+    (``AbsTransform``, not bijective, no Jacobian): not flows, their own ``log_prob`` is the density."""
+    fn = unwrap(fn)
+    return isinstance(fn, torch.distributions.TransformedDistribution) and all(
+        t.bijective for t in fn.transforms
+    )
 
 
 def unwrap(fn):
