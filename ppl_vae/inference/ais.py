@@ -305,7 +305,8 @@ def ais(model, guide, x, *, num_steps: int, num_chains: int = 16, leapfrog: int 
     datapoints per pass (memory only); ``progress``: called with the number of datapoints of the
     pass after every step, or a tqdm bar (its ``update``); ``program``: the caller's probe of model
     and guide (:func:`~ppl_vae.inference.checks.inspect_program`), else one is made. A flow guide
-    (an IAF) moves its base draws (:mod:`~ppl_vae.inference.hmc`). Refused in one line: a discrete
+    site (a TransformedDistribution of bijective transforms, e.g. an IAF; not ``HalfNormal``)
+    moves its base draw (:mod:`~ppl_vae.inference.hmc`). Refused in one line: a discrete
     latent site, one whose log-density has no gradient, and with ``init="guide"`` a latent site of
     model or guide alone, or a flow without an inverse."""
     return _run(model, guide, x, kwargs, num_steps, num_chains, leapfrog, init, schedule, seed, chunk_size,

@@ -14,14 +14,17 @@ or p(z) (the model's latent sites); ℓ is :func:`~ppl_vae.inference.replay.weig
 of the replayed traces. A :class:`Point` keeps log r, ℓ and their gradients *separately*, so a
 change of β needs no new pass: ∇ log f_β = ∇ log r + β ∇ℓ.
 
-**Flow guides** (a guide site drawn from a ``TransformedDistribution``, e.g. an IAF): log q(z|x)
-at a z the flow did not output needs its inverse, for an autoregressive flow one network pass
-per dimension. With q as base, such a site's state is the flow's base draw instead, u = S⁻¹(z₀)
+**Flow guides** (a guide site drawn from a flow, :func:`~ppl_vae.inference.replay.is_flow`: a
+``TransformedDistribution`` whose transforms are all bijective, e.g. an IAF; not ``HalfNormal``,
+``HalfCauchy`` or ``FoldedDistribution``, built on the non-bijective |·|, whose sites move in the
+model support's space like any other): log q(z|x) at a z the flow did not output needs its
+inverse, for an autoregressive flow one network pass per dimension. With q as base, such a site's state is the flow's base draw instead, u = S⁻¹(z₀)
 (S = ``biject_to`` of the base's support), and z = F(S(u)) with F the site's flow in that guide
 run (context from x and earlier draws): u → z is triangular over the sites, log |det ∂z/∂u| sums
 each step's, and F caches its input, so log q(z|x) needs no inverse (HMC after a learned
 reparameterization, "NeuTra", Hoffman et al. 2019). ℓ is unchanged; only the kernels differ.
-The chains' start inverts the flow once (a flow with no inverse, e.g. ``Planar``, is refused).
+The chains' start inverts the flow once (a flow with no inverse, e.g. Pyro's ``Planar``, which
+says it is bijective but inverts only from its cache, is refused).
 
 A transition (Neal 2011, "MCMC using Hamiltonian dynamics", §5.3.3): momentum ρ ~ N(0, I), L
 leapfrog steps of size ε (one per chain and datapoint, ``(K, N)``), accepted with probability
