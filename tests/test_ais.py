@@ -372,6 +372,61 @@ def test_at_a_flow_site_the_state_is_the_base_draw_with_its_change_of_variables(
     torch.testing.assert_close(ch.point.grad_ell["z"], grad_ell, rtol=0, atol=1e-9)
 
 
+def test_a_flow_of_two_layers_over_a_positive_base_moves_the_log_of_its_base_draw():
+    """A flow whose base has a constrained support, through two layers: z₀ ~ Gamma(α(x), 3) (per
+    coordinate, z₀ > 0), z = A(F(z₀)), F an IAF and A an affine map depending on x. The state is
+    u = log z₀ (``biject_to`` of the base's positive support), and the first point equals the change
+    of variables done by hand in u: log r(u) = log Gamma(e^u) + Σu, ℓ(u) = log p(x, z) − log q(z)
+    with log q(z) = log Gamma(z₀) − log |det ∂z/∂z₀| (the slogdet of the two layers' Jacobian by
+    autograd), and their gradients in u (1e-9)."""
+    from pyro.distributions.transforms import AffineAutoregressive, AffineTransform
+    from pyro.nn import AutoRegressiveNN
+
+    lin = Linear(n=3)
+    torch.manual_seed(2)
+    iaf = AffineAutoregressive(AutoRegressiveNN(lin.d, [8]))
+
+    def base(x):  # (N, d) or (d,)
+        return dist.Gamma(2.0 + x[..., : lin.d].abs(), 3.0).to_event(1)
+
+    def affine(x):
+        return AffineTransform(lin.post_mean(x) - 0.5, 0.6, event_dim=1)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.TransformedDistribution(base(x), [iaf, affine(x)]))
+
+    k, x = 2, lin.x
+    with torch.no_grad():
+        z0 = affine(x)(iaf(base(x).sample((k,))))  # (K, N, d)
+    ch = ais_module._start(lin.model, guide, (x,), {}, k, 1, "guide", {"z": z0}, torch.arange(3))
+    u = ch.u["z"].detach().requires_grad_()  # (K, N, d): the logs of the base draws
+    torch.testing.assert_close(affine(x)(iaf(u.exp())), z0)
+
+    def log_r(v, i):  # v (d,): one chain's state at datapoint i
+        return base(x[i]).log_prob(v.exp()) + v.sum()
+
+    def ell(v, i):
+        def flow(w):  # z₀ (d,) → z (d,)
+            return affine(x[i])(iaf(w))
+
+        w = v.exp()
+        z = flow(w)
+        log_p = dist.Normal(0.0, 1.0).log_prob(z).sum()
+        log_p = log_p + dist.Normal(z @ lin.W.T + lin.b, lin.sigma).log_prob(x[i]).sum()
+        jac = torch.autograd.functional.jacobian(flow, w, create_graph=True)  # (d, d)
+        return log_p - (base(x[i]).log_prob(w) - torch.linalg.slogdet(jac)[1])
+
+    hand = [
+        torch.stack([torch.stack([f(u[c, i], i) for i in range(3)]) for c in range(k)]) for f in (log_r, ell)
+    ]  # (K, N) each
+    grad_r, grad_ell = (torch.autograd.grad(t.sum(), u)[0] for t in hand)
+    torch.testing.assert_close(ch.point.log_r, hand[0].detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ch.point.ell, hand[1].detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ch.point.grad_r["z"], grad_r, rtol=0, atol=1e-9)
+    torch.testing.assert_close(ch.point.grad_ell["z"], grad_ell, rtol=0, atol=1e-9)
+
+
 def test_a_flow_without_an_inverse_is_refused_in_one_line_with_init_guide():
     """Pyro's Planar flow is inverted only from its cache: the chains' start (the base draw of z) is
     refused in one line naming the site and the transform; init="prior" does not use the guide."""
