@@ -13,7 +13,16 @@
 * a named data set (``mnist``, ``digits``, ...): its name and split sizes;
 * a :class:`~ppl_vae.data.splits.Dataset` passed from Python: its name, split sizes and a
   digest of its tensors as prepared (whatever its loader recorded: the caller may have changed
-  them since).
+  them since), and, where its loader made one (a folder's, a ``.npy``/``.npz``'s: the digest the
+  two above record), the digest of its source as read (``source_digest``).
+
+Each digest is of one kind, recorded with it (``kind``): ``source``, of the file or folder as
+read, the digest a run resumed or evaluated by its ``--dataset`` makes again; ``tensors``, of a
+Python data set's tensors. :func:`changes` compares digests of the same kind only: a run fitted
+on ``load_dataset("folder")`` from Python and resumed by name (the run records the folder's
+path) compares the folder's digests; one fitted on ``dataset_from_array(x)`` and resumed by
+name, its split sizes. Changes the caller made in Python to a loaded data set's tensors are not
+seen by a resume by name, which reads the source again.
 """
 
 from __future__ import annotations
@@ -56,22 +65,39 @@ def fingerprint(ds, source: str | None = None) -> dict:
     """The identity of the loaded data set ``ds``: ``source`` is the ``--dataset`` it came from
     (a name, a ``.npy``/``.npz`` path or a folder; None for a data set passed from Python)."""
     fp = {"name": ds.name, "splits": [int(ds.split(s).shape[0]) for s in SPLITS]}
-    if source is not None and source.endswith((".npy", ".npz")) and Path(source).is_file():
+    read = getattr(ds, "content_digest", None)  # of its file or folder as its loader read it
+    if source is None:
+        fp.update(digest=tensor_digest(ds.split(s) for s in SPLITS), kind="tensors")
+        if read is not None:  # what a resume by name (the run records its source) reads again
+            fp["source_digest"] = read
+    elif source.endswith((".npy", ".npz")) and Path(source).is_file():
         path = Path(source).resolve()
-        fp.update(path=str(path), size=path.stat().st_size, digest=file_digest(path))
-    elif source is not None and getattr(ds, "content_digest", None) is not None:  # a folder, as read
-        fp["digest"] = ds.content_digest
-    elif source is None:
-        fp["digest"] = tensor_digest(ds.split(s) for s in SPLITS)
+        fp.update(path=str(path), size=path.stat().st_size, digest=file_digest(path), kind="source")
+    elif read is not None:  # a folder, as read
+        fp.update(digest=read, kind="source")
     return fp
+
+
+def _digests(fp: dict) -> dict:
+    """The digests of a fingerprint by kind (``source``, ``tensors``). A record of an earlier
+    version has no ``kind``: with a ``path``, its digest is a file's (``source``); without, a
+    Python data set's tensors' (the folder digests of the short time before kinds were recorded
+    are read so too: compared with a Python data set's, never with a folder's again)."""
+    out, kind = {}, fp.get("kind")
+    if "digest" in fp:
+        out[kind if isinstance(kind, str) else "source" if "path" in fp else "tensors"] = fp["digest"]
+    if "source_digest" in fp:
+        out["source"] = fp["source_digest"]
+    return out
 
 
 def changes(saved: dict | None, now: dict, split: str | None = None) -> str | None:
     """What differs between the recorded fingerprint ``saved`` and ``now``, in a few words; None
     when nothing does, or when nothing was recorded (runs of earlier versions). The path alone
     does not count: the same bytes moved elsewhere are the same data. Sizes and digests are
-    compared where both have them (a data set passed from Python, resumed by its name, has its
-    split sizes compared). ``split``: only that split's size counts (``evaluate``: a run trained
+    compared where both have them, digests only of the same kind (a data set passed from Python,
+    resumed by its name, has its source's digest compared where its loader made one, else its
+    split sizes). ``split``: only that split's size counts (``evaluate``: a run trained
     on part of a named data set is evaluated on its whole test split)."""
     if not isinstance(saved, dict):
         return None
@@ -85,6 +111,7 @@ def changes(saved: dict | None, now: dict, split: str | None = None) -> str | No
     if then != now_:
         show = lambda v: "/".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
         said.append(f"{'train/valid/test' if split is None else split} {show(then)} then, {show(now_)} now")
-    if both("digest") and saved["digest"] != now["digest"] and not said:
+    then_d, now_d = _digests(saved), _digests(now)
+    if not said and any(then_d[k] != now_d[k] for k in then_d.keys() & now_d.keys()):
         said.append("the same size, other content")
     return "; ".join(said) or None

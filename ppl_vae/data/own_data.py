@@ -2,8 +2,9 @@
 or tensor from Python (:func:`dataset_from_array`), split 80/10/10 % by a permutation seeded
 with :data:`~ppl_vae.data.splits.SPLIT_SEED`. The files are read by
 :func:`ppl_vae.data.readers.read_arrays` and :func:`ppl_vae.data.images.read_image_folder`; a
-folder's data set carries a digest of its decoded images and labels (``content_digest``), its
-fingerprint."""
+folder's data set carries a digest of its decoded images and labels (``content_digest``), a
+file's the digest of its bytes (:func:`ppl_vae.data.fingerprint.file_digest`): its fingerprint,
+also where the data set is passed to ``fit`` from Python."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from ..core.digests import digest
 from ..core.errors import DataError
+from .fingerprint import file_digest
 from .images import read_image_folder
 from .prepare import check_values
 from .readers import read_arrays
@@ -23,11 +25,14 @@ from .splits import SPLIT_SEED, Dataset, _split_three
 
 def load_array_file(path: Path, channels: int | None = None, image_size=None) -> Dataset:
     """A user's ``.npy`` / ``.npz`` of images (see :func:`ppl_vae.data.readers.read_arrays`; a
-    ``.npz``'s ``labels`` array gives labels), split 80/10/10 by a seeded permutation."""
+    ``.npz``'s ``labels`` array gives labels), split 80/10/10 by a seeded permutation; its
+    ``content_digest`` is the file's digest, the one a run's fingerprint records for it."""
     if image_size is not None:
         raise DataError(f"{path}: --image-size resizes the images of a folder; an array has one size already")
     arr, labels = read_arrays(path)
-    return dataset_from_array(arr, labels, name=str(path), channels=channels)
+    ds = dataset_from_array(arr, labels, name=str(path), channels=channels)
+    ds.content_digest = file_digest(path)
+    return ds
 
 
 def load_image_folder(path: Path, channels: int | None = None, image_size=None) -> Dataset:

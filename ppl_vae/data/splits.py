@@ -32,8 +32,9 @@ class Dataset:
     the seed of its fixed draws (None when nothing was drawn); ``dequantize`` (``none`` or
     ``uniform``) and ``dequantize_seed`` likewise; ``split`` says how the splits were made,
     ``classes`` names the labels (a folder's class subfolders); ``content_digest``, where the
-    loader made one, is a digest of the data as read (a folder's decoded images and labels),
-    before any split or preparation: the data's fingerprint (:mod:`ppl_vae.data.fingerprint`).
+    loader made one, is a digest of the data as read (a folder's decoded images and labels, a
+    ``.npy``/``.npz`` file's bytes), before any split or preparation: the data's fingerprint
+    (:mod:`ppl_vae.data.fingerprint`), recorded also when the data set is passed from Python.
     """
 
     name: str
