@@ -441,9 +441,8 @@ def test_a_flow_without_an_inverse_is_refused_in_one_line_with_init_guide():
                 "z", dist.TransformedDistribution(dist.Normal(lin.post_mean(x), 0.3).to_event(1), [planar])
             )
 
-    with pytest.raises(
-        UserError, match="guide site 'z'.*its Planar transform has none; use init='prior'"
-    ) as e:
+    refusal = r"guide site 'z'.*its Planar transform has none; use init='prior' \(--ais-init prior\)$"
+    with pytest.raises(UserError, match=refusal) as e:
         E.ais(lin.model, guide, lin.x, num_steps=3, num_chains=2, leapfrog=1, seed=0)
     assert "\n" not in str(e.value)
     est = E.ais(lin.model, guide, lin.x, num_steps=3, num_chains=2, leapfrog=1, seed=0, init="prior")
@@ -617,7 +616,9 @@ def test_what_ais_cannot_move_is_refused_in_one_line_naming_the_site(case, match
     with pytest.raises(UserError, match=match) as e:
         E.ais(model, guide, x, num_steps=3, num_chains=2, leapfrog=1, seed=0)
     assert "\n" not in str(e.value)
-    if "has no" in match:  # with the prior as base, the guide is not annealed over: no refusal
+    if "has no" in match:  # the remedy, named as the Python argument and as the command line's flag
+        assert "use init='prior' (--ais-init prior)" in str(e.value)
+        # with the prior as base, the guide is not annealed over: no refusal
         E.ais(model, guide, x, num_steps=3, num_chains=2, leapfrog=1, seed=0, init="prior")
 
 

@@ -126,7 +126,8 @@ def _refuse(model_tr, guide_tr, init: str, grads: bool = False) -> None:
                 other = "guide" if role == "model" else "model"
                 raise UserError(
                     f"AIS with init='guide' anneals q(z|x) into p(z|x) over the model's latents: {role} site "
-                    f"{name!r} has no {other} site; use init='prior', or draw every model latent in the guide"
+                    f"{name!r} has no {other} site; use init='prior' (--ais-init prior), or draw every model "
+                    f"latent in the guide"
                 )
 
 
@@ -178,7 +179,8 @@ def _base_draw(name: str, fn, z: torch.Tensor) -> torch.Tensor:
         except (KeyError, NotImplementedError):
             raise UserError(
                 f"AIS with init='guide' starts each chain at the base draw of guide site {name!r}'s flow, "
-                f"which needs the flow's inverse, and its {type(t).__name__} transform has none; use init='prior'"
+                f"which needs the flow's inverse, and its {type(t).__name__} transform has none; use init='prior' "
+                f"(--ais-init prior)"
             ) from None
     return z
 
