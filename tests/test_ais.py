@@ -964,32 +964,48 @@ def test_the_evaluations_chunk_size_reaches_ais_and_bdmc_and_does_not_change_the
 
 
 def test_cuda_out_of_memory_in_ais_or_bdmc_halves_the_chunk_and_retries_with_the_same_numbers():
-    """A model that runs out of memory (simulated) on an AIS pass of more than 20 datapoints: the
-    block is retried with half the chunk size down to 100 (16 datapoints of 6 chains), and so is
-    each BDMC block; the numbers are those of a run that never ran out."""
+    """A model that runs out of memory (simulated) on an AIS pass of more than 20 datapoints, at its
+    4th model pass (in the second transition, after one step was counted): the block is retried
+    with half the chunk size down to 100 (16 datapoints of 6 chains), and so is each BDMC block;
+    the numbers are those of a run that never ran out, and the progress (a tqdm bar, a plain
+    callable) ends at the work, datapoints × steps, the failed attempts' steps taken back."""
     from pyro.poutine.messenger import Messenger
+    from tqdm import tqdm
 
     from ppl_vae.reports import annealing, evaluation
 
     vae, x = _small_vae(30)
 
     class OutOfMemoryOnLargeAISPasses(Messenger):
+        large = 0  # large passes since the last failure: start (2 passes), transition 1, then out
+
         def _pyro_post_sample(self, msg):
             shape = msg["fn"].batch_shape if msg["name"] == "x" else ()
             if len(shape) == 2 and shape[0] == 6 and shape[1] > 20:  # AIS: 2 + 4 pilot chains
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+                OutOfMemoryOnLargeAISPasses.large += 1
+                if OutOfMemoryOnLargeAISPasses.large == 4:
+                    OutOfMemoryOnLargeAISPasses.large = 0
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     def fragile(x):
         with OutOfMemoryOnLargeAISPasses():
             vae.model(x)
 
     ais = dict(num_steps=3, num_chains=2, leapfrog=1)
-    kw = dict(block_size=30, ais=ais, **AIS_KW)
+    kw = dict(block_size=30, **AIS_KW)
     logs = []
-    got = evaluation.evaluate_blocks(fragile, vae.guide, x, [0], chunk_size=1200, log=logs.append, **kw)
-    ref = evaluation.evaluate_blocks(vae.model, vae.guide, x, [0], chunk_size=1200, **kw)
+    with tqdm(total=30 * 3, file=io.StringIO()) as bar:
+        got = evaluation.evaluate_blocks(
+            fragile, vae.guide, x, [0], chunk_size=1200, log=logs.append, ais=ais | {"progress": bar}, **kw
+        )
+        assert bar.n == 30 * 3  # 30 datapoints × 3 steps; without the undo 205 (four failed attempts)
+    ref = evaluation.evaluate_blocks(vae.model, vae.guide, x, [0], chunk_size=1200, ais=ais, **kw)
     assert got["chunk_size"] == 100 and logs[0].startswith("CUDA out of memory: retrying block 0"), logs
-    bd = annealing.bdmc_blocks(fragile, vae.guide, x, 30, 30, 3, ais, chunk_size=1200, log=logs.append)
+    assert sum("retrying block 0" in line for line in logs) == 4  # 1200 → 600 → 300 → 150 → 100
+    counts = []
+    bd = annealing.bdmc_blocks(fragile, vae.guide, x, 30, 30, 3, ais | {"progress": counts.append},
+                               chunk_size=1200, log=logs.append)  # fmt: skip
+    assert sum(counts) == 2 * 30 * 3 and min(counts) < 0  # forward and reverse: 30 datapoints × 3 steps
     bd_ref = annealing.bdmc_blocks(vae.model, vae.guide, x, 30, 30, 3, ais, chunk_size=1200)
     assert bd["chunk_size"] == 100 and bd_ref["chunk_size"] == 1200
     assert "CUDA out of memory: retrying BDMC block 0 with --chunk-size 600" in logs

@@ -157,11 +157,12 @@ def default_chunk(device) -> int:
     return DEFAULT_CHUNK.get(torch.device(device).type, DEFAULT_CHUNK["cpu"])
 
 
-def halving_on_oom(work, chunk_size: int, log=None, what: str = "the work"):
+def halving_on_oom(work, chunk_size: int, log=None, what: str = "the work", on_retry=None):
     """``(work(chunk_size), the chunk size used)``: on CUDA out-of-memory the chunk size is halved
     and ``work`` run again (the same draws, so the same results: they do not depend on
     ``chunk_size``), down to one :data:`SAMPLE_UNIT` × 1 datapoint, then one line. ``log``: told
-    of each retry."""
+    of each retry; ``on_retry()``: called before each retry (e.g. to take the failed attempt's
+    steps off a progress bar)."""
     while True:
         try:
             return work(chunk_size), chunk_size
@@ -176,6 +177,8 @@ def halving_on_oom(work, chunk_size: int, log=None, what: str = "the work"):
                 torch.cuda.empty_cache()
             if log:
                 log(f"CUDA out of memory: retrying {what} with --chunk-size {chunk_size}")
+            if on_retry:
+                on_retry()
 
 
 # --------------------------------------------------------------------------- the pass plan

@@ -60,8 +60,38 @@ def options(steps: int, chains: int, leapfrog: int, work: int, progress: bool, i
     AIS calls after every step: shown with ``progress`` (the command line asks on a terminal only)."""
     show = progress and steps
     bar = tqdm(total=steps * work, desc="AIS", unit="step", disable=not show, file=sys.stderr)
-    opts = dict(num_steps=steps, num_chains=chains, leapfrog=leapfrog, init=init, progress=bar.update)
+    opts = dict(num_steps=steps, num_chains=chains, leapfrog=leapfrog, init=init, progress=bar)
     return (opts if steps else None), bar
+
+
+class Tally:
+    """AIS's ``progress`` for one attempt at a block that may be retried on out-of-memory: passes
+    each count on to ``progress`` (a callable, or a tqdm bar: its ``update``) and keeps their sum,
+    which :meth:`undo` takes back (one negative count, then the bar's ``refresh``), so that a
+    retried block is counted once and the bar ends at its total."""
+
+    def __init__(self, progress):  # no attribute ``update``: AIS would call it instead of the tally
+        self.progress, self.tell, self.n = progress, getattr(progress, "update", progress), 0
+
+    def __call__(self, n: int) -> None:
+        self.tell(n)
+        self.n += n
+
+    def undo(self) -> None:
+        if self.n:
+            self.tell(-self.n)
+            self.n = 0
+            getattr(self.progress, "refresh", lambda: None)()
+
+
+def retried(opts: dict | None):
+    """AIS's arguments ``opts`` for one block run under
+    :func:`~ppl_vae.inference.importance.halving_on_oom`, and its ``on_retry``: ``progress`` in a
+    :class:`Tally` whose ``undo`` takes the failed attempt's steps back (``None`` without progress)."""
+    if not opts or opts.get("progress") is None:
+        return opts, None
+    tally = Tally(opts["progress"])
+    return opts | {"progress": tally}, tally.undo
 
 
 def bdmc_blocks(model, guide, data, n_sim: int, block_size: int, seed: int, opts: dict, device=None, ctx=None,
@@ -70,7 +100,8 @@ def bdmc_blocks(model, guide, data, n_sim: int, block_size: int, seed: int, opts
     of per-datapoint arguments), in blocks of ``block_size``, this rank's blocks computed and every
     rank's gathered: the arrays of :data:`BDMC_PER_DATAPOINT` ``(n_sim,)`` in row order, and
     ``chunk_size``, the smallest any block ended with (``chunk_size`` given or the device's default,
-    halved on CUDA out-of-memory, ``log`` told; :func:`~ppl_vae.inference.importance.halving_on_oom`)."""
+    halved on CUDA out-of-memory, ``log`` told; :func:`~ppl_vae.inference.importance.halving_on_oom`;
+    the steps of a failed attempt are taken off ``opts``' progress: :func:`retried`)."""
     ctx = ctx or distributed.Context()
     like = checks.select(data, torch.arange(n_sim) % checks.num_datapoints(data), device)
     chunk_size = chunk_size or importance.default_chunk(checks.as_args(like)[0].device)
@@ -78,11 +109,13 @@ def bdmc_blocks(model, guide, data, n_sim: int, block_size: int, seed: int, opts
     for b in distributed.strided(range(math.ceil(n_sim / block_size)), ctx):
         xb = checks.select(like, slice(b * block_size, (b + 1) * block_size))
         seed_b = derive_seed(seed, BDMC_STREAM, b)
+        opts_b, undo = retried(opts)  # a retry's progress counted once
         br, chunk_size = importance.halving_on_oom(
-            lambda c: estimators.bdmc(model, guide, xb, seed=seed_b, program=program, chunk_size=c, **opts),
+            lambda c: estimators.bdmc(model, guide, xb, seed=seed_b, program=program, chunk_size=c, **opts_b),
             chunk_size,
             log,
             f"BDMC block {b}",
+            undo,
         )
         lo, up = br.lower, br.upper
         mine.append(

@@ -123,7 +123,8 @@ def evaluate_blocks(
     any split of the block ids over processes gives the same numbers. Where a latent site has
     no closed-form KL the analytic ELBO is NaN (n/a) and ``elbo_analytic_na`` says why. On CUDA out-of-memory the chunk size is
     halved and the block retried, AIS included (same draws, so the same results:
-    :func:`~ppl_vae.inference.importance.halving_on_oom`).
+    :func:`~ppl_vae.inference.importance.halving_on_oom`), the failed attempt's AIS steps taken
+    off ``ais``' progress (:func:`~ppl_vae.reports.annealing.retried`).
 
     Returns arrays over the M datapoints of the blocks, in block order: ``position (M,)`` (row
     of ``x``), those of :data:`PER_DATAPOINT` ``(M,)``, ``iwae_by_k`` and ``iwae_by_k_stderr``
@@ -147,11 +148,13 @@ def evaluate_blocks(
         rows = torch.arange(b * block_size, min((b + 1) * block_size, checks.num_datapoints(x)))
         xb = checks.select(x, rows, device)  # x (B, ...), or the tuple (x, y, ...) of the block
         sb = importance.derive_seed(seed, b)
+        ais_b, undo = annealing.retried(ais)  # a retry's AIS steps counted once
         res, chunk_size = importance.halving_on_oom(
-            lambda c: _block(model, guide, xb, num_samples, ks, sb, c, mean_samples, program, ais),
+            lambda c: _block(model, guide, xb, num_samples, ks, sb, c, mean_samples, program, ais_b),
             chunk_size,
             log,
             f"block {b}",
+            undo,
         )
         res["position"] = rows.numpy()
         parts.append(res)
