@@ -19,10 +19,11 @@ from pyro.infer.autoguide import (
     AutoGuideList,
     AutoLaplaceApproximation,
     AutoNormal,
+    init_to_value,
 )
 
 from ppl_vae import estimators
-from ppl_vae.inference.constructs import ScaledProgram
+from ppl_vae.inference.constructs import ScaledProgram, refuse_point_masses
 
 D, Z, N = 5, 2, 8
 
@@ -343,6 +344,59 @@ def test_point_masses_an_auxiliary_draw_decides_pass_and_a_point_mass_auxiliary_
     torch.testing.assert_close(parts, single)  # the same draws, the same Jacobians
     with pytest.raises(UserError, match=r"^guide site '_AutoLaplaceApproximation_latent' is a point mass"):
         estimators.iwae(_two_sites, AutoLaplaceApproximation(_two_sites), x, num_samples=10)
+
+
+def test_a_point_mass_an_auxiliary_draw_of_a_tiny_scale_decides_passes():
+    """AutoNormal(init_scale=1e-9) at loc 1 in float32: each auxiliary draw rounds to the same
+    float, so its Delta's value does not change when the draw is made again. Before, "decided by
+    an auxiliary draw" meant "changes when redrawn", and this guide was refused as a point mass;
+    now it means an autograd path from the auxiliary value: estimated, finite. The check leaves
+    the caller's RNG as it was."""
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(0))  # float32
+    pyro.clear_param_store()
+    values = {"z": torch.ones(N, D), "s": torch.ones(N)}
+    guide = AutoNormal(_two_sites, init_scale=1e-9, init_loc_fn=init_to_value(values=values))
+    result = estimators.iwae(_two_sites, guide, x, num_samples=10, seed=0)
+    assert result.value.shape == (N,) and torch.isfinite(result.value).all()
+
+    guide_tr = poutine.trace(guide).get_trace(x)
+    rerun = lambda tr: poutine.trace(poutine.replay(guide, trace=tr)).get_trace(x)  # noqa: E731
+    before = torch.get_rng_state()
+    refuse_point_masses(guide_tr, rerun)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("noise", ["randn", "dropout"])
+def test_a_point_mass_that_changes_without_an_auxiliary_draw_is_refused(noise):
+    """A Delta whose value changes from run to run (torch.randn, dropout in train mode) but is
+    derived from no auxiliary draw, beside an auxiliary site that decides another Delta: before,
+    its change on the second run passed it as decided by the auxiliary draw, and it was weighed
+    with log q = 0. Now it is refused in one line naming it; the Delta that the auxiliary draw
+    decides is not."""
+    from ppl_vae.core.errors import UserError
+
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def guide(x):
+        loc = pyro.param("point_loc", torch.zeros(D, dtype=x.dtype))
+        if noise == "randn":
+            z = loc + 0.1 * torch.randn(x.shape[0], D, dtype=x.dtype)
+        else:
+            z = torch.nn.functional.dropout(loc + x, p=0.5, training=True)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            u = pyro.sample(
+                "u", dist.Normal(torch.zeros((), dtype=x.dtype), 1.0), infer={"is_auxiliary": True}
+            )
+            pyro.sample("z", dist.Delta(z, event_dim=1))
+            pyro.sample("s", dist.Delta(u.exp(), log_density=-u))  # decided by u, with its Jacobian
+
+    pyro.clear_param_store()
+    for call in (
+        lambda: estimators.iwae(_two_sites, guide, x, num_samples=10, seed=0),
+        lambda: estimators.elbo(_two_sites, guide, x, seed=0),
+    ):
+        with pytest.raises(UserError, match=r"^guide site 'z' is a point mass \(Delta.*no auxiliary draw"):
+            call()
 
 
 def test_one_image_as_a_1_d_x_is_refused_in_one_line_and_scalar_datapoints_are_not():

@@ -31,7 +31,7 @@ from pyro.poutine import Trace
 from pyro.poutine.util import site_is_subsample
 
 from ..core.errors import UserError
-from .replay import DATA_PLATE, site_scale, unwrap
+from .replay import DATA_PLATE, rng_fork, site_scale, unwrap
 
 
 class ScaledProgram(UserWarning):
@@ -57,20 +57,26 @@ def refuse_point_masses(guide_tr, rerun) -> None:
     Which point masses an auxiliary draw decides is found by running the guide once more, only
     when it has both point masses and auxiliary sites of a density: ``rerun(trace)`` runs it
     replayed on the sample sites of ``trace``, which holds every auxiliary site of a density at
-    a fresh draw of its own distribution and every other sample site but the point masses at its
-    value (the same subsample, the same other latents). A point mass whose value moves passes;
-    one whose value stays is refused. A guide that cannot be run so (it raises, or a point mass
-    is missing from the second run) is taken as it is: each point mass passes, as the rule
-    before per-site checks had it. Not checked: two point masses decided by one draw (their
-    joint has no density either)."""
+    its value as a leaf tensor that requires grad and every other sample site but the point
+    masses at its value (the same subsample, the same other latents), under
+    ``torch.enable_grad()`` and the caller's RNG restored after. A point mass whose value has an
+    autograd path to an auxiliary value passes; one without is refused. Dependence, not a change
+    of value: a draw of a tiny scale that rounds to the same float is a dependence (before: the
+    value was compared after a fresh draw, so ``AutoNormal(init_scale=1e-9)`` was refused), and
+    a value that changes between runs for another reason (``torch.randn`` or dropout inside the
+    guide) is none (before: it passed). A point mass decided through no differentiable path (an
+    integer auxiliary draw, a comparison, ``argmax``) is refused. A guide that cannot be run so
+    (it raises, or a point mass is missing from the second run) is taken as it is: each point
+    mass passes, as the rule before per-site checks had it. Not checked: two point masses
+    decided by one draw (their joint has no density either)."""
     latent = {name: s for name, s in guide_tr.nodes.items() if _latent(s) and not site_is_subsample(s)}
     points = [name for name, s in latent.items() if isinstance(unwrap(s["fn"]), Delta)]
     if not points:
         return
     aux = {name for name, s in latent.items() if s["infer"].get("is_auxiliary") and name not in points}
-    moved = _moved_by(aux, points, guide_tr, rerun) if aux else set()
+    decided = _decided_by(aux, points, guide_tr, rerun) if aux else set()
     for name in points:
-        if name not in moved:
+        if name not in decided:
             raise UserError(
                 f"guide site {name!r} is a point mass (Delta, e.g. AutoDelta or a MAP guide) that no "
                 f"auxiliary draw of a density decides: it has no density, so log p(x, z*) is no bound on "
@@ -79,25 +85,31 @@ def refuse_point_masses(guide_tr, rerun) -> None:
             )
 
 
-def _moved_by(aux: set, points: list, guide_tr, rerun) -> set:
-    """The point masses ``points`` whose values change when the auxiliary sites ``aux`` are drawn
-    afresh and every other sample site keeps its value (:func:`refuse_point_masses`)."""
-    replayed = Trace()
+def _decided_by(aux: set, points: list, guide_tr, rerun) -> set:
+    """The point masses ``points`` whose values have an autograd path to the values of the
+    auxiliary sites ``aux``, replayed as leaves that require grad, every other sample site but
+    the point masses at its value (:func:`refuse_point_masses`)."""
+    replayed, leaves = Trace(), []
     try:
         for name, site in guide_tr.nodes.items():
             if site["type"] == "sample" and name not in points:
-                value = site["fn"].sample() if name in aux else site["value"]
+                value = site["value"]
+                if name in aux and torch.is_tensor(value) and value.is_floating_point():
+                    value = value.detach().clone().requires_grad_(True)
+                    leaves.append(value)
                 replayed.add_node(name, **{**site, "value": value})
-        again = rerun(replayed).nodes
+        with rng_fork(), torch.enable_grad():
+            again = rerun(replayed).nodes
+            decided = {name for name in points if name not in again}  # taken as they are
+            for name in points:
+                value = again[name]["value"] if name in again else None
+                if leaves and torch.is_tensor(value) and value.requires_grad:
+                    grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True, retain_graph=True)
+                    if any(g is not None for g in grads):
+                        decided.add(name)
     except Exception:  # noqa: BLE001 - a guide that cannot be run again so: taken as it is
         return set(points)
-    return {
-        name
-        for name in points
-        if name not in again
-        or again[name]["value"].shape != guide_tr.nodes[name]["value"].shape
-        or not torch.equal(again[name]["value"], guide_tr.nodes[name]["value"])
-    }
+    return decided
 
 
 def refuse_broadcast_data(model_tr, n: int) -> None:
