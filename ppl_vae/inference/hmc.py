@@ -17,22 +17,20 @@ change of β needs no new pass: ∇ log f_β = ∇ log r + β ∇ℓ.
 **Flow guides** (a guide site drawn from a flow, :func:`~ppl_vae.inference.replay.is_flow`: a
 ``TransformedDistribution`` whose transforms are all bijective, e.g. an IAF; not ``HalfNormal``,
 ``HalfCauchy`` or ``FoldedDistribution``, built on the non-bijective |·|, whose sites move in the
-model support's space like any other): log q(z|x) at a z the flow did not output needs its
-inverse, for an autoregressive flow one network pass per dimension. With q as base, such a site's state is the flow's base draw instead, u = S⁻¹(z₀)
-(S = ``biject_to`` of the base's support), and z = F(S(u)) with F the site's flow in that guide
-run (context from x and earlier draws): u → z is triangular over the sites, log |det ∂z/∂u| sums
-each step's, and F caches its input, so log q(z|x) needs no inverse (HMC after a learned
-reparameterization, "NeuTra", Hoffman et al. 2019). ℓ is unchanged; only the kernels differ.
-The chains' start inverts the flow once (a flow with no inverse, e.g. Pyro's ``Planar``, which
-says it is bijective but inverts only from its cache, is refused).
+model support's space): log q(z|x) at a z the flow did not output needs its inverse (an
+autoregressive flow: one network pass per dimension). With q as base, such a site's state is the
+flow's base draw, u = S⁻¹(z₀) (S = ``biject_to`` of the base's support), and z = F(S(u)) with F
+the site's flow in that guide run: u → z is triangular over the sites, log |det ∂z/∂u| sums each
+step's, and F caches its input, so log q(z|x) needs no inverse ("NeuTra", Hoffman et al. 2019).
+ℓ is unchanged; only the kernels differ. The chains' start inverts the flow once (a flow with no
+inverse, e.g. Pyro's ``Planar``, bijective but inverting only from its cache, is refused).
 
 A transition (Neal 2011, "MCMC using Hamiltonian dynamics", §5.3.3): momentum ρ ~ N(0, I), L
 leapfrog steps of size ε (one per chain and datapoint, ``(K, N)``), accepted with probability
 min(1, exp(−ΔH)) per chain and datapoint (a proposal with a non-finite energy is rejected).
-Nothing in it reads a device value on the host: the acceptance is a ``torch.where``, and the
-noise is counter-based (:class:`CounterNoise`), a function of (seed of datapoint i, transition,
-site, element), so that a datapoint's numbers do not depend on which other datapoints share its
-pass.
+No device value is read on the host: the acceptance is a ``torch.where``, and the noise is
+counter-based (:class:`CounterNoise`), a function of (seed of datapoint i, transition, site,
+element), so a datapoint's numbers do not depend on which datapoints share its pass.
 """
 
 from __future__ import annotations
