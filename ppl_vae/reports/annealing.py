@@ -131,7 +131,10 @@ def bdmc_blocks(model, guide, data, n_sim: int, block_size: int, seed: int, opts
 def summarize(res: dict, opts: dict | None, n_sim: int) -> dict:
     """The JSON entries of AIS and BDMC (none without ``opts``): means over datapoints in nats with
     their Monte Carlo standard errors (√(Σ se²)/n), the mean acceptance rate and the fraction of
-    datapoints whose chains' weights are too unequal for their stderr (ESS < C/2)."""
+    datapoints whose chains' weights are too unequal for their stderr (ESS < C/2); with the IWAE
+    arrays beside them, the paired difference ``ais_minus_iwae`` = mean_i (AIS_i − IWAE_K,i) with
+    both standard errors: its ``_stderr_across_datapoints`` (std_i / √n of the differences, far
+    below either estimate's own spread) is what carries a subset's difference to the whole split."""
     if not opts:
         return {}
     n_sim = n_sim or 0
@@ -146,6 +149,16 @@ def summarize(res: dict, opts: dict | None, n_sim: int) -> dict:
         )
         s["ais_accept"] = float(np.nanmean(res["ais_accept"])) if opts["num_steps"] > 1 else None
         s["ais_untrusted_frac"] = float(1 - np.mean(res["ais_trusted"]))
+        if "log_px" in res:  # paired on the same datapoints: what IWAE_K understates
+            d = estimators.Estimate(
+                torch.from_numpy(res["ais"] - res["log_px"]),
+                torch.from_numpy(np.hypot(res["ais_stderr"], res["log_px_stderr"])),
+            )
+            s.update(
+                ais_minus_iwae=d.mean(),
+                ais_minus_iwae_stderr=d.mean_stderr(),
+                ais_minus_iwae_stderr_across_datapoints=d.across_datapoints_stderr(),
+            )
     if n_sim:
         lo = estimators.Estimate(
             torch.from_numpy(res["bdmc_lower"]), torch.from_numpy(res["bdmc_lower_stderr"])

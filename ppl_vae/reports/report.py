@@ -235,6 +235,12 @@ def format_table(s: dict, header: str | None = None) -> str:
         label = f"log p(x) (AIS, {s['ais_steps']} steps × {s['ais_chains']} chains)"
         start = "; from the prior p(z)" if s.get("ais_init") == "prior" else ""  # else from the guide
         lines.append(row(label, s["ais"], s["ais_stderr"]) + f"  acceptance {accept}{start}")
+        if "ais_minus_iwae" in s:
+            lines.append(
+                f"AIS − IWAE K={s['num_samples']}, paired per datapoint: {s['ais_minus_iwae']:+.3f} nats "
+                f"(MC SE {s['ais_minus_iwae_stderr']:.3f}; across datapoints "
+                f"{s['ais_minus_iwae_stderr_across_datapoints']:.3f}, the SE for the whole split)"
+            )
     if s.get("bdmc_n"):
         lines.append(f"BDMC on {s['bdmc_n']} datapoints simulated from the model: " + bracket(s))
     if headline(s):
