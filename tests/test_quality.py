@@ -106,13 +106,16 @@ def test_quick_recipe_is_wired(recipe, quick_runs):
     assert set(units) == ({"z1", "z2"} if cfg["latent_layers"] == 2 else {"z"})
 
 
-def _quality_module():
+def _benchmark_module(name):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import quality
+        return __import__(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    return quality
+
+
+def _quality_module():
+    return _benchmark_module("quality")
 
 
 def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_path):
@@ -232,3 +235,37 @@ def test_check_reruns_the_first_epochs_bit_identically_and_flags_a_changed_curve
     (changed / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     r = check(changed)
     assert r.returncode == 1 and "largest relative difference" in r.stdout, r.stdout[-2000:]
+
+
+def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys):
+    """Two AIS runs of one model on overlapping random subsets (as --subset with one --seed gives):
+    the row's paired difference is the JSON's, and AIS_T' − AIS_T is computed on the common images
+    only, mean ± std/√n, here recomputed by hand from the arrays."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    index = rng.permutation(1000)
+    runs = {}
+    for steps, n in ((100, 40), (1000, 15)):
+        idx = np.sort(index[:n])  # a prefix of one permutation, sorted (choose_subset)
+        log_px = -85 - 0.01 * idx  # each image's own level, shared by both runs
+        ais = log_px + 0.3 + 0.1 * (steps == 1000) + rng.normal(0, 0.05, n)
+        d = ais - log_px
+        s = {
+            "run_dir": "runs/quality-toy", "n": n, "num_samples": 5000, "ais_steps": steps, "ais_chains": 16,
+            "log_px": log_px.mean(), "log_px_stderr": 0.01, "khat_frac_above_0_7": 0.9, "ais": ais.mean(),
+            "ais_stderr": 0.01, "ais_untrusted_frac": 0.0, "ais_accept": 0.65, "seconds": 10.0,
+            "ais_minus_iwae": d.mean(), "ais_minus_iwae_stderr_across_datapoints": d.std(ddof=1) / n**0.5,
+        }  # fmt: skip
+        (tmp_path / f"t{steps}.json").write_text(json.dumps(s))
+        np.savez(tmp_path / f"t{steps}.npz", index=idx, ais=ais, log_px=log_px)
+        runs[steps] = (idx, ais)
+    assert _benchmark_module("ais_table").main([str(p) for p in sorted(tmp_path.glob("*.json"))]) == 0
+    out = capsys.readouterr().out
+    (i100, a100), (i1000, a1000) = runs[100], runs[1000]
+    pos = np.searchsorted(i100, i1000)  # the 15 images of the smaller run within the larger
+    assert (i100[pos] == i1000).all()
+    diff = a1000 - a100[pos]
+    want = f"on their 15 common images: {diff.mean():+.3f} ± {diff.std(ddof=1) / 15**0.5:.3f} nats"
+    assert want in out, out
+    assert out.count("| 40 | 100 × 16 |") == 1 and out.count("| 15 | 1,000 × 16 |") == 1
