@@ -21,6 +21,11 @@ images of a smaller subset are among those of a larger one, and runs pair up ima
 * where ``benchmarks/results/quality-<recipe>-cpu.json`` holds the recipe's IWAE_5000 on all
   10,000 test images, that NLL less the largest-T paired difference: the committed number
   corrected by AIS, both SEs combined.
+
+``--figure F.png`` draws, per model, each estimate less IWAE_5000 on the same images (paired
+mean ± SE across images) against its cost per image in passes of the batch through guide and
+model: IWAE_k costs k, AIS with T steps × C chains (T − 1) · C · r, r the measured cost of one
+transition in passes (``transition_over_iwae_pass`` of the newest ``ais_cost`` result).
 """
 
 from __future__ import annotations
@@ -66,9 +71,61 @@ def row(s: dict) -> str:
     )
 
 
+def transition_cost() -> float:
+    """Passes of the batch per AIS transition, as ``benchmarks/ais_cost.py`` last measured it."""
+    newest = sorted(RESULTS.glob("ais_cost-*.json"))[-1]
+    return json.loads(newest.read_text())["transition_over_iwae_pass"]
+
+
+def figure(by_model: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = transition_cost()
+    fig, axes = plt.subplots(1, len(by_model), figsize=(5.2 * len(by_model), 3.8), squeeze=False)
+    for ax, (model, runs) in zip(axes[0], by_model.items()):
+        largest = max((x for x in runs if x[1] is not None), key=lambda x: x[0]["n"])
+        s, a = largest[0], largest[1]
+        ks, ref = a["ks"], a["log_px"]  # IWAE_k on the largest run's images, k = ks, and K = 5000
+        d = [paired(a["iwae_by_k"][i], ref) for i in range(len(ks))] + [(0.0, 0.0, s["n"])]
+        costs = [*ks, s["num_samples"]]
+        ax.errorbar(
+            costs,
+            [m for m, _, _ in d],
+            [se for _, se, _ in d],
+            marker="o",
+            label=f"IWAE_k ({s['n']:,} images)",
+        )
+        for s, per, _ in runs:
+            if per is not None:
+                m, se, n = paired(per["ais"], per["log_px"])
+                cost = (s["ais_steps"] - 1) * s["ais_chains"] * r
+                ax.errorbar(
+                    [cost],
+                    [m],
+                    [se],
+                    marker="s",
+                    ls="",
+                    label=f"AIS T = {s['ais_steps']:,} × {s['ais_chains']} ({n:,} images)",
+                )
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xscale("log")
+        ax.set(
+            title=f"{model}: estimate − IWAE_5000 (nats, paired)",
+            xlabel="passes of guide and model per image",
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path, help="evaluate --ais JSON files (the .npz beside each)")
+    p.add_argument("--figure", type=Path, help="also draw the estimates against their cost (PNG)")
     args = p.parse_args(argv)
     by_model: dict[str, list] = {}
     for f in args.files:
@@ -107,6 +164,8 @@ def main(argv=None) -> int:
                 f"**{nll:.2f} ± {se:.2f}** (an upper bound on the NLL still: AIS is a stochastic lower "
                 "bound on log p(x))"
             )
+    if args.figure:
+        figure(by_model, args.figure)
     return 0
 
 
