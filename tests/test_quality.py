@@ -237,12 +237,21 @@ def test_check_reruns_the_first_epochs_bit_identically_and_flags_a_changed_curve
     assert r.returncode == 1 and "largest relative difference" in r.stdout, r.stdout[-2000:]
 
 
-def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys):
-    """Two AIS runs of one model on overlapping random subsets (as --subset with one --seed gives):
-    the row's paired difference is the JSON's, and AIS_T' − AIS_T is computed on the common images
-    only, mean ± std/√n, here recomputed by hand from the arrays."""
+def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
+    """Two AIS runs of one model on overlapping random subsets (as --subset with one --seed gives),
+    every printed number recomputed here by hand from the arrays: each row's paired difference
+    AIS − IWAE_5000 (mean ± std/√n); AIS_T' − AIS_T on the common images only; the committed
+    full-test NLL less the largest-T difference, the SEs combined; and --figure writes a PNG."""
+    import math
+
     import numpy as np
 
+    table = _benchmark_module("ais_table")
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(table, "RESULTS", results)
+    (results / "quality-toy-cpu.json").write_text(json.dumps({"test_nll": 85.5, "test_nll_stderr": 0.004}))
+    (results / "ais_cost-cpu-1.json").write_text(json.dumps({"transition_over_iwae_pass": 14.8}))
     rng = np.random.default_rng(0)
     index = rng.permutation(1000)
     runs = {}
@@ -250,6 +259,7 @@ def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys):
         idx = np.sort(index[:n])  # a prefix of one permutation, sorted (choose_subset)
         log_px = -85 - 0.01 * idx  # each image's own level, shared by both runs
         ais = log_px + 0.3 + 0.1 * (steps == 1000) + rng.normal(0, 0.05, n)
+        iwae_by_k = log_px - np.array([[5.0], [1.0]]) + rng.normal(0, 0.1, (2, n))  # k = 1, 100
         d = ais - log_px
         s = {
             "run_dir": "runs/quality-toy", "n": n, "num_samples": 5000, "ais_steps": steps, "ais_chains": 16,
@@ -258,14 +268,22 @@ def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys):
             "ais_minus_iwae": d.mean(), "ais_minus_iwae_stderr_across_datapoints": d.std(ddof=1) / n**0.5,
         }  # fmt: skip
         (tmp_path / f"t{steps}.json").write_text(json.dumps(s))
-        np.savez(tmp_path / f"t{steps}.npz", index=idx, ais=ais, log_px=log_px)
-        runs[steps] = (idx, ais)
-    assert _benchmark_module("ais_table").main([str(p) for p in sorted(tmp_path.glob("*.json"))]) == 0
+        np.savez(
+            tmp_path / f"t{steps}.npz", index=idx, ais=ais, log_px=log_px, ks=[1, 100], iwae_by_k=iwae_by_k
+        )
+        runs[steps] = (idx, ais, d)
+    png = tmp_path / "ais.png"
+    assert table.main([*map(str, sorted(tmp_path.glob("*.json"))), "--figure", str(png)]) == 0
     out = capsys.readouterr().out
-    (i100, a100), (i1000, a1000) = runs[100], runs[1000]
+    for steps, n in ((100, 40), (1000, 15)):
+        d = runs[steps][2]
+        assert out.count(f"| {n} | {steps:,} × 16 |") == 1
+        assert f"| **{d.mean():+.3f}** ± {d.std(ddof=1) / n**0.5:.3f} |" in out, out
+    (i100, a100, _), (i1000, a1000, d1000) = runs[100], runs[1000]
     pos = np.searchsorted(i100, i1000)  # the 15 images of the smaller run within the larger
     assert (i100[pos] == i1000).all()
     diff = a1000 - a100[pos]
-    want = f"on their 15 common images: {diff.mean():+.3f} ± {diff.std(ddof=1) / 15**0.5:.3f} nats"
-    assert want in out, out
-    assert out.count("| 40 | 100 × 16 |") == 1 and out.count("| 15 | 1,000 × 16 |") == 1
+    assert f"on their 15 common images: {diff.mean():+.3f} ± {diff.std(ddof=1) / 15**0.5:.3f} nats" in out
+    nll, se = 85.5 - d1000.mean(), math.hypot(0.004, d1000.std(ddof=1) / 15**0.5)
+    assert f"at T = 1,000 on 15 random images: **{nll:.2f} ± {se:.2f}**" in out, out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
