@@ -2,13 +2,13 @@
 face of :mod:`ppl_vae.reports.evaluation`, whose :func:`evaluate` takes any Pyro model/guide pair (also
 importable from here: ``from ppl_vae.evaluate import evaluate``).
 
-For every datapoint: the analytic-KL ELBO, the Monte Carlo ELBO, IWAE_k for the convergence
-curve k ∈ ``ks`` and log p(x) ≈ IWAE_K with K = ``num_samples``, each with its Monte Carlo
-standard error, and the Pareto k̂ of the importance weights, all from the same K draws; and
-the active units of every latent site (:mod:`ppl_vae.reports.latents`). The report (a dict, also the
-``--json``) gives dataset means in nats per datapoint and a table with a verdict on log p(x):
-a lower bound whose SE cannot be trusted when k̂ > min(1 − 1/log10 K, 0.7) on over 10 % of the
-datapoints (:func:`ppl_vae.inference.psis.khat_threshold`). Bits/dim only for discrete data.
+For every datapoint: the analytic-KL ELBO, the Monte Carlo ELBO, IWAE_k for the convergence curve
+k ∈ ``ks`` and log p(x) ≈ IWAE_K with K = ``num_samples``, each with its Monte Carlo standard error, and
+the Pareto k̂ of the importance weights, all from the same K draws; and the active units of every latent
+site (:mod:`ppl_vae.reports.latents`). The report (a dict, also the ``--json``) gives dataset means in
+nats per datapoint and a table with a verdict on log p(x): a lower bound whose SE cannot be trusted when
+k̂ > min(1 − 1/log10 K, 0.7) on over 10 % of the datapoints (:func:`ppl_vae.inference.psis.khat_threshold`).
+Bits/dim for discrete data and, as a bound, for 8-bit images under --dequantize uniform.
 
 Examples::
 
@@ -99,7 +99,7 @@ def build_parser() -> ArgumentParser:
         default="best",
         help="best.pt (best validation bound) or checkpoint.pt (latest) (default: best)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
         "--batch-size",
         type=int,

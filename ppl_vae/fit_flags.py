@@ -246,7 +246,7 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
         "chosen on validation (default: off)",
     )
     g.add_argument("--seed", type=int, default=S, help="(default: 0)")
-    g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument(
         "--cuda-graph",
         action="store_true",

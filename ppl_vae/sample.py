@@ -1,4 +1,5 @@
-"""``python -m ppl_vae.sample RUN_DIR``: decode new draws z ~ N(0, I) of a trained run into a grid.
+"""``python -m ppl_vae.sample RUN_DIR``: decode new draws z ~ the run's prior p(z) (N(0, I) for
+--prior normal) of a trained run into a grid.
 
 Examples::
 
@@ -28,12 +29,12 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--nrow", type=int, default=None, help="images per row (default: ⌈√n⌉)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws z ~ N(0, I) (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws z ~ p(z) (default: 0)")
     p.add_argument(
         "--temperature",
         type=float,
         default=1.0,
-        help="draw z ~ N(0, τ² I) with this τ (the N(0, I) prior of one latent layer only) (default: 1)",
+        help="draw z ~ N(0, τ² I) with this τ; only for --prior normal with one latent layer (default: 1)",
     )
     p.add_argument(
         "--label",
@@ -51,9 +52,9 @@ def build_parser() -> ArgumentParser:
         "--checkpoint",
         choices=("best", "checkpoint"),
         default="best",
-        help="best.pt (best validation ELBO) or checkpoint.pt (latest) (default: best)",
+        help="best.pt (best validation bound) or checkpoint.pt (latest) (default: best)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     return p
 
 
