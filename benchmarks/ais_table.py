@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         print(f"\n### `{model}`\n")
         print(
             "| images | T × chains | IWAE_5000 | AIS | AIS − IWAE_5000 (paired ± SE across images) "
-            "| acceptance | BDMC: simulated images: width | seconds |"
+            "| acceptance | BDMC: simulated images: width | seconds of the whole evaluation (IWAE, AIS, BDMC) |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for s, _, _ in runs:
