@@ -241,7 +241,8 @@ def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
     """Two AIS runs of one model on overlapping random subsets (as --subset with one --seed gives),
     every printed number recomputed here by hand from the arrays: each row's paired difference
     AIS − IWAE_5000 (mean ± std/√n); AIS_T' − AIS_T on the common images only; the committed
-    full-test NLL less the largest-T difference, the SEs combined; and --figure writes a PNG."""
+    full-test NLL less the largest-T difference, measured directly and chained (the gain on the
+    larger subset at T = 100 plus the increment), the SEs combined; and --figure writes a PNG."""
     import math
 
     import numpy as np
@@ -285,5 +286,17 @@ def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
     diff = a1000 - a100[pos]
     assert f"on their 15 common images: {diff.mean():+.3f} ± {diff.std(ddof=1) / 15**0.5:.3f} nats" in out
     nll, se = 85.5 - d1000.mean(), math.hypot(0.004, d1000.std(ddof=1) / 15**0.5)
-    assert f"at T = 1,000 on 15 random images: **{nll:.2f} ± {se:.2f}**" in out, out
+    assert (
+        f"(on 15 random images), {d1000.mean():+.3f} ± {d1000.std(ddof=1) / 15**0.5:.3f}: **{nll:.2f} ± {se:.2f}**"
+        in out
+    )
+    # chained: the gain at T = 100 on all 40 images plus the increment to T = 1000 on the common 15
+    d100 = runs[100][2]
+    g = d100.mean() + diff.mean()
+    se_g = math.hypot(d100.std(ddof=1) / 40**0.5, diff.std(ddof=1) / 15**0.5)
+    nll, se = 85.5 - g, math.hypot(0.004, se_g)
+    assert (
+        f"(chained: at T = 100 on 40 images, then the increments), {g:+.3f} ± {se_g:.3f}: **{nll:.2f} ± {se:.2f}**"
+        in out
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
