@@ -201,9 +201,8 @@ def _binarization(dataset: str, binarize: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .data.datasets import load_dataset
     from .data.fingerprint import changes, fingerprint
-    from .training.runs import load_run, resolve_device
+    from .training.runs import load_run, load_run_data, resolve_device
 
     args = build_parser().parse_args(argv)
     with user_errors(PROG):
@@ -216,8 +215,7 @@ def main(argv=None) -> int:
         # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
         ctx, device = distributed.setup(resolve_device(args.device))
         vae, cfg = load_run(run_dir, which=args.checkpoint, device=device)
-        own = dict(channels=cfg.channels, image_size=cfg.image_size, dequantize=cfg.dequantize)  # as fitted
-        ds = load_dataset(cfg.dataset, args.data_dir or cfg.data_dir, cfg.binarize, vae.likelihood, **own)
+        ds = load_run_data(cfg, vae.likelihood, args.data_dir)  # as fitted
         if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
             raise UserError(
                 f"the data have image shape {list(ds.image_shape)} but the run was trained on "

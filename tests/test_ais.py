@@ -773,10 +773,9 @@ def test_evaluate_with_ais_and_bdmc_end_to_end(digits_run, tmp_path, capsys):
     import numpy as np
 
     import ppl_vae
-    from ppl_vae import load_dataset
     from ppl_vae.evaluate import main
     from ppl_vae.reports import annealing
-    from ppl_vae.training.runs import load_run
+    from ppl_vae.training.runs import load_run, load_run_data
 
     js, npz = tmp_path / "e.json", tmp_path / "e.npz"
     torch.set_default_dtype(torch.float32)
@@ -806,8 +805,7 @@ def test_evaluate_with_ais_and_bdmc_end_to_end(digits_run, tmp_path, capsys):
     assert f"AIS − IWAE K=30, paired per datapoint: {s['ais_minus_iwae']:+.3f} nats" in table
     # the same numbers from Python: the run's model on the rows of the test split the command used
     vae, cfg = load_run(digits_run)
-    own = dict(channels=cfg.channels, image_size=cfg.image_size, dequantize=cfg.dequantize)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize, vae.likelihood, **own)
+    ds = load_run_data(cfg, vae.likelihood)  # as evaluate loads it
     x = ds.split("test")[torch.as_tensor(per["index"])]
     rep = ppl_vae.evaluate(vae.model, vae.guide, x, num_samples=30, batch_size=6, ais_steps=6, ais_chains=3,
                            ais_leapfrog=2, bdmc=5)  # fmt: skip

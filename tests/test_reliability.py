@@ -252,21 +252,21 @@ def inject(fault: dict):
         return _fsync(fd)
 
     def paused(load):
-        def load_dataset(*args, **kw):
+        def load_run_data(*args, **kw):
             Path(target).touch()
             time.sleep(120)
             return load(*args, **kw)
 
-        return load_dataset
+        return load_run_data
 
     if kind in ("block", "fsize"):
         patch(files, "atomic_write", atomic_write)
     elif kind == "enospc":
         patch(os, "fsync", fsync)
     else:
-        from ppl_vae.training import start
+        from ppl_vae.training import runs
 
-        patch(start, "load_dataset", paused(start.load_dataset))
+        patch(runs, "load_run_data", paused(runs.load_run_data))
     try:
         yield
     finally:

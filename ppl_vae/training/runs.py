@@ -234,6 +234,15 @@ def resume_metrics(out: Path, rows: list[dict] | None, epoch: int) -> list[dict]
 # --------------------------------------------------------------------------- reading a run
 
 
+def load_run_data(cfg: FitConfig, likelihood, data_dir: str | os.PathLike | None = None) -> "Dataset":
+    """The run's data set prepared as it was fitted (name, binarization, channels, image size,
+    dequantization); ``data_dir`` replaces the folder the run recorded."""
+    from ..data.datasets import load_dataset
+
+    own = dict(channels=cfg.channels, image_size=cfg.image_size, dequantize=cfg.dequantize)
+    return load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.binarize, likelihood, **own)
+
+
 def load_run(run_dir: str | Path, which: str = "best", device="cpu") -> tuple[VAE, FitConfig]:
     """The trained model of a run directory in eval mode, and its config: ``which`` = ``best``:
     ``best.pt`` checked against the record in ``checkpoint.pt`` (a stale or missing one is

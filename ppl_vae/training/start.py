@@ -21,7 +21,6 @@ import torch
 
 from ..core import distributed
 from ..core.errors import CheckpointError, UserError
-from ..data.datasets import load_dataset
 from ..data.fingerprint import changes, fingerprint
 from ..data.prepare import prepare
 from ..inference.objectives import make_objective
@@ -77,15 +76,7 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     pyro.set_rng_seed(cfg.seed)
     likelihood = make_likelihood(cfg.likelihood, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor)
     if dataset is None:
-        ds = load_dataset(
-            cfg.dataset,
-            cfg.data_dir,
-            cfg.binarize,
-            likelihood,
-            channels=cfg.channels,
-            image_size=cfg.image_size,
-            dequantize=cfg.dequantize,
-        )
+        ds = runs.load_run_data(cfg, likelihood)
     elif dataset.binarize == "none":  # a Dataset made elsewhere: prepared and checked as a loaded one
         ds = prepare(dataclasses.replace(dataset), cfg.binarize, likelihood, cfg.dequantize)
     else:
