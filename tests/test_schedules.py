@@ -97,12 +97,13 @@ def test_kl_warmup_with_the_iwae_objective(images, tmp_path):
     assert summary["epochs"] == 4
 
 
-def _stop_epoch(valid: list[float], patience: int) -> int | None:
+def _stop_epoch(valid: list[float], patience: int, grace: int = 0) -> int | None:
     """The epoch after which a run stops: the first epoch that ends the ``patience``-th epoch in
-    a row without a strictly better validation bound than all before it (None: it never stops)."""
+    a row without a strictly better validation bound than all before it, epochs 1..``grace`` not
+    counted (None: it never stops)."""
     best, bad = -float("inf"), 0
     for epoch, v in enumerate(valid, 1):
-        best, bad = (v, 0) if v > best else (best, bad + 1)
+        best, bad = (v, 0) if v > best else (best, bad + 1 if epoch > grace else 0)
         if bad >= patience:
             return epoch
     return None
@@ -131,6 +132,35 @@ def test_early_stopping_after_patience_epochs_without_improvement(images, tmp_pa
     assert summary["best_valid_elbo"] == max(valid)
     assert summary["stopped_by"] == ("patience" if len(rows) < epochs else "epochs")
     assert all(r["beta"] == 1.0 and r["lr"] == lr for r in rows)
+
+
+@pytest.mark.parametrize(
+    "flags, grace",
+    [
+        (["--kl-warmup", 3], 3),  # the warm-up's 3 epochs
+        (["--kl-warmup", 3, "--ema", 0.5], 4),  # + θ̄'s time constant, 1/(1 − 0.5) = 2 steps = 0.5 epoch
+        (["--ema", 0.9], 3),  # 10 steps = 2.5 epochs: θ̄ starts at θ₀ and follows θ that slowly
+    ],
+)
+def test_early_stopping_does_not_count_the_warm_up(images, tmp_path, flags, grace):
+    """Epochs inside the KL warm-up, as the judged parameters see it (ceil(warm-up epochs +
+    1/((1 − d)·steps per epoch)) with ``--ema d``; 4 steps per epoch here), are not counted by
+    ``--patience``: the validation bound is at β = 1 while the objective is not yet. Adam steps of
+    1e-30 leave every parameter (and θ̄, a lerp between equal values) as it is, so the bound never
+    improves after epoch 1: the run stops after exactly grace + patience epochs, where counting
+    from epoch 2 would stop it after 1 + patience = 4 (the seed-2 Frey Faces run that stopped at
+    epoch 147, 50 after a best epoch inside the warm-up as θ̄ saw it, is the case this fixes)."""
+    patience = 3
+    rows, summary = _fit(
+        images, tmp_path / "run", "--lr", 1e-30, "--patience", patience, "--epochs", 20, *flags
+    )
+    valid = [r["valid_elbo"] for r in rows]
+    assert len(set(valid)) == 1
+    assert (
+        len(rows) == grace + patience == _stop_epoch(valid, patience, grace)
+        and summary["stopped_by"] == "patience"
+    )
+    assert _stop_epoch(valid, patience) == 1 + patience < len(rows)  # the old rule, on the same curve
 
 
 def test_time_limit_stops_after_the_epoch_that_passes_it(images, tmp_path):

@@ -6,6 +6,8 @@ lr_e = lr·γ^e), stepped by the training loop after each epoch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,3 +49,14 @@ def beta_at(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
         return cfg.beta
     t = (epoch * steps_per_epoch + step + 1) / (cfg.kl_warmup * steps_per_epoch)
     return cfg.beta * min(1.0, t)
+
+
+def patience_grace(cfg, steps_per_epoch: int) -> int:
+    """The first epochs, in which early stopping does not count an epoch without a better
+    validation bound: the KL warm-up (the bound judged is at β = 1, the one trained is not yet) and,
+    with ``--ema d``, one averaging time constant more, 1/(1 − d) steps (θ̄, which validation
+    judges, still averages the warm-up's parameters). The VampPrior authors' code does the same for
+    its warm-up (Tomczak & Welling 2018). ``ceil(kl_warmup + 1/((1 − d)·steps_per_epoch))``; 0 with
+    neither."""
+    lag = 1 / ((1 - cfg.ema) * steps_per_epoch) if cfg.ema else 0.0
+    return math.ceil((cfg.kl_warmup or 0) + lag)

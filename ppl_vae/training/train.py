@@ -34,7 +34,7 @@ from ..programs.model import VAE
 from . import checkpoint, finish, runs, start
 from .config import FitConfig
 from .interrupts import Interrupted, NonFiniteLoss, signals_to_flag
-from .optim import apply_settings, beta_at
+from .optim import apply_settings, beta_at, patience_grace
 from .validation import bound_on, elbo_terms_on, objective_name
 
 
@@ -187,9 +187,8 @@ class Trainer:
                 while s.epoch < cfg.epochs:
                     self._run_epoch(steps, b, n, bar, flag)
                     stop = self._end_epoch(steps)
-                    if distributed.any_signalled(
-                        flag, self.ctx, self.device
-                    ):  # during validation or the save: the epoch's checkpoint holds it all
+                    # a signal during validation or the save: the epoch's checkpoint holds it all
+                    if distributed.any_signalled(flag, self.ctx, self.device):
                         raise Interrupted(
                             distributed.signal_number(flag, self.ctx), self.out / "checkpoint.pt"
                         )
@@ -298,7 +297,8 @@ class Trainer:
         self.model.train()
         criterion = runs.selection_bound(valid)
         improved = criterion > s.best
-        s.best, s.bad_epochs = (criterion, 0) if improved else (s.best, s.bad_epochs + 1)
+        counted = s.epoch + 1 > patience_grace(cfg, steps)  # not in the warm-up (as θ̄ sees it)
+        s.best, s.bad_epochs = (criterion, 0) if improved else (s.best, s.bad_epochs + 1 if counted else 0)
         self.scheduler.step()
         row = {
             "epoch": s.epoch + 1,
