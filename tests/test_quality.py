@@ -251,7 +251,9 @@ def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
     monkeypatch.setattr(table, "RESULTS", results)
-    (results / "quality-toy-cpu.json").write_text(json.dumps({"test_nll": 85.5, "test_nll_stderr": 0.004}))
+    (results / "quality-toy-cpu.json").write_text(
+        json.dumps({"test_nll": 85.5, "test_nll_stderr": 0.004, "test": {"n": 1000}})
+    )
     (results / "ais_cost-cpu-1.json").write_text(json.dumps({"transition_over_iwae_pass": 14.8}))
     rng = np.random.default_rng(0)
     index = rng.permutation(1000)
@@ -285,6 +287,7 @@ def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
     assert (i100[pos] == i1000).all()
     diff = a1000 - a100[pos]
     assert f"on their 15 common images: {diff.mean():+.3f} ± {diff.std(ddof=1) / 15**0.5:.3f} nats" in out
+    assert "All 1,000 test images: IWAE_5000 NLL 85.500 ± 0.004; less" in out  # the split's own size
     nll, se = 85.5 - d1000.mean(), math.hypot(0.004, d1000.std(ddof=1) / 15**0.5)
     assert (
         f"(on 15 random images), {d1000.mean():+.3f} ± {d1000.std(ddof=1) / 15**0.5:.3f}: **{nll:.2f} ± {se:.2f}**"
