@@ -113,10 +113,8 @@ def figure(by_model: dict, path: Path) -> None:
             )
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xscale("log")
-        ax.set(
-            title=f"{model}: estimate − IWAE_{largest[0]['num_samples']} (nats, paired)",
-            xlabel="passes of guide and model per image",
-        )
+        ax.set_title(f"{model}: estimate − IWAE_{largest[0]['num_samples']} (nats, paired)", fontsize=10)
+        ax.set_xlabel("passes of guide and model per image")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
