@@ -233,6 +233,7 @@ def test_chunked_iwae_agrees_in_float32_vae():
     torch.testing.assert_close(a.value, b.value, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # 8 s: the fast subset stays under 3 minutes
 def test_iwae_memory_is_bounded_for_k_10000():
     """K = 10,000 on a batch: the model never sees more than ``chunk_size`` particles × datapoints
     (here N, so passes of SAMPLE_UNIT particles on slices of the batch), 10,000× fewer than all K

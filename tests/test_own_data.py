@@ -294,6 +294,7 @@ def test_rgb_folder_from_the_command_line(shapes, tmp_path):
     assert (out / "samples-seed0.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow  # 13 s: the fast subset stays under 3 minutes
 def test_frey_faces_conv_discretized_logistic(data_dir, tmp_path, capsys):
     """Frey Faces (1×28×20, not square) under --arch conv and the discretized logistic: fit one
     epoch (98 steps of 16), evaluate 10 validation faces with IWAE_5. The model must beat 8
