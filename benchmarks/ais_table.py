@@ -20,9 +20,10 @@ images of a smaller subset are among those of a larger one, and runs pair up ima
   says whether more steps still move the estimate;
 * where ``benchmarks/results/quality-<recipe>-cpu.json`` holds the recipe's IWAE_5000 on its
   whole test split (``test.n`` images: 10,000 on MNIST, 200 on Frey Faces), that NLL less the
-  largest-T paired difference: the committed number corrected by AIS, both SEs combined; measured directly on the largest-T run's images and,
-  where the lowest-T run has more images, chained: its gain plus each paired increment up to the
-  largest T (a smaller SE when the increments vary less across images than the gains do).
+  largest-T paired difference: the committed number corrected by AIS, both SEs combined;
+  measured directly on the largest-T run's images and, where the lowest-T run has more images,
+  chained: its gain plus each paired increment up to the largest T (a smaller SE when the
+  increments vary less across images than the gains do).
 
 ``--figure F.png`` draws, per model, each estimate less IWAE_5000 on the same images (paired
 mean ± SE across images) against its cost per image in passes of the batch through guide and
