@@ -85,7 +85,8 @@ def fit(
     (e.g. from :func:`~ppl_vae.data.load_dataset` or ``dataset_from_array``); ``out``: the run
     directory (default ``runs/<dataset>-<elbo>-<time>``); ``options``: any flag of the command,
     spelled as :class:`~ppl_vae.training.config.FitConfig`'s field (``z_dim=20``, ``kl_warmup=5``,
-    ``hidden=[400]``); ``accept_changed_data``: as ``--accept-changed-data``. Raises
+    ``hidden=[400]``; ``init_from="runs/x"``: start from that run's ``best.pt``, taking its program,
+    :mod:`ppl_vae.training.init_from`); ``accept_changed_data``: as ``--accept-changed-data``. Raises
     :class:`~ppl_vae.core.errors.UserError` (one line) on bad input,
     ``Interrupted`` (a checkpoint was saved; ``resume=True`` continues) and ``NonFiniteLoss``."""
     from .training.train import Trainer
@@ -96,9 +97,21 @@ def fit(
         raise UserError("--resume needs --out, the run directory to continue")
     base = None
     if resume:
+        if options.get("init_from") is not None:
+            raise UserError(
+                "--init-from starts a new run from another's parameters and --resume continues this "
+                "run's own; drop --init-from to resume"
+            )
         if not (Path(out) / "config.json").exists():
             raise UserError(f"--resume: {out} holds no run (no config.json)")
         base = FitConfig.load(Path(out) / "config.json")
+    elif options.get("init_from") is not None:  # the program (and data) of the run started from
+        from .training import init_from
+
+        options["init_from"] = str(options["init_from"])
+        base = init_from.settings(
+            options["init_from"], with_data=dataset is None and "dataset" not in options
+        )
     data = None if dataset is None or isinstance(dataset, (str, Path)) else dataset
     if dataset is not None:
         options["dataset"] = data.name if data is not None else str(dataset)

@@ -274,6 +274,15 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
     g = p.add_argument_group("run directory")
     g.add_argument("--out", default=None, help="run directory (default: runs/<dataset>-<elbo>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    g.add_argument(
+        "--init-from",
+        default=S,
+        metavar="RUN",
+        help="start a new run from the parameters of RUN's best.pt (or of RUN/checkpoint.pt): the "
+        "program, and unless --dataset is given the data, come from RUN's config.json; the training "
+        "settings are this command's, with --kl-warmup defaulting to 0; a fresh optimizer (e.g. IWAE "
+        "fine-tuning of an ELBO-trained run: --elbo iwae --num-particles 5)",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument(
         "--accept-changed-data",

@@ -120,6 +120,8 @@ class FitConfig:
         None  # stop after the epoch that ends past this many minutes of this invocation
     )
     seed: int = 0
+    init_from: str | None = None  # a run (its best.pt) or checkpoint file to start from
+
     device: str = "auto"  # auto | cpu | cuda
     cuda_graph: bool = (
         False  # on CUDA, replay each step from a captured CUDA graph (opt-in; docs/benchmarks.md)
@@ -135,6 +137,7 @@ class FitConfig:
     binarize_seed: int | None = None  # seed of the fixed binarization of valid/test (dynamic) or all (static)
     data_split: str | None = None  # how the train/valid/test splits were made
     dequantize_seed: int | None = None  # seed of the one draw of u for valid/test (uniform dequantization)
+    init_record: dict | None = None  # (--init-from) the file, epoch and parameter digest loaded
 
     def validate(self, source: str | None = None) -> None:
         """Raise a one-line :class:`UserError` for a value of the wrong type or out of range.
@@ -166,8 +169,10 @@ class FitConfig:
 
     def with_data_defaults(self, n_train: int) -> "FitConfig":
         """This config with the settings that depend on the data fixed, for ``n_train`` training
-        datapoints: ``epochs`` = None becomes :func:`default_epochs`, ``kl_warmup`` = None :func:`default_kl_warmup`. Call it once the data are
-        loaded, before the config is saved (``config.json`` records the fixed values)."""
+        datapoints: ``epochs`` = None becomes :func:`default_epochs`, ``kl_warmup`` = None
+        :func:`default_kl_warmup` (0 from ``--init-from``: a trained model needs no warm-up).
+        Call it once the data are loaded, before the config is saved (``config.json`` records
+        the fixed values)."""
         z_dim, hidden = DEFAULT_DIMS[self.latent_layers]
         epochs = self.epochs or default_epochs(n_train, self.batch_size)
         return dataclasses.replace(
@@ -177,6 +182,8 @@ class FitConfig:
             hidden=list(hidden) if self.hidden is None else self.hidden,
             kl_warmup=self.kl_warmup
             if self.kl_warmup is not None
+            else 0.0
+            if self.init_from
             else default_kl_warmup(self.latent_layers, epochs),
         )
 

@@ -26,7 +26,7 @@ from ..data.prepare import prepare
 from ..inference.objectives import make_objective
 from ..programs.likelihoods import make_likelihood
 from ..reports.tensorboard_log import TensorBoardLog
-from . import best, checkpoint, runs
+from . import best, checkpoint, init_from, runs
 from .averaging import ParameterAverage
 from .config import FitConfig
 from .cuda_graph import GraphedStep
@@ -60,6 +60,8 @@ def start(t, cfg: FitConfig, out, resume, overwrite, quiet, dataset, model, acce
 def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     """Everything of the start but the lock: the settings, the data, the model and its
     optimizer, the checkpoint on ``resume``; then the run directory prepared and ``config.json``."""
+    if cfg.init_from and not resume:  # (before anything can touch --out)
+        init_from.check_out(t.out, cfg.init_from)
     runs.prepare(t.out, resume, overwrite, clear=False)  # cleared below, once the input is valid
     if resume:
         saved = FitConfig.load(t.out / "config.json")
@@ -114,6 +116,8 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     t.labels = runs.class_labels(t.data, cfg)  # one-hot (N, C) per split for a conditional program
     t.model = (runs.build_model(cfg) if model is None else model).to(t.device)
     t.model.register_params = False  # one torch optimizer owns the parameters (see VAE)
+    if cfg.init_from and not resume:  # another run's parameters, before θ̄ and the optimizer copy them
+        cfg.init_record = init_from.load_into(t.model, cfg, t.device)
     # (distributed: eager steps; DDP's all-reduce inside a captured graph is not supported here)
     use_graph = t.device.type == "cuda" and cfg.cuda_graph and not t.ctx.enabled
     t.optim = make_optimizer(t.model.parameters(), cfg, t.device, capturable=use_graph)
