@@ -202,7 +202,7 @@ def _binarization(dataset: str, binarize: str) -> str:
 
 def main(argv=None) -> int:
     from .data.fingerprint import changes, fingerprint
-    from .training.runs import load_run, load_run_data, resolve_device
+    from .training.runs import check_image_shape, load_run, load_run_data, resolve_device
 
     args = build_parser().parse_args(argv)
     with user_errors(PROG):
@@ -216,11 +216,7 @@ def main(argv=None) -> int:
         ctx, device = distributed.setup(resolve_device(args.device))
         vae, cfg = load_run(run_dir, which=args.checkpoint, device=device)
         ds = load_run_data(cfg, vae.likelihood, args.data_dir)  # as fitted
-        if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
-            raise UserError(
-                f"the data have image shape {list(ds.image_shape)} but the run was trained on "
-                f"{cfg.image_shape}"
-            )
+        check_image_shape(ds, cfg)
         used = fingerprint(ds, cfg.dataset)  # recorded in the JSON; other data than the run's: a warning
         changed = changes(cfg.data_fingerprint, used, args.split)  # (the split evaluated)
         if changed and ctx.is_main:

@@ -143,6 +143,22 @@ def test_a_best_pt_that_cannot_be_rewritten_is_never_claimed(run2, tmp_path, cap
 # --------------------------------------------------------------------------- data fingerprints
 
 
+def test_data_of_another_image_shape_are_refused_by_resume_and_evaluate(bits, tmp_path, capsys):
+    """A data file replaced by images of another shape: ``--resume`` (even with
+    ``--accept-changed-data``) and ``evaluate`` each refuse in one line naming both shapes."""
+    data, run = tmp_path / "data.npy", tmp_path / "run"
+    x = np.load(bits)
+    np.save(data, x)
+    assert in_process(["--dataset", data, *TINY, "--epochs", 1, "--out", run], capsys).returncode == 0
+    np.save(data, x[:, :-1])  # one row of pixels fewer
+    before = snapshot(run)
+    shapes = f"the data have image shape [1, {x.shape[1] - 1}, {x.shape[2]}] but the run was trained on [1, {x.shape[1]}, {x.shape[2]}]"
+    resume = ["--out", run, "--resume", "--epochs", 2, "--accept-changed-data"]
+    assert shapes in assert_one_line(in_process(resume, capsys), 2)
+    assert shapes in assert_one_line(in_process([run, *QUICK_EVAL], capsys, module="evaluate"), 2, EVALUATE)
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("change", ["same shape", "more rows"])
 def test_changed_data_are_refused_on_resume_and_warned_about_by_evaluate(bits, tmp_path, capsys, change):
     """config.json records the data's fingerprint. Replaced data (the same shape with some pixels

@@ -243,6 +243,14 @@ def load_run_data(cfg: FitConfig, likelihood, data_dir: str | os.PathLike | None
     return load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.binarize, likelihood, **own)
 
 
+def check_image_shape(ds: "Dataset", cfg: FitConfig) -> None:
+    """Refuse data whose image shape is not the one the run was fitted on (one line)."""
+    if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
+        raise CheckpointError(
+            f"the data have image shape {list(ds.image_shape)} but the run was trained on {cfg.image_shape}"
+        )
+
+
 def load_run(run_dir: str | Path, which: str = "best", device="cpu") -> tuple[VAE, FitConfig]:
     """The trained model of a run directory in eval mode, and its config: ``which`` = ``best``:
     ``best.pt`` checked against the record in ``checkpoint.pt`` (a stale or missing one is

@@ -20,7 +20,7 @@ import pyro
 import torch
 
 from ..core import distributed
-from ..core.errors import CheckpointError, UserError
+from ..core.errors import UserError
 from ..data.fingerprint import changes, fingerprint
 from ..data.prepare import prepare
 from ..inference.objectives import make_objective
@@ -83,10 +83,7 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
         ds = prepare(dataclasses.replace(dataset), cfg.binarize, likelihood, cfg.dequantize)
     else:
         ds = dataset
-    if cfg.image_shape is not None and list(ds.image_shape) != list(cfg.image_shape):
-        raise CheckpointError(
-            f"the data have image shape {list(ds.image_shape)} but the run was trained on {cfg.image_shape}"
-        )
+    runs.check_image_shape(ds, cfg)
     if resume:  # prepared as the run's data were (before the fingerprint: a digest may be of prepared data)
         resolved = {k: getattr(ds, k) for k in ("binarize", "binarize_seed", "dequantize", "dequantize_seed")}
         checkpoint.check_preparation_matches(saved.to_dict(), resolved, cfg.to_dict())
