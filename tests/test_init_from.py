@@ -25,13 +25,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::ppl_vae.reports.collapse.Poster
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A two-layer run on digits with averaging whose best epoch is not its last: 12 epochs (the
-    bound still rising), then 2 more resumed at a learning rate that wrecks it."""
+    """A two-layer run on digits with averaging whose best epoch is not its last: 6 epochs (the
+    bound still rising), then 1 more resumed at a learning rate that wrecks it."""
     out = tmp_path_factory.mktemp("init") / "source"
     fit(
         dataset="digits",
         out=out,
-        epochs=12,
+        epochs=6,
         latent_layers=2,
         z_dim=4,
         z2_dim=3,
@@ -43,8 +43,8 @@ def source(tmp_path_factory):
         final_iwae_k=0,
         device="cpu",
     )
-    run = fit(out=out, resume=True, epochs=14, lr=0.3, device="cpu")
-    assert run.summary["best_epoch"] == 12 and run.metrics[-1]["valid_elbo"] < run.metrics[11]["valid_elbo"]
+    run = fit(out=out, resume=True, epochs=7, lr=0.3, device="cpu")
+    assert run.summary["best_epoch"] == 6 and run.metrics[-1]["valid_elbo"] < run.metrics[5]["valid_elbo"]
     return out, run
 
 
@@ -87,7 +87,7 @@ def test_checkpoint_pt_starts_at_the_latest_epoch_and_flags_override_training_se
         num_particles=2,
         **FROZEN,
     )
-    assert new.config.init_record["epoch"] == 14 != run.summary["best_epoch"]
+    assert new.config.init_record["epoch"] == 7 != run.summary["best_epoch"]
     assert new.config.kl_warmup == 1 and new.config.elbo == "iwae" and "valid_iwae_k" in new.metrics[0]
     latest = model_state(src / "checkpoint.pt")  # θ̄ under --ema: what the source is judged by
     assert all(torch.equal(latest[k], v) for k, v in new.model.state_dict().items())
@@ -108,6 +108,7 @@ def test_refusals_are_one_line_and_leave_the_source_as_it_was(source, tmp_path):
     assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow  # two processes that load torch (~10 s on 2 busy cores)
 def test_the_command_fine_tunes_a_run_end_to_end(source, tmp_path):
     """Through ``python -m ppl_vae.fit``: IWAE fine-tuning from the best epoch trains and its
     first epoch is its own best-so-far (no earlier row of another objective to compare with)."""
