@@ -7,6 +7,7 @@ Examples::
     python -m ppl_vae.fit --dataset mnist --likelihood continuous-bernoulli --arch conv
     python -m ppl_vae.fit --elbo iwae --num-particles 50 --dataset binarized-mnist
     python -m ppl_vae.fit --out runs/bmnist --resume --epochs 20   # continue a run
+    python -m ppl_vae.fit --init-from runs/bmnist --elbo iwae --num-particles 5 --out runs/ft  # fine-tune
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def config_from_args(args: argparse.Namespace, base: FitConfig | None = None) ->
 
 
 def _config(options: dict, base: FitConfig | None) -> FitConfig:
-    known = {f.name for f in dataclasses.fields(FitConfig)}
+    known = {f.name for f in dataclasses.fields(FitConfig)} - {"init_record"}  # (fit records it)
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(
@@ -108,7 +109,7 @@ def fit(
     elif options.get("init_from") is not None:  # the program (and data) of the run started from
         from .training import init_from
 
-        options["init_from"] = str(options["init_from"])
+        options["init_from"] = str(Path(options["init_from"]).resolve())  # (recorded: checkable anywhere)
         base = init_from.settings(
             options["init_from"], with_data=dataset is None and "dataset" not in options
         )

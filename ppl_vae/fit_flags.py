@@ -204,7 +204,7 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
         default=S,
         help="epochs of linear β warm-up; with --elbo iwae it "
         "tempers log p(z) − log q(z|x) in each weight (default: 0, off, with one latent layer; a tenth of "
-        "the epochs with --latent-layers 2)",
+        "the epochs with --latent-layers 2; 0 with --init-from)",
     )
     g = p.add_argument_group("optimization")
     g.add_argument(

@@ -49,5 +49,6 @@ def test_the_documented_defaults_of_sigma_and_the_warm_up_are_the_codes():
     text = DOCS.read_text()
     assert re.search(r"\| `--sigma S` \| 0\.1 \|", text)
     assert re.search(
-        r"\| `--kl-warmup E` \| 0 with one latent layer, a tenth of the epochs with two \|", text
+        r"\| `--kl-warmup E` \| 0 with one latent layer, a tenth of the epochs with two; 0 with `--init-from` \|",
+        text,
     )

@@ -26,10 +26,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::ppl_vae.reports.collapse.Poster
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A two-layer run on digits with averaging whose best epoch is not its last: 6 epochs (the
-    bound still rising), then 1 more resumed at a learning rate that wrecks it."""
+    bound still rising), then 1 more resumed at a learning rate that wrecks it. Statically
+    binarized, so that a new run must inherit the data settings to score the same images."""
     out = tmp_path_factory.mktemp("init") / "source"
     fit(
         dataset="digits",
+        binarize="static",
         out=out,
         epochs=6,
         latent_layers=2,
@@ -59,6 +61,7 @@ def test_a_new_run_starts_at_the_source_best_parameters(source, tmp_path):
     # the program came from the source's config.json, though no model flag was given
     for key in ("latent_layers", "z_dim", "z2_dim", "hidden", "hidden2", "dataset", "binarize"):
         assert getattr(new.config, key) == getattr(run.config, key), key
+    assert new.config.binarize == "static"  # (the default would have binarized digits dynamically)
     assert new.config.kl_warmup == 0  # a trained model needs no warm-up (two layers default to 1/10)
     # the same validation bound as the source's best epoch (same parameters, same fixed draws)
     recorded = next(r for r in run.metrics if r["epoch"] == best_epoch)
@@ -69,12 +72,13 @@ def test_a_new_run_starts_at_the_source_best_parameters(source, tmp_path):
     assert theirs.keys() == ours.keys()
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
     saved = json.loads((tmp_path / "new" / "config.json").read_text())
-    assert saved["init_from"] == str(src)
-    assert saved["init_record"] == {
-        "file": str(src / "best.pt"),
-        "epoch": best_epoch,
-        "digest": digest(theirs),
-    }
+    assert saved["init_from"] == str(src.resolve())
+    record = {"file": str(src.resolve() / "best.pt"), "epoch": best_epoch, "digest": digest(theirs)}
+    assert saved["init_record"] == record
+    # resumed, the run continues from its own checkpoint and keeps its record and its warm-up of 0
+    more = fit(out=tmp_path / "new", resume=True, epochs=2, device="cpu")
+    assert [r["epoch"] for r in more.metrics] == [1, 2]
+    assert more.config.init_record == record and more.config.kl_warmup == 0
 
 
 def test_checkpoint_pt_starts_at_the_latest_epoch_and_flags_override_training_settings(source, tmp_path):
@@ -98,6 +102,10 @@ def test_refusals_are_one_line_and_leave_the_source_as_it_was(source, tmp_path):
     before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
     with pytest.raises(UserError, match=r"its program differs from this run's \(z_dim 4 there, 5 here\)"):
         fit(out=tmp_path / "a", init_from=src, z_dim=5, **FROZEN)
+    with pytest.raises(UserError, match=r"\(sigma 0.1 there, 0.5 here\)"):  # σ is the program's too
+        fit(out=tmp_path / "a", init_from=src, sigma=0.5, **FROZEN)
+    with pytest.raises(UserError, match=r"unknown option\(s\) \['init_record'\]"):  # fit records it
+        fit(out=tmp_path / "a", init_from=src, init_record={"epoch": 1}, **FROZEN)
     with pytest.raises(UserError, match="is the run --init-from reads"):
         fit(out=src, init_from=src, overwrite=True, **FROZEN)
     with pytest.raises(UserError, match="drop --init-from to resume"):
@@ -129,3 +137,11 @@ def test_the_command_fine_tunes_a_run_end_to_end(source, tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "z_dim 4 there, 9 here" in lines[0], bad.stderr
     assert not (tmp_path / "bad").exists()
+    # --out the source itself, from another process: refused before its lock file is rewritten or
+    # a dead writer's temporary file removed (the source byte for byte as it was)
+    (src / ".best.pt.999999.deadbeef.tmp").write_bytes(b"left by a writer that died")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    bad = subprocess.run([*cmd, "--out", str(src), "--overwrite"], capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "is the run --init-from reads" in lines[0], bad.stderr
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -120,14 +120,13 @@ class FitConfig:
         None  # stop after the epoch that ends past this many minutes of this invocation
     )
     seed: int = 0
-    init_from: str | None = None  # a run (its best.pt) or checkpoint file to start from
-
     device: str = "auto"  # auto | cpu | cuda
     cuda_graph: bool = (
         False  # on CUDA, replay each step from a captured CUDA graph (opt-in; docs/benchmarks.md)
     )
     log_every: int = 50  # steps between host syncs (progress bar, NaN check)
     final_iwae_k: int = 100  # K of the validation IWAE bound reported at the end (0 = skip)
+    init_from: str | None = None  # a run (its best.pt) or a checkpoint file to start from (resolved path)
     tensorboard: str | None = (
         None  # also write each epoch's metrics and image grids as TensorBoard events here
     )

@@ -10,32 +10,36 @@ a new run directory whose parameters start as the source's, with everything else
   ``evaluate`` does), or the file named (``RUN/checkpoint.pt``: the latest epoch). Under ``--ema``
   a checkpoint's ``model`` is θ̄, the parameters the source is judged by; those are loaded, and
   this run's own average (if any) starts there too.
-* **settings**: the program (the keys of :data:`~ppl_vae.training.config.MODEL_KEYS` and the
-  likelihood's σ) and, unless ``--dataset`` is given, the data settings come from the source's
-  ``config.json``; a program flag given here must agree with it (one line otherwise). The
+* **settings**: the program (the keys of :data:`~ppl_vae.training.config.MODEL_KEYS`, the
+  number of classes of a conditional program and the likelihood's σ) and, unless ``--dataset``
+  is given, the data settings come from the source's ``config.json``; a program flag given here
+  must agree with it, and so must the data's image shape (one line otherwise). Inherited data
+  that have changed since the source was trained are used with one warning. The
   training settings (objective, learning rate, epochs, averaging, ...) are this command's own,
   defaults included, except that ``--kl-warmup`` defaults to 0: a trained model needs no warm-up.
 * **state**: a fresh optimizer and schedule, epoch 1, this run's own validation rows and
-  ``best.pt``; ``config.json`` records ``init_from`` and ``init_record`` (file, epoch, digest of
-  the parameters loaded), so the start can be checked later.
+  ``best.pt``; ``config.json`` records ``init_from`` and ``init_record`` (resolved file, epoch,
+  digest of the parameters loaded), so the start can be checked later. The loaded parameters
+  are not validated before the first step, so ``best.pt`` is this run's best epoch even where
+  every epoch is worse than the source: judge the two runs on one estimate
+  (``evaluate --split valid`` on both).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..core.errors import CheckpointError, UserError
+from ..data.fingerprint import changes
 from . import checkpoint
 from .best import digest, load_verified
 from .config import MODEL_KEYS, FitConfig
 
 # what the new run takes from the source's config.json unless given: the program, then the data
-PROGRAM_KEYS = tuple(k for k in MODEL_KEYS if k not in ("image_shape", "num_classes")) + (
-    "sigma",
-    "sigma_floor",
-)
+PROGRAM_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("sigma", "sigma_floor")
 DATA_KEYS = ("dataset", "data_dir", "binarize", "dequantize", "channels", "image_size")
 FILES = ("best.pt", "checkpoint.pt")
 
@@ -60,7 +64,7 @@ def settings(path: str | Path, with_data: bool) -> FitConfig:
     run_dir, _ = source(path)
     saved = FitConfig.load(run_dir / "config.json")
     keys = PROGRAM_KEYS + (DATA_KEYS if with_data else ())
-    return FitConfig(**{k: getattr(saved, k) for k in keys}, init_from=str(path))
+    return FitConfig(**{k: getattr(saved, k) for k in keys}, init_from=str(Path(path).resolve()))
 
 
 def check_out(out: Path, path: str | Path) -> None:
@@ -83,15 +87,23 @@ def load_into(model: torch.nn.Module, cfg: FitConfig, device) -> dict:
     else:
         file, ckpt = run_dir / f"{which}.pt", checkpoint.load(run_dir / f"{which}.pt", map_location=device)
     theirs, ours = ckpt["config"], cfg.to_dict()
-    diffs = [
-        f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here"
-        for k in MODEL_KEYS
-        if k in theirs and theirs.get(k) != ours.get(k) and not (k == "num_classes" and ours.get(k) is None)
-    ]
+    differ = lambda k: k in theirs and theirs[k] != ours.get(k)  # noqa: E731
+    if differ("image_shape"):
+        raise UserError(
+            f"--init-from {cfg.init_from}: the data have image shape {ours['image_shape']}, the source "
+            f"was trained on {theirs['image_shape']}; its networks take only that shape"
+        )
+    diffs = [f"{k} {theirs[k]!r} there, {ours.get(k)!r} here" for k in PROGRAM_KEYS if differ(k)]
     if diffs:
         raise UserError(
             f"--init-from {cfg.init_from}: its program differs from this run's ({'; '.join(diffs)}); "
             f"drop those flags (the program comes from {run_dir / 'config.json'}) or start from scratch"
+        )
+    changed = changes(theirs.get("data_fingerprint"), cfg.data_fingerprint or {})
+    if theirs.get("dataset") == cfg.dataset and changed:
+        warnings.warn(
+            f"--init-from: the data ({cfg.dataset}) differ from those the source was trained on "
+            f"({changed}); training on them"
         )
     try:
         model.load_state_dict(ckpt["model"])
@@ -99,4 +111,4 @@ def load_into(model: torch.nn.Module, cfg: FitConfig, device) -> dict:
         raise CheckpointError(
             f"--init-from {file}: its parameters do not fit this model: {str(e).splitlines()[0]}"
         ) from None
-    return {"file": str(file), "epoch": int(ckpt["epoch"]), "digest": digest(ckpt["model"])}
+    return {"file": str(Path(file).resolve()), "epoch": int(ckpt["epoch"]), "digest": digest(ckpt["model"])}

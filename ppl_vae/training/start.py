@@ -46,6 +46,8 @@ def start(t, cfg: FitConfig, out, resume, overwrite, quiet, dataset, model, acce
         if t.ctx.is_main:
             if t.out.exists() and not t.out.is_dir():
                 raise UserError(f"--out {t.out} is a file, not a run directory; choose another --out")
+            if cfg.init_from and not resume:  # before the lock: --out RUN must not touch RUN
+                init_from.check_out(t.out, cfg.init_from)
             t.lock = runs.lock(t.out)  # one writer: refused here while another fit holds it
         setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data)
     except BaseException:  # bad input or a signal during start-up: leave no half-made run behind
@@ -60,8 +62,6 @@ def start(t, cfg: FitConfig, out, resume, overwrite, quiet, dataset, model, acce
 def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     """Everything of the start but the lock: the settings, the data, the model and its
     optimizer, the checkpoint on ``resume``; then the run directory prepared and ``config.json``."""
-    if cfg.init_from and not resume:  # (before anything can touch --out)
-        init_from.check_out(t.out, cfg.init_from)
     runs.prepare(t.out, resume, overwrite, clear=False)  # cleared below, once the input is valid
     if resume:
         saved = FitConfig.load(t.out / "config.json")
