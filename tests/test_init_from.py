@@ -145,3 +145,23 @@ def test_the_command_fine_tunes_a_run_end_to_end(source, tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "is the run --init-from reads" in lines[0], bad.stderr
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_inherited_data_that_changed_since_the_source_are_used_with_a_warning(tmp_path):
+    """A source trained on a .npy whose content has since changed: the new run trains on the file
+    as it is now and says so in one warning (as ``evaluate`` does for changed data)."""
+    import numpy as np
+
+    data = tmp_path / "bits.npy"
+    x = (np.random.default_rng(0).random((300, 6, 6)) < 0.3).astype(np.float32)
+    np.save(data, x)
+    tiny = dict(z_dim=2, hidden=[8], epochs=1, final_iwae_k=0, device="cpu")
+    fit(dataset=str(data), out=tmp_path / "src", **tiny)
+    np.save(data, 1 - x)
+    with pytest.warns(
+        UserWarning,
+        match=r"--init-from: the data \(.*bits.npy\) differ from those the source was trained on \(the same size, other content\)",
+    ):
+        fit(
+            out=tmp_path / "new", init_from=tmp_path / "src", lr=1e-30, epochs=1, final_iwae_k=0, device="cpu"
+        )
