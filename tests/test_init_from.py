@@ -18,7 +18,8 @@ from ppl_vae import fit
 from ppl_vae.core.errors import UserError
 from ppl_vae.training.best import digest
 
-FROZEN = dict(lr=1e-30, epochs=1, final_iwae_k=0, device="cpu")
+EPOCH = dict(epochs=1, final_iwae_k=0, device="cpu")
+FROZEN = dict(lr=1e-30, **EPOCH)
 # a network this small collapses z2 (warned at the end of each run): irrelevant here
 pytestmark = pytest.mark.filterwarnings("ignore::ppl_vae.reports.collapse.PosteriorCollapse")
 
@@ -66,6 +67,9 @@ def test_a_new_run_starts_at_the_source_best_parameters(source, tmp_path):
     # the same validation bound as the source's best epoch (same parameters, same fixed draws)
     recorded = next(r for r in run.metrics if r["epoch"] == best_epoch)
     assert new.metrics[0]["valid_elbo"] == pytest.approx(recorded["valid_elbo"], abs=1e-4)
+    start = new.config.init_record["valid"]  # scored before the first step, as an epoch is
+    assert start["valid_elbo"] == pytest.approx(recorded["valid_elbo"], abs=1e-4)
+    assert new.summary["init_valid"] == start["valid_elbo"]
     first_epoch = next(r for r in run.metrics if r["epoch"] == 1)
     assert new.metrics[0]["valid_elbo"] > first_epoch["valid_elbo"] + 5  # not a fresh network
     theirs, ours = model_state(src / "best.pt"), model_state(tmp_path / "new" / "best.pt")
@@ -73,7 +77,12 @@ def test_a_new_run_starts_at_the_source_best_parameters(source, tmp_path):
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
     saved = json.loads((tmp_path / "new" / "config.json").read_text())
     assert saved["init_from"] == str(src.resolve())
-    record = {"file": str(src.resolve() / "best.pt"), "epoch": best_epoch, "digest": digest(theirs)}
+    record = {
+        "file": str(src.resolve() / "best.pt"),
+        "epoch": best_epoch,
+        "digest": digest(theirs),
+        "valid": start,
+    }
     assert saved["init_record"] == record
     # resumed, the run continues from its own checkpoint and keeps its record and its warm-up of 0
     more = fit(out=tmp_path / "new", resume=True, epochs=2, device="cpu")
@@ -165,3 +174,22 @@ def test_inherited_data_that_changed_since_the_source_are_used_with_a_warning(tm
         fit(
             out=tmp_path / "new", init_from=tmp_path / "src", lr=1e-30, epochs=1, final_iwae_k=0, device="cpu"
         )
+
+
+def test_a_fine_tuning_that_never_beats_its_start_ends_with_a_warning(source, tmp_path):
+    """Fine-tuned on noise (the digits' training images replaced by uniform grey levels, the
+    validation images kept), every epoch scores worse than the start: the run says so (its
+    best.pt is its own best epoch, not the better model it started from)."""
+    import dataclasses
+
+    from ppl_vae import load_dataset
+
+    src, run = source
+    digits = load_dataset("digits")
+    noise = dataclasses.replace(digits, train=torch.rand_like(digits.train).clamp(0.01, 0.99))
+    warned = r"no epoch of this run beat the parameters it started from on the validation ELBO: .* \(epoch 1\) against .* at the start: .*best.pt is the better model"
+    with pytest.warns(UserWarning, match=warned):
+        new = fit(dataset=noise, binarize="static", out=tmp_path / "noise", init_from=src, lr=0.01, **EPOCH)
+    best = next(r for r in run.metrics if r["epoch"] == run.summary["best_epoch"])
+    assert new.summary["init_valid"] == pytest.approx(best["valid_elbo"], abs=1e-4)  # the same images
+    assert new.summary["best_valid_elbo"] < new.summary["init_valid"] - 1

@@ -1,6 +1,6 @@
 """The end of a :class:`~ppl_vae.training.train.Trainer`'s run: ``summary.json`` (epochs, why
 training stopped, the best validation bound and its epoch, what ``best.pt`` really holds, the last
-epoch's row), the final validation IWAE_K bound (``--final-iwae-k``), the active units and
+epoch's row; under ``--init-from`` the start's bound, and a warning when no epoch beat it), the final validation IWAE_K bound (``--final-iwae-k``), the active units and
 posterior-collapse warnings, and the run's figures (:func:`ppl_vae.reports.plots.run_figures`).
 """
 
@@ -31,6 +31,16 @@ def finish(t) -> dict:
         **({"iwae_k": t.cfg.num_particles} if bound == "iwae_k" else {}),
         "final": t.state.rows[-1] if t.state.rows else None,
     }
+    start = (t.cfg.init_record or {}).get("valid")  # --init-from: the parameters it started from
+    if start is not None:
+        summary["init_valid"] = runs.selection_bound(start)
+        if t.ctx.is_main and t.state.best < summary["init_valid"] - 1e-3:
+            warnings.warn(
+                f"--init-from: no epoch of this run beat the parameters it started from on the "
+                f"validation {'IWAE_' + str(t.cfg.num_particles) if bound == 'iwae_k' else 'ELBO'}: "
+                f"{t.state.best:.3f} at best (epoch {summary['best_epoch']}) against "
+                f"{summary['init_valid']:.3f} at the start: {t.cfg.init_record['file']} is the better model"
+            )
     judged = t.evaluated.eval()
     if t.cfg.final_iwae_k and t.state.epoch > 0:
         x = t._valid_args()

@@ -19,10 +19,11 @@ a new run directory whose parameters start as the source's, with everything else
   defaults included, except that ``--kl-warmup`` defaults to 0: a trained model needs no warm-up.
 * **state**: a fresh optimizer and schedule, epoch 1, this run's own validation rows and
   ``best.pt``; ``config.json`` records ``init_from`` and ``init_record`` (resolved file, epoch,
-  digest of the parameters loaded), so the start can be checked later. The loaded parameters
-  are not validated before the first step, so ``best.pt`` is this run's best epoch even where
-  every epoch is worse than the source: judge the two runs on one estimate
-  (``evaluate --split valid`` on both).
+  digest of the parameters loaded, and ``valid``: their validation terms under this run's
+  objective, computed before the first step as an epoch's are), so the start can be checked
+  later. ``best.pt`` holds this run's best epoch; when that is worse than the start,
+  ``summary.json``'s ``init_valid`` shows it and the run ends with a warning saying that the
+  source's parameters are the better model.
 """
 
 from __future__ import annotations

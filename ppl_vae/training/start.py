@@ -124,6 +124,8 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     t.average = ParameterAverage(t.model, cfg.ema) if cfg.ema else None  # θ̄ (--ema), judged and kept
     t.step_fn = GraphedStep(t._step, t.device) if use_graph else t._step
     t.state = checkpoint.TrainState()
+    if cfg.init_from and not resume:  # the start scored as an epoch is; finish compares the best with it
+        cfg.init_record["valid"] = t.validate()
     if t.ctx.rank:  # rank 0 keeps the single-process stream; the others draw their own ε
         pyro.set_rng_seed(distributed.rank_seed(cfg.seed, t.ctx.rank))
     if resume:
@@ -143,6 +145,12 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     distributed.barrier(t.ctx)  # every rank has checked the run directory before rank 0 writes
     if t.ctx.is_main:
         t._log(f"data: {ds.describe()}")
+        if cfg.init_from and not resume:
+            rec = cfg.init_record
+            t._log(
+                f"starting from {rec['file']} (epoch {rec['epoch']}): validation "
+                + "  ".join(f"{t._label(k)} {v:.3f}" for k, v in rec["valid"].items())
+            )
         runs.prepare(t.out, resume, overwrite)
         cfg.save(t.out / "config.json")  # on --resume: the merged settings (e.g. a new --epochs)
 
