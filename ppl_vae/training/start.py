@@ -31,6 +31,7 @@ from .averaging import ParameterAverage
 from .config import FitConfig
 from .cuda_graph import GraphedStep
 from .optim import make_optimizer
+from .validation import row_terms
 
 
 def start(t, cfg: FitConfig, out, resume, overwrite, quiet, dataset, model, accept_changed_data) -> None:
@@ -125,7 +126,7 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     t.step_fn = GraphedStep(t._step, t.device) if use_graph else t._step
     t.state = checkpoint.TrainState()
     if cfg.init_from and not resume:  # the start scored as an epoch is; finish compares the best with it
-        cfg.init_record["valid"] = t.validate()
+        cfg.init_record["valid"] = row_terms(t.evaluated, t._valid_args(), cfg, t.ctx)  # (θ̄ = θ here)
     if t.ctx.rank:  # rank 0 keeps the single-process stream; the others draw their own ε
         pyro.set_rng_seed(distributed.rank_seed(cfg.seed, t.ctx.rank))
     if resume:

@@ -35,7 +35,7 @@ from . import checkpoint, finish, runs, start
 from .config import FitConfig
 from .interrupts import Interrupted, NonFiniteLoss, signals_to_flag
 from .optim import apply_settings, beta_at, patience_grace
-from .validation import bound_on, elbo_terms_on, objective_name
+from .validation import objective_name, row_terms
 
 
 def train_step(
@@ -280,28 +280,17 @@ class Trainer:
                     raise Interrupted(distributed.signal_number(flag, self.ctx), self.out / "checkpoint.pt")
         self._epoch_seconds = time.perf_counter() - t0
 
-    def validate(self) -> dict:
-        """The validation terms of a metrics row for the judged parameters: ``valid_elbo``,
-        ``valid_recon``, ``valid_kl`` and, for an IWAE run, ``valid_iwae_k`` (what it selects on)."""
-        cfg, judged = self.cfg, self.evaluated
-        judged.eval()
-        x = self._valid_args()
-        valid = elbo_terms_on(judged, x, ctx=self.ctx)  # valid_elbo = valid_recon − valid_kl, one pass
-        if cfg.elbo == "iwae":  # an IWAE run is selected on its IWAE_K (runs.selection_bound)
-            valid["valid_iwae_k"] = bound_on(judged, x, "iwae", cfg.num_particles, ctx=self.ctx)
-        self.model.train()
-        return valid
-
     def _end_epoch(self, steps) -> bool:
         """Validate, log, checkpoint; True when early stopping says stop."""
         cfg, s, judged = self.cfg, self.state, self.evaluated
-        valid = self.validate()
+        valid = row_terms(judged, self._valid_args(), cfg, self.ctx)
         for key, value in valid.items():
             if not math.isfinite(value):  # the last update broke the parameters: keep the old checkpoint
                 what = f"validation IWAE_{cfg.num_particles}" if key == "valid_iwae_k" else "validation ELBO"
                 raise self._non_finite(
                     what, value, f"at the end of epoch {s.epoch + 1} (step {steps} of {steps})"
                 )
+        self.model.train()
         criterion = runs.selection_bound(valid)
         improved = criterion > s.best
         counted = s.epoch + 1 > patience_grace(cfg, steps)  # not in the warm-up (as θ̄ sees it)

@@ -72,6 +72,17 @@ def elbo_terms_on(
     return {**out, "valid_kl": out["valid_recon"] - out["valid_elbo"]}
 
 
+def row_terms(judged, x, cfg, ctx: distributed.Context | None = None) -> dict[str, float]:
+    """The validation terms of an epoch's metrics row for the parameters a run is judged by
+    (put in eval mode): :func:`elbo_terms_on`'s three and, for an IWAE run, ``valid_iwae_k``,
+    the bound it selects on (``runs.selection_bound``). ``--init-from`` scores its start so too."""
+    judged.eval()
+    valid = elbo_terms_on(judged, x, ctx=ctx)
+    if cfg.elbo == "iwae":
+        valid["valid_iwae_k"] = bound_on(judged, x, "iwae", cfg.num_particles, ctx=ctx)
+    return valid
+
+
 def _block_means(x, batch: int, ctx, block) -> dict[str, float]:
     """Means over the datapoints of ``x`` of each per-datapoint number ``block(x_b, i)`` returns
     (``{name: (n_b,)}`` on rows ``i:i + batch``), summed block by block in block order. Distributed:
