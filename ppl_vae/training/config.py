@@ -136,7 +136,7 @@ class FitConfig:
     binarize_seed: int | None = None  # seed of the fixed binarization of valid/test (dynamic) or all (static)
     data_split: str | None = None  # how the train/valid/test splits were made
     dequantize_seed: int | None = None  # seed of the one draw of u for valid/test (uniform dequantization)
-    init_record: dict | None = None  # (--init-from) the file, epoch and parameter digest loaded
+    init_record: dict | None = None  # (--init-from) file, epoch, parameter digest, validation terms
 
     def validate(self, source: str | None = None) -> None:
         """Raise a one-line :class:`UserError` for a value of the wrong type or out of range.

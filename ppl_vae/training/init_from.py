@@ -61,11 +61,12 @@ def source(path: str | Path) -> tuple[Path, str]:
 def settings(path: str | Path, with_data: bool) -> FitConfig:
     """The defaults of a run started ``--init-from path``: :data:`PROGRAM_KEYS` (and, when
     ``with_data``, :data:`DATA_KEYS`) from the source's ``config.json``, every other field the
-    package default (``kl_warmup`` 0, see :meth:`FitConfig.with_data_defaults`)."""
+    package default (with ``init_from`` set, ``kl_warmup`` defaults to 0:
+    :meth:`FitConfig.with_data_defaults`)."""
     run_dir, _ = source(path)
     saved = FitConfig.load(run_dir / "config.json")
     keys = PROGRAM_KEYS + (DATA_KEYS if with_data else ())
-    return FitConfig(**{k: getattr(saved, k) for k in keys}, init_from=str(Path(path).resolve()))
+    return FitConfig(**{k: getattr(saved, k) for k in keys})
 
 
 def check_out(out: Path, path: str | Path) -> None:
@@ -80,8 +81,8 @@ def check_out(out: Path, path: str | Path) -> None:
 def load_into(model: torch.nn.Module, cfg: FitConfig, device) -> dict:
     """Load the parameters ``cfg.init_from`` names into ``model`` (built from ``cfg``, whose
     ``image_shape`` and ``num_classes`` the data have fixed) and return the record written to
-    ``config.json``: ``{"file", "epoch", "digest"}``. A program that differs is one line naming
-    each setting."""
+    ``config.json``: ``{"file", "epoch", "digest"}`` (fit's start adds ``valid``). A program that
+    differs is one line naming each setting."""
     run_dir, which = source(cfg.init_from)
     if which == "best":
         file, ckpt = load_verified(run_dir, device)
