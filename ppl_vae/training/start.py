@@ -149,7 +149,7 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
         if cfg.init_from and not resume:
             rec = cfg.init_record
             t._log(
-                f"starting from {rec['file']} (epoch {rec['epoch']}): validation "
+                f"starting from {rec['file']} (epoch {rec['epoch']}): "
                 + "  ".join(f"{t._label(k)} {v:.3f}" for k, v in rec["valid"].items())
             )
         runs.prepare(t.out, resume, overwrite)
