@@ -114,8 +114,11 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     t.labels = runs.class_labels(t.data, cfg)  # one-hot (N, C) per split for a conditional program
     t.model = (runs.build_model(cfg) if model is None else model).to(t.device)
     t.model.register_params = False  # one torch optimizer owns the parameters (see VAE)
-    if cfg.init_from and not resume:  # another run's parameters, before θ̄ and the optimizer copy them
+    if cfg.init_from and not resume:
+        # another run's parameters, before θ̄ and the optimizer copy them, scored as an epoch is
+        # (finish compares the best epoch with this start; run() puts the model back in train mode)
         cfg.init_record = init_from.load_into(t.model, cfg, t.device)
+        cfg.init_record["valid"] = row_terms(t.model, t._valid_args(), cfg, t.ctx)
     # (distributed: eager steps; DDP's all-reduce inside a captured graph is not supported here)
     use_graph = t.device.type == "cuda" and cfg.cuda_graph and not t.ctx.enabled
     t.optim = make_optimizer(t.model.parameters(), cfg, t.device, capturable=use_graph)
@@ -125,8 +128,6 @@ def setup(t, cfg, resume, overwrite, dataset, model, accept_changed_data=False):
     t.average = ParameterAverage(t.model, cfg.ema) if cfg.ema else None  # θ̄ (--ema), judged and kept
     t.step_fn = GraphedStep(t._step, t.device) if use_graph else t._step
     t.state = checkpoint.TrainState()
-    if cfg.init_from and not resume:  # the start scored as an epoch is; finish compares the best with it
-        cfg.init_record["valid"] = row_terms(t.evaluated, t._valid_args(), cfg, t.ctx)  # (θ̄ = θ here)
     if t.ctx.rank:  # rank 0 keeps the single-process stream; the others draw their own ε
         pyro.set_rng_seed(distributed.rank_seed(cfg.seed, t.ctx.rank))
     if resume:
