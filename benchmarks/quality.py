@@ -19,6 +19,15 @@ both commands, the environment, the config, training and evaluation seconds, the
 log p(x) ± SE, the k̂ summary, the active units and the device; the metrics curve goes beside it
 as ``...-metrics.jsonl``. ``--figure`` draws one figure per data set.
 
+A candidate for a record (issue 27) is judged on validation first, so that the test split sees
+only the winner: ``--split valid`` evaluates log p(x) ≈ IWAE_1000 on all validation images and
+writes ``benchmarks/results/valid-<recipe>-<device>.json`` (and its curve); ``--evaluate-only``
+later gives the winner its test number from the same run. A recipe with ``--init-from @NAME``
+starts from recipe NAME's run (``runs/quality-NAME``, or ``--from RUN``)::
+
+    python benchmarks/quality.py best-iwae5-from-best --split valid --time-limit 15
+    python benchmarks/quality.py best-iwae5-from-best --evaluate-only          # only if it won
+
 ``--quick`` runs the same recipe for 128 steps on 2,000 training images (and 50 pseudo-inputs,
 100 importance samples on 200 images): it checks the wiring, not the number,
 and writes its JSON into the run directory only. The recipes are in docs/benchmarks.md ("Quality").
@@ -66,10 +75,39 @@ def merged(args: list[str]) -> dict[str, str]:
     return dict(zip(args[::2], args[1::2]))
 
 
+def source_run(recipe: str, quick: bool, source: Path | None = None) -> Path:
+    """The run an ``--init-from @NAME`` recipe starts from: ``source``, or recipe NAME's own run
+    directory (``runs/quality-NAME``, or its ``--quick`` run); exits with one line when it is not a
+    run (2, as the CLI's refusals)."""
+    args = merged(list(RECIPES[recipe][1]))
+    name = args["--init-from"][1:]
+    path = source or Path("runs") / f"{result_stem(name, 0)}{'-quick' if quick else ''}"
+    if not (path / "config.json").exists():
+        print(
+            f"quality.py: error: recipe {recipe} starts from recipe {name}'s run, and {path} is not a run; "
+            f"train it first (python benchmarks/quality.py {name}{' --quick' if quick else ''}) or name one "
+            "with --from RUN",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return path
+
+
 def fit_command(
-    recipe: str, out: Path, data: list[str], time_limit: float | None, device: str, quick: bool, seed: int = 0
+    recipe: str,
+    out: Path,
+    data: list[str],
+    time_limit: float | None,
+    device: str,
+    quick: bool,
+    seed: int = 0,
+    source: Path | None = None,
 ) -> list[str]:
+    """The recipe's ``python -m ppl_vae.fit`` command; ``source`` is the run that ``--init-from
+    @NAME`` stands for (:func:`source_run`)."""
     args = list(RECIPES[recipe][1])
+    if "--init-from" in args:
+        args[args.index("--init-from") + 1] = str(source)
     if quick:
         args += [
             a
@@ -96,7 +134,13 @@ def fit_command(
 
 
 def evaluate_command(
-    out: Path, data_dir: str | None, num_samples: int, device: str, quick: bool, quick_n: int = 200
+    out: Path,
+    data_dir: str | None,
+    num_samples: int,
+    device: str,
+    quick: bool,
+    quick_n: int = 200,
+    split: str = "test",
 ) -> list[str]:
     subset = ["--subset", str(min(200, quick_n)), "--ks", "10"] if quick else []
     data = ["--data-dir", data_dir] if data_dir else []
@@ -106,7 +150,7 @@ def evaluate_command(
         "ppl_vae.evaluate",
         str(out),
         "--split",
-        "test",
+        split,
         "--num-samples",
         str(num_samples),
         *subset,
@@ -116,7 +160,7 @@ def evaluate_command(
         "--checkpoint",
         "best",
         "--json",
-        str(out / f"test-k{num_samples}.json"),
+        str(out / f"{split}-k{num_samples}.json"),
     ]
 
 
@@ -250,7 +294,11 @@ def environment() -> dict:
     }
 
 
-def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick) -> dict:
+def summarize(
+    recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick, split: str = "test"
+) -> dict:
+    """The result JSON: the recipe, both commands, the environment, the fit's summary and the
+    evaluation of ``split`` (``SPLIT_nll`` and ``SPLIT``: test, or valid for a candidate)."""
     test = json.loads(Path(eval_cmd[eval_cmd.index("--json") + 1]).read_text())  # what this evaluate wrote
     fit_summary = json.loads((out / "summary.json").read_text())
     rows = read_metrics(out)
@@ -285,8 +333,8 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
     return {
         "recipe": recipe,
         "quick": quick,
-        "test_nll": -test["log_px"],
-        "test_nll_stderr": test["log_px_stderr"],
+        f"{split}_nll": -test["log_px"],
+        f"{split}_nll_stderr": test["log_px_stderr"],
         # recorded with "python" and paths relative to the repository (reproducible elsewhere)
         "fit_command": shlex.join(relative(fit_cmd)),
         "evaluate_command": shlex.join(relative(eval_cmd)),
@@ -297,7 +345,7 @@ def summarize(recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_sec
         "stopped_by": fit_summary.get("stopped_by"),
         "best_epoch": best_epoch(rows),  # the epoch of best.pt, the parameters evaluated
         "fit_summary": {k: v for k, v in fit_summary.items() if k != "final"},
-        "test": {k: test[k] for k in keep if k in test},
+        split: {k: test[k] for k in keep if k in test},
         "device": test["device"],
         "device_name": device_name(test["device"]),
         "config": test["config"],
@@ -395,9 +443,10 @@ def figure_path(dataset: str, folder: Path = Path("docs/figures")) -> Path:
     return folder / ("quality.png" if dataset == "binarized-mnist" else f"quality-{dataset}.png")
 
 
-def result_stem(recipe: str, seed: int) -> str:
-    """``quality-RECIPE`` (seed 0, the recipe's number) or ``quality-RECIPE-seedS`` (a repeat)."""
-    return f"quality-{recipe}" + (f"-seed{seed}" if seed else "")
+def result_stem(recipe: str, seed: int, split: str = "test") -> str:
+    """``quality-RECIPE`` (seed 0, the recipe's number) or ``quality-RECIPE-seedS`` (a repeat);
+    ``valid-RECIPE[-seedS]`` for a candidate's validation number (never drawn as a test number)."""
+    return f"{'quality' if split == 'test' else split}-{recipe}" + (f"-seed{seed}" if seed else "")
 
 
 def main(argv=None) -> int:
@@ -410,7 +459,28 @@ def main(argv=None) -> int:
         "--out", type=Path, default=None, help="run directory (default: runs/quality-RECIPE[-quick])"
     )
     p.add_argument("--time-limit", type=float, default=110.0, help="minutes of training (default: 110)")
-    p.add_argument("--num-samples", type=int, default=5000, help="K of the test log p(x) (default: 5000)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="K of log p(x) ≈ IWAE_K (default: 5000 on test, 1000 on valid)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "valid"),
+        default="test",
+        help="valid: judge a candidate on all validation images (IWAE_1000) and leave the test split "
+        "unseen, writing benchmarks/results/valid-RECIPE-DEVICE.json (docs/benchmarks.md, 'Towards 83.0'); "
+        "the winner then gets --evaluate-only",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="the run an '--init-from @NAME' recipe starts from (default: runs/quality-NAME)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--seed",
@@ -451,15 +521,24 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.check is not None:
         return check(a.recipe, a.check, out, a.quick, a.data_dir, a.device, a.seed)
-    dataset = RECIPES[a.recipe][0]
+    dataset, split = RECIPES[a.recipe][0], a.split
+    a.num_samples = a.num_samples or (5000 if split == "test" else 1000)
+    starts_from = "--init-from" in RECIPES[a.recipe][1] and not a.evaluate_only
+    source = source_run(a.recipe, a.quick, a.source) if starts_from else None
     if a.quick:
         data, n_test = quick_data(dataset, a.data_dir, out)
         a.time_limit, a.num_samples = None, min(a.num_samples, 100)
     else:
         data = data_flags(dataset, a.data_dir)
-    fit_cmd = fit_command(a.recipe, out, data, a.time_limit, a.device, a.quick, a.seed)
+    fit_cmd = fit_command(a.recipe, out, data, a.time_limit, a.device, a.quick, a.seed, source)
     eval_cmd = evaluate_command(
-        out, None if a.quick else a.data_dir, a.num_samples, a.device, a.quick, n_test if a.quick else 200
+        out,
+        None if a.quick else a.data_dir,
+        a.num_samples,
+        a.device,
+        a.quick,
+        n_test if a.quick else 200,
+        split,
     )
     train_seconds = None
     if a.evaluate_only:
@@ -471,20 +550,20 @@ def main(argv=None) -> int:
             json.dumps({"fit_command_argv": fit_cmd, "train_seconds": train_seconds}) + "\n"
         )
     eval_seconds = run(eval_cmd)
-    result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick)
+    result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick, split)
     result.update(dataset=dataset, seed=a.seed)
-    kind, stem = result["device"].split(":")[0], result_stem(a.recipe, a.seed)
+    kind, stem = result["device"].split(":")[0], result_stem(a.recipe, a.seed, split)
     path = out / f"{stem}-quick.json" if a.quick else RESULTS / f"{stem}-{kind}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     if not a.quick:
         shutil.copyfile(out / "metrics.jsonl", RESULTS / f"{stem}-{kind}-metrics.jsonl")
-    t = result["test"]
+    t, what = result[split], {"test": "test", "valid": "validation"}[split]
     bits = f" = {t['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in t else ""
     print(
-        f"{a.recipe}: test NLL {result['test_nll']:.2f} ± {result['test_nll_stderr']:.3f} nats (Monte Carlo SE){bits} "
-        f"(log p(x) ≈ IWAE_{t['num_samples']} on {t['n']} test images; "
+        f"{a.recipe}: {what} NLL {result[f'{split}_nll']:.2f} ± {result[f'{split}_nll_stderr']:.3f} nats "
+        f"(Monte Carlo SE){bits} (log p(x) ≈ IWAE_{t['num_samples']} on {t['n']} {what} images; "
         f"{'reliable' if t.get('log_px_reliable') else 'a lower bound; k̂ says the SE is unreliable'}), "
-        f"test ELBO {t['elbo_mc']:.2f}, k̂ mean {t['khat_mean']:.2f}, trained {train_seconds / 60:.0f} min, "
+        f"{what} ELBO {t['elbo_mc']:.2f}, k̂ mean {t['khat_mean']:.2f}, trained {train_seconds / 60:.0f} min, "
         f"{result['epochs']} epochs ({result['stopped_by']}) → {path}"
     )
     return 0

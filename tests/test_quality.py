@@ -237,6 +237,77 @@ def test_check_reruns_the_first_epochs_bit_identically_and_flags_a_changed_curve
     assert r.returncode == 1 and "largest relative difference" in r.stdout, r.stdout[-2000:]
 
 
+def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_is_none(tmp_path):
+    """``--init-from @best`` stands for recipe best's run (or ``--from RUN``), the program comes from
+    that run, so the candidate's own flags are training flags only; a missing source is one line,
+    exit 2, before anything is trained."""
+    quality = _quality_module()
+    src = tmp_path / "src"
+    cmd = quality.fit_command(
+        "best-iwae5-from-best", Path("o"), quality.data_flags("binarized-mnist", None), 15, "cpu", False, 0, src
+    )
+    args = quality.merged(cmd[3:])
+    assert args["--init-from"] == str(src) and args["--elbo"] == "iwae" and args["--num-particles"] == "5"
+    assert not {"--prior", "--latent-layers", "--hidden", "--z-dim", "--kl-warmup"} & set(args)
+    # the other candidates are `best` with one change each
+    best = quality.merged(list(quality.RECIPES["best"][1]))
+    for name, changed in (
+        ("best-skip", {"--hierarchy": "skip"}),
+        ("best-iaf", {"--guide": "iaf", "--flow-steps": "2"}),
+        ("best-paper-optimizer", {"--batch-size": "100", "--lr": "5e-4", "--kl-warmup": "100"}),
+    ):
+        cand = quality.merged(list(quality.RECIPES[name][1]))
+        assert {k: v for k, v in cand.items() if best.get(k) != v} == changed, name
+    r = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "best-iwae5-from-best", "--split", "valid"]
+        + ["--from", str(src), "--out", str(tmp_path / "cand")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and f"{src} is not a run" in r.stderr and "--from RUN" in r.stderr
+    assert not (tmp_path / "cand").exists()
+
+
+@pytest.mark.slow
+def test_a_candidate_is_judged_on_validation_and_its_winner_then_on_test(quick_runs, data_dir, tmp_path):
+    """``--split valid`` on an ``--init-from`` candidate (from the quick `best`): the fit starts from
+    the source's best.pt, validation IWAE is evaluated and recorded as ``valid_nll``, no test
+    number is computed; ``--evaluate-only`` then adds the test number of the same best.pt."""
+    _, src = quick_runs["best"]
+    out = tmp_path / "cand"
+
+    def quality(*flags):
+        return subprocess.run(
+            [sys.executable, "benchmarks/quality.py", "best-iwae5-from-best", "--quick", "--out", str(out)]
+            + ["--from", str(src), "--data-dir", str(data_dir), "--device", "cpu", *flags],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
+            timeout=600,
+        )
+
+    r = quality("--split", "valid")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads((out / "valid-best-iwae5-from-best-quick.json").read_text())
+    valid = json.loads((out / "valid-k100.json").read_text())  # what evaluate wrote
+    assert result["valid_nll"] == -valid["log_px"] and "test" not in result and "test_nll" not in result
+    assert valid["split"] == "valid" and not (out / "test-k100.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert Path(config["init_from"]) == src.resolve() and config["elbo"] == "iwae"
+    assert Path(config["init_record"]["file"]) == (src / "best.pt").resolve()
+    assert config["prior"] == "vampprior" and config["latent_layers"] == 2  # the source's program
+    assert "validation NLL" in r.stdout
+    r = quality("--evaluate-only")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    test = json.loads((out / "quality-best-iwae5-from-best-quick.json").read_text())
+    assert test["test_nll"] == -json.loads((out / "test-k100.json").read_text())["log_px"]
+    assert test["fit_command"] == result["fit_command"] and "--init-from" in test["fit_command"]
+
+
 def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
     """Two AIS runs of one model on overlapping random subsets (as --subset with one --seed gives),
     every printed number recomputed here by hand from the arrays: each row's paired difference
