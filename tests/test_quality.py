@@ -244,7 +244,14 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
     quality = _quality_module()
     src = tmp_path / "src"
     cmd = quality.fit_command(
-        "best-iwae5-from-best", Path("o"), quality.data_flags("binarized-mnist", None), 15, "cpu", False, 0, src
+        "best-iwae5-from-best",
+        Path("o"),
+        quality.data_flags("binarized-mnist", None),
+        15,
+        "cpu",
+        False,
+        0,
+        src,
     )
     args = quality.merged(cmd[3:])
     assert args["--init-from"] == str(src) and args["--elbo"] == "iwae" and args["--num-particles"] == "5"
