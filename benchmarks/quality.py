@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_name  # noqa: E402
-from recipes import DATASETS, RECIPES, dataset_of  # noqa: E402
+from recipes import CANDIDATES, DATASETS, RECIPES, dataset_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,14 +77,14 @@ def merged(args: list[str]) -> dict[str, str]:
 
 def source_run(recipe: str, quick: bool, source: Path | None = None) -> Path:
     """The run an ``--init-from @NAME`` recipe starts from: ``source``, or recipe NAME's own run
-    directory (``runs/quality-NAME``, or its ``--quick`` run); exits with one line when it is not a
-    run (2, as the CLI's refusals)."""
-    args = merged(list(RECIPES[recipe][1]))
-    name = args["--init-from"][1:]
+    directory (``runs/quality-NAME``, or its ``--quick`` run, relative to the working directory);
+    exits with one line (2, as the CLI's refusals) unless it is a finished run with a best.pt."""
+    name = source_of(recipe)
     path = source or Path("runs") / f"{result_stem(name, 0)}{'-quick' if quick else ''}"
-    if not (path / "config.json").exists():
+    if not (path / "best.pt").exists() or not (path / "summary.json").exists():
         print(
-            f"quality.py: error: recipe {recipe} starts from recipe {name}'s run, and {path} is not a run; "
+            f"quality.py: error: recipe {recipe} starts from recipe {name}'s run, and {path} is not a "
+            "finished run (no best.pt and summary.json); "
             f"train it first (python benchmarks/quality.py {name}{' --quick' if quick else ''}) or name one "
             "with --from RUN",
             file=sys.stderr,
@@ -168,23 +168,37 @@ CHECKED = ("train_objective", "valid_elbo", "valid_recon", "valid_kl", "valid_iw
 
 
 def check(
-    recipe: str, epochs: int, out: Path, quick: bool, data_dir: str | None, device: str, seed: int = 0
+    recipe: str,
+    epochs: int,
+    out: Path,
+    quick: bool,
+    data_dir: str | None,
+    device: str,
+    seed: int = 0,
+    split: str = "test",
 ) -> int:
     """Rerun the first ``epochs`` epochs of a recorded run, its recorded fit command under its
     recorded thread count, and compare the metrics with the recorded curve epoch by epoch. The same
     commit on the same machine with the same threads gives bit-identical rows; another thread
     count, CPU or library version gives float drift (relative differences of 1e-5 and below);
-    above 1e-3 relative is reported as a mismatch (exit 1)."""
-    kind = "cuda" if device.startswith("cuda") else "cpu"
+    above 1e-3 relative is reported as a mismatch (exit 1). A candidate judged on validation only
+    is checked with its ``split`` (valid)."""
+    kind, stem = "cuda" if device.startswith("cuda") else "cpu", result_stem(recipe, seed, split)
+    result = out / f"{stem}-quick.json" if quick else RESULTS / f"{stem}-{kind}.json"
+    if not result.exists():
+        sys.exit(f"quality.py: error: --check: no recorded result {result} (--split valid for a candidate)")
+    recorded = json.loads(result.read_text())
     if quick:  # the run being checked is --out's own quick run
-        recorded, curve = (
-            json.loads((out / f"{result_stem(recipe, seed)}-quick.json").read_text()),
-            read_metrics(out),
-        )
+        curve = read_metrics(out)
     else:
-        recorded = json.loads((RESULTS / f"{result_stem(recipe, seed)}-{kind}.json").read_text())
-        lines = (RESULTS / f"{result_stem(recipe, seed)}-{kind}-metrics.jsonl").read_text().splitlines()
+        lines = result.with_name(f"{stem}-{kind}-metrics.jsonl").read_text().splitlines()
         curve = [json.loads(line) for line in lines]
+    start = recorded["config"].get("init_record")
+    if start and not same_start(start):
+        print(
+            f"quality.py: warning: {start['file']} no longer holds the parameters this run started from "
+            "(another digest); the rerun starts elsewhere"
+        )
     if epochs > len(curve):
         sys.exit(f"quality.py: error: --check {epochs}: the recorded curve has {len(curve)} epochs")
     args = merged(shlex.split(recorded["fit_command"])[3:])  # after "python -m ppl_vae.fit"
@@ -218,6 +232,19 @@ def check(
     return 0 if worst <= 1e-3 else 1
 
 
+def same_start(record: dict) -> bool:
+    """Whether the checkpoint an ``--init-from`` run started from still holds the same parameters."""
+    import torch
+
+    from ppl_vae.training.best import digest
+
+    path = Path(record["file"])
+    return (
+        path.exists()
+        and digest(torch.load(path, map_location="cpu", weights_only=False)["model"]) == record["digest"]
+    )
+
+
 def data_flags(dataset: str, data_dir: str | None) -> list[str]:
     """The fit flags of a recipe's data set (``--dataset NAME``, its own flags, ``--data-dir``)."""
     return ["--dataset", dataset, *DATASETS[dataset]["flags"]] + (
@@ -225,10 +252,10 @@ def data_flags(dataset: str, data_dir: str | None) -> list[str]:
     )
 
 
-def quick_data(dataset: str, data_dir: str | None, out: Path) -> tuple[list[str], int]:
+def quick_data(dataset: str, data_dir: str | None, out: Path) -> tuple[list[str], dict[str, int]]:
     """The fit flags of ``--quick``: 2,000 random training images of the recipe's data set as an
     ``.npz`` (static binarized MNIST's kept binary with ``--binarize none``; the others with their
-    data set's own flags, e.g. ``--binarize dynamic``), and the size of its test split."""
+    data set's own flags, e.g. ``--binarize dynamic``), and the sizes of its validation and test splits."""
     from ppl_vae import load_dataset
 
     ds = load_dataset(dataset, data_dir)
@@ -236,7 +263,8 @@ def quick_data(dataset: str, data_dir: str | None, out: Path) -> tuple[list[str]
     path = out.parent / f"{out.name}-data.npz"
     np.savez_compressed(path, images=ds.train[idx].numpy().reshape(-1, *ds.image_shape[1:]))  # [n, H, W]
     flags = ["--binarize", "none"] if dataset == "binarized-mnist" else DATASETS[dataset]["flags"]
-    return ["--dataset", str(path), *flags], load_dataset(str(path)).test.shape[0]
+    quick = load_dataset(str(path))
+    return ["--dataset", str(path), *flags], {"valid": quick.valid.shape[0], "test": quick.test.shape[0]}
 
 
 def run(cmd: list[str]) -> float:
@@ -352,9 +380,23 @@ def summarize(
     }
 
 
+def source_of(recipe: str) -> str | None:
+    """The recipe whose run an ``--init-from @NAME`` recipe starts from (None for the others)."""
+    flags = RECIPES.get(recipe, ("", []))[1]
+    return flags[flags.index("--init-from") + 1][1:] if "--init-from" in flags else None
+
+
 def _label(res: dict) -> str:
-    seed = res.get("seed", 0)
-    return f"{res['recipe']}{f' seed {seed}' if seed else ''} ({res['device']})"
+    seed, source = res.get("seed", 0), source_of(res["recipe"])
+    return f"{res['recipe']}{f' seed {seed}' if seed else ''}{f' from {source}' if source else ''} ({res['device']})"
+
+
+def start_minutes(res: dict, results: Path) -> float:
+    """Where a run's curve starts on the time axis: 0, or for a fine-tuning run the training
+    minutes of the recipe it started from (its committed result on the same device)."""
+    source = source_of(res["recipe"])
+    path = results / f"{result_stem(source, 0)}-{res['device'].split(':')[0]}.json" if source else None
+    return json.loads(path.read_text())["train_seconds"] / 60 if path and path.exists() else 0.0
 
 
 def figure(
@@ -380,11 +422,12 @@ def figure(
         rows = [json.loads(line) for line in curve.read_text().splitlines()]
         minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
         scale = res["train_seconds"] / 60 / minutes[-1]  # stretch to the wall clock (validation, saves)
+        minutes = minutes * scale + start_minutes(res, results)  # [epochs], wall-clock minutes
         to_y = (lambda nats: -nats / (res["test"]["dim"] * np.log(2))) if bits else (lambda nats: nats)
         bound = [to_y(selection_bound(r)) for r in rows]
         label = _label(res)
         ax.plot(
-            minutes * scale,
+            minutes,
             bound,
             color=f"C{i}",
             lw=1,
@@ -392,7 +435,7 @@ def figure(
             label=f"{label}: validation {'IWAE_k' if 'valid_iwae_k' in rows[0] else 'ELBO'}",
         )
         best = res["best_epoch"] or len(rows)  # the parameters evaluated: best.pt, chosen on validation
-        markers[label] = (minutes[best - 1] * scale, to_y(-res["test_nll"]))
+        markers[label] = (minutes[best - 1], to_y(-res["test_nll"]))
         ys += [markers[label][1], bound[best - 1]]
         ax.errorbar(
             *([v] for v in markers[label]),
@@ -520,13 +563,21 @@ def main(argv=None) -> int:
     out = a.out or Path("runs") / f"{result_stem(a.recipe, a.seed)}{'-quick' if a.quick else ''}"
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.check is not None:
-        return check(a.recipe, a.check, out, a.quick, a.data_dir, a.device, a.seed)
+        return check(a.recipe, a.check, out, a.quick, a.data_dir, a.device, a.seed, a.split)
     dataset, split = RECIPES[a.recipe][0], a.split
     a.num_samples = a.num_samples or (5000 if split == "test" else 1000)
-    starts_from = "--init-from" in RECIPES[a.recipe][1] and not a.evaluate_only
+    if a.source is not None and source_of(a.recipe) is None:
+        p.error(f"--from: recipe {a.recipe} does not start from another run (no --init-from @NAME)")
+    if a.recipe in CANDIDATES and split == "test" and not (a.evaluate_only or a.quick):
+        print(
+            f"quality.py: warning: {a.recipe} is a record candidate; the rule judges it on validation "
+            "first (--split valid) and gives only the winner a test number (docs/benchmarks.md)",
+            file=sys.stderr,
+        )
+    starts_from = source_of(a.recipe) is not None and not a.evaluate_only
     source = source_run(a.recipe, a.quick, a.source) if starts_from else None
     if a.quick:
-        data, n_test = quick_data(dataset, a.data_dir, out)
+        data, sizes = quick_data(dataset, a.data_dir, out)
         a.time_limit, a.num_samples = None, min(a.num_samples, 100)
     else:
         data = data_flags(dataset, a.data_dir)
@@ -537,7 +588,7 @@ def main(argv=None) -> int:
         a.num_samples,
         a.device,
         a.quick,
-        n_test if a.quick else 200,
+        sizes[split] if a.quick else 200,
         split,
     )
     train_seconds = None

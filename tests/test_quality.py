@@ -120,26 +120,38 @@ def _quality_module():
 
 def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_path):
     """10 epochs of 60 s of steps in a run whose wall clock was 20 min: the curve is stretched 2x,
-    so best.pt of epoch 5 is drawn at 10 min, at the JSON's test log p(x)."""
+    so best.pt of epoch 5 is drawn at 10 min, at the JSON's test log p(x). A fine-tuning run
+    (``--init-from @best``) starts where its source's training ended: best's 20 min plus its own
+    epoch 3 of 10 in 5 min, 21.5 min."""
     results = tmp_path / "results"
     results.mkdir()
     rows = [{"epoch": e, "valid_elbo": -100.0 + e, "epoch_seconds": 60.0} for e in range(1, 11)]
-    (results / "quality-vae-cpu-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (results / "quality-vae-cpu.json").write_text(
-        json.dumps(
-            {
-                "recipe": "vae",
-                "device": "cpu",
-                "train_seconds": 1200.0,
-                "best_epoch": 5,
-                "test_nll": 88.25,
-                "test_nll_stderr": 0.004,
-                "test": {"num_samples": 5000},
-            }
+
+    def result(recipe, train_seconds, best_epoch, nll):
+        (results / f"quality-{recipe}-cpu-metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
         )
-    )
+        (results / f"quality-{recipe}-cpu.json").write_text(
+            json.dumps(
+                {
+                    "recipe": recipe,
+                    "device": "cpu",
+                    "train_seconds": train_seconds,
+                    "best_epoch": best_epoch,
+                    "test_nll": nll,
+                    "test_nll_stderr": 0.004,
+                    "test": {"num_samples": 5000},
+                }
+            )
+        )
+
+    result("vae", 1200.0, 5, 88.25)
     markers = _quality_module().figure(tmp_path / "q.png", results)
     assert markers == {"vae (cpu)": (pytest.approx(10.0), -88.25)}
+    result("best", 1200.0, 5, 83.5)
+    result("best-iwae5-from-best", 300.0, 3, 83.25)
+    markers = _quality_module().figure(tmp_path / "q.png", results)
+    assert markers["best-iwae5-from-best from best (cpu)"] == (pytest.approx(21.5), -83.25)
     assert (tmp_path / "q.png").stat().st_size > 10_000
 
 
@@ -265,17 +277,29 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
     ):
         cand = quality.merged(list(quality.RECIPES[name][1]))
         assert {k: v for k, v in cand.items() if best.get(k) != v} == changed, name
-    r = subprocess.run(
-        [sys.executable, "benchmarks/quality.py", "best-iwae5-from-best", "--split", "valid"]
-        + ["--from", str(src), "--out", str(tmp_path / "cand")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+
+    def quality(recipe, *flags):
+        return subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "quality.py"), recipe, "--split", "valid", *flags],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    (src / "config.json").parent.mkdir()
+    (src / "config.json").write_text("{}")  # begun, never finished: no best.pt
+    r = quality("best-iwae5-from-best", "--from", str(src), "--out", str(tmp_path / "cand"))
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
-    assert r.stderr.count("\n") == 1 and f"{src} is not a run" in r.stderr and "--from RUN" in r.stderr
+    assert (
+        r.stderr.count("\n") == 1 and f"{src} is not a finished run" in r.stderr and "--from RUN" in r.stderr
+    )
     assert not (tmp_path / "cand").exists()
+    r = quality("best-iwae5-from-best", "--quick")  # by default recipe best's own (quick) run
+    assert r.returncode == 2 and "runs/quality-best-quick is not a finished run" in r.stderr, r.stderr
+    assert "python benchmarks/quality.py best --quick" in r.stderr
+    r = quality("best-skip", "--from", str(src))  # trained from scratch: --from means nothing there
+    assert r.returncode == 2 and "does not start from another run" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
@@ -284,7 +308,7 @@ def test_a_candidate_is_judged_on_validation_and_its_winner_then_on_test(quick_r
     the source's best.pt, validation IWAE is evaluated and recorded as ``valid_nll``, no test
     number is computed; ``--evaluate-only`` then adds the test number of the same best.pt."""
     _, src = quick_runs["best"]
-    out = tmp_path / "cand"
+    out, quality_module = tmp_path / "cand", _quality_module()
 
     def quality(*flags):
         return subprocess.run(
@@ -312,7 +336,11 @@ def test_a_candidate_is_judged_on_validation_and_its_winner_then_on_test(quick_r
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     test = json.loads((out / "quality-best-iwae5-from-best-quick.json").read_text())
     assert test["test_nll"] == -json.loads((out / "test-k100.json").read_text())["log_px"]
-    assert test["fit_command"] == result["fit_command"] and "--init-from" in test["fit_command"]
+    recorded = quality_module.merged(shlex.split(test["fit_command"])[3:])  # paths relative to the repository
+    assert (REPO / recorded["--init-from"]).resolve() == src.resolve() and test["best_epoch"] == result[
+        "best_epoch"
+    ]
+    assert test["test"]["n"] == 200 and test["config"]["init_record"]["digest"]
 
 
 def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
