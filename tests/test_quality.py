@@ -249,7 +249,9 @@ def test_check_reruns_the_first_epochs_bit_identically_and_flags_a_changed_curve
     assert r.returncode == 1 and "largest relative difference" in r.stdout, r.stdout[-2000:]
 
 
-def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_is_none(tmp_path):
+def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_is_none(
+    tmp_path, capsys, monkeypatch
+):
     """``--init-from @best`` stands for recipe best's run (or ``--from RUN``), the program comes from
     that run, so the candidate's own flags are training flags only; a missing source is one line,
     exit 2, before anything is trained."""
@@ -278,28 +280,24 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
         cand = quality.merged(list(quality.RECIPES[name][1]))
         assert {k: v for k, v in cand.items() if best.get(k) != v} == changed, name
 
-    def quality(recipe, *flags):
-        return subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "quality.py"), recipe, "--split", "valid", *flags],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=120,
-        )
+    def run(recipe, *flags):  # in this process: (exit code, stdout, stderr)
+        with pytest.raises(SystemExit) as e:
+            quality.main([recipe, "--split", "valid", *flags])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
 
+    monkeypatch.chdir(tmp_path)
     (src / "config.json").parent.mkdir()
     (src / "config.json").write_text("{}")  # begun, never finished: no best.pt
-    r = quality("best-iwae5-from-best", "--from", str(src), "--out", str(tmp_path / "cand"))
-    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
-    assert (
-        r.stderr.count("\n") == 1 and f"{src} is not a finished run" in r.stderr and "--from RUN" in r.stderr
-    )
+    code, out, err = run("best-iwae5-from-best", "--from", str(src), "--out", str(tmp_path / "cand"))
+    assert code == 2 and out == "", out + err
+    assert err.count("\n") == 1 and f"{src} is not a finished run" in err and "--from RUN" in err
     assert not (tmp_path / "cand").exists()
-    r = quality("best-iwae5-from-best", "--quick")  # by default recipe best's own (quick) run
-    assert r.returncode == 2 and "runs/quality-best-quick is not a finished run" in r.stderr, r.stderr
-    assert "python benchmarks/quality.py best --quick" in r.stderr
-    r = quality("best-skip", "--from", str(src))  # trained from scratch: --from means nothing there
-    assert r.returncode == 2 and "does not start from another run" in r.stderr, r.stderr
+    code, _, err = run("best-iwae5-from-best", "--quick")  # by default recipe best's own (quick) run
+    assert code == 2 and "runs/quality-best-quick is not a finished run" in err, err
+    assert "python benchmarks/quality.py best --quick" in err
+    code, _, err = run("best-skip", "--from", str(src))  # trained from scratch: --from means nothing there
+    assert code == 2 and "does not start from another run" in err, err
 
 
 @pytest.mark.slow
