@@ -80,7 +80,7 @@ def source_run(recipe: str, quick: bool, source: Path | None = None) -> Path:
     directory (``runs/quality-NAME``, or its ``--quick`` run, relative to the working directory);
     exits with one line (2, as the CLI's refusals) unless it is a finished run with a best.pt."""
     name = source_of(recipe)
-    path = source or Path("runs") / f"{result_stem(name, 0)}{'-quick' if quick else ''}"
+    path = source or run_dir(name, 0, quick)
     if not (path / "best.pt").exists() or not (path / "summary.json").exists():
         print(
             f"quality.py: error: recipe {recipe} starts from recipe {name}'s run, and {path} is not a "
@@ -492,6 +492,12 @@ def result_stem(recipe: str, seed: int, split: str = "test") -> str:
     return f"{'quality' if split == 'test' else split}-{recipe}" + (f"-seed{seed}" if seed else "")
 
 
+def run_dir(recipe: str, seed: int, quick: bool) -> Path:
+    """A recipe's default run directory: ``runs/quality-RECIPE[-seedS][-quick]`` (relative to the
+    working directory); an ``--init-from @RECIPE`` candidate looks for its source there."""
+    return Path("runs") / f"{result_stem(recipe, seed)}{'-quick' if quick else ''}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -560,7 +566,7 @@ def main(argv=None) -> int:
         return 0
     if a.recipe is None:
         p.error("name a recipe, or pass --figure")
-    out = a.out or Path("runs") / f"{result_stem(a.recipe, a.seed)}{'-quick' if a.quick else ''}"
+    out = a.out or run_dir(a.recipe, a.seed, a.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.check is not None:
         return check(a.recipe, a.check, out, a.quick, a.data_dir, a.device, a.seed, a.split)
