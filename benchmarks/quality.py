@@ -37,24 +37,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_name  # noqa: E402
-from recipes import CANDIDATES, DATASETS, RECIPES, dataset_of  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-from ppl_vae.training.runs import best_epoch, read_metrics, selection_bound  # noqa: E402
+from common import RESULTS  # noqa: E402
+from quality_figure import figure, figure_path  # noqa: E402
+from quality_record import check, summarize  # noqa: E402
+from recipes import (  # noqa: E402
+    CANDIDATES,
+    DATASETS,
+    RECIPES,
+    dataset_of,
+    merged,
+    result_stem,
+    run_dir,
+    source_of,
+)
 
 # --quick: the same programs, small: flags appended after the recipe's (argparse keeps the last)
 QUICK = {
@@ -67,12 +72,6 @@ QUICK = {
     "--ema": "0.9",
 }  # (--ema: a 10-step memory for 128 steps)
 QUICK_TRAIN_IMAGES = 2000
-
-
-def merged(args: list[str]) -> dict[str, str]:
-    """``--flag value`` pairs with a later value replacing an earlier one in place (what argparse
-    would do), so that a recorded command names each flag once."""
-    return dict(zip(args[::2], args[1::2]))
 
 
 def source_run(recipe: str, quick: bool, source: Path | None = None) -> Path:
@@ -164,87 +163,6 @@ def evaluate_command(
     ]
 
 
-CHECKED = ("train_objective", "valid_elbo", "valid_recon", "valid_kl", "valid_iwae_k", "beta", "lr")
-
-
-def check(
-    recipe: str,
-    epochs: int,
-    out: Path,
-    quick: bool,
-    data_dir: str | None,
-    device: str,
-    seed: int = 0,
-    split: str = "test",
-) -> int:
-    """Rerun the first ``epochs`` epochs of a recorded run, its recorded fit command under its
-    recorded thread count, and compare the metrics with the recorded curve epoch by epoch. The same
-    commit on the same machine with the same threads gives bit-identical rows; another thread
-    count, CPU or library version gives float drift (relative differences of 1e-5 and below);
-    above 1e-3 relative is reported as a mismatch (exit 1). A candidate judged on validation only
-    is checked with its ``split`` (valid)."""
-    kind, stem = "cuda" if device.startswith("cuda") else "cpu", result_stem(recipe, seed, split)
-    result = out / f"{stem}-quick.json" if quick else RESULTS / f"{stem}-{kind}.json"
-    if not result.exists():
-        sys.exit(f"quality.py: error: --check: no recorded result {result} (--split valid for a candidate)")
-    recorded = json.loads(result.read_text())
-    if quick:  # the run being checked is --out's own quick run
-        curve = read_metrics(out)
-    else:
-        lines = result.with_name(f"{stem}-{kind}-metrics.jsonl").read_text().splitlines()
-        curve = [json.loads(line) for line in lines]
-    start = recorded["config"].get("init_record")
-    if start and not same_start(start):
-        print(
-            f"quality.py: warning: {start['file']} no longer holds the parameters this run started from "
-            "(another digest); the rerun starts elsewhere"
-        )
-    if epochs > len(curve):
-        sys.exit(f"quality.py: error: --check {epochs}: the recorded curve has {len(curve)} epochs")
-    args = merged(shlex.split(recorded["fit_command"])[3:])  # after "python -m ppl_vae.fit"
-    check_out = Path(tempfile.mkdtemp(prefix=f"quality-{recipe}-check-", dir=out.parent))
-    args.update({"--epochs": str(epochs), "--final-iwae-k": "0", "--out": str(check_out)})
-    args.pop("--time-limit", None)
-    if data_dir and "--data-dir" in args:
-        args["--data-dir"] = data_dir
-    env, threads = dict(os.environ), recorded.get("environment", {}).get("threads")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    else:
-        print(
-            "quality.py: warning: the result records no thread count (older run); using this machine's default"
-        )
-    cmd = [sys.executable, "-m", "ppl_vae.fit", *(a for kv in args.items() for a in kv), "--quiet"]
-    print("$", shlex.join(cmd), f"(OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'default')})", flush=True)
-    if subprocess.call(cmd, cwd=REPO, env=env) != 0:
-        return 1
-    rows, worst = read_metrics(check_out), 0.0
-    print(f"{'epoch':>5}  {'key':<16}{'recorded':>16}{'rerun':>16}{'|Δ|':>12}")
-    for old, new in zip(curve[:epochs], rows):
-        for key in (k for k in CHECKED if k in old):
-            d = abs(new[key] - old[key])
-            worst = max(worst, d / max(abs(old[key]), 1e-12))
-            print(f"{old['epoch']:>5}  {key:<16}{old[key]:>16.7f}{new[key]:>16.7f}{d:>12.2e}")
-    env_then, env_now = recorded.get("environment", {}), {**environment(), "threads": threads}
-    same = [k for k in ("commit", "threads", "torch", "pyro", "cpu") if env_then.get(k) == env_now.get(k)]
-    verdict = "bit-identical" if worst == 0 else f"largest relative difference {worst:.1e}"
-    print(f"--check {epochs}: {verdict} (same {', '.join(same) or 'nothing'} as the recorded run)")
-    return 0 if worst <= 1e-3 else 1
-
-
-def same_start(record: dict) -> bool:
-    """Whether the checkpoint an ``--init-from`` run started from still holds the same parameters."""
-    import torch
-
-    from ppl_vae.training.best import digest
-
-    path = Path(record["file"])
-    return (
-        path.exists()
-        and digest(torch.load(path, map_location="cpu", weights_only=False)["model"]) == record["digest"]
-    )
-
-
 def data_flags(dataset: str, data_dir: str | None) -> list[str]:
     """The fit flags of a recipe's data set (``--dataset NAME``, its own flags, ``--data-dir``)."""
     return ["--dataset", dataset, *DATASETS[dataset]["flags"]] + (
@@ -275,227 +193,6 @@ def run(cmd: list[str]) -> float:
     if rc != 0:
         sys.exit(rc)
     return time.perf_counter() - t0
-
-
-def relative(cmd: list[str]) -> list[str]:
-    """``cmd`` with ``python`` for the interpreter and absolute paths relative to the repository."""
-    return [
-        "python",
-        *(os.path.relpath(a, REPO) if os.path.isabs(a) and os.path.exists(a) else a for a in cmd[1:]),
-    ]
-
-
-def environment() -> dict:
-    """What decides a curve's last digits: the commit (``dirty`` when ppl_vae/ or benchmarks/
-    differ from it), torch's thread count (``OMP_NUM_THREADS``; the fit subprocess inherits this
-    environment), the versions of torch, Pyro and Python, and the CPU."""
-    import platform
-
-    import pyro
-    import torch
-
-    def git(*args):
-        r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-
-    cpu = (
-        next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.processor() or platform.machine(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor() or platform.machine()
-    )
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--", "ppl_vae", "benchmarks/quality.py")),
-        "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu,
-    }
-
-
-def summarize(
-    recipe: str, out: Path, fit_cmd, eval_cmd, train_seconds, eval_seconds, quick, split: str = "test"
-) -> dict:
-    """The result JSON: the recipe, both commands, the environment, the fit's summary and the
-    evaluation of ``split`` (``SPLIT_nll`` and ``SPLIT``: test, or valid for a candidate)."""
-    test = json.loads(Path(eval_cmd[eval_cmd.index("--json") + 1]).read_text())  # what this evaluate wrote
-    fit_summary = json.loads((out / "summary.json").read_text())
-    rows = read_metrics(out)
-    keep = (
-        "n",
-        "num_samples",
-        "elbo_analytic",
-        "elbo_analytic_stderr",
-        "elbo_mc",
-        "elbo_mc_stderr",
-        "log_px",
-        "log_px_stderr",
-        "log_px_stderr_across_datapoints",
-        "gap",
-        "gap_elbo",
-        "khat_mean",
-        "khat_threshold",
-        "khat_frac_above_threshold",
-        "khat_frac_above_0_7",
-        "log_px_reliable",
-        "ess_median",
-        "active_units",
-        "iwae_by_k",
-        "bits_per_dim",
-        "dim",
-        "dataset",
-        "binarization",
-        "binarize_seed",
-        "likelihood",
-        "seconds",
-    )
-    return {
-        "recipe": recipe,
-        "quick": quick,
-        f"{split}_nll": -test["log_px"],
-        f"{split}_nll_stderr": test["log_px_stderr"],
-        # recorded with "python" and paths relative to the repository (reproducible elsewhere)
-        "fit_command": shlex.join(relative(fit_cmd)),
-        "evaluate_command": shlex.join(relative(eval_cmd)),
-        "environment": environment(),
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "epochs": fit_summary["epochs"],
-        "stopped_by": fit_summary.get("stopped_by"),
-        "best_epoch": best_epoch(rows),  # the epoch of best.pt, the parameters evaluated
-        "fit_summary": {k: v for k, v in fit_summary.items() if k != "final"},
-        split: {k: test[k] for k in keep if k in test},
-        "device": test["device"],
-        "device_name": device_name(test["device"]),
-        "config": test["config"],
-    }
-
-
-def source_of(recipe: str) -> str | None:
-    """The recipe whose run an ``--init-from @NAME`` recipe starts from (None for the others)."""
-    flags = RECIPES.get(recipe, ("", []))[1]
-    return flags[flags.index("--init-from") + 1][1:] if "--init-from" in flags else None
-
-
-def _label(res: dict) -> str:
-    seed, source = res.get("seed", 0), source_of(res["recipe"])
-    return f"{res['recipe']}{f' seed {seed}' if seed else ''}{f' from {source}' if source else ''} ({res['device']})"
-
-
-def start_minutes(res: dict, results: Path) -> float:
-    """Where a run's curve starts on the time axis: 0, or for a fine-tuning run the training
-    minutes of the recipe it started from (its committed result on the same device)."""
-    source = source_of(res["recipe"])
-    path = results / f"{result_stem(source, 0)}-{res['device'].split(':')[0]}.json" if source else None
-    return json.loads(path.read_text())["train_seconds"] / 60 if path and path.exists() else 0.0
-
-
-def figure(
-    path: Path, results: Path = RESULTS, dataset: str = "binarized-mnist"
-) -> dict[str, tuple[float, float]]:
-    """Every committed recipe of ``dataset`` on one time axis: the validation bound per epoch
-    against cumulative training minutes (lines) and the test number of best.pt at its epoch's time
-    (markers, ±2 SE), in nats per datapoint (log p(x)) or, for a bits/dim data set, bits per
-    dimension (−log p(x) / (D ln 2)). Returns each marker, ``{"recipe (device)": (minutes, y)}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    info = DATASETS[dataset]
-    bits = info["unit"] == "bits/dim"
-    fig, ax = plt.subplots(figsize=(9, 5))
-    markers, ys = {}, []
-    paths = sorted(results.glob("quality-*-*.json"))
-    for i, res_path in enumerate(p for p in paths if dataset_of(json.loads(p.read_text())) == dataset):
-        res = json.loads(res_path.read_text())
-        curve = res_path.with_name(res_path.stem + "-metrics.jsonl")  # the run's metrics, committed beside it
-        rows = [json.loads(line) for line in curve.read_text().splitlines()]
-        minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
-        scale = res["train_seconds"] / 60 / minutes[-1]  # stretch to the wall clock (validation, saves)
-        minutes = minutes * scale + start_minutes(res, results)  # [epochs], wall-clock minutes
-        to_y = (lambda nats: -nats / (res["test"]["dim"] * np.log(2))) if bits else (lambda nats: nats)
-        bound = [to_y(selection_bound(r)) for r in rows]
-        label = _label(res)
-        ax.plot(
-            minutes,
-            bound,
-            color=f"C{i}",
-            lw=1,
-            alpha=0.7,
-            label=f"{label}: validation {'IWAE_k' if 'valid_iwae_k' in rows[0] else 'ELBO'}",
-        )
-        best = res["best_epoch"] or len(rows)  # the parameters evaluated: best.pt, chosen on validation
-        markers[label] = (minutes[best - 1], to_y(-res["test_nll"]))
-        ys += [markers[label][1], bound[best - 1]]
-        ax.errorbar(
-            *([v] for v in markers[label]),
-            yerr=[abs(to_y(2 * res["test_nll_stderr"]))],
-            fmt="o",
-            color=f"C{i}",
-            ms=6,
-            label=f"{label}: test {'bits/dim' if bits else 'log p(x)'} ≈ IWAE_{res['test']['num_samples']} "
-            f"of best.pt (epoch {best}), {markers[label][1]:.{3 if bits else 2}f}",
-        )
-    for j, (name, value) in enumerate(
-        info["literature"].items()
-    ):  # named on the line, left and right in turn
-        y = value if bits else -value
-        ax.axhline(y, color="0.4", ls="--", lw=0.8)
-        ax.text(
-            0.01 + 0.98 * (j % 2),
-            y,
-            f"{name}: {y:.2f}",
-            ha=("left", "right")[j % 2],
-            va="bottom",
-            transform=ax.get_yaxis_transform(),
-            fontsize=7,
-            color="0.3",
-        )
-        ys.append(y)
-    ax.set_xlabel("training time (minutes, wall clock)")
-    ax.set_ylabel("bits per dimension (lower is better)" if bits else "nats per datapoint")
-    if dataset == "binarized-mnist":
-        ax.set_ylim(-100, -82)
-    elif ys:  # the markers, the curves at their best epochs and the published rows, with room
-        lo, hi = min(ys), max(ys)
-        pad = 0.5 * (hi - lo) + (0.05 if bits else 1.0)
-        ax.set_ylim(lo - pad, hi + pad)
-    what = "test bits/dim" if bits else "test log p(x)"
-    ax.set_title(f"{info['title']}: validation bound while training, {what}", fontsize=10)
-    ax.grid(alpha=0.3)
-    # below the axis and its label, in two columns: the curves stay clear; savefig's tight box keeps it
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
-    return markers
-
-
-def figure_path(dataset: str, folder: Path = Path("docs/figures")) -> Path:
-    """docs/figures/quality.png for static binarized MNIST, quality-DATASET.png for the others."""
-    return folder / ("quality.png" if dataset == "binarized-mnist" else f"quality-{dataset}.png")
-
-
-def result_stem(recipe: str, seed: int, split: str = "test") -> str:
-    """``quality-RECIPE`` (seed 0, the recipe's number) or ``quality-RECIPE-seedS`` (a repeat);
-    ``valid-RECIPE[-seedS]`` for a candidate's validation number (never drawn as a test number)."""
-    return f"{'quality' if split == 'test' else split}-{recipe}" + (f"-seed{seed}" if seed else "")
-
-
-def run_dir(recipe: str, seed: int, quick: bool) -> Path:
-    """A recipe's default run directory: ``runs/quality-RECIPE[-seedS][-quick]`` (relative to the
-    working directory); an ``--init-from @RECIPE`` candidate looks for its source there."""
-    return Path("runs") / f"{result_stem(recipe, seed)}{'-quick' if quick else ''}"
 
 
 def main(argv=None) -> int:

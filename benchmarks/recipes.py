@@ -8,6 +8,8 @@ would), so a recipe can build on a shared block and change one setting.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, Adam 5e-4, batch 100,
 # KL warm-up over 100 epochs, early stopping after 50 epochs without a better validation bound.
 # The authors' code uses the same settings on every data set (Frey Faces included).
@@ -146,3 +148,27 @@ CANDIDATES = ("best-iwae5-from-best", "best-skip", "best-iaf", "best-paper-optim
 def dataset_of(result: dict) -> str:
     """The data set of a result JSON (results before the per-data-set recipes: binarized MNIST)."""
     return result.get("dataset", "binarized-mnist")
+
+
+def merged(args: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs with a later value replacing an earlier one in place (what argparse
+    would do), so that a recorded command names each flag once."""
+    return dict(zip(args[::2], args[1::2]))
+
+
+def source_of(recipe: str) -> str | None:
+    """The recipe whose run an ``--init-from @NAME`` recipe starts from (None for the others)."""
+    flags = RECIPES.get(recipe, ("", []))[1]
+    return flags[flags.index("--init-from") + 1][1:] if "--init-from" in flags else None
+
+
+def result_stem(recipe: str, seed: int, split: str = "test") -> str:
+    """``quality-RECIPE`` (seed 0, the recipe's number) or ``quality-RECIPE-seedS`` (a repeat);
+    ``valid-RECIPE[-seedS]`` for a candidate's validation number (never drawn as a test number)."""
+    return f"{'quality' if split == 'test' else split}-{recipe}" + (f"-seed{seed}" if seed else "")
+
+
+def run_dir(recipe: str, seed: int, quick: bool) -> Path:
+    """A recipe's default run directory: ``runs/quality-RECIPE[-seedS][-quick]`` (relative to the
+    working directory); an ``--init-from @RECIPE`` candidate looks for its source there."""
+    return Path("runs") / f"{result_stem(recipe, seed)}{'-quick' if quick else ''}"

@@ -146,11 +146,11 @@ def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_pat
         )
 
     result("vae", 1200.0, 5, 88.25)
-    markers = _quality_module().figure(tmp_path / "q.png", results)
+    markers = _benchmark_module("quality_figure").figure(tmp_path / "q.png", results)
     assert markers == {"vae (cpu)": (pytest.approx(10.0), -88.25)}
     result("best", 1200.0, 5, 83.5)
     result("best-iwae5-from-best", 300.0, 3, 83.25)
-    markers = _quality_module().figure(tmp_path / "q.png", results)
+    markers = _benchmark_module("quality_figure").figure(tmp_path / "q.png", results)
     assert markers["best-iwae5-from-best from best (cpu)"] == (pytest.approx(21.5), -83.25)
     assert (tmp_path / "q.png").stat().st_size > 10_000
 
@@ -158,7 +158,7 @@ def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_pat
 def test_figure_draws_every_committed_result_on_its_data_sets_figure(tmp_path):
     """One figure per data set; every committed result is a marker on its own data set's figure
     (log p(x) in nats, or bits/dim = −log p(x) / (D ln 2) for a bits/dim data set)."""
-    quality = _quality_module()
+    quality, drawn = _quality_module(), _benchmark_module("quality_figure")
     committed = [
         json.loads(p.read_text()) for p in sorted((REPO / "benchmarks" / "results").glob("quality-*-*.json"))
     ]
@@ -167,11 +167,11 @@ def test_figure_draws_every_committed_result_on_its_data_sets_figure(tmp_path):
         by_dataset.setdefault(quality.dataset_of(res), []).append(res)
     assert len(by_dataset["binarized-mnist"]) >= 2  # vampprior and vae were run (docs/benchmarks.md)
     for dataset, results in by_dataset.items():
-        markers = quality.figure(tmp_path / f"{dataset}.png", dataset=dataset)
+        markers = drawn.figure(tmp_path / f"{dataset}.png", dataset=dataset)
         assert len(markers) == len(results)
         bits = quality.DATASETS[dataset]["unit"] == "bits/dim"
         for res in results:
-            minutes, y = markers[quality._label(res)]
+            minutes, y = markers[drawn.label(res)]
             want = res["test_nll"] / (res["test"]["dim"] * math.log(2)) if bits else -res["test_nll"]
             assert y == pytest.approx(want, rel=1e-12) and 0 < minutes <= res["train_seconds"] / 60 + 1e-9
 
