@@ -140,9 +140,12 @@ RECIPES = {
     "best-skip": ("binarized-mnist", [*BEST, "--hierarchy", "skip"]),
     "best-iaf": ("binarized-mnist", [*BEST, "--guide", "iaf", "--flow-steps", "2"]),
     "best-paper-optimizer": ("binarized-mnist", [*BEST, *PAPER_MLP, *WARMUP, *EMA]),
+    # the paper's HVAE + VampPrior as its authors ran it (skip hierarchy, batch 100, lr 5e-4,
+    # warm-up 100: 83.19), with averaging: two changes from `best`, the reproduction plus θ̄
+    "best-paper": ("binarized-mnist", [*BEST, "--hierarchy", "skip", *PAPER_MLP, *WARMUP, *EMA]),
 }
 # the record candidates above: `quality.py` warns when one goes to the test split unjudged
-CANDIDATES = ("best-iwae5-from-best", "best-skip", "best-iaf", "best-paper-optimizer")
+CANDIDATES = ("best-iwae5-from-best", "best-skip", "best-iaf", "best-paper-optimizer", "best-paper")
 
 
 def dataset_of(result: dict) -> str:

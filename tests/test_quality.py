@@ -270,13 +270,17 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
     args = quality.merged(cmd[3:])
     assert args["--init-from"] == str(src) and args["--elbo"] == "iwae" and args["--num-particles"] == "5"
     assert not {"--prior", "--latent-layers", "--hidden", "--z-dim", "--kl-warmup"} & set(args)
-    # the other candidates are `best` with one change each
+    # the other candidates are `best` with one change each (best-paper: the paper's two)
     best = quality.merged(list(quality.RECIPES["best"][1]))
-    for name, changed in (
-        ("best-skip", {"--hierarchy": "skip"}),
-        ("best-iaf", {"--guide": "iaf", "--flow-steps": "2"}),
-        ("best-paper-optimizer", {"--batch-size": "100", "--lr": "5e-4", "--kl-warmup": "100"}),
-    ):
+    changes = {
+        "best-skip": {"--hierarchy": "skip"},
+        "best-iaf": {"--guide": "iaf", "--flow-steps": "2"},
+        "best-paper-optimizer": {"--batch-size": "100", "--lr": "5e-4", "--kl-warmup": "100"},
+        # the paper's own program and optimizer, with averaging
+        "best-paper": {"--hierarchy": "skip", "--batch-size": "100", "--lr": "5e-4", "--kl-warmup": "100"},
+    }
+    assert set(changes) == set(quality.CANDIDATES) - {"best-iwae5-from-best"}  # each one's change is stated
+    for name, changed in changes.items():
         cand = quality.merged(list(quality.RECIPES[name][1]))
         assert {k: v for k, v in cand.items() if best.get(k) != v} == changed, name
 
