@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
-from quality_figure import figure, figure_path  # noqa: E402
+from quality_figure import candidates_figure, figure, figure_path  # noqa: E402
 from quality_record import check, summarize  # noqa: E402
 from recipes import (  # noqa: E402
     CANDIDATES,
@@ -253,13 +253,16 @@ def main(argv=None) -> int:
         default=None,
         metavar="FOLDER",
         help="draw the committed results of each data set (FOLDER/quality.png for static binarized MNIST, "
-        "FOLDER/quality-DATASET.png for the others; default folder: docs/figures) and exit",
+        "FOLDER/quality-DATASET.png for the others) and the record candidates on validation "
+        "(FOLDER/quality-candidates.png); default folder: docs/figures; then exit",
     )
     a = p.parse_args(argv)
     if a.figure is not None:
         done = {dataset_of(json.loads(r.read_text())) for r in RESULTS.glob("quality-*-*.json")}
         for dataset in sorted(done):
             figure(figure_path(dataset, a.figure), dataset=dataset)
+        if any(RESULTS.glob("valid-*-*.json")):  # the record candidates, validation only
+            candidates_figure(a.figure / "quality-candidates.png")
         return 0
     if a.recipe is None:
         p.error("name a recipe, or pass --figure")

@@ -1,6 +1,7 @@
-"""The figure of ``benchmarks/quality.py --figure``: per data set, every committed recipe's
+"""The figures of ``benchmarks/quality.py --figure``: per data set, every committed recipe's
 validation bound against wall-clock training minutes, with its test number at its best epoch and
-the published rows as lines."""
+the published rows as lines; and the record candidates (issue 27) against their baseline, on the
+validation split only."""
 
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ def start_minutes(res: dict, results: Path) -> float:
     return json.loads(path.read_text())["train_seconds"] / 60 if path and path.exists() else 0.0
 
 
+def wall_minutes(rows: list[dict], res: dict, results: Path) -> np.ndarray:
+    """The wall-clock minute at which each epoch of a run ended ``[epochs]``: its epochs' step
+    seconds, stretched to its recorded training seconds (validation, saves), after
+    :func:`start_minutes`."""
+    minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
+    return minutes * (res["train_seconds"] / 60 / minutes[-1]) + start_minutes(res, results)
+
+
+def read_curve(result_path: Path) -> list[dict]:
+    """The metrics rows committed beside a result JSON (``...-metrics.jsonl``)."""
+    curve = result_path.with_name(result_path.stem + "-metrics.jsonl")
+    return [json.loads(line) for line in curve.read_text().splitlines()]
+
+
 def figure(
     path: Path, results: Path = RESULTS, dataset: str = "binarized-mnist"
 ) -> dict[str, tuple[float, float]]:
@@ -46,11 +61,8 @@ def figure(
     paths = sorted(results.glob("quality-*-*.json"))
     for i, res_path in enumerate(p for p in paths if dataset_of(json.loads(p.read_text())) == dataset):
         res = json.loads(res_path.read_text())
-        curve = res_path.with_name(res_path.stem + "-metrics.jsonl")  # the run's metrics, committed beside it
-        rows = [json.loads(line) for line in curve.read_text().splitlines()]
-        minutes = np.cumsum([r["epoch_seconds"] for r in rows]) / 60  # training steps only
-        scale = res["train_seconds"] / 60 / minutes[-1]  # stretch to the wall clock (validation, saves)
-        minutes = minutes * scale + start_minutes(res, results)  # [epochs], wall-clock minutes
+        rows = read_curve(res_path)  # the run's metrics, committed beside it
+        minutes = wall_minutes(rows, res, results)  # [epochs]
         to_y = (lambda nats: -nats / (res["test"]["dim"] * np.log(2))) if bits else (lambda nats: nats)
         bound = [to_y(selection_bound(r)) for r in rows]
         name = label(res)
@@ -112,3 +124,91 @@ def figure(
 def figure_path(dataset: str, folder: Path = Path("docs/figures")) -> Path:
     """docs/figures/quality.png for static binarized MNIST, quality-DATASET.png for the others."""
     return folder / ("quality.png" if dataset == "binarized-mnist" else f"quality-{dataset}.png")
+
+
+#: the record's baseline on validation (docs/benchmarks.md, "Towards 83.0"): recipe ``best``'s
+#: committed curve, and its validation IWAE_1000 as ``python -m ppl_vae.evaluate runs/quality-best
+#: --split valid --num-samples 1000`` wrote it (``quality.py best --evaluate-only --split valid``
+#: writes the same number as ``valid-best-DEVICE.json``, which is preferred when committed)
+BASELINE = "best"
+
+
+def baseline(results: Path, kind: str = "cpu") -> dict | None:
+    """``best`` as a candidate result: its recipe JSON with ``valid_nll`` and ``valid`` from its
+    validation evaluation (None when either is not committed)."""
+    own = results / f"valid-{BASELINE}-{kind}.json"
+    if own.exists():
+        return json.loads(own.read_text()) | {"_curve": str(results / f"quality-{BASELINE}-{kind}.json")}
+    recipe, evaluated = (
+        results / f"quality-{BASELINE}-{kind}.json",
+        results / f"eval-quality-{BASELINE}-valid-k1000-{kind}.json",
+    )
+    if not (recipe.exists() and evaluated.exists()):
+        return None
+    valid = json.loads(evaluated.read_text())
+    res = json.loads(recipe.read_text())
+    return res | {
+        "valid_nll": -valid["log_px"],
+        "valid_nll_stderr": valid["log_px_stderr"],
+        "valid": valid,
+        "_curve": str(recipe),
+    }
+
+
+def candidates_figure(path: Path, results: Path = RESULTS) -> dict[str, tuple[float, float]]:
+    """The record candidates (``valid-RECIPE-DEVICE.json``) and their baseline on one time axis:
+    each run's validation ELBO per epoch (lines; every run records it, whatever its objective, so
+    the lines share a scale) and its validation log p(x) ≈ IWAE_1000 at its best epoch (markers,
+    ±2 SE), the one number the rule compares; a dashed line marks the baseline's. A fine-tuning
+    candidate's line starts where its source's training ended. Returns each marker,
+    ``{"recipe (device)": (minutes, log p(x))}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) | {"_curve": str(p)} for p in sorted(results.glob("valid-*-*.json"))]
+    runs = [r for r in runs if r["recipe"] != BASELINE]
+    base = baseline(results)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    markers = {}
+    for i, res in enumerate(([base] if base else []) + runs):
+        rows = read_curve(Path(res["_curve"]))
+        minutes = wall_minutes(rows, res, results)  # [epochs]
+        name = label(res)
+        ax.plot(
+            minutes,
+            [r["valid_elbo"] for r in rows],
+            color=f"C{i}",
+            lw=1,
+            alpha=0.7,
+            label=f"{name}: validation ELBO",
+        )
+        best = res["best_epoch"] or len(rows)
+        markers[name] = (minutes[best - 1], -res["valid_nll"])
+        ax.errorbar(
+            [markers[name][0]],
+            [markers[name][1]],
+            yerr=[2 * res["valid_nll_stderr"]],
+            fmt="o",
+            color=f"C{i}",
+            ms=6,
+            label=f"{name}: validation log p(x) ≈ IWAE_{res['valid']['num_samples']} of best.pt (epoch {best}), "
+            f"{markers[name][1]:.3f}",
+        )
+        if res is base:
+            ax.axhline(markers[name][1], color=f"C{i}", ls="--", lw=0.8)
+    ax.set_xlabel("training time (minutes, wall clock)")
+    ax.set_ylabel("nats per datapoint, validation split")
+    ax.set_ylim(-92, -83)
+    ax.set_title(
+        "Record candidates on static binarized MNIST, validation only: a candidate wins with its "
+        "marker above the dashed line (best's)",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+    return markers

@@ -155,6 +155,58 @@ def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_pat
     assert (tmp_path / "q.png").stat().st_size > 10_000
 
 
+def test_candidates_figure_puts_each_validation_number_at_its_best_epoch_beside_the_baseline(tmp_path):
+    """The record candidates' figure: the baseline (best's committed curve, with its validation
+    IWAE_1000 from evaluate's JSON) and each ``valid-*`` candidate, its validation log p(x) at its best
+    epoch's wall-clock minute (a fine-tuning candidate after its source's training); test numbers
+    never appear, and a ``valid-best`` result replaces the baseline's evaluate JSON."""
+    drawn = _benchmark_module("quality_figure")
+    results = tmp_path / "results"
+    results.mkdir()
+
+    def write(stem, res, epochs=10):
+        rows = [
+            {"epoch": e, "valid_elbo": -90.0 + e / 10, "epoch_seconds": 60.0} for e in range(1, epochs + 1)
+        ]
+        (results / f"{stem}-cpu-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (results / f"{stem}-cpu.json").write_text(json.dumps({"device": "cpu", **res}))
+
+    write("quality-best", {"recipe": "best", "train_seconds": 1200.0, "best_epoch": 5, "test_nll": 83.5})
+    (results / "eval-quality-best-valid-k1000-cpu.json").write_text(
+        json.dumps({"log_px": -84.5, "log_px_stderr": 0.003, "num_samples": 1000})
+    )
+    assert drawn.candidates_figure(tmp_path / "c.png", results) == {
+        "best (cpu)": (pytest.approx(10.0), -84.5)
+    }
+    valid = {"valid_nll_stderr": 0.003, "valid": {"num_samples": 1000}}
+    write(
+        "valid-best-skip",
+        {"recipe": "best-skip", "train_seconds": 600.0, "best_epoch": 4, "valid_nll": 84.4, **valid},
+    )
+    write(
+        "valid-best-iwae5-from-best",
+        {
+            "recipe": "best-iwae5-from-best",
+            "train_seconds": 300.0,
+            "best_epoch": 2,
+            "valid_nll": 84.45,
+            **valid,
+        },
+    )
+    markers = drawn.candidates_figure(tmp_path / "c.png", results)
+    assert markers == {
+        "best (cpu)": (pytest.approx(10.0), -84.5),
+        "best-skip (cpu)": (pytest.approx(4.0), -84.4),  # 4 of 10 one-minute epochs stretched to 10 min
+        "best-iwae5-from-best from best (cpu)": (pytest.approx(20.0 + 1.0), -84.45),  # after best's 20 min
+    }
+    write(
+        "valid-best",
+        {"recipe": "best", "train_seconds": 1200.0, "best_epoch": 5, "valid_nll": 84.48, **valid},
+    )
+    assert drawn.candidates_figure(tmp_path / "c.png", results)["best (cpu)"] == (pytest.approx(10.0), -84.48)
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
 def test_figure_draws_every_committed_result_on_its_data_sets_figure(tmp_path):
     """One figure per data set; every committed result is a marker on its own data set's figure
     (log p(x) in nats, or bits/dim = −log p(x) / (D ln 2) for a bits/dim data set)."""
