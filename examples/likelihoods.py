@@ -34,6 +34,8 @@ Writes to ``--out``: ``likelihoods.png`` (data, reconstructions and samples per 
 
 from __future__ import annotations
 
+import time
+
 import _common
 import _figures
 import torch
@@ -85,9 +87,11 @@ def main(argv=None) -> int:
         data = _common.subset(
             _common.load_data(args.dataset, args.data_dir, name, announce=name == "bernoulli"), *sizes
         )
+        t0 = time.perf_counter()
         vae, summary, _ = _common.fit(
             data, out / name, likelihood=name, epochs=epochs, seed=args.seed, final_iwae_k=0
         )
+        train_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
         x = data.test
         with torch.no_grad():
             codes = vae.encode(x)[0]  # (N, z_dim)
@@ -105,6 +109,10 @@ def main(argv=None) -> int:
             # Burda et al. 2016: latent j is active when Var_x(E_q[z_j | x]) > 0.01
             "active_units": int((codes.var(0) > 0.01).sum()),
             "z_dim": vae.z_dim,
+            "sizes": {split: int(data.split(split).shape[0]) for split in ("train", "valid", "test")},
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - t0,  # the test ELBO and IWAE_k
+            "valid_elbo_by_epoch": [m["valid_elbo"] for m in read_metrics(out / name)],
         }
         if isinstance(scale, BitsScale):  # from IWAE_k: an upper bound in expectation
             r["bits_per_dim"], r["bits_per_dim_label"] = (

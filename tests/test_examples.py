@@ -179,6 +179,9 @@ def test_likelihoods(tmp_path, data_dir):
         "discretized-logistic",
     }
     assert m["bernoulli"]["binarize"] == "dynamic" and m["gaussian"]["binarize"] == "none"
+    for r in m.values():  # what the committed table records beside each number: its curve, sizes, seconds
+        assert len(r["valid_elbo_by_epoch"]) == res["epochs"] and r["sizes"]["test"] == r["test"]["n"]
+        assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
     # one scale (issue 26, point 5): every model of the 8-bit images in bits/dim of those images, the
     # densities through uniform dequantization; the Bernoulli's of the binarized images, apart
     deq = "bits/dim of the 8-bit images, a bound through uniform dequantization"
