@@ -17,7 +17,8 @@ diagnostics and the active units.
 The result, ``benchmarks/results/quality-<recipe>[-seed<S>]-<device>.json``, holds the data set,
 both commands, the environment, the config, training and evaluation seconds, the test ELBO,
 log p(x) ± SE, the k̂ summary, the active units and the device; the metrics curve goes beside it
-as ``...-metrics.jsonl``. ``--figure`` draws one figure per data set.
+as ``...-metrics.jsonl``. ``--figure`` draws one figure per data set, and one of the record
+candidates on validation.
 
 A candidate for a record (issue 27) is judged on validation first, so that the test split sees
 only the winner: ``--split valid`` evaluates log p(x) ≈ IWAE_1000 on all validation images and
@@ -56,6 +57,7 @@ from recipes import (  # noqa: E402
     RECIPES,
     dataset_of,
     merged,
+    result_path,
     result_stem,
     run_dir,
     source_of,
@@ -261,8 +263,9 @@ def main(argv=None) -> int:
         done = {dataset_of(json.loads(r.read_text())) for r in RESULTS.glob("quality-*-*.json")}
         for dataset in sorted(done):
             figure(figure_path(dataset, a.figure), dataset=dataset)
-        if any(RESULTS.glob("valid-*-*.json")):  # the record candidates, validation only
-            candidates_figure(a.figure / "quality-candidates.png")
+        for kind in sorted({p.stem.rsplit("-", 1)[1] for p in RESULTS.glob("valid-*-*.json")}):
+            suffix = "" if kind == "cpu" else f"-{kind}"  # the record candidates, validation only
+            candidates_figure(a.figure / f"quality-candidates{suffix}.png", kind=kind)
         return 0
     if a.recipe is None:
         p.error("name a recipe, or pass --figure")
@@ -310,10 +313,10 @@ def main(argv=None) -> int:
     result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick, split)
     result.update(dataset=dataset, seed=a.seed)
     kind, stem = result["device"].split(":")[0], result_stem(a.recipe, a.seed, split)
-    path = out / f"{stem}-quick.json" if a.quick else RESULTS / f"{stem}-{kind}.json"
+    path = out / f"{stem}-quick.json" if a.quick else result_path(a.recipe, a.seed, split, kind, RESULTS)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    if not a.quick:
-        shutil.copyfile(out / "metrics.jsonl", RESULTS / f"{stem}-{kind}-metrics.jsonl")
+    if not a.quick:  # the curve beside it (recipes.read_curve)
+        shutil.copyfile(out / "metrics.jsonl", path.with_name(f"{path.stem}-metrics.jsonl"))
     t, what = result[split], {"test": "test", "valid": "validation"}[split]
     bits = f" = {t['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in t else ""
     print(

@@ -1,7 +1,11 @@
 """What ``benchmarks/quality.py`` records of a run, and how a record is checked: the result JSON
 (both commands with ``python`` and relative paths, the environment that decides a curve's last
 digits, the fit's summary, the evaluation) and ``--check N``, which reruns the first N epochs of a
-recorded command and compares them with the committed curve."""
+recorded command and compares them with the committed curve.
+
+(Imported by ``quality.py``, which puts ``benchmarks/`` on ``sys.path`` first, as ``common`` and
+``recipes`` are imported as top-level modules.)
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, device_name
-from recipes import merged, result_stem
+from recipes import merged, read_curve, result_path, result_stem
 
 from ppl_vae.training.runs import best_epoch, read_metrics
 
@@ -30,8 +34,8 @@ def relative(cmd: list[str]) -> list[str]:
 
 
 def environment() -> dict:
-    """What decides a curve's last digits: the commit (``dirty`` when ppl_vae/ or benchmarks/
-    differ from it), torch's thread count (``OMP_NUM_THREADS``; the fit subprocess inherits this
+    """What decides a curve's last digits: the commit (``dirty`` when ppl_vae/ or the scripts
+    of benchmarks/ differ from it), torch's thread count (``OMP_NUM_THREADS``; the fit subprocess inherits this
     environment), the versions of torch, Pyro and Python, and the CPU."""
     import platform
 
@@ -56,7 +60,7 @@ def environment() -> dict:
     )
     return {
         "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--", "ppl_vae", "benchmarks/quality.py")),
+        "dirty": bool(git("status", "--porcelain", "--", "ppl_vae", "benchmarks/*.py")),  # not results/
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
@@ -143,16 +147,18 @@ def check(
     count, CPU or library version gives float drift (relative differences of 1e-5 and below);
     above 1e-3 relative is reported as a mismatch (exit 1). A candidate judged on validation only
     is checked with its ``split`` (valid)."""
-    kind, stem = "cuda" if device.startswith("cuda") else "cpu", result_stem(recipe, seed, split)
-    result = out / f"{stem}-quick.json" if quick else RESULTS / f"{stem}-{kind}.json"
+    import torch
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    kind, stem = "cuda" if cuda else "cpu", result_stem(recipe, seed, split)  # as the run's JSON was named
+    result = out / f"{stem}-quick.json" if quick else result_path(recipe, seed, split, kind, RESULTS)
     if not result.exists():
         sys.exit(f"quality.py: error: --check: no recorded result {result} (--split valid for a candidate)")
     recorded = json.loads(result.read_text())
     if quick:  # the run being checked is --out's own quick run
         curve = read_metrics(out)
     else:
-        lines = result.with_name(f"{stem}-{kind}-metrics.jsonl").read_text().splitlines()
-        curve = [json.loads(line) for line in lines]
+        curve = read_curve(result)
     start = recorded["config"].get("init_record")
     if start and not same_start(start):
         print(

@@ -180,7 +180,8 @@ def test_likelihoods(tmp_path, data_dir):
     }
     assert m["bernoulli"]["binarize"] == "dynamic" and m["gaussian"]["binarize"] == "none"
     for r in m.values():  # what the committed table records beside each number: its curve, sizes, seconds
-        assert len(r["valid_elbo_by_epoch"]) == res["epochs"] and r["sizes"]["test"] == r["test"]["n"]
+        assert len(r["valid_elbo_by_epoch"]) == res["epochs"]
+        assert r["sizes"] == {"train": 4000, "valid": 500, "test": 500}  # --quick's subsets
         assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
     # one scale (issue 26, point 5): every model of the 8-bit images in bits/dim of those images, the
     # densities through uniform dequantization; the Bernoulli's of the binarized images, apart
