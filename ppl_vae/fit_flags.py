@@ -18,7 +18,7 @@ from .programs.likelihoods import LIKELIHOODS
 from .programs.model import HIERARCHIES
 from .programs.nets import ACTIVATIONS, ARCHS
 from .programs.priors import PRIORS
-from .training.config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, FitConfig
+from .training.config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, OPTIMIZERS, FitConfig
 
 S = argparse.SUPPRESS  # only flags given on the command line appear, so --resume can merge them
 
@@ -229,6 +229,13 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
         "(1 − d)·θ after every step; validation, best.pt and evaluate use θ̄ (e.g. 0.999; default: 0, off)",
     )
     g.add_argument("--grad-clip", type=_opt_float, default=S, help="clip the gradient norm (default: off)")
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=S,
+        help="adam, or adam-normgrad: Adam on each parameter tensor's gradient scaled to unit L2 norm, "
+        "the VampPrior authors' AdamNormGrad (default: adam)",
+    )
     g.add_argument(
         "--patience",
         type=_opt_int,

@@ -330,12 +330,17 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
     assert not {"--prior", "--latent-layers", "--hidden", "--z-dim", "--kl-warmup"} & set(args)
     # the other candidates are `best` with one change each (best-paper: the paper's two)
     best = quality.merged(list(quality.RECIPES["best"][1]))
+    paper_optimizer = {
+        "--optimizer": "adam-normgrad",
+        "--batch-size": "100",
+        "--lr": "5e-4",
+        "--kl-warmup": "100",
+    }
     changes = {
         "best-skip": {"--hierarchy": "skip"},
         "best-iaf": {"--guide": "iaf", "--flow-steps": "2"},
-        "best-paper-optimizer": {"--batch-size": "100", "--lr": "5e-4", "--kl-warmup": "100"},
-        # the paper's own program and optimizer, with averaging
-        "best-paper": {"--hierarchy": "skip", "--batch-size": "100", "--lr": "5e-4", "--kl-warmup": "100"},
+        "best-paper-optimizer": paper_optimizer,
+        "best-paper": {"--hierarchy": "skip", **paper_optimizer},  # the paper's program and optimizer
     }
     trained_from_scratch = {c for c in quality.CANDIDATES if quality.source_of(c) is None}
     assert set(changes) == trained_from_scratch  # each one's change is stated

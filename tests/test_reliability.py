@@ -471,6 +471,34 @@ def test_grad_clip_bounds_the_gradient_norm(bits, tmp_path):
     assert min(norms[None]) > 0.05  # without the clip the norms are far larger: the bound is the clip's doing
 
 
+def test_adam_normgrad_gives_every_update_unit_norm_gradients(bits, tmp_path, capsys, monkeypatch):
+    """``fit --optimizer adam-normgrad``: every step's gradients reach the optimizer with an L2 norm of 1 per
+    parameter tensor (the update rule itself: test_train_step.py), the run records the setting, and
+    with plain Adam they do not."""
+    from ppl_vae.training import train
+
+    norms, real = [], train.normalize_and_clip_grads
+
+    def recording(params, normalize=False, clip=None):
+        params = list(params)
+        real(params, normalize, clip)
+        norms.append([p.grad.norm().item() for p in params if p.grad is not None])
+
+    monkeypatch.setattr(train, "normalize_and_clip_grads", recording)
+    for name in ("adam-normgrad", "adam"):
+        norms.clear()
+        out = tmp_path / name
+        argv = ["--dataset", bits, *TINY, "--epochs", "1", "--out", out, "--quiet", "--optimizer", name]
+        assert in_process(argv, capsys).returncode == 0
+        assert json.loads((out / "config.json").read_text())["optimizer"] == name
+        flat = [n for step in norms for n in step]
+        assert len(norms) >= 10 and len(flat) > 40
+        if name == "adam-normgrad":
+            assert max(abs(n - 1) for n in flat) < 1e-5
+        else:
+            assert max(abs(n - 1) for n in flat) > 0.1
+
+
 # --------------------------------------------------------------------------- NaN / inf
 
 

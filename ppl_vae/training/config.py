@@ -28,6 +28,10 @@ from ..programs.model import DEFAULT_DIMS, HIERARCHIES, hierarchy_error
 from ..programs.nets import ACTIVATIONS, ARCHS
 from ..programs.priors import PRIORS
 
+#: ``--optimizer``: torch's Adam, or Adam on each parameter tensor's gradient scaled to unit L2
+#: norm (``training.optim.normalize_and_clip_grads``), the VampPrior authors' ``AdamNormGrad``
+OPTIMIZERS = ("adam", "adam-normgrad")
+
 # Settings that define the model's parameters: a checkpoint only loads into the same ones.
 MODEL_KEYS = (
     "likelihood",
@@ -115,6 +119,7 @@ class FitConfig:
     lr_decay: float = 1.0  # multiply the learning rate by this after every epoch
     ema: float = 0.0  # parameter averaging θ̄ ← d·θ̄ + (1 − d)·θ per step (0 = off); θ̄ is judged and kept
     grad_clip: float | None = None  # clip the global gradient norm (None = off)
+    optimizer: str = "adam"  # adam | adam-normgrad: Adam on each tensor's gradient at unit L2 norm
     patience: int | None = None  # stop after this many epochs without a better valid ELBO (IWAE_K for iwae)
     time_limit: float | None = (
         None  # stop after the epoch that ends past this many minutes of this invocation
@@ -308,6 +313,7 @@ _RANGES = (
     ("guide", *_one_of(tuple(POSTERIORS))),
     ("latent_layers", lambda v: v in (1, 2), "1 or 2"),
     ("hierarchy", *_one_of(HIERARCHIES)),
+    ("optimizer", *_one_of(OPTIMIZERS)),
     ("z2_dim", lambda v: v >= 1, ">= 1"),
     ("hidden2", lambda v: all(h >= 1 for h in v), ">= 1"),
     ("pseudo_inputs", lambda v: v >= 1, ">= 1"),

@@ -24,6 +24,22 @@ def make_optimizer(params, cfg, device: torch.device, capturable: bool = False) 
     return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True, capturable=capturable)
 
 
+def normalize_and_clip_grads(params, normalize: bool = False, clip: float | None = None) -> None:
+    """The gradients of ``params`` before the update, in place and without a host sync:
+    ``normalize`` (``--optimizer adam-normgrad``) scales each tensor's gradient g to g / (‖g‖₂ + 1e-7), the
+    VampPrior authors' ``AdamNormGrad`` (Tomczak & Welling 2018, their ``utils/optimizer.py``: this,
+    then Adam), so that a batch with a large gradient weighs no more in Adam's averages than
+    another; ``clip`` (``--grad-clip``) then bounds the global L2 norm."""
+    params = list(params)
+    if normalize:
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = torch._foreach_norm(grads)  # one device scalar per tensor
+        torch._foreach_add_(norms, 1e-7)
+        torch._foreach_div_(grads, norms)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+
+
 def apply_settings(optim: torch.optim.Optimizer, scheduler, cfg, saved_lr, device: torch.device) -> None:
     """After loading a checkpoint's optimizer state: the settings given anew with ``--resume``
     (lr when it differs from the run's ``saved_lr``, weight decay, lr decay) apply from here on, and

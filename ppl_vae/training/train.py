@@ -1,6 +1,6 @@
 """The training loop: SVI on a Pyro objective as a differentiable loss, one torch optimizer.
 
-:func:`train_step` is the whole update: loss → backward → (clip) → optimizer step. The
+:func:`train_step` is the whole update: loss → backward → (normalize, clip) → optimizer step. The
 :class:`Trainer` runs it over epochs of minibatches: a batch ``x[idx]`` of B indices from a
 per-epoch permutation (data already on the device), ``loss = objective(model, guide, x_b,
 size=N, beta=β)`` (the data plate scales it to the full dataset). The host reads the running
@@ -34,7 +34,7 @@ from ..programs.model import VAE
 from . import checkpoint, finish, runs, start
 from .config import FitConfig
 from .interrupts import Interrupted, NonFiniteLoss, signals_to_flag
-from .optim import apply_settings, beta_at, patience_grace
+from .optim import apply_settings, beta_at, normalize_and_clip_grads, patience_grace
 from .validation import objective_name, row_terms
 
 
@@ -47,20 +47,21 @@ def train_step(
     beta,
     grad_clip: float | None = None,
     weight: float = 1.0,
+    normalize_grad: bool = False,
 ) -> torch.Tensor:
     """One SVI update on the batch ``(x,)`` or ``(x, y)`` (``x (B, D)``, labels ``y (B, C)``);
     returns the detached loss (a device scalar).
 
     ``loss_fn(batch, size, beta)`` is the negative bound scaled to ``size`` datapoints. No host
     synchronization happens here (tests/test_training.py checks it), so the same step runs
-    eagerly or inside a CUDA graph. ``weight``: this rank's loss weight under torchrun."""
+    eagerly or inside a CUDA graph. ``weight``: this rank's loss weight under torchrun.
+    ``normalize_grad``, ``grad_clip``: :func:`~.optim.normalize_and_clip_grads`."""
     loss = loss_fn(batch, size, beta)
     if weight != 1.0:
         loss = loss * weight
     optim.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    normalize_and_clip_grads(params, normalize_grad, grad_clip)
     optim.step()
     return loss.detach()
 
@@ -239,6 +240,7 @@ class Trainer:
             beta,
             self.cfg.grad_clip,
             weight,
+            self.cfg.optimizer == "adam-normgrad",
         )
         if self.average is not None:
             self.average.update()
