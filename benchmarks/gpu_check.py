@@ -7,7 +7,7 @@
    inside the step, once through :class:`ppl_vae.training.cuda_graph.GraphedStep` and once eagerly. Every
    step's loss and every final parameter and average must agree to 1e-5 relative; until they do,
    ``--cuda-graph`` stays opt-in; then every program family of :data:`PROGRAMS` (priors, guides,
-   two layers, IWAE, warm-up, clipping, decay, averaging, conv, conditional) trained two epochs
+   two layers, IWAE, warm-up, clipping, decay, averaging, AdamNormGrad, conv, conditional) trained two epochs
    through ``Trainer`` captured and eager: every metric of every epoch must agree to 1e-5 relative;
 2. the test suite with the ``device`` fixture on ``cuda`` (``PPL_VAE_TEST_DEVICES=cuda``;
    tests without the fixture run as usual, and ``--device auto`` picks the GPU in CLI tests);
@@ -134,6 +134,7 @@ PROGRAMS = {  # one of each program family and training option that a captured s
     "vae": {},
     "vampprior-iaf": {"prior": "vampprior", "guide": "iaf", "pseudo_inputs": 50},
     "two-layer-skip-ema": {"latent_layers": 2, "hierarchy": "skip", "ema": 0.999, "activation": "gated"},
+    "adam-normgrad": {"optimizer": "adam-normgrad", "prior": "vampprior", "pseudo_inputs": 50},
     "iwae5-warmup": {"elbo": "iwae", "num_particles": 5, "kl_warmup": 1.0},
     "full-rank-clip-decay": {"guide": "full-rank", "grad_clip": 100.0, "lr_decay": 0.9, "beta": 2.0},
     "mog-meanfield": {"prior": "mog", "elbo": "meanfield"},
