@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, Adam 5e-4, batch 100,
+# The VampPrior paper's MLPs (Tomczak & Welling 2018): gated 300-300, z = 40, lr 5e-4, batch 100,
 # KL warm-up over 100 epochs, early stopping after 50 epochs without a better validation bound.
-# The authors' code uses the same settings on every data set (Frey Faces included).
+# The authors' code uses the same settings on every data set (Frey Faces included), with their
+# AdamNormGrad optimizer; these recipes use plain Adam unless they say --optimizer adam-normgrad.
 PAPER_MLP = [
     "--activation",
     "gated",

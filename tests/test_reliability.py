@@ -474,7 +474,8 @@ def test_grad_clip_bounds_the_gradient_norm(bits, tmp_path):
 def test_adam_normgrad_gives_every_update_unit_norm_gradients(bits, tmp_path, capsys, monkeypatch):
     """``fit --optimizer adam-normgrad``: every step's gradients reach the optimizer with an L2 norm of 1 per
     parameter tensor (the update rule itself: test_train_step.py), the run records the setting, and
-    with plain Adam they do not."""
+    with plain Adam they do not. A resume with the other optimizer, an unknown one, and
+    ``--grad-clip`` beside it (which it makes a constant factor) are each one line, exit 2."""
     from ppl_vae.training import train
 
     norms, real = [], train.normalize_and_clip_grads
@@ -497,6 +498,26 @@ def test_adam_normgrad_gives_every_update_unit_norm_gradients(bits, tmp_path, ca
             assert max(abs(n - 1) for n in flat) < 1e-5
         else:
             assert max(abs(n - 1) for n in flat) > 0.1
+    # Adam's moments hold one scale of gradients: the optimizer is fixed for the run's life
+    run = tmp_path / "adam-normgrad"
+    before = snapshot(run)
+    r = in_process(["--out", run, "--resume", "--epochs", "2", "--optimizer", "adam"], capsys)
+    assert "optimizer" in assert_one_line(r, 2) and snapshot(run) == before
+    r = in_process(["--dataset", bits, *TINY, "--out", tmp_path / "sgd", "--optimizer", "sgd"], capsys)
+    assert "argument --optimizer: invalid choice: 'sgd'" in assert_one_line(r, 2)
+    argv = [
+        "--dataset",
+        bits,
+        *TINY,
+        "--out",
+        tmp_path / "clip",
+        "--optimizer",
+        "adam-normgrad",
+        "--grad-clip",
+        "1",
+    ]
+    assert "--grad-clip does nothing" in assert_one_line(in_process(argv, capsys), 2)
+    assert not (tmp_path / "clip").exists()
 
 
 # --------------------------------------------------------------------------- NaN / inf

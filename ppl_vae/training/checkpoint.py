@@ -189,7 +189,9 @@ def check_config_matches(saved: dict, requested: dict, keys) -> None:
 # a switch would compare θ with θ̄'s best). seed: a resumed run draws from the RNG states its
 # checkpoint holds (restore_rng), not from --seed, so another seed would change no draw and only
 # make config.json claim a seed the run did not start from: refused, as any other change.
-RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset", "ema", "seed")
+# (--optimizer: Adam's moments hold gradients of one scale, raw or unit-norm, so a switch would
+# shrink or blow up the steps for thousands of steps)
+RESUME_KEYS = tuple(k for k in MODEL_KEYS if k != "image_shape") + ("dataset", "ema", "seed", "optimizer")
 # How the data are prepared, fixed for a run's life too: its later epochs train on data made as
 # its first epochs' were, and select the best epoch on the same fixed draws of the validation
 # images (--binarize, --dequantize and the seeds of those draws). Compared once the data are

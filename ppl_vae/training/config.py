@@ -165,6 +165,13 @@ class FitConfig:
         why = hierarchy_error(self.hierarchy, self.latent_layers, self.arch, self.hidden)
         if why:
             raise UserError((f"{source}: " if source else "") + why)
+        if self.optimizer == "adam-normgrad" and self.grad_clip:
+            raise UserError(
+                (f"{source}: " if source else "")
+                + "--grad-clip does nothing under --optimizer adam-normgrad "
+                "(every step's gradients have the same global norm, √(number of tensors), and Adam cancels a "
+                "constant scale); drop one of them"
+            )
         if self.elbo == "iwae" and self.beta != 1:  # (--kl-warmup is fine: it ramps β up to 1)
             raise UserError(
                 (f"{source}: " if source else "") + "--beta ≠ 1 makes --elbo iwae no bound on log p(x); "

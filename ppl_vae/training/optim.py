@@ -26,13 +26,15 @@ def make_optimizer(params, cfg, device: torch.device, capturable: bool = False) 
 
 def normalize_and_clip_grads(params, normalize: bool = False, clip: float | None = None) -> None:
     """The gradients of ``params`` before the update, in place and without a host sync:
-    ``normalize`` (``--optimizer adam-normgrad``) scales each tensor's gradient g to g / (‖g‖₂ + 1e-7), the
-    VampPrior authors' ``AdamNormGrad`` (Tomczak & Welling 2018, their ``utils/optimizer.py``: this,
-    then Adam), so that a batch with a large gradient weighs no more in Adam's averages than
-    another; ``clip`` (``--grad-clip``) then bounds the global L2 norm."""
+    ``normalize`` (``--optimizer adam-normgrad``) scales each tensor's gradient g to g / (‖g‖₂ + 1e-7),
+    the update of the VampPrior authors' ``AdamNormGrad`` (Tomczak & Welling 2018, their
+    ``utils/optimizer.py``: this, then Adam), so that a batch with a large gradient weighs no more in
+    Adam's averages than another. Per torch tensor: where ppl_vae keeps in one tensor what their
+    networks keep in two (a gated layer's two halves, the encoder's μ and log σ² heads), the groups
+    differ. ``clip`` (``--grad-clip``; refused with ``normalize``) bounds the global L2 norm."""
     params = list(params)
-    if normalize:
-        grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
+    if normalize and grads:
         norms = torch._foreach_norm(grads)  # one device scalar per tensor
         torch._foreach_add_(norms, 1e-7)
         torch._foreach_div_(grads, norms)

@@ -158,7 +158,8 @@ class Trainer:
                 f"the last good checkpoint {self.out / 'checkpoint.pt'} (after epoch {epoch}"
                 f"{f' and {step} steps' if step else ''}) is kept"
             )
-        return NonFiniteLoss(f"the {what} became {value} {where}; {kept}; try a lower --lr or --grad-clip")
+        clip = " or --grad-clip" if self.cfg.optimizer == "adam" else ""
+        return NonFiniteLoss(f"the {what} became {value} {where}; {kept}; try a lower --lr{clip}")
 
     # ---- the loop
 
