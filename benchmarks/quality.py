@@ -58,7 +58,6 @@ from recipes import (  # noqa: E402
     dataset_of,
     merged,
     result_path,
-    result_stem,
     run_dir,
     source_of,
 )
@@ -312,8 +311,8 @@ def main(argv=None) -> int:
     eval_seconds = run(eval_cmd)
     result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick, split)
     result.update(dataset=dataset, seed=a.seed)
-    kind, stem = result["device"].split(":")[0], result_stem(a.recipe, a.seed, split)
-    path = out / f"{stem}-quick.json" if a.quick else result_path(a.recipe, a.seed, split, kind, RESULTS)
+    kind = result["device"].split(":")[0]
+    path = result_path(a.recipe, a.seed, split, kind, RESULTS, out if a.quick else None)
     path.write_text(json.dumps(result, indent=2) + "\n")
     if not a.quick:  # the curve beside it (recipes.read_curve)
         shutil.copyfile(out / "metrics.jsonl", path.with_name(f"{path.stem}-metrics.jsonl"))

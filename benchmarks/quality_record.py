@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, device_name
-from recipes import merged, read_curve, result_path, result_stem
+from recipes import merged, read_curve, result_path
 
 from ppl_vae.training.runs import best_epoch, read_metrics
 
@@ -150,8 +150,8 @@ def check(
     import torch
 
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    kind, stem = "cuda" if cuda else "cpu", result_stem(recipe, seed, split)  # as the run's JSON was named
-    result = out / f"{stem}-quick.json" if quick else result_path(recipe, seed, split, kind, RESULTS)
+    kind = "cuda" if cuda else "cpu"  # as the run's JSON was named
+    result = result_path(recipe, seed, split, kind, RESULTS, out if quick else None)
     if not result.exists():
         sys.exit(f"quality.py: error: --check: no recorded result {result} (--split valid for a candidate)")
     recorded = json.loads(result.read_text())

@@ -178,10 +178,14 @@ def result_stem(recipe: str, seed: int, split: str = "test") -> str:
     return f"{'quality' if split == 'test' else split}-{recipe}" + (f"-seed{seed}" if seed else "")
 
 
-def result_path(recipe: str, seed: int, split: str, kind: str, results: Path) -> Path:
-    """A committed result: ``results/STEM-KIND.json`` (:func:`result_stem`; ``kind``: cpu or cuda);
-    its curve is beside it (:func:`read_curve`)."""
-    return results / f"{result_stem(recipe, seed, split)}-{kind}.json"
+def result_path(
+    recipe: str, seed: int, split: str, kind: str, results: Path, quick_out: Path | None = None
+) -> Path:
+    """A committed result: ``results/STEM-KIND.json`` (:func:`result_stem`; ``kind``: cpu or cuda),
+    its curve beside it (:func:`read_curve`); or a ``--quick`` run's, never committed, in its run
+    directory ``quick_out``: ``QUICK_OUT/STEM-quick.json``."""
+    stem = result_stem(recipe, seed, split)
+    return quick_out / f"{stem}-quick.json" if quick_out is not None else results / f"{stem}-{kind}.json"
 
 
 def read_curve(result: Path) -> list[dict]:

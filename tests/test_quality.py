@@ -246,8 +246,15 @@ def test_recipes_choose_their_data_set_and_a_seed_names_a_repeat():
         quality.fit_command("dynamic-vae", Path("o"), quality.data_flags("mnist", None), 5, "cpu", False)[3:]
     )
     assert dyn["--dataset"] == "mnist" and dyn["--binarize"] == "dynamic" and dyn["--seed"] == "0"
-    assert quality.result_stem("frey-vae", 0) == "quality-frey-vae"
-    assert quality.result_stem("frey-vae", 2) == "quality-frey-vae-seed2"
+    recipes = _benchmark_module("recipes")
+    assert recipes.result_stem("frey-vae", 0) == "quality-frey-vae"
+    assert recipes.result_stem("frey-vae", 2) == "quality-frey-vae-seed2"
+    assert recipes.result_path("frey-vae", 2, "valid", "cpu", Path("r")) == Path(
+        "r/valid-frey-vae-seed2-cpu.json"
+    )
+    assert recipes.result_path("vae", 0, "test", "cpu", Path("r"), Path("o")) == Path(
+        "o/quality-vae-quick.json"
+    )
     # every recipe names a data set the table knows; the static ones keep their recorded commands
     assert all(ds in quality.DATASETS for ds, _ in quality.RECIPES.values())
     static = quality.merged(

@@ -32,6 +32,8 @@ def normalize_and_clip_grads(params, normalize: bool = False, clip: float | None
     Adam's averages than another. Per torch tensor: where ppl_vae keeps in one tensor what their
     networks keep in two (a gated layer's two halves, the encoder's μ and log σ² heads), the groups
     differ. ``clip`` (``--grad-clip``; refused with ``normalize``) bounds the global L2 norm."""
+    if not (normalize or clip):  # plain Adam: nothing to do on the hot path
+        return
     params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if normalize and grads:
