@@ -24,7 +24,7 @@ other data, printed apart. Two more runs explain two warnings:
   on pixels that are exactly 0 (MNIST's background): the density at x = μ grows like 1/σ without
   bound, so the ELBO climbs by shrinking σ.
 
-    python examples/likelihoods.py            # 30 epochs for each of 6 models, ~11 minutes on 2 CPU cores
+    python examples/likelihoods.py            # 30 epochs for each of 6 models: ~20 minutes on 2 CPU cores (full MNIST)
     python examples/likelihoods.py --quick    # seconds
 
 Writes to ``--out``: ``likelihoods.png`` (data, reconstructions and samples per likelihood),
