@@ -32,6 +32,12 @@ starts from recipe NAME's run (``runs/quality-NAME``, or ``--from RUN``)::
 ``--quick`` runs the same recipe for 128 steps on 2,000 training images (and 50 pseudo-inputs,
 100 importance samples on 200 images): it checks the wiring, not the number,
 and writes its JSON into the run directory only. The recipes are in docs/benchmarks.md ("Quality").
+
+A fit cut short (the session that ran it ended) continues with ``--resume``: from its last
+checkpoint, bit for bit, for what is left of ``--time-limit``; then the evaluation and the JSON
+follow as usual, with ``resumed_with`` naming the command that finished the fit::
+
+    python benchmarks/quality.py best-paper --split valid --resume --time-limit 110
 """
 
 from __future__ import annotations
@@ -40,160 +46,23 @@ import argparse
 import json
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS  # noqa: E402
-from quality_figure import candidates_figure, figure, figure_path  # noqa: E402
-from quality_record import check, summarize  # noqa: E402
-from recipes import (  # noqa: E402
-    CANDIDATES,
-    DATASETS,
-    RECIPES,
-    dataset_of,
-    merged,
-    result_path,
-    run_dir,
-    source_of,
+from quality_commands import (  # noqa: E402
+    data_flags,
+    evaluate_command,
+    fit_command,
+    quick_data,
+    resume_fit,
+    run,
+    source_run,
 )
-
-# --quick: the same programs, small: flags appended after the recipe's (argparse keeps the last)
-QUICK = {
-    "--epochs": "8",
-    "--final-iwae-k": "0",
-    "--batch-size": "100",
-    "--patience": "1000",
-    "--kl-warmup": "3",
-    "--pseudo-inputs": "50",
-    "--ema": "0.9",
-}  # (--ema: a 10-step memory for 128 steps)
-QUICK_TRAIN_IMAGES = 2000
-
-
-def source_run(recipe: str, quick: bool, source: Path | None = None) -> Path:
-    """The run an ``--init-from @NAME`` recipe starts from: ``source``, or recipe NAME's own run
-    directory (``runs/quality-NAME``, or its ``--quick`` run, relative to the working directory);
-    exits with one line (2, as the CLI's refusals) unless it is a finished run with a best.pt."""
-    name = source_of(recipe)
-    path = source or run_dir(name, 0, quick)
-    if not (path / "best.pt").exists() or not (path / "summary.json").exists():
-        print(
-            f"quality.py: error: recipe {recipe} starts from recipe {name}'s run, and {path} is not a "
-            "finished run (no best.pt and summary.json); "
-            f"train it first (python benchmarks/quality.py {name}{' --quick' if quick else ''}) or name one "
-            "with --from RUN",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    return path
-
-
-def fit_command(
-    recipe: str,
-    out: Path,
-    data: list[str],
-    time_limit: float | None,
-    device: str,
-    quick: bool,
-    seed: int = 0,
-    source: Path | None = None,
-) -> list[str]:
-    """The recipe's ``python -m ppl_vae.fit`` command; ``source`` is the run that ``--init-from
-    @NAME`` stands for (:func:`source_run`)."""
-    args = list(RECIPES[recipe][1])
-    if "--init-from" in args:
-        args[args.index("--init-from") + 1] = str(source)
-    if quick:
-        args += [
-            a
-            for flag, value in QUICK.items()
-            if flag in args or flag == "--final-iwae-k"
-            for a in (flag, value)
-        ]
-    args = [a for flag, value in merged(args).items() for a in (flag, value)]
-    limit = [] if time_limit is None else ["--time-limit", f"{time_limit:g}"]
-    return [
-        sys.executable,
-        "-m",
-        "ppl_vae.fit",
-        *data,
-        *args,
-        *limit,
-        "--device",
-        device,
-        "--seed",
-        str(seed),
-        "--out",
-        str(out),
-    ]
-
-
-def evaluate_command(
-    out: Path,
-    data_dir: str | None,
-    num_samples: int,
-    device: str,
-    quick: bool,
-    quick_n: int = 200,
-    split: str = "test",
-) -> list[str]:
-    subset = ["--subset", str(min(200, quick_n)), "--ks", "10"] if quick else []
-    data = ["--data-dir", data_dir] if data_dir else []
-    return [
-        sys.executable,
-        "-m",
-        "ppl_vae.evaluate",
-        str(out),
-        "--split",
-        split,
-        "--num-samples",
-        str(num_samples),
-        *subset,
-        *data,
-        "--device",
-        device,
-        "--checkpoint",
-        "best",
-        "--json",
-        str(out / f"{split}-k{num_samples}.json"),
-    ]
-
-
-def data_flags(dataset: str, data_dir: str | None) -> list[str]:
-    """The fit flags of a recipe's data set (``--dataset NAME``, its own flags, ``--data-dir``)."""
-    return ["--dataset", dataset, *DATASETS[dataset]["flags"]] + (
-        ["--data-dir", data_dir] if data_dir else []
-    )
-
-
-def quick_data(dataset: str, data_dir: str | None, out: Path) -> tuple[list[str], dict[str, int]]:
-    """The fit flags of ``--quick``: 2,000 random training images of the recipe's data set as an
-    ``.npz`` (static binarized MNIST's kept binary with ``--binarize none``; the others with their
-    data set's own flags, e.g. ``--binarize dynamic``), and the sizes of its validation and test splits."""
-    from ppl_vae import load_dataset
-
-    ds = load_dataset(dataset, data_dir)
-    idx = np.random.default_rng(0).permutation(ds.train.shape[0])[:QUICK_TRAIN_IMAGES]
-    path = out.parent / f"{out.name}-data.npz"
-    np.savez_compressed(path, images=ds.train[idx].numpy().reshape(-1, *ds.image_shape[1:]))  # [n, H, W]
-    flags = ["--binarize", "none"] if dataset == "binarized-mnist" else DATASETS[dataset]["flags"]
-    quick = load_dataset(str(path))
-    return ["--dataset", str(path), *flags], {"valid": quick.valid.shape[0], "test": quick.test.shape[0]}
-
-
-def run(cmd: list[str]) -> float:
-    """Run ``cmd`` (its output goes to ours); its wall seconds, or exit with its status."""
-    print("$", shlex.join(cmd), flush=True)
-    t0 = time.perf_counter()
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        sys.exit(rc)
-    return time.perf_counter() - t0
+from quality_figure import candidates_figure, figure, figure_path  # noqa: E402
+from quality_record import check, relative, summarize  # noqa: E402
+from recipes import CANDIDATES, RECIPES, dataset_of, result_path, run_dir, source_of  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -237,6 +106,12 @@ def main(argv=None) -> int:
         "quality-RECIPE-seedS-DEVICE.json, for the spread over seeds)",
     )
     p.add_argument("--evaluate-only", action="store_true", help="evaluate an already trained --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish a fit that was cut short (a killed session): continue --out from its checkpoint.pt "
+        "for what is left of --time-limit, then evaluate and record it as usual",
+    )
     p.add_argument("--quick", action="store_true", help="a few hundred steps on a subset: checks the wiring")
     p.add_argument(
         "--check",
@@ -268,6 +143,8 @@ def main(argv=None) -> int:
         return 0
     if a.recipe is None:
         p.error("name a recipe, or pass --figure")
+    if a.resume and (a.evaluate_only or a.check is not None):
+        p.error("--resume finishes a fit; it goes with neither --evaluate-only nor --check")
     out = a.out or run_dir(a.recipe, a.seed, a.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.check is not None:
@@ -299,18 +176,22 @@ def main(argv=None) -> int:
         sizes[split] if a.quick else 200,
         split,
     )
-    train_seconds = None
+    resumed = None
     if a.evaluate_only:
-        fit_cmd = json.loads((out / "quality-fit.json").read_text())["fit_command_argv"]
-        train_seconds = json.loads((out / "quality-fit.json").read_text())["train_seconds"]
+        fit = json.loads((out / "quality-fit.json").read_text())
+        fit_cmd, train_seconds, resumed = fit["fit_command_argv"], fit["train_seconds"], fit.get("resumed")
     else:
-        train_seconds = run(fit_cmd)
-        (out / "quality-fit.json").write_text(
-            json.dumps({"fit_command_argv": fit_cmd, "train_seconds": train_seconds}) + "\n"
-        )
+        if a.resume:
+            train_seconds, resumed = resume_fit(out, fit_cmd, a.time_limit)
+        else:
+            train_seconds = run(fit_cmd)
+        fit = {"fit_command_argv": fit_cmd, "train_seconds": train_seconds, "resumed": resumed}
+        (out / "quality-fit.json").write_text(json.dumps(fit) + "\n")
     eval_seconds = run(eval_cmd)
     result = summarize(a.recipe, out, fit_cmd, eval_cmd, train_seconds, eval_seconds, a.quick, split)
     result.update(dataset=dataset, seed=a.seed)
+    if resumed is not None:  # the fit was finished by --resume; train_seconds sums the epochs' seconds
+        result["resumed_with"] = [shlex.join(relative(c)) for c in resumed]
     kind = result["device"].split(":")[0]
     path = result_path(a.recipe, a.seed, split, kind, RESULTS, out if a.quick else None)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -486,3 +486,53 @@ def test_ais_table_pairs_runs_image_by_image(tmp_path, capsys, monkeypatch):
         in out
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_resume_finishes_a_cut_short_fit_bit_for_bit_and_records_it(quick_runs, data_dir, tmp_path):
+    """A quick `vae` fit stopped after epoch 3 of 8 with no summary.json (a killed session)
+    finishes with ``--resume``: epochs 4–8 continue from the checkpoint, and the whole curve equals
+    the uninterrupted quick run's in every field but the seconds (the same thread count, 1). The
+    JSON names the resume command, and its training seconds are the sum of the epochs' seconds;
+    a second ``--resume`` finds the fit finished and says so in one line."""
+    _, whole = quick_runs["vae"]
+    recorded = json.loads((whole / "quality-vae-quick.json").read_text())
+    out = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    fit = shlex.split(recorded["fit_command"])[1:]  # python → this interpreter; paths relative to REPO
+    fit[fit.index("--out") + 1] = str(out)
+    r = subprocess.run(
+        [sys.executable, *fit, "--epochs", "3", "--quiet"], cwd=REPO, env=env, capture_output=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    (out / "summary.json").unlink()  # cut after epoch 3's checkpoint, before the fit's end
+
+    def resume():
+        return subprocess.run(
+            [sys.executable, "benchmarks/quality.py", "vae", "--quick", "--resume", "--out", str(out)]
+            + ["--data-dir", str(data_dir), "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=600,
+        )
+
+    r = resume()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    def curve(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in rows], rows
+
+    (resumed, rows), (uncut, _) = curve(out), curve(whole)
+    assert len(resumed) == 8 and resumed == uncut
+    result = json.loads((out / "quality-vae-quick.json").read_text())
+    (command,) = result["resumed_with"]
+    assert "--resume" in command and "--epochs 8" in command
+    assert "--time-limit" not in command  # --quick runs have none
+    assert result["train_seconds"] == pytest.approx(sum(row["epoch_seconds"] for row in rows), rel=1e-12)
+    assert "--epochs 8" in result["fit_command"] and "--resume" not in result["fit_command"]  # the recipe's
+    again = resume()
+    assert again.returncode == 2 and "finished (quality-fit.json)" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
