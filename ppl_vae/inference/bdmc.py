@@ -22,7 +22,7 @@ from pyro.poutine.util import site_is_subsample
 from ..core.errors import UserError
 from ..core.seeding import derive_seed
 from .ais import AISEstimate, _run, ais
-from .checks import check_data
+from .inputs import check_data
 from .replay import rng_fork
 
 

@@ -41,13 +41,15 @@ import torch
 
 from ..core.errors import UserError
 from ..core.seeding import derive_seed  # noqa: F401 (re-exported: importance.derive_seed)
-from . import checks
+from . import inputs
 
 # re-exported (importance.* in evaluate, latents, psis and the tests): DATA_PLATE, guide_trace, max_plate_nesting, slice_safe
-from .checks import Program, check_num_samples, inspect_program, max_plate_nesting, slice_safe  # noqa: F401
+from .checks import Program, inspect_program, max_plate_nesting, slice_safe  # noqa: F401
+from .inputs import check_num_samples  # noqa: F401 (re-exported: importance.check_num_samples)
 from .replay import (  # noqa: F401
     DATA_PLATE,
     Draws,
+    as_args,
     draw_units,
     guide_trace,
     replay,
@@ -116,7 +118,7 @@ def iter_log_weights(
             if nesting is not None and not analytic_kl
             else inspect_program(model, guide, x, kwargs, analytic_kl)
         )
-    args = checks.as_args(x)
+    args = as_args(x)
     n, chunk_size = args[0].shape[0], chunk_size or default_chunk(args[0].device)
     # a flow guide is weighed on the trace that drew z, whose log q(z|x) needs no inverse: one unit of
     # particles per pass and all n datapoints in its model pass (replaying an IAF inverts it
@@ -137,7 +139,7 @@ def iter_log_weights(
                     model,
                     guide,
                     z_rows,
-                    checks.take(args, i, i + rows),
+                    inputs.take(args, i, i + rows),
                     k,
                     program.nesting,
                     kwargs,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.errors import UserError
-from ..inference import checks, estimators, importance
+from ..inference import checks, estimators, importance, inputs, replay
 from . import annealing, collapse, latents
 from .report import KL, MC_VAR, MEAN, Report, headline, summarize
 
@@ -75,14 +75,14 @@ def _block(model, guide, xb, num_samples, ks, seed, chunk_size, mean_samples, pr
         "ess": est["ess"].cpu().numpy(),
         "elbo_analytic_na": est["elbo_analytic_na"],
     }
-    nan = np.full(checks.num_datapoints(xb), math.nan)  # no closed-form KL: the analytic ELBO is n/a
+    nan = np.full(inputs.num_datapoints(xb), math.nan)  # no closed-form KL: the analytic ELBO is n/a
     for name, key in (("elbo_analytic", "elbo_analytic"), ("elbo_mc", "elbo_mc"), ("log_px", "iwae")):
         e = est.get(key)
         out[name] = nan if e is None else e.value.double().cpu().numpy()
         out[name + "_stderr"] = nan if e is None else e.stderr.double().cpu().numpy()
     for key, attr in (("iwae_by_k", "value"), ("iwae_by_k_stderr", "stderr")):
         rows = [getattr(est["iwae_by_k"][k], attr).double().cpu().numpy() for k in ks]
-        out[key] = np.stack(rows) if rows else np.zeros((0, checks.num_datapoints(xb)))  # (len(ks), B)
+        out[key] = np.stack(rows) if rows else np.zeros((0, inputs.num_datapoints(xb)))  # (len(ks), B)
     if mean_samples:
         means = latents.posterior_means(model, guide, xb, mean_samples, seed=seed, nesting=program.nesting)
         for name, pm in means.items():
@@ -138,15 +138,15 @@ def evaluate_blocks(
     ks = sorted(ks)
     if program is None:
         program = checks.inspect_program(
-            model, guide, checks.select(x, slice(0, block_size), device), {}, "auto"
+            model, guide, inputs.select(x, slice(0, block_size), device), {}, "auto"
         )
     chunk_size = chunk_size or importance.default_chunk(
-        device if device is not None else checks.as_args(x)[0].device
+        device if device is not None else replay.as_args(x)[0].device
     )
     parts = []
     for b in block_ids:
-        rows = torch.arange(b * block_size, min((b + 1) * block_size, checks.num_datapoints(x)))
-        xb = checks.select(x, rows, device)  # x (B, ...), or the tuple (x, y, ...) of the block
+        rows = torch.arange(b * block_size, min((b + 1) * block_size, inputs.num_datapoints(x)))
+        xb = inputs.select(x, rows, device)  # x (B, ...), or the tuple (x, y, ...) of the block
         sb = importance.derive_seed(seed, b)
         ais_b, undo = annealing.retried(ais)  # a retry's AIS steps counted once
         res, chunk_size = importance.halving_on_oom(
@@ -256,11 +256,11 @@ def evaluate(
         (:mod:`ppl_vae.reports.annealing`).
     """
     ks = curve_ks(num_samples, ks)
-    n = checks.num_datapoints(checks.check_data(data))  # bad data: one line, the datapoint named
+    n = inputs.num_datapoints(inputs.check_data(data))  # bad data: one line, the datapoint named
     if batch_size < 1:
         raise ValueError(f"need batch_size >= 1, got {batch_size}")
     # the one probe of the evaluation: plates, closed forms, slice safety, discreteness; passed down
-    program = checks.inspect_program(model, guide, checks.select(data, slice(None), device), {}, "auto")
+    program = checks.inspect_program(model, guide, inputs.select(data, slice(None), device), {}, "auto")
     if not program.slice_safe:  # blocks would give wrong numbers (e.g. guide parameters read by plate index)
         batch_size = n
     ctx = ctx or distributed.Context()
@@ -299,7 +299,7 @@ def evaluate(
     finally:
         bar.close()
         steps.close()
-    dim = int(checks.as_args(data)[0][0].numel())
+    dim = int(replay.as_args(data)[0][0].numel())
     s = summarize(res, ks, num_samples, dim, discrete, mean_samples, likelihood, bits)
     s.update(annealing.summarize(res, ais, bdmc))
     if ais:  # which of IWAE_K and AIS to quote, and why

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from ..inference import checks, importance
+from ..inference import importance, inputs
 
 ACTIVE_THRESHOLD = 1e-2  # Burda et al. 2016: Cov_x(E_q[z_u|x]) > 10⁻²
 MEAN_SAMPLES = 1000  # guide draws when E_q[z|x] needs Monte Carlo (see the module docstring)
@@ -159,12 +159,12 @@ def active_units_of(
         posterior_means(
             model,
             guide,
-            checks.select(x, slice(i, i + block_size)),
+            inputs.select(x, slice(i, i + block_size)),
             num_samples,
             importance.derive_seed(seed, b),
             **kwargs,
         )
-        for b, i in enumerate(range(0, checks.num_datapoints(x), block_size))
+        for b, i in enumerate(range(0, inputs.num_datapoints(x), block_size))
     ]
     means = {
         name: PosteriorMean(

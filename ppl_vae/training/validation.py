@@ -13,7 +13,8 @@ import torch
 
 from ..core import distributed
 from ..inference import estimators
-from ..inference.checks import as_args, num_datapoints, select, take
+from ..inference.inputs import num_datapoints, select, take
+from ..inference.replay import as_args
 from ..reports import collapse, latents
 
 VALID_SEED = 271828  # validation draws are the same every epoch, so epochs compare fairly
