@@ -117,7 +117,7 @@ MUTATIONS = [
     ),
     Mutation(
         "iwae-without-log-k",
-        "inference/estimators.py",
+        "inference/running.py",
         "self.values.update(lse - math.log(self.k))",
         "self.values.update(lse)",
         "IWAE_k = log Σ w_k instead of log (1/k) Σ w_k: too high by log k, no longer a bound",
@@ -125,7 +125,7 @@ MUTATIONS = [
     ),
     Mutation(
         "delta-stderr-k-not-k-minus-1",
-        "inference/estimators.py",
+        "inference/running.py",
         "var = (ratio - 1).clamp_min(0) / (k - 1) if k > 1",
         "var = (ratio - 1).clamp_min(0) / k if k > 1",
         "the delta-method variance divides by K, not K − 1 (the sample variance of the weights is biased)",
@@ -133,7 +133,7 @@ MUTATIONS = [
     ),
     Mutation(
         "delta-stderr-no-sqrt",
-        "inference/estimators.py",
+        "inference/running.py",
         "return Estimate(self.values.mean, torch.as_tensor(self.delta_var).sqrt())",
         "return Estimate(self.values.mean, torch.as_tensor(self.delta_var))",
         "IWAE_K's stderr is the variance, not the standard deviation",

@@ -13,7 +13,6 @@ PKG = REPO / "ppl_vae"
 LONG = {
     "programs/model.py": "the VAE program: model and guide for one or two layers, chain or skip",
     "training/config.py": "FitConfig: one field per setting of the command (~50), each with its type and range check",
-    "inference/estimators.py": "every estimator over one streaming pass, and the public names of 0.1",
 }
 
 

@@ -48,11 +48,11 @@ from pyro.poutine.util import site_is_subsample
 from ..core.errors import UserError
 from ..core.seeding import derive_seed
 from .checks import Program, describe, inspect_program
-from .estimators import Estimate, delta_method
 from .hmc import CounterNoise, Latent, Point, Target, transition, unconstrained
 from .importance import SAMPLE_UNIT, default_chunk
 from .inputs import check_data, take
 from .replay import data_dim, draw_units, is_flow, rng_fork, row_dim, unwrap
+from .running import Estimate, delta_method
 
 TARGET_ACCEPT, ADAPT_RATE = 0.65, 0.5  # ε ← ε · exp(ADAPT_RATE · (ā − TARGET_ACCEPT))
 MIN_ESS_FRACTION = 0.5  # a datapoint's stderr is flagged when its C weights' ESS < this × C

@@ -1,6 +1,6 @@
 r"""What the estimators accept, checked once per call before any pass (:func:`inspect_program`):
-the data (:mod:`.inputs`), the program's plates, whether it is slice-safe, whether its guide is a flow and, for
-the analytic-KL ELBO, which latent sites have a valid closed-form KL.
+the data (:mod:`.inputs`), the program's plates, whether it is slice-safe, whether its guide is a
+flow and, for the analytic-KL ELBO, which latent sites have a valid closed-form KL.
 
 **Program.** Every sample site of model and guide sits inside a vectorized
 ``pyro.plate("data", N)`` (any ``dim``) over the N datapoints given.

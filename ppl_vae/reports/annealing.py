@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.seeding import derive_seed
-from ..inference import checks, estimators, importance
+from ..inference import estimators, importance, inputs, replay
 
 AIS_STREAM, BDMC_STREAM = 0xA15, 0xBD3C  # keys of the AIS and BDMC seeds, apart from the IWAE draws'
 PER_DATAPOINT = ("ais", "ais_stderr", "ais_accept", "ais_trusted")
@@ -103,11 +103,11 @@ def bdmc_blocks(model, guide, data, n_sim: int, block_size: int, seed: int, opts
     halved on CUDA out-of-memory, ``log`` told; :func:`~ppl_vae.inference.importance.halving_on_oom`;
     the steps of a failed attempt are taken off ``opts``' progress: :func:`retried`)."""
     ctx = ctx or distributed.Context()
-    like = checks.select(data, torch.arange(n_sim) % checks.num_datapoints(data), device)
-    chunk_size = chunk_size or importance.default_chunk(checks.as_args(like)[0].device)
+    like = inputs.select(data, torch.arange(n_sim) % inputs.num_datapoints(data), device)
+    chunk_size = chunk_size or importance.default_chunk(replay.as_args(like)[0].device)
     mine = []
     for b in distributed.strided(range(math.ceil(n_sim / block_size)), ctx):
-        xb = checks.select(like, slice(b * block_size, (b + 1) * block_size))
+        xb = inputs.select(like, slice(b * block_size, (b + 1) * block_size))
         seed_b = derive_seed(seed, BDMC_STREAM, b)
         opts_b, undo = retried(opts)  # a retry's progress counted once
         br, chunk_size = importance.halving_on_oom(

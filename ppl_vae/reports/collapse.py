@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..inference import checks, importance
+from ..inference import importance, inputs
 from ..inference.replay import log_density, replay
 
 KL_FLOOR = 1.0  # nats per datapoint: a layer paying less carries (almost) nothing about x
@@ -42,7 +42,7 @@ def kl_terms(
     in the data plate that the model samples too (``x``: a tensor ``(N, ...)`` or a tuple of
     per-datapoint arguments). The caller's RNG is left as it was. ``nesting``: the plate dims of
     the caller's probe (``Program.nesting``); probed here when not given."""
-    args = checks.check_data(x, kwargs)
+    args = inputs.check_data(x, kwargs)
     if nesting is None:
         nesting = importance.max_plate_nesting(model, guide, args, **kwargs)
     with importance.rng_fork():
