@@ -118,6 +118,10 @@ def _quality_module():
     return _benchmark_module("quality")
 
 
+def _recipes():
+    return _benchmark_module("recipes")
+
+
 def test_figure_puts_each_test_number_at_its_best_epochs_wall_clock_time(tmp_path):
     """10 epochs of 60 s of steps in a run whose wall clock was 20 min: the curve is stretched 2x,
     so best.pt of epoch 5 is drawn at 10 min, at the JSON's test log p(x). A fine-tuning run
@@ -227,7 +231,7 @@ def test_figure_draws_every_committed_result_on_its_data_sets_figure(tmp_path):
     for dataset, results in by_dataset.items():
         markers = drawn.figure(tmp_path / f"{dataset}.png", dataset=dataset)
         assert len(markers) == len(results)
-        bits = quality.DATASETS[dataset]["unit"] == "bits/dim"
+        bits = _recipes().DATASETS[dataset]["unit"] == "bits/dim"
         for res in results:
             minutes, y = markers[drawn.label(res)]
             want = res["test_nll"] / (res["test"]["dim"] * math.log(2)) if bits else -res["test_nll"]
@@ -239,10 +243,10 @@ def test_recipes_choose_their_data_set_and_a_seed_names_a_repeat():
     cmd = quality.fit_command(
         "frey-vae", Path("runs/x"), quality.data_flags("frey-faces", "d"), 5, "cpu", False, seed=2
     )
-    args = quality.merged(cmd[3:])
+    args = _recipes().merged(cmd[3:])
     assert args["--dataset"] == "frey-faces" and args["--likelihood"] == "discretized-logistic"
     assert args["--seed"] == "2" and args["--data-dir"] == "d"
-    dyn = quality.merged(
+    dyn = _recipes().merged(
         quality.fit_command("dynamic-vae", Path("o"), quality.data_flags("mnist", None), 5, "cpu", False)[3:]
     )
     assert dyn["--dataset"] == "mnist" and dyn["--binarize"] == "dynamic" and dyn["--seed"] == "0"
@@ -256,8 +260,8 @@ def test_recipes_choose_their_data_set_and_a_seed_names_a_repeat():
         "o/quality-vae-quick.json"
     )
     # every recipe names a data set the table knows; the static ones keep their recorded commands
-    assert all(ds in quality.DATASETS for ds, _ in quality.RECIPES.values())
-    static = quality.merged(
+    assert all(ds in _recipes().DATASETS for ds, _ in quality.RECIPES.values())
+    static = _recipes().merged(
         quality.fit_command(
             "best", Path("o"), quality.data_flags("binarized-mnist", None), 50, "auto", False
         )[3:]
@@ -265,7 +269,7 @@ def test_recipes_choose_their_data_set_and_a_seed_names_a_repeat():
     recorded = json.loads((REPO / "benchmarks" / "results" / "quality-best-cpu.json").read_text())[
         "fit_command"
     ]
-    recorded_args = quality.merged(shlex.split(recorded)[3:])
+    recorded_args = _recipes().merged(shlex.split(recorded)[3:])
     for flag in (
         "--prior",
         "--latent-layers",
@@ -332,11 +336,11 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
         0,
         src,
     )
-    args = quality.merged(cmd[3:])
+    args = _recipes().merged(cmd[3:])
     assert args["--init-from"] == str(src) and args["--elbo"] == "iwae" and args["--num-particles"] == "5"
     assert not {"--prior", "--latent-layers", "--hidden", "--z-dim", "--kl-warmup"} & set(args)
     # the other candidates are `best` with one change each (best-paper: the paper's two)
-    best = quality.merged(list(quality.RECIPES["best"][1]))
+    best = _recipes().merged(list(quality.RECIPES["best"][1]))
     paper_optimizer = {
         "--optimizer": "adam-normgrad",
         "--batch-size": "100",
@@ -352,7 +356,7 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
     trained_from_scratch = {c for c in quality.CANDIDATES if quality.source_of(c) is None}
     assert set(changes) == trained_from_scratch  # each one's change is stated
     for name, changed in changes.items():
-        cand = quality.merged(list(quality.RECIPES[name][1]))
+        cand = _recipes().merged(list(quality.RECIPES[name][1]))
         assert {k: cand.get(k) for k in best.keys() | cand.keys() if best.get(k) != cand.get(k)} == changed, (
             name
         )
@@ -385,7 +389,7 @@ def test_a_candidate_is_judged_on_validation_and_its_winner_then_on_test(quick_r
     the source's best.pt, validation IWAE is evaluated and recorded as ``valid_nll``, no test
     number is computed; ``--evaluate-only`` then adds the test number of the same best.pt."""
     _, src = quick_runs["best"]
-    out, quality_module = tmp_path / "cand", _quality_module()
+    out = tmp_path / "cand"
 
     def quality(*flags):
         return subprocess.run(
@@ -413,7 +417,7 @@ def test_a_candidate_is_judged_on_validation_and_its_winner_then_on_test(quick_r
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     test = json.loads((out / "quality-best-iwae5-from-best-quick.json").read_text())
     assert test["test_nll"] == -json.loads((out / "test-k100.json").read_text())["log_px"]
-    recorded = quality_module.merged(shlex.split(test["fit_command"])[3:])  # paths relative to the repository
+    recorded = _recipes().merged(shlex.split(test["fit_command"])[3:])  # paths relative to the repository
     assert (REPO / recorded["--init-from"]).resolve() == src.resolve() and test["best_epoch"] == result[
         "best_epoch"
     ]
