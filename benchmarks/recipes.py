@@ -127,6 +127,12 @@ RECIPES = {
         ["--elbo", "iwae", "--num-particles", "5", *PAPER_MLP, *IWAE_WARMUP, *EMA],
     ),
     "vampprior-ema": ("binarized-mnist", ["--elbo", "trace", *VAMPPRIOR, *PAPER_MLP, *VAMP_CPU, *EMA]),
+    # `vae-ema` with the VampPrior authors' AdamNormGrad (its batch, lr and warm-up are the paper's
+    # already): the optimizer that bought 0.43 validation nats on the two-layer chain (candidate 5)
+    "vae-normgrad": (
+        "binarized-mnist",
+        ["--elbo", "meanfield", *PAPER_MLP, *WARMUP, *EMA, "--optimizer", "adam-normgrad"],
+    ),
     # dynamic binarization: less overfitting, so longer runs; averaging as in the static recipes
     "dynamic-vae": ("mnist", ["--elbo", "meanfield", *PAPER_MLP, *WARMUP, *EMA]),
     "dynamic-hvae-vampprior": (
