@@ -34,11 +34,11 @@ from ..core.errors import UserError
 from ..core.seeding import derive_seed  # noqa: F401 (public since 0.1: estimators.derive_seed)
 from .importance import (
     Program,
-    check_num_samples,
     inspect_program,
     iter_log_weights,
     log_importance_weights,  # noqa: F401 (public since 0.1)
 )
+from .inputs import check_num_samples
 from .psis import psis_diagnostics, psis_from_log_weights  # noqa: F401 (psis_diagnostics: public since 0.1)
 from .running import Estimate, GroupedLSE, Moments, delta_method  # noqa: F401 (Estimate: public since 0.1)
 

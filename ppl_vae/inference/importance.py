@@ -45,7 +45,6 @@ from . import inputs
 
 # re-exported (importance.* in evaluate, latents, psis and the tests): DATA_PLATE, guide_trace, max_plate_nesting, slice_safe
 from .checks import Program, inspect_program, max_plate_nesting, slice_safe  # noqa: F401
-from .inputs import check_num_samples  # noqa: F401 (re-exported: importance.check_num_samples)
 from .replay import (  # noqa: F401
     DATA_PLATE,
     Draws,
@@ -111,7 +110,7 @@ def iter_log_weights(
     given without ``analytic_kl`` (the training step's trusted fast path: no checks, no
     slicing). ``analytic_kl``: ``True`` adds the analytic-KL ELBO (:class:`~ppl_vae.inference.checks.NoClosedFormKL`
     where a valid closed form is not registered), ``"auto"`` the same with Monte Carlo there."""
-    check_num_samples(num_samples)
+    inputs.check_num_samples(num_samples)
     if program is None:
         program = (
             Program(nesting, slice_safe=False)  # trusted: no probe, so no slicing (all N rows per pass)

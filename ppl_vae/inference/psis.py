@@ -20,7 +20,8 @@ import warnings
 import numpy as np
 import torch
 
-from .importance import check_num_samples, log_importance_weights
+from .importance import log_importance_weights
+from .inputs import check_num_samples
 
 PSIS_MIN_SAMPLES = 21  # ArviZ's Pareto tail, ceil(min(0.2 K, 3 √K)), needs more than 4 weights
 

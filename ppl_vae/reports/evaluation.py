@@ -50,7 +50,7 @@ PER_DATAPOINT = (
 def curve_ks(num_samples: int, ks=None) -> list[int]:
     """The sorted k of the convergence curve, K included (default: those of :data:`DEFAULT_KS` ≤ K);
     ``ValueError`` unless 1 ≤ k ≤ K are integers."""
-    importance.check_num_samples(num_samples)
+    inputs.check_num_samples(num_samples)
     ks = sorted({*(ks if ks is not None else [k for k in DEFAULT_KS if k <= num_samples]), num_samples})
     bad = [k for k in ks if not (isinstance(k, (int, np.integer)) and 1 <= k <= num_samples)]
     if bad:

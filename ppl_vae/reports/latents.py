@@ -99,7 +99,7 @@ def posterior_means(
     ``seed`` fixes the draws (unit j: ``derive_seed(seed, _STREAM, j)``) and leaves the caller's
     RNG untouched. ``model`` is traced only to find the plate nesting, unless ``nesting`` (the
     caller's probe, e.g. ``Program.nesting``) is given."""
-    importance.check_num_samples(num_samples)
+    inputs.check_num_samples(num_samples)
     if nesting is None:
         nesting = importance.max_plate_nesting(model, guide, x, **kwargs)
     sums, squares, exact, drawn, unit = {}, {}, {}, 0, 0
