@@ -1,7 +1,7 @@
 """The faults of issue 15, end to end: a second writer on a busy run directory, a full disk while
 a checkpoint, ``summary.json``, a figure, ``config.json`` or a metrics line is written, kill -9
-inside a save, a damaged ``metrics.jsonl``, a damaged ``config.json``, a lying ``.npy`` header, a
-signal during start-up, ``--epochs 0``.
+inside a save, a damaged ``metrics.jsonl``, a damaged ``config.json``, a lying ``.npy`` header, ``--epochs 0``
+(signals outside the training loop: tests/test_signals.py).
 
 Process-level faults (a second process, a kill, a signal, a file-size limit) run the real CLI
 in a subprocess, with the fault put in by ``tests/test_reliability.py``'s :func:`inject`; faults
@@ -15,7 +15,6 @@ import json
 import re
 import signal
 import socket
-import time
 import zipfile
 
 import numpy as np
@@ -32,7 +31,6 @@ from test_reliability import (
     finish,
     in_process,
     inject,
-    metrics_without_timing,
     run2,  # noqa: F401  (a fixture)
     run4,  # noqa: F401  (a fixture)
     snapshot,
@@ -332,109 +330,3 @@ def test_zero_epochs_is_refused(bits, run2, tmp_path, capsys, resume):
     line = assert_one_line(in_process([*argv, "--epochs", 0], capsys), 2)
     assert "--epochs" in line, line
     assert (snapshot(run) == before) if resume else not run.exists()
-
-
-# --------------------------------------------------------------------------- signals at start-up
-
-
-@pytest.mark.parametrize("module", ["fit", "evaluate", "sample"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_the_imports_is_one_line(bits, tmp_path, sig, module):
-    """Ctrl-C or SIGTERM 0.5 s after ``python -m ppl_vae.MODULE`` starts (importing torch and
-    Pyro): exit 128 + signal, one line, no traceback, no run directory."""
-    out = tmp_path / "run"
-    p = spawn(*(["--dataset", bits, *TINY, "--out", out] if module == "fit" else [out]), module=module)
-    time.sleep(0.5)
-    assert p.poll() is None, "start-up took under 0.5 s: the signal would not land in it"
-    p.send_signal(sig)
-    assert_one_line(finish(p), 128 + sig, f"python -m ppl_vae.{module}: interrupted by {sig.name}")
-    assert not out.exists()
-
-
-def test_ctrl_c_as_a_finished_run_exits_is_not_a_traceback(bits, tmp_path):
-    """Ctrl-C the moment ``fit`` prints its result (every file written; the interpreter about to
-    run its exit handlers, matplotlib's and torch's): exit 0 or 130, at most one line, no
-    traceback, and the run complete."""
-    out = tmp_path / "run"
-    p = spawn("--dataset", bits, *TINY, "--epochs", 2, "--out", out, env={"PYTHONUNBUFFERED": "1"})
-    first = p.stdout.readline()
-    p.send_signal(signal.SIGINT)
-    r = finish(p)
-    assert first.startswith("best validation ELBO"), (first, r.stderr)
-    assert r.returncode in (0, 130) and len(r.stderr.splitlines()) <= 1 and "Traceback" not in r.stderr, (
-        r.returncode,
-        r.stderr,
-    )
-    assert [m["epoch"] for m in metrics_without_timing(out)] == [1, 2] and (out / "summary.json").exists()
-
-
-COMMAND = """
-import atexit, os, signal, sys
-from ppl_vae.core.cli import run_command
-
-def main():
-    print("result", flush=True)
-    if "{when}" == "printing":
-        for _ in range({times}):
-            os.kill(os.getpid(), signal.{sig})  # lands between two prints, as a Ctrl-C may
-    print("more", flush=True)
-    if "{when}" == "exiting":
-        atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))  # while the interpreter tears down
-    return 0
-
-run_command("prog", main)
-"""
-
-
-@pytest.mark.parametrize(
-    "when,sig,times,code",
-    [
-        ("printing", "SIGINT", 1, 130),
-        ("printing", "SIGTERM", 1, 143),
-        ("printing", "SIGINT", 3, 130),
-        ("exiting", "SIGINT", 1, 0),
-        ("exiting", "SIGTERM", 1, 0),
-    ],
-)
-def test_run_command_turns_any_signal_into_one_line_or_ignores_it_after_the_work(when, sig, times, code):
-    """Deterministic form of the Ctrl-C race: a signal (or three) while the command prints its
-    result gives exit 128 + n and exactly one line; one while the interpreter exits is ignored."""
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "-c", COMMAND.format(when=when, sig=sig, times=times)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == code, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    assert r.stderr.splitlines() == ([f"prog: interrupted by {sig}"] if code else []), r.stderr
-
-
-@pytest.mark.parametrize("sig,existing", [(signal.SIGINT, False), (signal.SIGTERM, True)])
-def test_a_signal_while_loading_the_data_leaves_no_half_made_run(bits, run2, tmp_path, sig, existing):
-    """The signal arrives after the run directory was made and locked, while the data load: exit
-    128 + signal, one line; a new --out is removed, an existing run (``--overwrite``) is left
-    byte-identical (but for ``.lock``, which names the last holder)."""
-    out, marker = tmp_path / "run", tmp_path / "loading"
-    if existing:
-        copy_run(run2, out)
-    before = snapshot(out) if existing else None
-    p = spawn(
-        "--dataset",
-        bits,
-        *TINY,
-        "--out",
-        out,
-        *(["--overwrite"] if existing else []),
-        fault={"pause_data": str(marker)},
-    )
-    wait_for(marker, p)
-    p.send_signal(sig)
-    assert_one_line(finish(p), 128 + sig, f"{FIT}: interrupted by {sig.name}")
-    if existing:
-        assert snapshot(out) == before
-    else:
-        assert not out.exists()

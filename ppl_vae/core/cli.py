@@ -76,7 +76,34 @@ def _say_interrupted(prog: str, e: KeyboardInterrupt, when: str = "") -> int:
     """Print the one line of an interrupt and return its exit code (130 SIGINT, 143 SIGTERM)."""
     name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
     print(f"{prog}: interrupted by {name}{when}", file=sys.stderr)
+    _forget_unhandled_mark()
     return code
+
+
+def _forget_unhandled_mark() -> None:
+    """Clear CPython's mark of an unhandled Ctrl-C, so that ``python -m`` exits with our code.
+
+    CPython (3.8 on) marks a ``KeyboardInterrupt`` that leaves code compiled from a string
+    (``exec(str)``, ``eval(str)``) as unhandled, even when a caller catches it; ``python -m`` then
+    ends by killing itself with SIGINT (exit -2) whatever ``sys.exit`` said. ``dataclasses`` and
+    ``namedtuple`` build their methods that way, thousands of times in torch's lazy imports (the
+    first optimizer imports ``torch._dynamo``), so a Ctrl-C there was caught, its line printed,
+    and the exit still -2. Running a string that completes clears the mark
+    (``run_eval_code_obj`` in CPython's Python/pythonrun.c)."""
+    exec("")
+
+
+def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The ``KeyboardInterrupt`` that ``e`` is or that led to it (its ``__cause__`` /
+    ``__context__`` chain), else None. Python 3.11 wraps one raised inside a class's
+    ``__set_name__`` (a dataclass field, while torch imports) in a ``RuntimeError``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _exit_interrupted(prog: str, e: KeyboardInterrupt, when: str = ""):
@@ -92,6 +119,10 @@ def startup(prog: str):
     old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         yield
+    except Exception as e:  # re-raised unless an interrupt is behind it
+        if (interrupt := interrupt_behind(e)) is None:
+            raise
+        _exit_interrupted(prog, interrupt, " while starting")
     except KeyboardInterrupt as e:
         _exit_interrupted(prog, e, " while starting")
     finally:
@@ -128,6 +159,11 @@ def run_command(prog: str, main) -> None:
     except KeyboardInterrupt as e:
         state["raised"] = True
         code = _say_interrupted(prog, e)
+    except Exception as e:  # re-raised unless an interrupt is behind it
+        if (interrupt := interrupt_behind(e)) is None:
+            raise
+        state["raised"] = True
+        code = _say_interrupted(prog, interrupt)
     if main_thread:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
