@@ -93,7 +93,7 @@ def _forget_unhandled_mark() -> None:
     exec("")
 
 
-def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
     """The ``KeyboardInterrupt`` that ``e`` is or that led to it (its ``__cause__`` /
     ``__context__`` chain), else None. Python 3.11 wraps one raised inside a class's
     ``__set_name__`` (a dataclass field, while torch imports) in a ``RuntimeError``."""
@@ -120,7 +120,7 @@ def startup(prog: str):
     try:
         yield
     except Exception as e:  # re-raised unless an interrupt is behind it
-        if (interrupt := interrupt_behind(e)) is None:
+        if (interrupt := _interrupt_behind(e)) is None:
             raise
         _exit_interrupted(prog, interrupt, " while starting")
     except KeyboardInterrupt as e:
@@ -160,7 +160,7 @@ def run_command(prog: str, main) -> None:
         state["raised"] = True
         code = _say_interrupted(prog, e)
     except Exception as e:  # re-raised unless an interrupt is behind it
-        if (interrupt := interrupt_behind(e)) is None:
+        if (interrupt := _interrupt_behind(e)) is None:
             raise
         state["raised"] = True
         code = _say_interrupted(prog, interrupt)
