@@ -29,6 +29,9 @@ from test_reliability import (
     wait_for,
 )
 
+from ppl_vae.core.cli import Terminated, user_errors
+from ppl_vae.core.errors import UserError, WriteError
+
 # --------------------------------------------------------------------------- start-up
 
 
@@ -160,3 +163,26 @@ def test_run_command_turns_any_signal_into_one_line_or_ignores_it_after_the_work
     assert "Traceback" not in r.stderr
     when = " while starting" if phase == "startup" else ""
     assert r.stderr.splitlines() == ([f"prog: interrupted by {sig}{when}"] if code else []), r.stderr
+
+
+@pytest.mark.parametrize(
+    "error,code,line",
+    [
+        (UserError("bad --lr"), 2, "prog: error: bad --lr"),
+        (OSError(28, "No space left on device"), 1, "prog: error: [Errno 28] No space left on device"),
+        (UserError("download failed"), 130, "prog: interrupted by SIGINT"),
+        (WriteError("could not write summary.json"), 143, "prog: interrupted by SIGTERM"),
+    ],
+)
+def test_an_error_with_an_interrupt_behind_it_is_the_interrupt(capsys, error, code, line):
+    """``user_errors``: bad input exits 2 and a failed write 1, each on one line; the same errors
+    raised while handling a Ctrl-C or SIGTERM (``raise ... from``, as a download or an atomic
+    write rewords what stopped it) are the interrupt: exit 130 / 143 and its line."""
+    if code > 128:
+        behind = Terminated() if code == 143 else KeyboardInterrupt()
+        error.__cause__ = RuntimeError("wrapped")
+        error.__cause__.__cause__ = behind
+    with pytest.raises(SystemExit) as stop, user_errors("prog"):
+        raise error
+    assert stop.value.code == code
+    assert capsys.readouterr().err.splitlines() == [line]

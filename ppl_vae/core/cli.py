@@ -45,7 +45,7 @@ def user_errors(prog: str):
     * ``OSError`` (a full disk, a permission denied while writing) → exit 1; one the code did
       not word itself (not a :class:`WriteError`) still names its file and the reason;
     * Ctrl-C / SIGTERM arriving outside a training loop (which saves a checkpoint itself) →
-      exit 130 / 143. SIGTERM is turned into :class:`Terminated` while the block runs
+      exit 130 / 143, also when code on its way up turned it into one of the errors above. SIGTERM is turned into :class:`Terminated` while the block runs
       (main thread only), so a killed job unwinds like an interrupted one.
     """
     main = threading.current_thread() is threading.main_thread()
@@ -55,21 +55,28 @@ def user_errors(prog: str):
     warnings.showwarning = lambda message, *a, **k: print(f"{prog}: warning: {message}", file=sys.stderr)
     try:
         yield
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        said = str(e)
-        if not isinstance(e, WriteError) and getattr(e, "filename", None):
-            said = f"could not read or write {e.filename}: {reason(e)}"  # not "[Errno 13] ..."
-        print(f"{prog}: error: {said}", file=sys.stderr)
-        sys.exit(1)
+    except (UserError, OSError) as e:
+        if (interrupt := _interrupt_behind(e)) is not None:  # a Ctrl-C reworded on its way up
+            _exit_interrupted(prog, interrupt)
+        _exit_error(prog, e)
     except KeyboardInterrupt as e:
         _exit_interrupted(prog, e)
     finally:
         warnings.showwarning = show
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+def _exit_error(prog: str, e: UserError | OSError):
+    """One line for bad input (exit 2) or a failed read or write (exit 1)."""
+    if isinstance(e, UserError):
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    said = str(e)
+    if not isinstance(e, WriteError) and getattr(e, "filename", None):
+        said = f"could not read or write {e.filename}: {reason(e)}"  # not "[Errno 13] ..."
+    print(f"{prog}: error: {said}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _say_interrupted(prog: str, e: KeyboardInterrupt, when: str = "") -> int:
