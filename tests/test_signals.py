@@ -112,6 +112,24 @@ def where():
         exec("kill()")  # as dataclasses build __init__: CPython marks the interrupt unhandled
     elif "{where}" == "set_name":
         type("C", (), {{"field": SetName()}})  # Python 3.11: RuntimeError from the interrupt
+    elif "{where}" == "swallowed":
+        try:  # as torch's check for triton: the native import's ImportError, caught
+            try:
+                kill()
+            except KeyboardInterrupt as e:
+                raise ImportError("initialization failed") from e
+        except ImportError:
+            pass
+        print("still working", flush=True)
+        kill()  # the user's second Ctrl-C
+        print("not reached", flush=True)
+    elif "{where}" == "unwinding":
+        try:
+            kill()
+        finally:  # clean-up, hit by repeats: they are ignored and it runs whole
+            for _ in range({times}):
+                kill()
+            print("cleaned up", flush=True)
 
 if "{phase}" == "startup":
     with startup("prog"):
@@ -139,6 +157,10 @@ run_command("prog", main)
         ("startup", "exec", "SIGINT", 1, 130),
         ("startup", "set_name", "SIGINT", 1, 130),
         ("startup", "set_name", "SIGTERM", 1, 143),
+        ("main", "swallowed", "SIGINT", 1, 130),
+        ("main", "swallowed", "SIGTERM", 1, 143),
+        ("main", "unwinding", "SIGINT", 3, 130),
+        ("main", "unwinding", "SIGTERM", 1, 143),
     ],
 )
 def test_run_command_turns_any_signal_into_one_line_or_ignores_it_after_the_work(
@@ -147,8 +169,9 @@ def test_run_command_turns_any_signal_into_one_line_or_ignores_it_after_the_work
     """Deterministic forms of the Ctrl-C races, run as ``python -m`` (the way the CLI runs, and
     the only way CPython's unhandled-interrupt mark turns the exit into -2): a signal (or three)
     while the command prints its result, inside code compiled from a string, or inside a class's
-    ``__set_name__``, while starting or in ``main``, gives exit 128 + n and exactly one line; one
-    while the interpreter exits is ignored."""
+    ``__set_name__``, while starting or in ``main``, gives exit 128 + n and exactly one line; so
+    does a second one after library code swallowed the first; repeats while the first unwinds
+    leave its clean-up whole; one while the interpreter exits is ignored."""
     (tmp_path / "prog.py").write_text(PROGRAM.format(phase=phase, where=where, sig=sig, times=times))
     r = subprocess.run(
         [sys.executable, "-m", "prog"],
@@ -161,6 +184,7 @@ def test_run_command_turns_any_signal_into_one_line_or_ignores_it_after_the_work
     )
     assert r.returncode == code, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
+    assert ("cleaned up" in r.stdout) == (where == "unwinding") and "not reached" not in r.stdout, r.stdout
     when = " while starting" if phase == "startup" else ""
     assert r.stderr.splitlines() == ([f"prog: interrupted by {sig}{when}"] if code else []), r.stderr
 

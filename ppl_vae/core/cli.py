@@ -140,15 +140,18 @@ def startup(prog: str):
 def run_command(prog: str, main) -> None:
     """Run a command-line module's ``main()`` and exit with its code. From ``main``'s first
     statement to the process exit, Ctrl-C or SIGTERM gives exit 130 / 143 and one line, never a
-    traceback, whatever is running or printing then: the first signal raises once (a
-    ``KeyboardInterrupt``, or :class:`Terminated`), caught here; any later one, and every signal
-    once the work is done (while the interpreter tears torch and matplotlib down), is ignored.
+    traceback, whatever is running or printing then: a signal raises a ``KeyboardInterrupt`` (or
+    :class:`Terminated`), caught here. A repeat while that one unwinds (in the ``except`` and
+    ``finally`` blocks it passes, so clean-up runs whole) is ignored, and so is every signal once
+    the work is done (while the interpreter tears torch and matplotlib down). A repeat after
+    library code swallowed the first raises again: a native module's import turns an interrupt
+    into ``ImportError`` and an optional import catches that (torch's check for triton does).
     (Blocks inside ``main`` may take the signals over for a while, as the training loop does, and
     hand them back.)"""
     state = {"raised": False, "done": False}
 
     def once(signum, frame):
-        if state["raised"] or state["done"]:
+        if state["done"] or (state["raised"] and _interrupt_behind(sys.exc_info()[1]) is not None):
             return
         state["raised"] = True
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -164,12 +167,12 @@ def run_command(prog: str, main) -> None:
         state["done"] = True
         code = e.code
     except KeyboardInterrupt as e:
-        state["raised"] = True
+        state["done"] = True
         code = _say_interrupted(prog, e)
     except Exception as e:  # re-raised unless an interrupt is behind it
+        state["done"] = True
         if (interrupt := _interrupt_behind(e)) is None:
             raise
-        state["raised"] = True
         code = _say_interrupted(prog, interrupt)
     if main_thread:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
