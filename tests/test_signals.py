@@ -1,11 +1,13 @@
 """Ctrl-C and SIGTERM outside the training loop (which saves a checkpoint itself; see
 tests/test_faults.py and tests/test_reliability.py): while torch and Pyro import, while the data
-load, while the result prints, and the two ways a signal inside *library* code escaped our one
-line: a ``KeyboardInterrupt`` raised in code compiled from a string (``dataclasses``' methods),
-after which ``python -m`` killed itself with SIGINT (exit -2), and one that Python 3.11 wraps in
-a ``RuntimeError`` (a class's ``__set_name__``), which gave a traceback and exit 1. Both struck
-when a signal landed in torch's lazy imports (``torch._dynamo``, on the first optimizer). Each
-test asserts the exit code (128 + signal), exactly one stderr line and no traceback.
+load, while the result prints, and three ways a signal inside *library* code escaped our one line.
+A ``KeyboardInterrupt`` raised in code compiled from a string (``dataclasses``' methods) made
+``python -m`` kill itself with SIGINT (exit -2); one that Python 3.11 wraps in a ``RuntimeError``
+(a class's ``__set_name__``) gave a traceback and exit 1; one that a native import turned into an
+``ImportError``, caught by an optional import, was lost, and every later signal ignored. All
+three struck when a signal landed in torch's lazy imports (``torch._dynamo``, on the first
+optimizer). Each test asserts the exit code (128 + signal), exactly one stderr line and no
+traceback.
 """
 
 import signal
@@ -49,9 +51,9 @@ def catches(pid: int, sig: signal.Signals) -> bool:
 def test_a_signal_during_the_imports_is_one_line(bits, tmp_path, sig, module):
     """Ctrl-C or SIGTERM while ``python -m ppl_vae.MODULE`` imports torch and Pyro: exit
     128 + signal, one line, no traceback, no run directory. The signal is sent once the module's
-    start-up guard is in place (it catches SIGTERM; seen in /proc, not guessed from a sleep: under
-    load the interpreter alone took over 0.5 s, and a SIGTERM before the guard kills Python as
-    any program, exit -15), then 0.2 s into the imports (about 1.5 s)."""
+    start-up guard is in place (it catches SIGTERM; seen in /proc, not guessed from a sleep: sent
+    0.5 s after the spawn, under load, a SIGTERM could arrive before the guard, and that kills
+    Python as any program, exit -15), then 0.2 s into the imports (about 1.5 s)."""
     out = tmp_path / "run"
     p = spawn(*(["--dataset", bits, *TINY, "--out", out] if module == "fit" else [out]), module=module)
     deadline = time.monotonic() + 60
