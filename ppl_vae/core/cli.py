@@ -45,8 +45,9 @@ def user_errors(prog: str):
     * ``OSError`` (a full disk, a permission denied while writing) → exit 1; one the code did
       not word itself (not a :class:`WriteError`) still names its file and the reason;
     * Ctrl-C / SIGTERM arriving outside a training loop (which saves a checkpoint itself) →
-      exit 130 / 143, also when code on its way up turned it into one of the errors above. SIGTERM is turned into :class:`Terminated` while the block runs
-      (main thread only), so a killed job unwinds like an interrupted one.
+      exit 130 / 143, also when code on its way up turned it into one of the errors above.
+      SIGTERM is turned into :class:`Terminated` while the block runs (main thread only), so a
+      killed job unwinds like an interrupted one.
     """
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
