@@ -127,12 +127,10 @@ def startup(prog: str):
     old = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
         yield
-    except Exception as e:  # re-raised unless an interrupt is behind it
+    except (KeyboardInterrupt, Exception) as e:  # re-raised unless it is, or has behind it, an interrupt
         if (interrupt := _interrupt_behind(e)) is None:
             raise
         _exit_interrupted(prog, interrupt, " while starting")
-    except KeyboardInterrupt as e:
-        _exit_interrupted(prog, e, " while starting")
     finally:
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
@@ -167,10 +165,7 @@ def run_command(prog: str, main) -> None:
     except SystemExit as e:  # user_errors' one line was printed already
         state["done"] = True
         code = e.code
-    except KeyboardInterrupt as e:
-        state["done"] = True
-        code = _say_interrupted(prog, e)
-    except Exception as e:  # re-raised unless an interrupt is behind it
+    except (KeyboardInterrupt, Exception) as e:  # re-raised unless it is, or has behind it, an interrupt
         state["done"] = True
         if (interrupt := _interrupt_behind(e)) is None:
             raise
