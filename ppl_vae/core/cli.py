@@ -56,12 +56,10 @@ def user_errors(prog: str):
     warnings.showwarning = lambda message, *a, **k: print(f"{prog}: warning: {message}", file=sys.stderr)
     try:
         yield
-    except (UserError, OSError) as e:
-        if (interrupt := _interrupt_behind(e)) is not None:  # a Ctrl-C reworded on its way up
+    except (KeyboardInterrupt, UserError, OSError) as e:
+        if (interrupt := _interrupt_behind(e)) is not None:  # also a Ctrl-C reworded on its way up
             _exit_interrupted(prog, interrupt)
         _exit_error(prog, e)
-    except KeyboardInterrupt as e:
-        _exit_interrupted(prog, e)
     finally:
         warnings.showwarning = show
         if main:
