@@ -359,6 +359,12 @@ def test_a_candidate_starts_from_its_source_run_or_says_in_one_line_that_there_i
             "--z-dim": "64",
             **paper_optimizer,
         },
+        "best-paper-optimizer-iaf-wd": {
+            "--guide": "iaf",
+            "--flow-steps": "2",
+            "--weight-decay": "1e-4",
+            **paper_optimizer,
+        },
     }
     trained_from_scratch = {c for c in quality.CANDIDATES if quality.source_of(c) is None}
     assert set(changes) == trained_from_scratch  # each one's change is stated
