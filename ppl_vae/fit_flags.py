@@ -18,7 +18,8 @@ from .programs.likelihoods import LIKELIHOODS
 from .programs.model import HIERARCHIES
 from .programs.nets import ACTIVATIONS, ARCHS
 from .programs.priors import PRIORS
-from .training.config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, ELBO_CHOICES, OPTIMIZERS, FitConfig
+from .training.config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, FitConfig
+from .training.config_checks import ELBO_CHOICES, OPTIMIZERS
 
 S = argparse.SUPPRESS  # only flags given on the command line appear, so --resume can merge them
 

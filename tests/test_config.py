@@ -11,13 +11,8 @@ import pytest
 
 from ppl_vae.core.errors import UserError
 from ppl_vae.fit import build_parser, config_from_args
-from ppl_vae.training.config import (
-    DEFAULT_MIN_EPOCHS,
-    DEFAULT_MIN_STEPS,
-    ELBO_CHOICES,
-    FitConfig,
-    default_epochs,
-)
+from ppl_vae.training.config import DEFAULT_MIN_EPOCHS, DEFAULT_MIN_STEPS, FitConfig, default_epochs
+from ppl_vae.training.config_checks import ELBO_CHOICES, field_types
 
 
 def test_elbo_choices_are_the_implemented_objectives():
@@ -40,9 +35,18 @@ def test_config_imports_no_inference_or_training_code():
         m
         for m in loaded
         if m.startswith(("ppl_vae.inference", "ppl_vae.reports"))
-        or (m.startswith("ppl_vae.training.") and m != "ppl_vae.training.config")
+        or (
+            m.startswith("ppl_vae.training.")
+            and m not in ("ppl_vae.training.config", "ppl_vae.training.config_checks")
+        )
     }
     assert not wrong, sorted(wrong)
+
+
+def test_the_field_checks_cover_every_field_of_the_config():
+    """``check_fields`` walks the type hints of the class: exactly its fields, each with a check."""
+    assert set(field_types(FitConfig)) == {f.name for f in dataclasses.fields(FitConfig)}
+    FitConfig().validate()  # a type without a check would be a KeyError here
 
 
 def test_cuda_graph_is_opt_in():
