@@ -23,7 +23,7 @@ from ppl_vae.training.runs import selection_bound
 #: writes it (``valid-best-KIND.json``), else as ``python -m ppl_vae.evaluate runs/quality-best
 #: --split valid --num-samples 1000`` wrote it before that command existed
 BASELINE = "best"
-RECORD = "best-paper-optimizer-iaf"  # the winner of round 1: round 2's baseline
+RECORD_RECIPE = "best-paper-optimizer-iaf"  # the winner of round 1: round 2's baseline
 
 
 def label(res: dict) -> str:
@@ -173,7 +173,7 @@ def candidates_figure(
     ``CANDIDATES``) and their baseline on one time axis: each run's validation ELBO per epoch (lines;
     every run records it, whatever its objective, so the lines share a scale) and its validation
     log p(x) ≈ IWAE_1000 at its best epoch (markers, ±2 SE), the one number the rule compares; a
-    dashed line marks the baseline's. A fine-tuning candidate's line starts where its source's
+    dashed line marks the baseline's, a dotted one the record's (round 2's bar). A fine-tuning candidate's line starts where its source's
     training ended (:func:`start_minutes`). Returns each marker, ``{"recipe (device)": (minutes,
     log p(x))}``."""
     runs = [(json.loads(p.read_text()), p) for p in sorted(results.glob(f"valid-*-{kind}.json"))]
@@ -200,7 +200,7 @@ def candidates_figure(
         )
         if base and res is base[0]:
             ax.axhline(markers[name][1], color=f"C{i}", ls="--", lw=0.8)
-        elif res["recipe"] == RECORD:  # the bar of round 2's candidates
+        elif res["recipe"] == RECORD_RECIPE:  # the bar of round 2's candidates
             ax.axhline(markers[name][1], color=f"C{i}", ls=":", lw=0.8)
     ax.set_ylim(-92, -83)
     _save(

@@ -1,7 +1,8 @@
 """The check of each :class:`~ppl_vae.training.config.FitConfig` field: its type and its range,
 and the one line a bad value gets, naming the field as a flag (``--z-dim``) or as a key of the
-file it came from. The choices of the fields that take a name are the programs' and data's own
-(``PRIORS``, ``LIKELIHOODS``, …), so a new one needs no change here.
+file it came from. Most fields that take a name take their choices from the programs' and data's
+own tables (``PRIORS``, ``LIKELIHOODS``, …); ``--optimizer`` and ``--elbo`` have theirs here. A
+new field needs its range in ``_RANGES``.
 """
 
 from __future__ import annotations
