@@ -173,9 +173,9 @@ def candidates_figure(
     ``CANDIDATES``) and their baseline on one time axis: each run's validation ELBO per epoch (lines;
     every run records it, whatever its objective, so the lines share a scale) and its validation
     log p(x) ≈ IWAE_1000 at its best epoch (markers, ±2 SE), the one number the rule compares; a
-    dashed line marks the baseline's, a dotted one the record's (round 2's bar). A fine-tuning candidate's line starts where its source's
-    training ended (:func:`start_minutes`). Returns each marker, ``{"recipe (device)": (minutes,
-    log p(x))}``."""
+    dashed line marks the baseline's, a dotted one the record's (round 2's bar). A fine-tuning
+    candidate's line starts where its source's training ended (:func:`start_minutes`). Returns
+    each marker, ``{"recipe (device)": (minutes, log p(x))}``."""
     runs = [(json.loads(p.read_text()), p) for p in sorted(results.glob(f"valid-*-{kind}.json"))]
     runs = [(res, p) for res, p in runs if res["recipe"] in CANDIDATES]
     base = baseline(results, kind)
