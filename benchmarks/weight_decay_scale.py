@@ -94,12 +94,11 @@ def summary(rows: list[dict], settings: dict, wd: float) -> dict:
     """The numbers docs/benchmarks.md quotes, for a decay ``wd``."""
     largest = max(rows, key=lambda r: r["numel"])
     per_step = settings["lr"] * wd / largest["sqrt_v"]  # relative shrink of a weight per step
+    implied = [implied_wd(r) for r in rows]
     return {
         "median_grad": statistics.median(r["grad"] for r in rows),
-        "implied_wd_range": (min(map(implied_wd, rows)), max(map(implied_wd, rows))),
-        "implied_wd_size_weighted_median": weighted_median(
-            [implied_wd(r) for r in rows], [r["numel"] for r in rows]
-        ),
+        "implied_wd_range": (min(implied), max(implied)),
+        "implied_wd_size_weighted_median": weighted_median(implied, [r["numel"] for r in rows]),
         "decay_share_of_step": statistics.median(wd * r["theta"] for r in rows),
         "decay_share_of_momentum": statistics.median(wd * r["theta"] / r["m"] for r in rows),
         "median_momentum": statistics.median(r["m"] for r in rows),
