@@ -245,6 +245,7 @@ def main(argv=None) -> int:
             discrete=vae.likelihood.discrete,  # a probability: Bernoulli on 0/1, discretized logistic
             bits=bits.scale_for(ds, vae.likelihood, args.split),  # which data, which bound (or why none)
             likelihood=vae.likelihood.name,
+            kl_warmup=cfg.kl_warmup,  # a collapse line's remedies: a longer warm-up, if it had one
             device=device,
             progress=not args.quiet and ctx.is_main and sys.stderr.isatty(),  # a log: no line per refresh
             ctx=ctx,

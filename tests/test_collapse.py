@@ -87,6 +87,22 @@ def test_the_warning_names_the_layer_what_is_wrong_and_the_remedies(kl, units, l
         assert "--sigma" not in lines[0]
 
 
+@pytest.mark.parametrize(
+    "kl_warmup,said,not_said",
+    [
+        (None, "a KL warm-up (--kl-warmup EPOCHS)", "longer"),
+        (0.0, "a KL warm-up (--kl-warmup EPOCHS)", "longer"),
+        (100.0, "a longer KL warm-up (--kl-warmup EPOCHS; this run's was 100)", "a KL warm-up"),
+        (2.5, "this run's was 2.5", "a KL warm-up"),
+    ],
+)
+def test_a_run_that_had_a_warm_up_is_told_of_a_longer_one(kl_warmup, said, not_said):
+    """The record's z2 (17 of 40 units active after a 100-epoch warm-up) was told to add a
+    warm-up; a remedy names what the run did not already do."""
+    (line,) = collapse.warnings_for({"z2": 12.1}, {"z2": {"active": 17, "dims": 40}}, "bernoulli", kl_warmup)
+    assert said in line and not_said not in line and "--z2-dim" in line, line
+
+
 def test_defaults_that_avoid_the_collapses():
     """σ = 0.1 for data in [0, 1] (σ = 1 left a digits VAE with 0 of 20 units); a KL warm-up of a
     tenth of the epochs for two latent layers, none for one; an explicit value is kept."""
@@ -99,7 +115,7 @@ def test_defaults_that_avoid_the_collapses():
 
 @pytest.fixture(scope="module")
 def collapsed_run(tmp_path_factory):
-    """σ = 1 Gaussian on the digits for 3 epochs: the collapse of issue 22, in seconds."""
+    """σ = 1 Gaussian on the digits for 3 epochs (a 1-epoch KL warm-up): the collapse of issue 22, in seconds."""
     out = tmp_path_factory.mktemp("collapsed") / "run"
     argv = [
         "--dataset",
@@ -107,6 +123,8 @@ def collapsed_run(tmp_path_factory):
         "--likelihood",
         "gaussian",
         "--sigma",
+        "1",
+        "--kl-warmup",
         "1",
         "--epochs",
         "3",
@@ -129,7 +147,7 @@ def test_fit_says_collapse_out_loud_even_with_quiet(collapsed_run, capsys):
     assert len(lines) == 1 and lines[0].startswith(
         "python -m ppl_vae.fit: warning: posterior collapse in z: 0 of 20"
     )
-    assert "--sigma" in lines[0]
+    assert "--sigma" in lines[0] and "a longer KL warm-up (--kl-warmup EPOCHS; this run's was 1)" in lines[0]
     s = json.loads((out / "summary.json").read_text())
     assert s["active_units"] == {"z": 0} and s["kl_per_site"]["z"] < collapse.KL_FLOOR
     assert s["collapse"] == [lines[0].split("warning: ", 1)[1]]
@@ -148,4 +166,5 @@ def test_evaluate_reports_each_layers_kl_and_the_collapse(collapsed_run, tmp_pat
     assert "warning: posterior collapse in z: 0 of 20 units active" in table
     s = json.loads(js.read_text())
     assert s["kl_per_site"]["z"] < collapse.KL_FLOOR and len(s["collapse"]) == 1
+    assert "this run's was 1)" in s["collapse"][0]  # the run's warm-up, read from its config
     assert "(not binarized)" in table.splitlines()[0]  # the header says what the data are

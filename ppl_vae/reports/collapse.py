@@ -69,12 +69,16 @@ def kl_per_site(model, guide, x, num_samples: int = KL_SAMPLES, seed: int = 0, *
 
 
 def warnings_for(
-    kl: dict[str, float], units: dict[str, dict] | None, likelihood: str | None = None
+    kl: dict[str, float],
+    units: dict[str, dict] | None,
+    likelihood: str | None = None,
+    kl_warmup: float | None = None,
 ) -> list[str]:
     """One line per collapsed or mostly unused layer (empty when every layer is in use), naming
     the layer, its active units and KL, and the usual remedies. ``kl``: :func:`kl_per_site`;
     ``units``: :func:`ppl_vae.reports.latents.active_units` (``{site: {"active", "dims", ...}}``) or
-    ``None``; ``likelihood``: the run's, to name σ where it is the cause."""
+    ``None``; ``likelihood``: the run's, to name σ where it is the cause; ``kl_warmup``: the run's
+    KL warm-up in epochs (None: not known), so that a run that had one is told of a longer one."""
     lines = []
     for name in dict.fromkeys([*kl, *(units or {})]):
         u = (units or {}).get(name)
@@ -88,16 +92,20 @@ def warnings_for(
             what = f"{name} is mostly unused: {facts} (fewer than half)"
         else:
             continue
-        lines.append(f"{what}. Usual remedies: {remedies(name, likelihood, u)}")
+        lines.append(f"{what}. Usual remedies: {remedies(name, likelihood, u, kl_warmup)}")
     return lines
 
 
-def remedies(name: str, likelihood: str | None, units: dict | None) -> str:
-    """The usual remedies for an unused layer, most specific first."""
+def remedies(name: str, likelihood: str | None, units: dict | None, kl_warmup: float | None = None) -> str:
+    """The usual remedies for an unused layer, most specific first (``kl_warmup``: the run's, in
+    epochs; a run that had one is told of a longer one)."""
     out = []
     if likelihood == "gaussian":
         out.append("a smaller --sigma (for data in [0, 1] about 0.1) or --likelihood gaussian-learned")
-    out.append("a KL warm-up (--kl-warmup EPOCHS)")
+    if kl_warmup:
+        out.append(f"a longer KL warm-up (--kl-warmup EPOCHS; this run's was {kl_warmup:g})")
+    else:
+        out.append("a KL warm-up (--kl-warmup EPOCHS)")
     if units is not None and units["active"] < units["dims"]:
         out.append(f"fewer latent units ({'--z2-dim' if name == 'z2' else '--z-dim'})")
     return "; ".join(out)

@@ -217,6 +217,7 @@ def evaluate(
     bits=None,
     mean_samples: int = latents.MEAN_SAMPLES,
     likelihood: str | None = None,
+    kl_warmup: float | None = None,
     device=None,
     progress: bool = False,
     ctx: distributed.Context | None = None,
@@ -245,6 +246,7 @@ def evaluate(
     :param mean_samples: guide draws for E_q[z|x] of the active units where it is not exact (0: skip
         them and each layer's KL).
     :param likelihood: the likelihood's name, for the remedies of a collapse line (e.g. σ of a Gaussian).
+    :param kl_warmup: the run's KL warm-up in epochs, for the same remedies (None: not known).
     :param device: where blocks are evaluated (default: ``data``'s device).
     :param progress: show progress bars (IWAE's datapoints, AIS's steps) on stderr; ``tqdm.auto``
         draws a widget in a notebook. The command line asks for them on a terminal only.
@@ -300,7 +302,7 @@ def evaluate(
         bar.close()
         steps.close()
     dim = int(replay.as_args(data)[0][0].numel())
-    s = summarize(res, ks, num_samples, dim, discrete, mean_samples, likelihood, bits)
+    s = summarize(res, ks, num_samples, dim, discrete, mean_samples, likelihood, bits, kl_warmup)
     s.update(annealing.summarize(res, ais, bdmc))
     if ais:  # which of IWAE_K and AIS to quote, and why
         s["headline"], s["headline_why"] = headline(s)

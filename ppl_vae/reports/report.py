@@ -53,6 +53,7 @@ def summarize(
     mean_samples: int = 0,
     likelihood: str | None = None,
     bits: BitsScale | str | None = None,
+    kl_warmup: float | None = None,
 ) -> dict:
     """Dataset means of :func:`~ppl_vae.reports.evaluation.evaluate_blocks`' arrays with their Monte Carlo standard errors
     (``*_stderr``: :meth:`~ppl_vae.inference.estimators.Estimate.mean_stderr`) and, under
@@ -63,7 +64,7 @@ def summarize(
     reason there are none (None: ``"discrete data"`` when ``discrete``, else none); the active
     units of each latent site (``None`` for a single datapoint; ``mean_samples``: the guide draws behind a mean that was not exact), each
     layer's KL ``kl_per_site`` and the ``collapse`` lines of :func:`ppl_vae.reports.collapse.warnings_for`
-    (``likelihood``: the program's, for its remedies)."""
+    (``likelihood`` and ``kl_warmup``: the program's and its run's, for their remedies)."""
 
     def est(name, i=None):
         value, se = (
@@ -130,7 +131,9 @@ def summarize(
         k[len(KL) :]: float(np.mean(v)) for k, v in res.items() if k.startswith(KL) and len(v)
     }
     s["collapse"] = (
-        collapse.warnings_for(s["kl_per_site"], s["active_units"], likelihood) if s["n"] > 1 else []
+        collapse.warnings_for(s["kl_per_site"], s["active_units"], likelihood, kl_warmup)
+        if s["n"] > 1
+        else []
     )
     return s
 

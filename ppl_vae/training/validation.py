@@ -106,7 +106,12 @@ def _block_means(x, batch: int, ctx, block) -> dict[str, float]:
 
 
 def latent_use_on(
-    vae, x, max_n: int = ACTIVE_UNITS_N, num_samples: int = ACTIVE_UNITS_SAMPLES, seed: int = VALID_SEED
+    vae,
+    x,
+    max_n: int = ACTIVE_UNITS_N,
+    num_samples: int = ACTIVE_UNITS_SAMPLES,
+    seed: int = VALID_SEED,
+    kl_warmup: float | None = None,
 ) -> dict:
     """How the final model uses its latent layers, on at most ``max_n`` datapoints of ``x`` (a
     tensor or ``(x, y)``, a subset drawn with ``seed``), as the keys of ``summary.json``: the
@@ -114,8 +119,8 @@ def latent_use_on(
     it needs Monte Carlo) ``active_units`` {site: count}, ``active_units_of`` {site: dims},
     ``active_units_n`` (datapoints) and ``active_units_samples``; each layer's KL
     (:func:`ppl_vae.reports.collapse.kl_per_site`) ``kl_per_site`` {site: nats per datapoint}; and
-    ``collapse``, the lines of :func:`ppl_vae.reports.collapse.warnings_for` (empty: every layer in use).
-    ``{}`` for fewer than 2 datapoints."""
+    ``collapse``, the lines of :func:`ppl_vae.reports.collapse.warnings_for` (empty: every layer in use;
+    ``kl_warmup``: the run's, for their remedies). ``{}`` for fewer than 2 datapoints."""
     n = num_datapoints(x)
     if n < 2:
         return {}
@@ -129,7 +134,7 @@ def latent_use_on(
         "active_units_n": min(n, max_n),
         "active_units_samples": num_samples,
         "kl_per_site": kl,
-        "collapse": collapse.warnings_for(kl, units, getattr(vae.likelihood, "name", None)),
+        "collapse": collapse.warnings_for(kl, units, getattr(vae.likelihood, "name", None), kl_warmup),
     }
 
 
