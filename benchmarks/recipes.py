@@ -49,7 +49,8 @@ SKIP = ["--hierarchy", "skip"]
 # the paper's optimizer, where `best` adapted it to the CPU: the authors' AdamNormGrad (Adam on each
 # parameter tensor's gradient at unit norm), batch 100, lr 5e-4, warm-up 100
 PAPER_OPTIMIZER = ["--optimizer", "adam-normgrad", "--batch-size", "100", "--lr", "5e-4", *WARMUP]
-# the library's record (issue 27, candidate 6): the chain with the paper's optimizer and a 2-step IAF guide
+# round 1's record (issue 27, candidate 6; round 2's baseline): the chain with the paper's optimizer and a
+# 2-step IAF guide
 RECORD = [*BEST, *PAPER_OPTIMIZER, "--guide", "iaf", "--flow-steps", "2"]
 # IWAE-5 fine-tuning from a trained run's best epoch: a fresh optimizer at a fifth of the learning
 # rate, stopped on the validation IWAE_5 after 5 epochs without a better one

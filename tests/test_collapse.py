@@ -97,7 +97,7 @@ def test_the_warning_names_the_layer_what_is_wrong_and_the_remedies(kl, units, l
     ],
 )
 def test_a_run_that_had_a_warm_up_is_told_of_a_longer_one(kl_warmup, said, not_said):
-    """The record's z2 (17 of 40 units active after a 100-epoch warm-up) was told to add a
+    """Round 1's record (z2: 13 of 40 units active after a 100-epoch warm-up) was told to add a
     warm-up; a remedy names what the run did not already do."""
     (line,) = collapse.warnings_for({"z2": 12.1}, {"z2": {"active": 17, "dims": 40}}, "bernoulli", kl_warmup)
     assert said in line and not_said not in line and "--z2-dim" in line, line
