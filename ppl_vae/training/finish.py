@@ -52,9 +52,8 @@ def finish(t) -> dict:
         )
     if t.ctx.is_main:
         try:  # a diagnostic: a program it cannot handle must not cost the run its summary
-            summary.update(
-                latent_use_on(judged, t._valid_args(), kl_warmup=t.cfg.kl_warmup)
-            )  # a fixed subset
+            use = latent_use_on(judged, t._valid_args(), kl_warmup=t.cfg.kl_warmup)  # a fixed subset
+            summary.update(use)
         except Exception as e:  # noqa: BLE001
             summary["active_units_error"] = f"{type(e).__name__}: {e}"
             warnings.warn(f"active units not computed: {summary['active_units_error']}", RuntimeWarning)
